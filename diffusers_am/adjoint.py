@@ -1,0 +1,99 @@
+"""The lean adjoint over a truncated window (pure torch, paper time).
+
+For the Euler step X_{k+1} = X_k + dt_k (b(X_k, t_k) + u(X_k, t_k)) the exact discrete adjoint,
+with the control's Jacobian dropped ("lean"), is
+
+    a~_N = grad g(X_N),     a~_k = a~_{k+1} + dt_k * J_b(X_k, t_k)^T a~_{k+1},
+
+one vector-Jacobian product through the base velocity per step. The adjoint is carried in
+fp32 whatever the model dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+
+Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""velocity(x [B, ...], t 0-dim tensor) -> [B, ...], in paper time."""
+
+
+def check_window(states: torch.Tensor, times: torch.Tensor, terminal_grad: torch.Tensor | None = None) -> None:
+    """Validate a recorded window: ``states`` [K+1, B, ...], ``times`` [K+1] strictly increasing in
+    [0, 1], ``terminal_grad`` [B, ...] finite. Raises ValueError naming the argument."""
+    if states.dim() < 2:
+        raise ValueError(f"`states` must be [K+1, B, ...] with K >= 1; got shape {tuple(states.shape)}.")
+    if states.shape[0] < 2:
+        raise ValueError(
+            f"`states` holds {states.shape[0]} state(s): a window of K >= 1 steps needs K+1 >= 2 states."
+        )
+    if times.dim() != 1 or times.shape[0] != states.shape[0]:
+        raise ValueError(
+            f"`times` must be 1-D with one time per state ({states.shape[0]}); got shape {tuple(times.shape)}."
+        )
+    if not torch.isfinite(times).all() or times.min() < 0 or times.max() > 1:
+        raise ValueError(f"`times` must lie in [0, 1] (paper time: 0 noise, 1 data); got {times.tolist()}.")
+    if not (times[1:] > times[:-1]).all():
+        raise ValueError(f"`times` must be strictly increasing (paper time); got {times.tolist()}.")
+    if terminal_grad is not None:
+        if terminal_grad.shape != states.shape[1:]:
+            raise ValueError(
+                f"`terminal_grad` must have the shape of one state {tuple(states.shape[1:])}; "
+                f"got {tuple(terminal_grad.shape)}."
+            )
+        if not torch.isfinite(terminal_grad).all():
+            raise ValueError("`terminal_grad` contains NaN or inf: check the reward and its gradient.")
+
+
+class AdjointWindow(NamedTuple):
+    """Lean adjoints a~ [K+1, B, ...] (fp32) and base velocities b(X_k, t_k) [K, B, ...] (detached)
+    evaluated on the way, k = N-K .. N-1 (reusable by the loss: no second base forward)."""
+
+    adjoints: torch.Tensor
+    base_velocities: torch.Tensor
+
+
+def vjp_velocity(velocity: Velocity, x: torch.Tensor, t: torch.Tensor, cotangent: torch.Tensor):
+    """Return (velocity(x, t) detached, J^T cotangent in fp32). Only x gets a gradient."""
+    with torch.enable_grad():
+        x_in = x.detach().requires_grad_(True)
+        v = velocity(x_in, t)
+        (g,) = torch.autograd.grad(v, x_in, grad_outputs=cotangent.to(v.dtype))
+    return v.detach(), g.float()
+
+
+def lean_adjoint_window(
+    velocity: Velocity, states: torch.Tensor, times: torch.Tensor, terminal_grad: torch.Tensor
+) -> AdjointWindow:
+    """Integrate the lean adjoint back over the window; see the module docstring."""
+    check_window(states, times, terminal_grad)
+    num_steps = states.shape[0] - 1
+    adjoints = [None] * (num_steps + 1)
+    base_velocities = [None] * num_steps
+    a = terminal_grad.detach().float()
+    adjoints[num_steps] = a
+    times32 = times.detach().float()
+    for k in range(num_steps - 1, -1, -1):
+        dt = times32[k + 1] - times32[k]
+        v, jt_a = vjp_velocity(velocity, states[k], times[k], a)
+        a = a + dt * jt_a
+        adjoints[k] = a
+        base_velocities[k] = v
+    return AdjointWindow(torch.stack(adjoints), torch.stack(base_velocities))
+
+
+def lean_adjoint(
+    velocity: Velocity, states: torch.Tensor, times: torch.Tensor, terminal_grad: torch.Tensor
+) -> torch.Tensor:
+    """Lean adjoints a~_{N-K} .. a~_N of the Euler sampler over the last K steps.
+
+    Args:
+        velocity: base velocity ``velocity(x, t)`` in paper time, t a 0-dim tensor.
+        states: [K+1, B, ...] the last K+1 states X_{N-K} .. X_N the Euler sampler visited.
+        times: [K+1] their strictly increasing paper times in [0, 1].
+        terminal_grad: [B, ...] grad g(X_N) (= -lambda * grad r(X_N)).
+    Returns:
+        [K+1, B, ...] fp32; the last entry equals ``terminal_grad``.
+    """
+    return lean_adjoint_window(velocity, states, times, terminal_grad).adjoints

@@ -1,0 +1,114 @@
+"""The interface between the trainer and a model family.
+
+A :class:`FlowModelAdapter` wraps one diffusers pipeline. It owns every convention of its
+family (sigma vs t, the velocity's sign, packing, text or class conditioning, the VAE) and
+exposes the flow in paper time (t = 0 noise, t = 1 data) to the method-agnostic core. The
+trainer never touches a model except through this class.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from ..flow import ConditionedFlow
+
+
+@dataclass
+class LoraSettings:
+    """LoRA on the adapter's ``transformer`` through PEFT (``transformer.add_adapter``).
+
+    ``target_modules=None`` takes the family's default targets."""
+
+    rank: int = 16
+    alpha: float | None = None
+    target_modules: Sequence[str] | None = None
+    dropout: float = 0.0
+    init_lora_weights: bool | str = True
+
+
+class FlowModelAdapter(abc.ABC):
+    """One model family, bound to a loaded pipeline.
+
+    Attributes:
+        pipeline: the diffusers pipeline (stock class or our subclass).
+        transformer: the module LoRA is added to (``pipeline.transformer``).
+        conditioning: ``"text"`` (prompts are strings) or ``"class"`` (integer labels).
+    """
+
+    pipeline: Any
+    conditioning: str = "text"
+    default_num_inference_steps: int = 20
+    default_resolution: int = 256
+
+    # -- loading --------------------------------------------------------------------------
+    @classmethod
+    @abc.abstractmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str, *, torch_dtype: torch.dtype = torch.float32, **kwargs: Any
+    ) -> "FlowModelAdapter":
+        """Load through the pipeline's ``from_pretrained`` (a local folder or a Hub id)."""
+
+    @property
+    def transformer(self) -> torch.nn.Module:
+        return self.pipeline.transformer
+
+    def to(self, device: torch.device | str) -> "FlowModelAdapter":
+        self.pipeline.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    # -- LoRA -----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def add_lora(self, settings: LoraSettings) -> list[torch.nn.Parameter]:
+        """Add a trainable LoRA adapter to ``transformer``; freeze everything else; return the
+        trainable parameters (kept in fp32). Raises ValueError naming a target that matches no module."""
+
+    @abc.abstractmethod
+    def save_lora(self, save_directory: str, **kwargs: Any) -> None:
+        """Write ``pytorch_lora_weights.safetensors`` (diffusers format, adapter metadata) with the
+        pipeline class's ``save_lora_weights``, loadable by ``pipe.load_lora_weights``."""
+
+    @contextlib.contextmanager
+    def adapters_disabled(self):
+        """Run the base model: LoRA off inside the block, back on (and trainable) after it."""
+        model = self.transformer
+        model.disable_adapters()
+        try:
+            yield
+        finally:
+            model.enable_adapters()
+
+    # -- sampling geometry ----------------------------------------------------------------
+    @abc.abstractmethod
+    def time_grid(self, num_inference_steps: int, resolution: int) -> torch.Tensor:
+        """[N+1] increasing paper times t_0 .. t_N (t_N = 1), the family's own schedule
+        converted (e.g. t = 1 - sigma for FlowMatch pipelines), fp32 on ``device``."""
+
+    @abc.abstractmethod
+    def initial_noise(self, batch_size: int, resolution: int, generator: torch.Generator | None) -> torch.Tensor:
+        """[B, ...] fp32 X_0 ~ N(0, I) in the state space the velocities act on."""
+
+    # -- conditioning ---------------------------------------------------------------------
+    @abc.abstractmethod
+    def encode_conditions(self, conditions: Sequence[Any]) -> Any:
+        """Encode prompts (or class labels) once per batch; the result is cached by the caller
+        and passed to :meth:`flow`. Text encoders may be offloaded after this."""
+
+    @abc.abstractmethod
+    def flow(self, encoded: Any, *, guidance_scale: float | None = None, train_module: torch.nn.Module | None = None) -> ConditionedFlow:
+        """The paper-time flow for one encoded batch. ``train_module`` is the transformer as
+        wrapped by the trainer (e.g. DDP); the fine-tuned velocity runs through it, the base
+        velocity through the unwrapped ``transformer`` with adapters disabled."""
+
+    # -- pixels ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Differentiable map from terminal states [B, ...] to images [B, C, H, W] in [0, 1]."""

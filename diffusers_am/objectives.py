@@ -1,0 +1,237 @@
+"""One update of each method: ODE-AM, SDE-AM, DRaFT-K and ReFL-K (pure torch, paper time).
+
+Each ``*_step`` samples a batch with the current fine-tuned flow, computes its loss, and calls
+``backward`` on it (per trained step for adjoint matching, so memory does not grow with K).
+The caller owns the optimizer: gradient accumulation, clipping and the step stay in the trainer.
+
+``reward_fn(x) -> [B]`` maps terminal states X_N (the flow's state space) to rewards; it is
+differentiable in x (decode + reward model). ``reward_scale`` is lambda: g(x) = -lambda r(x).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .adjoint import lean_adjoint_window
+from .control import check_order, optimal_control, per_sample_norm
+from .flow import ConditionedFlow, check_time_grid, check_truncation, sample_euler
+from .schedules import MemorylessSchedule, NoiseSchedule
+
+RewardFn = Callable[[torch.Tensor], torch.Tensor]
+Backward = Callable[[torch.Tensor], None]
+
+METHODS = ("ode-am", "sde-am", "draft", "refl")
+
+
+class NonFiniteRewardError(RuntimeError):
+    """The reward or its gradient is NaN or inf: the update must be skipped."""
+
+
+@dataclass
+class StepOutput:
+    """What one update reports.
+
+    loss: the scalar objective (float, detached).
+    reward: [B] rewards of the sampled batch at X_N (for ReFL: at its one-step prediction).
+    control_norm_per_step: [K] batch mean of |u(X_k, t_k)| over the trained steps (u in the
+        method's own control parametrisation), oldest first.
+    final_states: [B, ...] the terminal states X_N (detached, fp32).
+    step_index: for ReFL, the trajectory index the prediction was made from.
+    """
+
+    loss: float
+    reward: torch.Tensor
+    control_norm_per_step: torch.Tensor
+    final_states: torch.Tensor
+    step_index: int | None = None
+
+
+def _default_backward(loss: torch.Tensor) -> None:
+    loss.backward()
+
+
+def _check_reward(reward: torch.Tensor, batch: int) -> None:
+    if reward.shape != (batch,):
+        raise ValueError(f"the reward must return one value per sample, shape [{batch}]; got {tuple(reward.shape)}.")
+    if not torch.isfinite(reward).all():
+        raise NonFiniteRewardError(f"reward is NaN or inf for {int((~torch.isfinite(reward)).sum())} sample(s)")
+
+
+def reward_and_grad(reward_fn: RewardFn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """r(x) [B] and grad_x r(x) [B, ...] in fp32; raises NonFiniteRewardError on NaN / inf."""
+    with torch.enable_grad():
+        x_in = x.detach().requires_grad_(True)
+        reward = reward_fn(x_in)
+        _check_reward(reward, x.shape[0])
+        (grad,) = torch.autograd.grad(reward.sum(), x_in)
+    if not torch.isfinite(grad).all():
+        raise NonFiniteRewardError("the reward gradient is NaN or inf")
+    return reward.detach().float(), grad.float()
+
+
+def matching_loss(u: torch.Tensor, target: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """E_batch |u - target|^2. ``reduction='sum'`` sums over each sample's dims (the spec's
+    squared norm); ``'mean'`` averages them instead (same minimizer, resolution-free scale)."""
+    sq = (u.float() - target.float()).pow(2).reshape(u.shape[0], -1)
+    if reduction == "sum":
+        return sq.sum(1).mean()
+    if reduction == "mean":
+        return sq.mean()
+    raise ValueError(f"`loss_reduction` must be 'sum' or 'mean'; got {reduction!r}.")
+
+
+def _prepare(noise: torch.Tensor, times: torch.Tensor, truncate_steps: int) -> tuple[int, int]:
+    check_time_grid(times)
+    n = times.shape[0] - 1
+    return n, check_truncation(truncate_steps, n)
+
+
+def ode_am_step(
+    flow: ConditionedFlow,
+    noise: torch.Tensor,
+    times: torch.Tensor,
+    reward_fn: RewardFn,
+    *,
+    truncate_steps: int,
+    order: float = 2.0,
+    reward_scale: float = 1.0,
+    loss_reduction: str = "sum",
+    backward: Backward = _default_backward,
+) -> StepOutput:
+    """Truncated deterministic adjoint matching of order p (method.md sections 2-3).
+
+    Samples X_0 = noise along ``times`` [N+1] with the fine-tuned flow (no grad), integrates the
+    lean adjoint back over the last K steps with the base flow, and regresses
+    u_theta = v_theta - b onto phi_p(a~_k):  L = (1/K) sum_k E |u_theta(X_k, t_k) - phi_p(a~_k)|^2.
+    """
+    order = check_order(order, "order")
+    n, k_steps = _prepare(noise, times, truncate_steps)
+    states = sample_euler(flow.velocity, noise, times, record_last=k_steps + 1)
+    reward, grad_r = reward_and_grad(reward_fn, states[-1])
+    window_times = times[n - k_steps :]
+    window = lean_adjoint_window(flow.base_velocity, states, window_times, -reward_scale * grad_r)
+    adj = window.adjoints[:-1]
+    targets = optimal_control(adj.reshape((-1,) + adj.shape[2:]), order).reshape(adj.shape)
+    total, norms = 0.0, []
+    for k in range(k_steps):
+        u = flow.velocity(states[k], window_times[k]).float() - window.base_velocities[k].float()
+        loss = matching_loss(u, targets[k], loss_reduction) / k_steps
+        backward(loss)
+        total += float(loss.detach())
+        norms.append(per_sample_norm(u.detach()).mean())
+    return StepOutput(total, reward, torch.stack(norms), states[-1])
+
+
+def sde_am_step(
+    flow: ConditionedFlow,
+    noise: torch.Tensor,
+    times: torch.Tensor,
+    reward_fn: RewardFn,
+    *,
+    truncate_steps: int,
+    schedule: NoiseSchedule | None = None,
+    reward_scale: float = 1.0,
+    loss_reduction: str = "sum",
+    generator: torch.Generator | None = None,
+    backward: Backward = _default_backward,
+) -> StepOutput:
+    """Stochastic adjoint matching (quadratic cost; method.md section 4).
+
+    Euler-Maruyama with drift b_sigma(x, t) from the fine-tuned velocity and diffusion
+    sigma(t) (memoryless by default, t clipped to [schedule.t_min, schedule.t_max]); lean adjoint
+    through the base drift; loss (1/K) sum_k E |u_theta + sigma(t_k) a~_k|^2 with
+    u_theta = velocity_gain(t) (v_theta - v_base) / sigma(t)  (= 2 (v_theta - v_base) / sigma memoryless).
+    """
+    schedule = schedule or MemorylessSchedule()
+    n, k_steps = _prepare(noise, times, truncate_steps)
+
+    def drift(velocity):
+        return lambda x, t: schedule.drift(x, velocity(x, t).float(), t)
+
+    states = sample_euler(
+        drift(flow.velocity), noise, times, record_last=k_steps + 1, noise_std=schedule.sigma, generator=generator
+    )
+    reward, grad_r = reward_and_grad(reward_fn, states[-1])
+    window_times = times[n - k_steps :]
+    window = lean_adjoint_window(drift(flow.base_velocity), states, window_times, -reward_scale * grad_r)
+    total, norms = 0.0, []
+    for k in range(k_steps):
+        t = window_times[k]
+        gain, coeff = schedule.velocity_gain(t), schedule.state_coeff(t)
+        sigma = schedule.sigma(t).clamp_min(1e-6)
+        v_base = (window.base_velocities[k].float() + coeff * states[k]) / gain
+        u = gain * (flow.velocity(states[k], t).float() - v_base) / sigma
+        loss = matching_loss(u, -sigma * window.adjoints[k], loss_reduction) / k_steps
+        backward(loss)
+        total += float(loss.detach())
+        norms.append(per_sample_norm(u.detach()).mean())
+    return StepOutput(total, reward, torch.stack(norms), states[-1])
+
+
+@torch.no_grad()
+def _control_norms(flow: ConditionedFlow, states: list[torch.Tensor], times: torch.Tensor, v_ft: list[torch.Tensor]):
+    return torch.stack(
+        [per_sample_norm(v.detach().float() - flow.base_velocity(x, t).float()).mean() for x, t, v in zip(states, times, v_ft)]
+    )
+
+
+def draft_step(
+    flow: ConditionedFlow,
+    noise: torch.Tensor,
+    times: torch.Tensor,
+    reward_fn: RewardFn,
+    *,
+    truncate_steps: int,
+    reward_scale: float = 1.0,
+    track_control: bool = True,
+    backward: Backward = _default_backward,
+) -> StepOutput:
+    """DRaFT-K: autograd through the last K Euler steps only; loss -lambda * E r(X_N)."""
+    n, k_steps = _prepare(noise, times, truncate_steps)
+    x = sample_euler(flow.velocity, noise, times, stop_at=n - k_steps)[-1]
+    visited, velocities = [], []
+    with torch.enable_grad():
+        for k in range(n - k_steps, n):
+            visited.append(x.detach())
+            v = flow.velocity(x, times[k])
+            velocities.append(v)
+            x = x + (times[k + 1] - times[k]).float() * v.float()
+        reward = reward_fn(x)
+        _check_reward(reward, x.shape[0])
+        loss = -(reward_scale * reward.float()).mean()
+        backward(loss)
+    norms = _control_norms(flow, visited, times[n - k_steps : n], velocities) if track_control else torch.full((k_steps,), float("nan"))
+    return StepOutput(float(loss.detach()), reward.detach().float(), norms, x.detach())
+
+
+def refl_step(
+    flow: ConditionedFlow,
+    noise: torch.Tensor,
+    times: torch.Tensor,
+    reward_fn: RewardFn,
+    *,
+    truncate_steps: int,
+    reward_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    track_control: bool = True,
+    backward: Backward = _default_backward,
+) -> StepOutput:
+    """ReFL-K: draw j uniformly among the last K steps, predict x_1 = x_j + (1 - t_j) v_theta(x_j, t_j)
+    with autograd, loss -lambda * E r(x_1)."""
+    n, k_steps = _prepare(noise, times, truncate_steps)
+    offset = int(torch.randint(k_steps, (1,), generator=generator))
+    j = n - k_steps + offset
+    x = sample_euler(flow.velocity, noise, times, stop_at=j)[-1]
+    t = times[j]
+    with torch.enable_grad():
+        v = flow.velocity(x, t)
+        x1 = x + (1.0 - t.float()) * v.float()
+        reward = reward_fn(x1)
+        _check_reward(reward, x.shape[0])
+        loss = -(reward_scale * reward.float()).mean()
+        backward(loss)
+    norms = _control_norms(flow, [x], times[j : j + 1], [v]) if track_control else torch.full((1,), float("nan"))
+    return StepOutput(float(loss.detach()), reward.detach().float(), norms, x1.detach(), step_index=j)

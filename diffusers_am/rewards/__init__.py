@@ -1,0 +1,105 @@
+"""Reward registry: by name, weighted combinations, and user callables.
+
+``load_reward(spec)`` accepts
+  * a registered name: ``"digits"``, ``"hpsv2"``, ...  (``available_rewards()`` lists them);
+  * a weighted list: ``"hpsv2:1.0,pickscore:0.5"``;
+  * a user callable: ``"my_module:my_reward"`` or ``"path/to/file.py:my_reward"``, a differentiable
+    ``f(images, prompts) -> Tensor[B]`` with images float in [0, 1] shaped [B, C, H, W].
+Each registered factory takes ``(path=None, device=None, dtype=None)``; ``path`` is a local file or
+folder or a Hub id for the checkpoint (default: the documented source).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .base import RewardModel, WeightedReward, check_images
+
+# name -> "module:factory", imported lazily
+REWARDS: dict[str, str] = {
+    "digits": "diffusers_am.rewards.digits:load_digits_reward",
+    "digits-heldout": "diffusers_am.rewards.digits:load_digits_heldout_reward",
+}
+
+
+def register_reward(name: str, target: str | Callable) -> None:
+    """Register a factory (or its ``"module:factory"`` path) under ``name``."""
+    REWARDS[name] = target
+
+
+def available_rewards() -> list[str]:
+    return sorted(REWARDS)
+
+
+def _factory(name: str) -> Callable:
+    target = REWARDS[name]
+    if callable(target):
+        return target
+    module_name, attr = target.split(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def _user_callable(spec: str) -> Callable:
+    module_part, attr = spec.rsplit(":", 1)
+    if module_part.endswith(".py") or os.sep in module_part:
+        path = Path(module_part)
+        if not path.is_file():
+            raise ValueError(f"`--reward` {spec!r}: file {str(path)!r} does not exist.")
+        mod_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(module_part)
+        except ImportError as err:
+            raise ValueError(f"`--reward` {spec!r}: cannot import module {module_part!r} ({err}).") from err
+    if not hasattr(module, attr) or not callable(getattr(module, attr)):
+        raise ValueError(f"`--reward` {spec!r}: module {module_part!r} has no callable {attr!r}.")
+    return getattr(module, attr)
+
+
+def _parse_weighted(spec: str) -> dict[str, float] | None:
+    """``"a:1.0,b:0.5"`` -> {"a": 1.0, "b": 0.5}; None when ``spec`` is not of that form."""
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    out: dict[str, float] = {}
+    for part in parts:
+        name, sep, weight = part.rpartition(":")
+        if not sep or name not in REWARDS:
+            return None
+        try:
+            out[name] = float(weight)
+        except ValueError:
+            return None
+    return out or None
+
+
+def load_reward(
+    spec: str, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None, paths: dict[str, str] | None = None
+) -> Callable:
+    """Build the reward named by ``spec`` (see the module docstring).
+
+    ``paths`` maps a registered name to a local checkpoint path or Hub id.
+    Raises ValueError for an unknown name, listing the known ones."""
+    spec = spec.strip()
+    paths = paths or {}
+    if spec in REWARDS:
+        return _factory(spec)(path=paths.get(spec), device=device, dtype=dtype)
+    weighted = _parse_weighted(spec)
+    if weighted is not None:
+        parts = {n: _factory(n)(path=paths.get(n), device=device, dtype=dtype) for n in weighted}
+        return WeightedReward(parts, weighted)
+    if ":" in spec and "," not in spec:
+        return _user_callable(spec)
+    raise ValueError(
+        f"unknown reward {spec!r}; known rewards: {', '.join(available_rewards())}. "
+        "Also accepted: a weighted list 'a:1.0,b:0.5' or 'module:callable' for your own reward."
+    )
+
+
+__all__ = ["REWARDS", "RewardModel", "WeightedReward", "available_rewards", "check_images", "load_reward", "register_reward"]

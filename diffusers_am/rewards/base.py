@@ -1,0 +1,51 @@
+"""Reward models: differentiable maps (images [B, C, H, W] in [0, 1], prompts) -> rewards [B].
+
+A reward is any callable ``reward(images, prompts) -> Tensor[B]``. ``prompts`` is a list of
+strings for text-to-image models, of class labels (ints) for class-conditional ones.
+Each concrete reward does its own preprocessing (resize, crop, normalize) in torch, so that
+gradients reach the images.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class RewardModel(Protocol):
+    def __call__(self, images: torch.Tensor, prompts: Sequence[Any]) -> torch.Tensor:
+        """images [B, C, H, W] float in [0, 1]; returns [B]."""
+
+
+def check_images(images: torch.Tensor, channels: Sequence[int] = (1, 3), name: str = "images") -> None:
+    """Raise ValueError unless ``images`` is [B, C, H, W] with C in ``channels`` and values in [0, 1]."""
+    if images.dim() != 4 or images.shape[1] not in tuple(channels):
+        raise ValueError(
+            f"`{name}` must be [B, C, H, W] with C in {tuple(channels)}; got shape {tuple(images.shape)}."
+        )
+    lo, hi = float(images.detach().min()), float(images.detach().max())
+    if lo < -1e-3 or hi > 1 + 1e-3:
+        raise ValueError(f"`{name}` must be floats in [0, 1] (decode with x * 0.5 + 0.5); got range [{lo:.3f}, {hi:.3f}].")
+
+
+class WeightedReward(torch.nn.Module):
+    """sum_i w_i * r_i(images, prompts)."""
+
+    def __init__(self, rewards: dict[str, Callable], weights: dict[str, float]):
+        super().__init__()
+        self.names = list(rewards)
+        self.weights = dict(weights)
+        self.parts = torch.nn.ModuleDict({n: r for n, r in rewards.items() if isinstance(r, torch.nn.Module)})
+        self._callables = {n: r for n, r in rewards.items() if not isinstance(r, torch.nn.Module)}
+
+    def component(self, name: str) -> Callable:
+        return self.parts[name] if name in self.parts else self._callables[name]
+
+    def forward(self, images: torch.Tensor, prompts: Sequence[Any]) -> torch.Tensor:
+        total = None
+        for name in self.names:
+            r = self.weights[name] * self.component(name)(images, prompts).float()
+            total = r if total is None else total + r
+        return total

@@ -1,0 +1,93 @@
+"""Noise schedules sigma(t) for stochastic adjoint matching (pure torch, paper time).
+
+For the interpolant X_t = t X_data + (1 - t) X_noise with velocity v, the SDE with the same
+marginals and diffusion sigma(t) has drift
+
+    b_sigma(x, t) = v + (sigma^2 / 2) * score,   score = -(x - t v) / (1 - t)
+                  = velocity_gain(t) * v - state_coeff(t) * x,
+
+    velocity_gain(t) = 1 + sigma^2 t / (2 (1 - t)),   state_coeff(t) = sigma^2 / (2 (1 - t)).
+
+A control enters as b + sigma * u, so u = velocity_gain * (v_theta - v_base) / sigma.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """Base class. ``t_min`` / ``t_max`` clip t before any evaluation (the SDE diverges at t = 0)."""
+
+    t_min: float = 1e-2
+    t_max: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (0.0 < self.t_min < self.t_max <= 1.0):
+            raise ValueError(
+                f"schedule clip must satisfy 0 < t_min < t_max <= 1; got t_min={self.t_min}, t_max={self.t_max}."
+            )
+
+    def clip(self, t: torch.Tensor) -> torch.Tensor:
+        return t.clamp(self.t_min, self.t_max)
+
+    def sigma2(self, t: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return self.sigma2(t).clamp_min(0).sqrt()
+
+    def velocity_gain(self, t: torch.Tensor) -> torch.Tensor:
+        t = self.clip(t)
+        return 1.0 + self.sigma2(t) * t / (2.0 * (1.0 - t))
+
+    def state_coeff(self, t: torch.Tensor) -> torch.Tensor:
+        t = self.clip(t)
+        return self.sigma2(t) / (2.0 * (1.0 - t))
+
+    def drift(self, x: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """b_sigma(x, t) from a velocity v(x, t); t a 0-dim tensor."""
+        return self.velocity_gain(t) * v - self.state_coeff(t) * x
+
+
+@dataclass(frozen=True)
+class MemorylessSchedule(NoiseSchedule):
+    """sigma(t)^2 = scale * 2 (1 - t) / t. ``scale = 1`` is memoryless: the fine-tuned law is the
+    reward-tilted base law, and the drift is b = 2 v - x / t. Other scales are biased variants."""
+
+    scale: float = 1.0
+
+    def sigma2(self, t: torch.Tensor) -> torch.Tensor:
+        t = self.clip(t)
+        return self.scale * 2.0 * (1.0 - t) / t
+
+    # Closed forms (no division by 1 - t, exact at t = 1).
+    def velocity_gain(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(t) * (1.0 + self.scale)
+
+    def state_coeff(self, t: torch.Tensor) -> torch.Tensor:
+        return self.scale / self.clip(t)
+
+
+@dataclass(frozen=True)
+class ConstantSchedule(NoiseSchedule):
+    """sigma(t) = level, constant. Needs ``t_max < 1`` (the drift has a 1 / (1 - t) factor)."""
+
+    level: float = 1.0
+    t_max: float = 0.99
+
+    def sigma2(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(t, self.level**2)
+
+
+SCHEDULES = {"memoryless": MemorylessSchedule, "constant": ConstantSchedule}
+
+
+def get_schedule(name: str, **kwargs) -> NoiseSchedule:
+    """Build a schedule by name: one of ``SCHEDULES``."""
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown noise schedule {name!r}; choose one of {sorted(SCHEDULES)}.")
+    return SCHEDULES[name](**kwargs)
