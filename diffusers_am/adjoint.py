@@ -6,7 +6,7 @@ with the control's Jacobian dropped ("lean"), is
     a~_N = grad g(X_N),     a~_k = a~_{k+1} + dt_k * J_b(X_k, t_k)^T a~_{k+1},
 
 one vector-Jacobian product through the base velocity per step. The adjoint is carried in
-fp32 whatever the model dtype.
+at least fp32 whatever the model dtype (fp64 stays fp64, bf16 / fp16 models still give fp32).
 """
 
 from __future__ import annotations
@@ -60,7 +60,12 @@ def vjp_velocity(velocity: Velocity, x: torch.Tensor, t: torch.Tensor, cotangent
         x_in = x.detach().requires_grad_(True)
         v = velocity(x_in, t)
         (g,) = torch.autograd.grad(v, x_in, grad_outputs=cotangent.to(v.dtype))
-    return v.detach(), g.float()
+    return v.detach(), g.to(accumulation_dtype(cotangent.dtype))
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The adjoint's dtype: ``dtype`` promoted to at least fp32."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def lean_adjoint_window(
@@ -71,9 +76,9 @@ def lean_adjoint_window(
     num_steps = states.shape[0] - 1
     adjoints = [None] * (num_steps + 1)
     base_velocities = [None] * num_steps
-    a = terminal_grad.detach().float()
+    a = terminal_grad.detach().to(accumulation_dtype(terminal_grad.dtype))
     adjoints[num_steps] = a
-    times32 = times.detach().float()
+    times32 = times.detach().to(a.dtype)
     for k in range(num_steps - 1, -1, -1):
         dt = times32[k + 1] - times32[k]
         v, jt_a = vjp_velocity(velocity, states[k], times[k], a)
@@ -94,6 +99,6 @@ def lean_adjoint(
         times: [K+1] their strictly increasing paper times in [0, 1].
         terminal_grad: [B, ...] grad g(X_N) (= -lambda * grad r(X_N)).
     Returns:
-        [K+1, B, ...] fp32; the last entry equals ``terminal_grad``.
+        [K+1, B, ...] in fp32 (fp64 if ``terminal_grad`` is fp64); the last entry equals ``terminal_grad``.
     """
     return lean_adjoint_window(velocity, states, times, terminal_grad).adjoints

@@ -77,19 +77,19 @@ def sample_euler(
         noise_std: diffusion coefficient sigma(t) for Euler-Maruyama (None: ODE).
         generator: for the Euler-Maruyama noise.
     Returns:
-        [record_last, B, ...] fp32: states X_{M-record_last+1} .. X_M, M = stop_at.
+        [record_last, B, ...] in fp32 (fp64 if ``x0`` is fp64): states X_{M-record_last+1} .. X_M, M = stop_at.
     """
     end = times.shape[0] - 1 if stop_at is None else stop_at
     if not 1 <= record_last <= end + 1:
         raise ValueError(f"`record_last` must be in [1, {end + 1}]; got {record_last}.")
-    x = x0.float()
+    x = x0.to(torch.promote_types(x0.dtype, torch.float32))
     kept = [x] if end + 1 - record_last <= 0 else []
     for k in range(end):
-        t, dt = times[k], (times[k + 1] - times[k]).float()
-        x = x + dt * drift(x, t).float()
+        t, dt = times[k], (times[k + 1] - times[k]).to(x.dtype)
+        x = x + dt * drift(x, t).to(x.dtype)
         if noise_std is not None:
             eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = x + noise_std(t).float() * dt.sqrt() * eps
+            x = x + noise_std(t).to(x.dtype) * dt.sqrt() * eps
         if k + 1 >= end + 1 - record_last:
             kept.append(x)
     return torch.stack(kept)

@@ -49,6 +49,11 @@ class StepOutput:
     step_index: int | None = None
 
 
+def _hp(x: torch.Tensor) -> torch.Tensor:
+    """``x`` promoted to at least fp32 (bf16 -> fp32, fp64 stays)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _default_backward(loss: torch.Tensor) -> None:
     loss.backward()
 
@@ -69,13 +74,13 @@ def reward_and_grad(reward_fn: RewardFn, x: torch.Tensor) -> tuple[torch.Tensor,
         (grad,) = torch.autograd.grad(reward.sum(), x_in)
     if not torch.isfinite(grad).all():
         raise NonFiniteRewardError("the reward gradient is NaN or inf")
-    return reward.detach().float(), grad.float()
+    return _hp(reward.detach()), _hp(grad)
 
 
 def matching_loss(u: torch.Tensor, target: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
     """E_batch |u - target|^2. ``reduction='sum'`` sums over each sample's dims (the spec's
     squared norm); ``'mean'`` averages them instead (same minimizer, resolution-free scale)."""
-    sq = (u.float() - target.float()).pow(2).reshape(u.shape[0], -1)
+    sq = (_hp(u) - _hp(target)).pow(2).reshape(u.shape[0], -1)
     if reduction == "sum":
         return sq.sum(1).mean()
     if reduction == "mean":
@@ -117,7 +122,7 @@ def ode_am_step(
     targets = optimal_control(adj.reshape((-1,) + adj.shape[2:]), order).reshape(adj.shape)
     total, norms = 0.0, []
     for k in range(k_steps):
-        u = flow.velocity(states[k], window_times[k]).float() - window.base_velocities[k].float()
+        u = _hp(flow.velocity(states[k], window_times[k])) - _hp(window.base_velocities[k])
         loss = matching_loss(u, targets[k], loss_reduction) / k_steps
         backward(loss)
         total += float(loss.detach())
@@ -149,7 +154,7 @@ def sde_am_step(
     n, k_steps = _prepare(noise, times, truncate_steps)
 
     def drift(velocity):
-        return lambda x, t: schedule.drift(x, velocity(x, t).float(), t)
+        return lambda x, t: schedule.drift(x, _hp(velocity(x, t)), t)
 
     states = sample_euler(
         drift(flow.velocity), noise, times, record_last=k_steps + 1, noise_std=schedule.sigma, generator=generator
@@ -162,8 +167,8 @@ def sde_am_step(
         t = window_times[k]
         gain, coeff = schedule.velocity_gain(t), schedule.state_coeff(t)
         sigma = schedule.sigma(t).clamp_min(1e-6)
-        v_base = (window.base_velocities[k].float() + coeff * states[k]) / gain
-        u = gain * (flow.velocity(states[k], t).float() - v_base) / sigma
+        v_base = (_hp(window.base_velocities[k]) + coeff * states[k]) / gain
+        u = gain * (_hp(flow.velocity(states[k], t)) - v_base) / sigma
         loss = matching_loss(u, -sigma * window.adjoints[k], loss_reduction) / k_steps
         backward(loss)
         total += float(loss.detach())
@@ -174,7 +179,7 @@ def sde_am_step(
 @torch.no_grad()
 def _control_norms(flow: ConditionedFlow, states: list[torch.Tensor], times: torch.Tensor, v_ft: list[torch.Tensor]):
     return torch.stack(
-        [per_sample_norm(v.detach().float() - flow.base_velocity(x, t).float()).mean() for x, t, v in zip(states, times, v_ft)]
+        [per_sample_norm(_hp(v.detach()) - _hp(flow.base_velocity(x, t))).mean() for x, t, v in zip(states, times, v_ft)]
     )
 
 
@@ -198,13 +203,13 @@ def draft_step(
             visited.append(x.detach())
             v = flow.velocity(x, times[k])
             velocities.append(v)
-            x = x + (times[k + 1] - times[k]).float() * v.float()
+            x = x + _hp(times[k + 1] - times[k]) * _hp(v)
         reward = reward_fn(x)
         _check_reward(reward, x.shape[0])
-        loss = -(reward_scale * reward.float()).mean()
+        loss = -(reward_scale * _hp(reward)).mean()
         backward(loss)
     norms = _control_norms(flow, visited, times[n - k_steps : n], velocities) if track_control else torch.full((k_steps,), float("nan"))
-    return StepOutput(float(loss.detach()), reward.detach().float(), norms, x.detach())
+    return StepOutput(float(loss.detach()), _hp(reward.detach()), norms, x.detach())
 
 
 def refl_step(
@@ -228,10 +233,10 @@ def refl_step(
     t = times[j]
     with torch.enable_grad():
         v = flow.velocity(x, t)
-        x1 = x + (1.0 - t.float()) * v.float()
+        x1 = x + (1.0 - _hp(t)) * _hp(v)
         reward = reward_fn(x1)
         _check_reward(reward, x.shape[0])
-        loss = -(reward_scale * reward.float()).mean()
+        loss = -(reward_scale * _hp(reward)).mean()
         backward(loss)
     norms = _control_norms(flow, [x], times[j : j + 1], [v]) if track_control else torch.full((1,), float("nan"))
-    return StepOutput(float(loss.detach()), reward.detach().float(), norms, x1.detach(), step_index=j)
+    return StepOutput(float(loss.detach()), _hp(reward.detach()), norms, x1.detach(), step_index=j)
