@@ -1,0 +1,242 @@
+"""SiTPipeline: class-conditional flow sampling with a SiT-style transformer, in paper time.
+
+Components: ``transformer`` (:class:`SiTTransformer2DModel`), ``vae`` (``AutoencoderKL`` for a
+latent model such as SiT-XL/2 on SD-VAE latents, or ``None`` for a pixel-space model) and an
+optional ``scheduler`` (``FlowMatchEulerDiscreteScheduler``).
+
+Sampling is an Euler loop in paper time (t: 0 noise -> 1 data; SiT's own convention, the
+transformer predicts ``x_data - noise``): ``x <- x + (t_{k+1} - t_k) * v(x, t_k)``. The grid is
+uniform ``linspace(0, 1, N + 1)``; with a scheduler it is ``t = 1 - scheduler.sigmas`` (the
+sigmas set from ``linspace(1, 1/N, N)`` plus the terminal 0, so its ``shift`` warps the grid
+and shift 1 gives the uniform grid).
+States are fp32; the transformer runs in its own dtype.
+
+Pixel-space models work on x in [-1, 1] (images = x / 2 + 1/2); latent models decode
+``vae.decode(x / scaling_factor (+ shift_factor))`` and map [-1, 1] to [0, 1] the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.loaders.lora_pipeline import SanaLoraLoaderMixin
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..models.sit_transformer import SiTTransformer2DModel
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+class SiTLoraLoaderMixin(SanaLoraLoaderMixin):
+    """LoRA load/save for a pipeline whose only LoRA-able module is ``transformer``.
+
+    Diffusers' single-transformer loader (PEFT format, ``transformer.`` key prefix, adapter
+    metadata in the safetensors header) fits a :class:`SiTTransformer2DModel` unchanged."""
+
+    _lora_loadable_modules = ["transformer"]
+    transformer_name = "transformer"
+
+
+class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
+    """Class-conditional flow pipeline for SiT-style transformers (pixel or latent space).
+
+    Args:
+        transformer: the velocity model.
+        vae: ``AutoencoderKL`` for latent models, ``None`` for pixel space.
+        scheduler: optional ``FlowMatchEulerDiscreteScheduler`` defining the time grid.
+        default_num_inference_steps: steps used when ``__call__`` gets none (stored in
+            ``model_index.json``; 50 for SiT-XL/2).
+    """
+
+    model_cpu_offload_seq = "transformer->vae"
+    _optional_components = ["vae", "scheduler"]
+
+    def __init__(
+        self,
+        transformer: SiTTransformer2DModel,
+        vae: Any = None,
+        scheduler: Any = None,
+        default_num_inference_steps: int = 50,
+    ):
+        super().__init__()
+        if not isinstance(transformer, SiTTransformer2DModel):
+            raise ValueError(f"`transformer` must be a SiTTransformer2DModel; got {type(transformer).__name__}.")
+        if vae is not None and getattr(vae.config, "latent_channels", None) != transformer.config.in_channels:
+            raise ValueError(
+                f"`vae` has latent_channels={getattr(vae.config, 'latent_channels', None)} but the transformer "
+                f"takes in_channels={transformer.config.in_channels}."
+            )
+        _check_steps(default_num_inference_steps, "default_num_inference_steps")
+        self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler)
+        self.register_to_config(default_num_inference_steps=int(default_num_inference_steps))
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    # -- geometry -------------------------------------------------------------------------
+    @property
+    def vae_scale_factor(self) -> int:
+        vae = getattr(self, "vae", None)
+        return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+
+    @property
+    def resolution(self) -> int:
+        """Image side in pixels: transformer sample_size times the VAE's downsampling."""
+        return int(self.transformer.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def num_classes(self) -> int:
+        return self.transformer.num_classes
+
+    def check_resolution(self, height: int | None, width: int | None, name: str = "height/width") -> int:
+        """The model's only resolution; ValueError for any other requested size."""
+        res = self.resolution
+        for value in (height, width):
+            if value is not None and int(value) != res:
+                raise ValueError(
+                    f"`{name}` = {value} but this model was built for {res}x{res} images "
+                    f"(sample_size {self.transformer.config.sample_size} x VAE factor {self.vae_scale_factor}); "
+                    f"pass {res} or leave it unset."
+                )
+        return res
+
+    def check_class_labels(self, class_labels: int | Sequence[int] | torch.Tensor, device=None) -> torch.Tensor:
+        """Labels as a LongTensor [B]; ValueError for non-integers or labels outside [0, num_classes)."""
+        if isinstance(class_labels, bool):
+            raise ValueError(f"`class_labels` must be integers in [0, {self.num_classes}); got {class_labels!r}.")
+        if isinstance(class_labels, int):
+            class_labels = [class_labels]
+        labels = torch.as_tensor(class_labels)
+        if labels.dim() != 1 or labels.numel() == 0:
+            raise ValueError(f"`class_labels` must be a non-empty 1-D list of integers; got shape {tuple(labels.shape)}.")
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
+            raise ValueError(f"`class_labels` must be integers in [0, {self.num_classes}); got dtype {labels.dtype}.")
+        bad = [int(v) for v in labels.tolist() if not 0 <= int(v) < self.num_classes]
+        if bad:
+            raise ValueError(
+                f"`class_labels` must lie in [0, {self.num_classes}) for this model; got {bad}."
+            )
+        return labels.long().to(device if device is not None else self._execution_device)
+
+    def time_grid(self, num_inference_steps: int, device=None) -> torch.Tensor:
+        """[N+1] increasing paper times from 0 to 1 (fp32)."""
+        n = _check_steps(num_inference_steps, "num_inference_steps")
+        device = device if device is not None else self._execution_device
+        scheduler = getattr(self, "scheduler", None)
+        if scheduler is None:
+            return torch.linspace(0.0, 1.0, n + 1, device=device, dtype=torch.float32)
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / n, n).tolist(), device=device)
+        times = 1.0 - scheduler.sigmas.to(device=device, dtype=torch.float32)
+        return times.clamp(0.0, 1.0)
+
+    # -- the model ------------------------------------------------------------------------
+    def predict_velocity(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | float,
+        class_labels: torch.Tensor,
+        guidance_scale: float = 1.0,
+        model: torch.nn.Module | None = None,
+    ) -> torch.Tensor:
+        """Paper-time velocity [B, C, h, w] fp32 at states x [B, C, h, w] and time t (0-dim or float).
+
+        ``guidance_scale > 1`` batches the null class and returns
+        ``v_null + s * (v_cond - v_null)`` on all channels. ``model`` defaults to
+        ``self.transformer`` (pass a wrapped one, e.g. DDP, to train through it)."""
+        model = model if model is not None else self.transformer
+        dtype = self.transformer.dtype
+        t = torch.as_tensor(t, device=x.device, dtype=torch.float32)
+        if guidance_scale > 1.0:
+            null = torch.full_like(class_labels, self.transformer.null_class)
+            out = model(
+                torch.cat([x, x]).to(dtype), timestep=t, class_labels=torch.cat([class_labels, null]), return_dict=False
+            )[0]
+            v_cond, v_null = self.transformer.velocity_from_output(out).float().chunk(2)
+            return v_null + guidance_scale * (v_cond - v_null)
+        out = model(x.to(dtype), timestep=t, class_labels=class_labels, return_dict=False)[0]
+        return self.transformer.velocity_from_output(out).float()
+
+    def prepare_latents(self, batch_size: int, generator=None, device=None) -> torch.Tensor:
+        """X_0 ~ N(0, I): [B, in_channels, sample_size, sample_size] fp32."""
+        cfg = self.transformer.config
+        shape = (batch_size, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        device = device if device is not None else self._execution_device
+        return randn_tensor(shape, generator=generator, device=torch.device(device), dtype=torch.float32)
+
+    def decode_states(self, x: torch.Tensor) -> torch.Tensor:
+        """Terminal states [B, C, h, w] -> images in [-1, 1] (unclamped) [B, C_img, H, W]; differentiable."""
+        vae = getattr(self, "vae", None)
+        if vae is None:
+            return x
+        z = x / vae.config.scaling_factor
+        shift = getattr(vae.config, "shift_factor", None)
+        if shift is not None:
+            z = z + shift
+        return vae.decode(z.to(vae.dtype), return_dict=False)[0].float()
+
+    # -- sampling -------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: int | Sequence[int] | torch.Tensor,
+        num_inference_steps: int | None = None,
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> ImagePipelineOutput | tuple:
+        """Sample one image per class label.
+
+        Args:
+            class_labels: integers in [0, num_classes).
+            num_inference_steps: Euler steps (default: ``config.default_num_inference_steps``).
+            guidance_scale: CFG scale; 1 (default) runs the conditional model only.
+            generator: for the initial noise.
+            latents: optional initial states X_0 [B, C, h, w] (default: fresh noise).
+            height, width: must equal :attr:`resolution` when given.
+            output_type: "pil", "np" ([B, H, W, C] in [0, 1]), "pt" ([B, C, H, W] in [0, 1]) or
+                "latent" (terminal states).
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}; got {output_type!r}.")
+        if not isinstance(guidance_scale, (int, float)) or not np.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"`guidance_scale` must be a finite number >= 0; got {guidance_scale!r}.")
+        self.check_resolution(height, width)
+        device = self._execution_device
+        labels = self.check_class_labels(class_labels, device)
+        if num_inference_steps is None:
+            num_inference_steps = self.config.default_num_inference_steps
+        times = self.time_grid(num_inference_steps, device)
+        if latents is None:
+            x = self.prepare_latents(labels.shape[0], generator, device)
+        else:
+            cfg = self.transformer.config
+            expected = (labels.shape[0], cfg.in_channels, cfg.sample_size, cfg.sample_size)
+            if tuple(latents.shape) != tuple(expected):
+                raise ValueError(f"`latents` must have shape {tuple(expected)}; got {tuple(latents.shape)}.")
+            x = latents.to(device=device, dtype=torch.float32)
+
+        for k in self.progress_bar(range(len(times) - 1)):
+            v = self.predict_velocity(x, times[k], labels, guidance_scale)
+            x = x + (times[k + 1] - times[k]) * v
+
+        if output_type == "latent":
+            image = x
+        else:
+            image = self.decode_states(x)
+            image = self.image_processor.postprocess(image, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return ImagePipelineOutput(images=image)
+
+
+def _check_steps(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 1:
+        raise ValueError(f"`{name}` must be a positive integer; got {value!r}.")
+    return int(value)
