@@ -1,0 +1,269 @@
+"""Shared plumbing for adapters of diffusers FlowMatch pipelines (FLUX.2-klein, FLUX.1, SD3).
+
+Conventions at the boundary (paper time t: 0 noise, 1 data):
+    t = 1 - sigma,    b(x, t) = -v_model(x, sigma),
+because the stock schedulers step ``x <- x + (sigma_next - sigma) * v_model`` from sigma = 1
+(noise) to 0 (data). The state is the pipeline's latent in image layout [B, C, h, w] (fp32);
+each family packs / patchifies it for its transformer.
+
+A family subclass implements :meth:`FlowMatchAdapter._sigmas` (the pipeline's own schedule),
+:meth:`FlowMatchAdapter._predict` (one guided transformer prediction in sigma time),
+:meth:`FlowMatchAdapter._encode`, :meth:`FlowMatchAdapter.initial_noise`,
+:meth:`FlowMatchAdapter.decode` and :meth:`FlowMatchAdapter.default_lora_targets`.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import warnings
+from typing import Any, ClassVar, Sequence
+
+import torch
+
+from .base import FlowModelAdapter, LoraSettings
+
+
+def _is_lora_target(module: torch.nn.Module) -> bool:
+    return isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv1d, torch.nn.Embedding))
+
+
+def unmatched_lora_targets(model: torch.nn.Module, targets: Sequence[str]) -> list[str]:
+    """Targets (PEFT suffix semantics: ``name == target`` or ``name`` ends with ``.target``)
+    that match no LoRA-capable module of ``model``."""
+    names = [name for name, module in model.named_modules() if _is_lora_target(module)]
+    return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+
+
+class PaperTimeFlow:
+    """A :class:`~diffusers_am.flow.ConditionedFlow` over one encoded batch of a FlowMatch adapter."""
+
+    def __init__(self, adapter: "FlowMatchAdapter", encoded: Any, guidance_scale: float | None, train_module: torch.nn.Module | None):
+        self.adapter = adapter
+        self.encoded = encoded
+        self.guidance_scale = guidance_scale
+        self.train_module = train_module
+
+    def _velocity(self, module: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        sigma = 1.0 - torch.as_tensor(t, dtype=torch.float32, device=x.device)
+        return -self.adapter._predict(module, x, sigma, self.encoded, self.guidance_scale).float()
+
+    def base_velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """b(x, t) [B, C, h, w] fp32 with the LoRA disabled (differentiable in x)."""
+        with self.adapter.adapters_disabled():
+            return self._velocity(self.adapter.transformer, x, t)
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """v_theta(x, t) [B, C, h, w] fp32 through ``train_module`` (or the transformer)."""
+        return self._velocity(self.train_module or self.adapter.transformer, x, t)
+
+
+class FlowMatchAdapter(FlowModelAdapter):
+    """Common part of the FlowMatch families: loading, LoRA, time grid, prompt caching, CFG switch.
+
+    Args:
+        pipeline: a loaded stock pipeline of the family (or our controlled subclass).
+        offload_text_encoder: keep text encoders on the CPU except while encoding a batch.
+        max_sequence_length: prompt length for the text encoder (None: the pipeline's default).
+    """
+
+    pipeline_class_name: ClassVar[str]
+    conditioning = "text"
+    default_num_inference_steps = 20
+    default_resolution = 256
+    default_guidance_scale: ClassVar[float] = 1.0
+
+    def __init__(self, pipeline: Any, *, offload_text_encoder: bool = False, max_sequence_length: int | None = None):
+        if max_sequence_length is not None and (isinstance(max_sequence_length, bool) or int(max_sequence_length) < 1):
+            raise ValueError(f"`max_sequence_length` must be a positive integer or None; got {max_sequence_length!r}.")
+        self.pipeline = pipeline
+        self.offload_text_encoder = bool(offload_text_encoder)
+        self.max_sequence_length = max_sequence_length
+        self._lora_config = None
+
+    # -- loading --------------------------------------------------------------------------
+    @classmethod
+    def _pipeline_class(cls) -> type:
+        import diffusers
+
+        return getattr(diffusers, cls.pipeline_class_name)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str,
+        *,
+        torch_dtype: torch.dtype = torch.float32,
+        offload_text_encoder: bool = False,
+        max_sequence_length: int | None = None,
+        device: torch.device | str | None = None,
+        **kwargs: Any,
+    ) -> "FlowMatchAdapter":
+        """Load with the stock pipeline's ``from_pretrained`` (folder or Hub id; extra kwargs such
+        as ``revision`` / ``variant`` go to it); the VAE and text encoders are frozen."""
+        dtype = kwargs.pop("dtype", None) or torch_dtype
+        pipeline = cls._pipeline_class().from_pretrained(pretrained_model_name_or_path, dtype=dtype, **kwargs)
+        adapter = cls(pipeline, offload_text_encoder=offload_text_encoder, max_sequence_length=max_sequence_length)
+        for module in adapter._frozen_modules():
+            module.requires_grad_(False)
+        if device is not None:
+            adapter.to(device)
+        return adapter
+
+    def _frozen_modules(self) -> list[torch.nn.Module]:
+        return [m for m in (getattr(self.pipeline, n, None) for n in self.pipeline.components) if isinstance(m, torch.nn.Module)]
+
+    def _text_encoders(self) -> list[torch.nn.Module]:
+        return [m for name, m in self.pipeline.components.items() if name.startswith("text_encoder") and isinstance(m, torch.nn.Module)]
+
+    def to(self, device: torch.device | str) -> "FlowMatchAdapter":
+        for name, module in self.pipeline.components.items():
+            if isinstance(module, torch.nn.Module) and not (self.offload_text_encoder and name.startswith("text_encoder")):
+                module.to(device)
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    # -- LoRA -----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def default_lora_targets(self) -> list[str]:
+        """The family's default LoRA target module names (PEFT suffix semantics)."""
+
+    @property
+    def has_lora(self) -> bool:
+        return bool(getattr(self.transformer, "_hf_peft_config_loaded", False))
+
+    @contextlib.contextmanager
+    def adapters_disabled(self):
+        """LoRA off inside the block (a no-op before any adapter is added)."""
+        if not self.has_lora:
+            yield
+            return
+        with super().adapters_disabled():
+            yield
+
+    def add_lora(self, settings: LoraSettings) -> list[torch.nn.Parameter]:
+        from peft import LoraConfig
+
+        if not isinstance(settings, LoraSettings):
+            raise ValueError(f"`settings` must be a LoraSettings; got {type(settings).__name__}.")
+        if isinstance(settings.rank, bool) or int(settings.rank) != settings.rank or settings.rank < 1:
+            raise ValueError(f"`rank` must be a positive integer; got {settings.rank!r}.")
+        if self.has_lora:
+            raise ValueError("the transformer already has a LoRA adapter: load a fresh pipeline to add another.")
+        targets = list(settings.target_modules) if settings.target_modules else self.default_lora_targets()
+        missing = unmatched_lora_targets(self.transformer, targets)
+        if missing:
+            raise ValueError(
+                f"LoRA target(s) {missing} match no Linear/Conv module of {type(self.transformer).__name__}; "
+                f"fix `target_modules` (default for this family: {self.default_lora_targets()})."
+            )
+        config = LoraConfig(
+            r=int(settings.rank),
+            lora_alpha=float(settings.alpha if settings.alpha is not None else settings.rank),
+            target_modules=targets,
+            lora_dropout=float(settings.dropout),
+            init_lora_weights=settings.init_lora_weights,
+        )
+        self.transformer.requires_grad_(False)
+        self.transformer.add_adapter(config)
+        self._lora_config = config
+        params = [p for n, p in self.transformer.named_parameters() if "lora_" in n]
+        for p in params:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        return params
+
+    def save_lora(self, save_directory: str, **kwargs: Any) -> None:
+        """``<Pipeline>.save_lora_weights`` with the PEFT state dict and the LoraConfig as metadata."""
+        from peft.utils import get_peft_model_state_dict
+
+        if not self.has_lora:
+            raise ValueError("no LoRA adapter to save: call `add_lora` first.")
+        config = self._lora_config or self.transformer.peft_config["default"]
+        layers = get_peft_model_state_dict(self.transformer)
+        self._pipeline_class().save_lora_weights(
+            save_directory,
+            transformer_lora_layers=layers,
+            transformer_lora_adapter_metadata=config.to_dict(),
+            **kwargs,
+        )
+
+    # -- time -----------------------------------------------------------------------------
+    def check_resolution(self, resolution: int) -> int:
+        multiple = self.pipeline.vae_scale_factor * 2
+        if isinstance(resolution, bool) or int(resolution) != resolution or resolution < multiple or resolution % multiple:
+            raise ValueError(
+                f"`resolution` (height and width) must be a positive multiple of {multiple} for "
+                f"{type(self.pipeline).__name__}; got {resolution!r}."
+            )
+        return int(resolution)
+
+    @staticmethod
+    def _check_steps(num_inference_steps: int) -> int:
+        if isinstance(num_inference_steps, bool) or int(num_inference_steps) != num_inference_steps or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be a positive integer; got {num_inference_steps!r}.")
+        return int(num_inference_steps)
+
+    @abc.abstractmethod
+    def _sigmas(self, num_inference_steps: int, resolution: int) -> torch.Tensor:
+        """[N+1] the pipeline's sigmas (1 .. 0, terminal 0 included) for this size."""
+
+    def time_grid(self, num_inference_steps: int, resolution: int) -> torch.Tensor:
+        """[N+1] paper times 1 - sigma_k, increasing from 0 to 1, fp32 on the device."""
+        sigmas = self._sigmas(self._check_steps(num_inference_steps), self.check_resolution(resolution))
+        return (1.0 - sigmas.double()).float().to(self.device)
+
+    def _fresh_scheduler(self):
+        scheduler = self.pipeline.scheduler
+        return type(scheduler).from_config(scheduler.config)
+
+    # -- conditioning ---------------------------------------------------------------------
+    @abc.abstractmethod
+    def _encode(self, prompts: list[str], device: torch.device) -> Any:
+        """Encode prompts with the pipeline's own ``encode_prompt`` (called under no_grad)."""
+
+    def encode_conditions(self, conditions: Sequence[Any]) -> Any:
+        """Encode a batch of prompts once; with ``offload_text_encoder`` the encoders visit the
+        transformer's device only for this call."""
+        prompts = [conditions] if isinstance(conditions, str) else list(conditions)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"`conditions` must be a non-empty list of prompt strings; got {conditions!r}.")
+        device = self.device
+        encoders = self._text_encoders()
+        if self.offload_text_encoder:
+            for enc in encoders:
+                enc.to(device)
+        try:
+            with torch.no_grad():
+                return self._encode(prompts, device)
+        finally:
+            if self.offload_text_encoder:
+                for enc in encoders:
+                    enc.to("cpu")
+
+    def resolve_guidance(self, guidance_scale: float | None) -> float:
+        """The guidance scale to use (None: the family default)."""
+        g = self.default_guidance_scale if guidance_scale is None else float(guidance_scale)
+        if not g == g or g < 0:
+            raise ValueError(f"`guidance_scale` must be a number >= 0; got {guidance_scale!r}.")
+        return g
+
+    @abc.abstractmethod
+    def _predict(self, module: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor, encoded: Any, guidance_scale: float | None) -> torch.Tensor:
+        """The (guided) model prediction in sigma time, [B, C, h, w], for states x [B, C, h, w]."""
+
+    def flow(self, encoded: Any, *, guidance_scale: float | None = None, train_module: torch.nn.Module | None = None) -> PaperTimeFlow:
+        self.resolve_guidance(guidance_scale)
+        return PaperTimeFlow(self, encoded, guidance_scale, train_module)
+
+    def _noise(self, shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        return randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+
+    @staticmethod
+    def _warn(message: str) -> None:
+        warnings.warn(message, UserWarning, stacklevel=3)
