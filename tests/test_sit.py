@@ -10,7 +10,10 @@ import torch
 from _tiny_sit import tiny_latent_pipeline, tiny_pixel_pipeline, tiny_pixel_transformer
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from diffusers_am.models import LoraSettings, load_model_adapter
+from diffusers_am.models.sit import SiTAdapter
 from diffusers_am.models.sit_transformer import SiTTransformer2DModel
+from diffusers_am.objectives import ode_am_step
 from diffusers_am.pipelines.sit import SiTPipeline
 
 
@@ -143,3 +146,122 @@ def test_pipeline_rejects_other_resolutions_and_bad_args():
         pipe([0], output_type="jpg")
     with pytest.raises(ValueError, match="latents"):
         pipe([0], latents=torch.randn(1, 4, 8, 8))
+
+
+# -- LoRA through the pipeline's loader mixin ------------------------------------------------
+def _perturb_lora(transformer, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.1 * torch.randn(param.shape, generator=g))
+
+
+def test_lora_save_load_unload_round_trip(tmp_path):
+    adapter = SiTAdapter(tiny_pixel_pipeline())
+    params = adapter.add_lora(LoraSettings(rank=4))
+    assert params and all(p.dtype == torch.float32 and p.requires_grad for p in params)
+    _perturb_lora(adapter.transformer)
+    x, y = torch.randn(2, 1, 8, 8), torch.tensor([1, 2])
+    with torch.no_grad():
+        tuned = adapter.transformer(x, 0.3, y).sample
+    adapter.save_lora(str(tmp_path))
+    assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
+
+    pipe = tiny_pixel_pipeline()
+    with torch.no_grad():
+        base = pipe.transformer(x, 0.3, y).sample
+        pipe.load_lora_weights(str(tmp_path))
+        loaded = pipe.transformer(x, 0.3, y).sample
+        torch.testing.assert_close(loaded, tuned)
+        assert not torch.allclose(loaded, base)
+        pipe.unload_lora_weights()
+        torch.testing.assert_close(pipe.transformer(x, 0.3, y).sample, base)
+
+
+def test_add_lora_rejects_unknown_targets():
+    adapter = SiTAdapter(tiny_pixel_pipeline())
+    with pytest.raises(ValueError, match="to_qkv"):
+        adapter.add_lora(LoraSettings(rank=2, target_modules=["to_q", "to_qkv"]))
+    with pytest.raises(ValueError, match="rank"):
+        adapter.add_lora(LoraSettings(rank=0))
+
+
+# -- the trainer's adapter -------------------------------------------------------------------
+def test_adapter_velocities_base_vs_finetuned_and_gradients():
+    adapter = SiTAdapter(tiny_pixel_pipeline())
+    labels = adapter.encode_conditions([3, "7"])
+    assert labels.dtype == torch.long and labels.tolist() == [3, 7]
+    flow = adapter.flow(labels)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor(0.25)
+    before = flow.base_velocity(x, t).detach()  # no adapter yet: the plain transformer
+    params = adapter.add_lora(LoraSettings(rank=2))
+    torch.testing.assert_close(flow.velocity(x, t), before)  # zero-initialised LoRA B
+    _perturb_lora(adapter.transformer)
+    torch.testing.assert_close(flow.base_velocity(x, t), before)
+    assert all(p.requires_grad for p in params)  # re-enabled after the base pass
+    tuned = flow.velocity(x, t)
+    assert not torch.allclose(tuned, before)
+    tuned.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    assert all(p.grad is None for n, p in adapter.transformer.named_parameters() if "lora_" not in n)
+
+    cfg = adapter.flow(labels, guidance_scale=2.5)
+    with torch.no_grad():
+        null = adapter.flow(torch.full_like(labels, 10)).velocity(x, t)
+        torch.testing.assert_close(cfg.velocity(x, t), null + 2.5 * (tuned.detach() - null), rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_geometry_decode_and_errors():
+    adapter = SiTAdapter(tiny_latent_pipeline())
+    assert adapter.conditioning == "class" and adapter.default_resolution == 8
+    assert adapter.default_num_inference_steps == 4
+    torch.testing.assert_close(adapter.time_grid(5, 8), torch.linspace(0, 1, 6))
+    noise = adapter.initial_noise(3, 8, torch.Generator().manual_seed(0))
+    assert noise.shape == (3, 4, 4, 4) and noise.dtype == torch.float32
+    x = (3 * torch.randn(2, 4, 4, 4)).requires_grad_(True)
+    images = adapter.decode(x)
+    assert images.shape == (2, 3, 8, 8) and images.min() >= 0 and images.max() <= 1
+    images.sum().backward()
+    assert x.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="--resolution"):
+        adapter.time_grid(5, 256)
+    with pytest.raises(ValueError, match="--resolution"):
+        adapter.initial_noise(1, 16, None)
+    with pytest.raises(ValueError, match="class_labels"):
+        adapter.encode_conditions([5])
+    with pytest.raises(ValueError, match="class_labels"):
+        adapter.encode_conditions(["a cat"])
+
+
+def test_pixel_decode_is_straight_through():
+    adapter = SiTAdapter(tiny_pixel_pipeline())
+    x = torch.tensor([-3.0, -0.5, 0.5, 3.0]).reshape(1, 1, 2, 2).requires_grad_(True)
+    images = adapter.decode(x)
+    torch.testing.assert_close(images.detach().flatten(), torch.tensor([0.0, 0.25, 0.75, 1.0]))
+    images.sum().backward()
+    torch.testing.assert_close(x.grad, torch.full_like(x, 0.5))
+
+
+def test_ode_am_step_trains_a_saved_tiny_sit_through_load_model_adapter(tmp_path):
+    tiny_pixel_pipeline().save_pretrained(tmp_path)
+    adapter = load_model_adapter(str(tmp_path))
+    assert isinstance(adapter, SiTAdapter)
+    params = adapter.add_lora(LoraSettings(rank=2))
+    optimizer = torch.optim.SGD(params, lr=1.0)
+    flow = adapter.flow(adapter.encode_conditions([0, 1, 2]))
+    noise = adapter.initial_noise(3, adapter.default_resolution, torch.Generator().manual_seed(0))
+    times = adapter.time_grid(4, adapter.default_resolution)
+
+    def reward_fn(x):
+        return adapter.decode(x).mean(dim=(1, 2, 3))
+
+    before = [p.detach().clone() for p in params]
+    out = ode_am_step(flow, noise, times, reward_fn, truncate_steps=2, reward_scale=10.0)
+    optimizer.step()
+    assert np.isfinite(out.loss) and out.loss > 0
+    assert out.reward.shape == (3,) and out.control_norm_per_step.shape == (2,)
+    assert any(not torch.equal(b, p) for b, p in zip(before, params))
+    x, t = noise, times[2]
+    with torch.no_grad():
+        assert not torch.allclose(flow.velocity(x, t), flow.base_velocity(x, t))
