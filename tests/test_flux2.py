@@ -1,0 +1,253 @@
+"""FLUX.2-klein adapter and controlled pipeline on tiny random pipelines written to disk (offline)."""
+
+import json
+import warnings
+
+import pytest
+import torch
+from _tiny_pipelines import TINY_RESOLUTION as RES
+from _tiny_pipelines import save_tiny_flux2_klein
+
+from diffusers_am.flow import sample_euler
+from diffusers_am.models import LoraSettings, adapter_class, load_model_adapter
+from diffusers_am.objectives import ode_am_step
+
+N = 4
+PROMPTS = ["a red cat", "a dog"]
+SEQ = 32  # max_sequence_length for speed; the same value is passed to the stock pipeline
+TOL = 1e-5  # fp32 on CPU: same ops in the same order, differences are rounding only
+
+
+def stock_kwargs(**over):
+    kw = dict(prompt=PROMPTS, height=RES, width=RES, num_inference_steps=N, output_type="pt", max_sequence_length=SEQ, guidance_scale=1.0)
+    kw.update(over)
+    return kw
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def klein_dir(tmp_path_factory):
+    return save_tiny_flux2_klein(tmp_path_factory.mktemp("klein"), is_distilled=True)
+
+
+@pytest.fixture(scope="module")
+def klein_base_dir(tmp_path_factory):
+    return save_tiny_flux2_klein(tmp_path_factory.mktemp("klein-base"), is_distilled=False, seed=1)
+
+
+@pytest.fixture(scope="module")
+def trained(klein_dir, tmp_path_factory):
+    """An adapter with a random (non-zero) LoRA, saved with save_lora."""
+    adapter = load_model_adapter(klein_dir, max_sequence_length=SEQ)
+    params = adapter.add_lora(LoraSettings(rank=4, init_lora_weights=False))
+    out = tmp_path_factory.mktemp("lora")
+    adapter.save_lora(str(out))
+    return adapter, params, out
+
+
+@pytest.fixture(scope="module")
+def stock(klein_dir):
+    from diffusers import Flux2KleinPipeline
+
+    return Flux2KleinPipeline.from_pretrained(klein_dir)
+
+
+def adapter_images(adapter, velocity="velocity", guidance_scale=None, prompts=PROMPTS):
+    flow = adapter.flow(adapter.encode_conditions(prompts), guidance_scale=guidance_scale)
+    x0 = adapter.initial_noise(len(prompts), RES, gen())
+    x = sample_euler(getattr(flow, velocity), x0, adapter.time_grid(N, RES))[-1]
+    return adapter.decode(x), x
+
+
+def test_loader_dispatch_and_defaults(trained):
+    adapter, params, _ = trained
+    from diffusers_am.models.flux2 import Flux2KleinAdapter
+
+    assert isinstance(adapter, Flux2KleinAdapter)
+    assert adapter.default_num_inference_steps == 20 and adapter.default_resolution == 256
+    assert adapter.conditioning == "text" and adapter.is_distilled
+    assert params and all(p.dtype == torch.float32 and p.requires_grad for p in params)
+    trainable = {n for n, p in adapter.transformer.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert any("single_transformer_blocks.0.attn.to_out" in n for n in trainable)
+    assert any("to_qkv_mlp_proj" in n for n in trainable)
+
+
+def test_time_grid_is_one_minus_pipeline_sigmas(trained, stock):
+    adapter = trained[0]
+    stock(generator=gen(), **stock_kwargs())
+    times = adapter.time_grid(N, RES)
+    assert times.shape == (N + 1,) and times.dtype == torch.float32
+    torch.testing.assert_close(times, 1 - stock.scheduler.sigmas.float(), atol=1e-7, rtol=0)
+    assert times[0] == 0 and times[-1] == 1 and (times[1:] > times[:-1]).all()
+    # dynamic shift: mu depends on the image sequence length
+    assert not torch.allclose(adapter.time_grid(N, 4 * RES), times)
+
+
+def test_paper_time_velocity_matches_scheduler_step(trained, stock):
+    """One Euler step in paper time, x + (t_{k+1} - t_k) b(x, t_k), equals the stock scheduler's
+    step on the model prediction the pipeline would compute (t = 1 - sigma, b = -v_model)."""
+    import copy
+
+    adapter = trained[0]
+    encoded = adapter.encode_conditions(PROMPTS)
+    flow = adapter.flow(encoded)
+    times = adapter.time_grid(N, RES)
+    x = adapter.initial_noise(2, RES, gen(3))
+    stock(generator=gen(), **stock_kwargs())  # sets the scheduler's sigmas for N steps at RES
+    for k in range(N):
+        scheduler = copy.deepcopy(stock.scheduler)
+        scheduler._step_index = None
+        scheduler.set_begin_index(k)
+        tokens = adapter.pack(x)
+        with torch.no_grad(), adapter.adapters_disabled():
+            model_out = adapter.transformer(
+                hidden_states=tokens, timestep=scheduler.timesteps[k].expand(2) / 1000, guidance=None,
+                encoder_hidden_states=encoded.prompt_embeds, txt_ids=encoded.text_ids,
+                img_ids=stock._prepare_latent_ids(x), return_dict=False,
+            )[0]
+            stepped = adapter.unpack(scheduler.step(model_out, scheduler.timesteps[k], tokens, return_dict=False)[0], 2, 2)
+            ours = x + (times[k + 1] - times[k]) * flow.base_velocity(x, times[k])
+        torch.testing.assert_close(ours, stepped, atol=TOL, rtol=TOL)
+        x = stepped
+
+
+def test_base_trajectory_equals_stock_pipeline(trained, stock):
+    """LoRA disabled: the adapter's Euler trajectory reproduces the stock pipeline's latents and images."""
+    adapter = trained[0]
+    images, x_n = adapter_images(adapter, "base_velocity")
+    latents = stock(generator=gen(), **stock_kwargs(output_type="latent")).images
+    vae = stock.vae
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+    expected_state = stock._patchify_latents(latents)
+    expected_state = (expected_state - vae.bn.running_mean.view(1, -1, 1, 1)) / std
+    torch.testing.assert_close(x_n, expected_state, atol=TOL, rtol=TOL)
+    torch.testing.assert_close(images, stock(generator=gen(), **stock_kwargs()).images, atol=TOL, rtol=0)
+
+
+def test_saved_lora_loads_in_stock_pipeline_and_matches_controlled(trained, klein_dir):
+    from diffusers import Flux2KleinPipeline
+    from safetensors import safe_open
+
+    from diffusers_am.pipelines import AdjointMatchingFlux2KleinPipeline
+
+    adapter, _, lora_dir = trained
+    weights = lora_dir / "pytorch_lora_weights.safetensors"
+    with safe_open(str(weights), "pt") as f:
+        assert all(key.startswith("transformer.") for key in f.keys())
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert meta["transformer.r"] == 4 and "to_qkv_mlp_proj" in meta["transformer.target_modules"]
+
+    pipe = Flux2KleinPipeline.from_pretrained(klein_dir)
+    base = pipe(generator=gen(), **stock_kwargs()).images
+    pipe.load_lora_weights(str(lora_dir))
+    tuned = pipe(generator=gen(), **stock_kwargs()).images
+    assert (tuned - base).abs().max() > 1e-3
+
+    controlled = AdjointMatchingFlux2KleinPipeline.from_pretrained(klein_dir)
+    controlled.load_lora_weights(str(lora_dir))
+    out = controlled(generator=gen(), control_scale=1.0, control_window="all", **stock_kwargs())
+    torch.testing.assert_close(out.images, tuned, atol=TOL, rtol=0)
+    torch.testing.assert_close(adapter_images(adapter)[0], tuned, atol=TOL, rtol=0)
+    # scale 0 is the base model; the LoRA is back on afterwards
+    off = controlled(generator=gen(), control_scale=0.0, **stock_kwargs()).images
+    torch.testing.assert_close(off, base, atol=TOL, rtol=0)
+    torch.testing.assert_close(controlled(generator=gen(), **stock_kwargs()).images, tuned, atol=TOL, rtol=0)
+
+
+def test_control_window_and_recording_match_adapter(trained, klein_dir):
+    from diffusers_am.pipelines import AdjointMatchingFlux2KleinPipeline
+
+    adapter, _, lora_dir = trained
+    pipe = AdjointMatchingFlux2KleinPipeline.from_pretrained(klein_dir)
+    pipe.load_lora_weights(str(lora_dir))
+    k, scale = 2, 0.5
+    out = pipe(generator=gen(), control_window=k, control_scale=scale, record_last_k=N, **stock_kwargs())
+    assert out.states.shape == (N + 1, 2, 4, 2, 2) and out.times.shape == (N + 1,)
+    flow = adapter.flow(adapter.encode_conditions(PROMPTS))
+    times = adapter.time_grid(N, RES)
+    torch.testing.assert_close(out.times, times, atol=1e-7, rtol=0)
+    x = adapter.initial_noise(2, RES, gen())
+    states = [x]
+    with torch.no_grad():
+        for i in range(N):
+            b = flow.base_velocity(x, times[i])
+            v = b + scale * (flow.velocity(x, times[i]) - b) if i >= N - k else b
+            x = x + (times[i + 1] - times[i]) * v
+            states.append(x)
+    torch.testing.assert_close(out.states, torch.stack(states), atol=TOL, rtol=TOL)
+    torch.testing.assert_close(out.images, adapter.decode(x), atol=TOL, rtol=0)
+    last = pipe(generator=gen(), record_last_k=1, return_dict=False, **stock_kwargs())
+    assert last[1].shape == (2, 2, 4, 2, 2) and last[2].tolist() == times[-2:].tolist()
+
+
+def test_cfg_on_klein_base_matches_stock(klein_base_dir):
+    from diffusers import Flux2KleinPipeline
+
+    adapter = load_model_adapter(klein_base_dir, max_sequence_length=SEQ)
+    assert not adapter.is_distilled and adapter.resolve_guidance(None) == 4.0
+    images = adapter_images(adapter, "base_velocity", guidance_scale=3.0)[0]
+    stock = Flux2KleinPipeline.from_pretrained(klein_base_dir)
+    expected = stock(generator=gen(), **stock_kwargs(guidance_scale=3.0)).images
+    torch.testing.assert_close(images, expected, atol=TOL, rtol=0)
+    no_cfg = adapter_images(adapter, "base_velocity", guidance_scale=1.0)[0]
+    assert (no_cfg - expected).abs().max() > 1e-4
+
+
+def test_ode_am_step_trains_lora(trained):
+    adapter, params, _ = trained
+    flow = adapter.flow(adapter.encode_conditions(PROMPTS))
+    for p in params:
+        p.grad = None
+    out = ode_am_step(
+        flow, adapter.initial_noise(2, RES, gen(5)), adapter.time_grid(N, RES),
+        lambda x: adapter.decode(x).mean(dim=(1, 2, 3)), truncate_steps=2, reward_scale=10.0,
+    )
+    assert out.reward.shape == (2,) and out.control_norm_per_step.shape == (2,) and out.final_states.shape == (2, 4, 2, 2)
+    grads = [p.grad for p in params if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads) and sum(g.abs().sum() for g in grads) > 0
+    for p in params:
+        p.grad = None
+
+
+def test_distilled_guidance_warns(trained):
+    adapter = trained[0]
+    encoded = adapter.encode_conditions(PROMPTS[:1])
+    with pytest.warns(UserWarning, match="ignored for step-wise distilled"):
+        adapter.flow(encoded, guidance_scale=4.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adapter.flow(encoded)
+
+
+def test_bad_inputs(trained, klein_dir):
+    from diffusers_am.pipelines import AdjointMatchingFlux2KleinPipeline
+
+    adapter, _, lora_dir = trained
+    with pytest.raises(ValueError, match="multiple of 16"):
+        adapter.time_grid(N, 40)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        adapter.initial_noise(1, 24, None)
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        adapter.time_grid(0, RES)
+    with pytest.raises(ValueError, match="supported pipelines: .*Flux2KleinPipeline"):
+        adapter_class("KandinskyPipeline")
+    with pytest.raises(ValueError, match="conditions"):
+        adapter.encode_conditions([3])
+    with pytest.raises(ValueError, match="already has a LoRA"):
+        adapter.add_lora(LoraSettings(rank=2))
+    fresh = load_model_adapter(klein_dir, max_sequence_length=SEQ)
+    with pytest.raises(ValueError, match="'to_nowhere'"):
+        fresh.add_lora(LoraSettings(rank=2, target_modules=["to_q", "to_nowhere"]))
+    with pytest.raises(ValueError, match="no LoRA adapter to save"):
+        fresh.save_lora(str(lora_dir / "none"))
+    pipe = AdjointMatchingFlux2KleinPipeline.from_pretrained(klein_dir)
+    with pytest.raises(ValueError, match="larger than num_inference_steps"):
+        pipe(generator=gen(), control_window=N + 1, **stock_kwargs())
+    with pytest.raises(ValueError, match="record_last_k"):
+        pipe(generator=gen(), record_last_k=N + 1, **stock_kwargs())
+    with pytest.raises(ValueError, match="control_window"):
+        pipe(generator=gen(), control_window="last", **stock_kwargs())
