@@ -25,6 +25,12 @@ from .base import RewardModel, WeightedReward, check_images
 REWARDS: dict[str, str] = {
     "digits": "diffusers_am.rewards.digits:load_digits_reward",
     "digits-heldout": "diffusers_am.rewards.digits:load_digits_heldout_reward",
+    "hpsv2": "diffusers_am.rewards.hpsv2:load_hpsv2",
+    "hpsv2.1": "diffusers_am.rewards.hpsv2:load_hpsv21",
+    "pickscore": "diffusers_am.rewards.pickscore:load_pickscore",
+    "clipscore": "diffusers_am.rewards.clipscore:load_clipscore",
+    "aesthetic": "diffusers_am.rewards.aesthetic:load_aesthetic",
+    "imagereward": "diffusers_am.rewards.imagereward:load_imagereward",
 }
 
 

@@ -1,0 +1,119 @@
+"""Differentiable image preprocessing for CLIP-style reward models, in torch.
+
+Images are float tensors [B, C, H, W] in [0, 1] (C = 1 is repeated to 3). The reference
+implementations resize PIL images with bicubic filtering; ``F.interpolate(mode="bicubic",
+antialias=True)`` is the torch counterpart (tests/test_rewards_preprocess.py bounds the gap).
+
+Two resize rules are in use:
+  * ``"shortest"`` (OpenAI CLIP, PickScore, ImageReward, aesthetic): shortest side to ``size``,
+    then a center crop of ``size`` x ``size``;
+  * ``"longest"`` (HPSv2, open_clip ``resize_longest_max``): longest side to ``size``, then a
+    centred zero pad to ``size`` x ``size`` (the pad is black: it is applied before normalizing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+RESIZE_RULES = ("shortest", "longest")
+
+
+def to_rgb(images: torch.Tensor) -> torch.Tensor:
+    """[B, 1 or 3, H, W] -> [B, 3, H, W] (grey repeated)."""
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"`images` must be [B, 1 or 3, H, W]; got shape {tuple(images.shape)}.")
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+
+def _resize(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    if (height, width) == tuple(images.shape[-2:]):
+        return images
+    # antialias only matters (and is only supported) when shrinking; bicubic overshoots, clamp like PIL
+    antialias = height < images.shape[-2] or width < images.shape[-1]
+    out = F.interpolate(images, size=(height, width), mode="bicubic", align_corners=False, antialias=antialias)
+    return out.clamp(0.0, 1.0)
+
+
+def resize_shortest_side(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize so the shorter side is ``size`` (aspect kept; the longer side as torchvision
+    ``Resize(int)`` computes it: ``int(size * long / short)``)."""
+    h, w = images.shape[-2:]
+    if h <= w:
+        return _resize(images, size, int(size * w / h))
+    return _resize(images, int(size * h / w), size)
+
+
+def resize_longest_side(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize so the longer side is ``size`` (the shorter: ``round(short * size / long)``)."""
+    h, w = images.shape[-2:]
+    scale = size / max(h, w)
+    return _resize(images, round(h * scale), round(w * scale))
+
+
+def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Crop the central ``size`` x ``size`` window (torchvision's rounding: top = round((H - size) / 2))."""
+    h, w = images.shape[-2:]
+    if h < size or w < size:
+        raise ValueError(f"center_crop: image {h}x{w} is smaller than the crop size {size}; resize first.")
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return images[..., top : top + size, left : left + size]
+
+
+def pad_to_square(images: torch.Tensor, size: int, fill: float = 0.0) -> torch.Tensor:
+    """Centre the image on a ``size`` x ``size`` canvas of ``fill`` (left/top get the floor half)."""
+    h, w = images.shape[-2:]
+    pad_h, pad_w = size - h, size - w
+    if pad_h < 0 or pad_w < 0:
+        raise ValueError(f"pad_to_square: image {h}x{w} is larger than {size}; resize first.")
+    return F.pad(images, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=fill)
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    m = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    return (images - m) / s
+
+
+@dataclass(frozen=True)
+class ClipPreprocess:
+    """One model's preprocessing: ``size`` px square, ``rule`` in RESIZE_RULES, mean/std."""
+
+    size: int = 224
+    rule: str = "shortest"
+    mean: tuple[float, ...] = OPENAI_CLIP_MEAN
+    std: tuple[float, ...] = OPENAI_CLIP_STD
+
+    def __post_init__(self) -> None:
+        if self.rule not in RESIZE_RULES:
+            raise ValueError(f"`rule` must be one of {RESIZE_RULES}; got {self.rule!r}.")
+        if self.size < 1:
+            raise ValueError(f"`size` must be a positive pixel count; got {self.size}.")
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 1|3, H, W] in [0, 1] -> [B, 3, size, size] normalized (fp32 math, differentiable)."""
+        x = to_rgb(images).float()
+        if self.rule == "shortest":
+            x = center_crop(resize_shortest_side(x, self.size), self.size)
+        else:
+            x = pad_to_square(resize_longest_side(x, self.size), self.size)
+        return normalize(x, self.mean, self.std)
+
+
+__all__ = [
+    "OPENAI_CLIP_MEAN",
+    "OPENAI_CLIP_STD",
+    "RESIZE_RULES",
+    "ClipPreprocess",
+    "center_crop",
+    "normalize",
+    "pad_to_square",
+    "resize_longest_side",
+    "resize_shortest_side",
+    "to_rgb",
+]

@@ -1,0 +1,41 @@
+"""CLIPScore (Hessel et al., 2021), torchmetrics' convention: ``max(100 * cos(image, prompt), 0)``.
+
+Default checkpoint ``openai/clip-vit-large-patch14`` (ViT-L/14; ``openai/clip-vit-base-patch32``
+also works); any transformers CLIP folder or Hub id. Preprocessing: shortest side to the model's
+image size bicubic, center crop, the model's mean/std; prompts 77 tokens. Gradients vanish where
+the score is clamped at 0.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import torch
+
+from ._clip import ClipEmbedder, build_clip_embedder
+
+CLIPSCORE_REPO = "openai/clip-vit-large-patch14"
+
+
+class CLIPScore(torch.nn.Module):
+    """(images [B, C, H, W] in [0, 1], prompts: list[str] of length B) -> [B] fp32 in [0, 100]."""
+
+    def __init__(self, embedder: ClipEmbedder, weight: float = 100.0):
+        super().__init__()
+        self.embedder = embedder
+        self.weight = weight
+
+    def forward(self, images: torch.Tensor, prompts: Sequence[Any]) -> torch.Tensor:
+        return (self.weight * self.embedder.cosine(images, prompts)).clamp_min(0.0)
+
+
+def load_clipscore(
+    path: str | os.PathLike | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    tokenizer_path: str | os.PathLike | None = None,
+) -> CLIPScore:
+    """CLIPScore on a local transformers CLIP folder or Hub id (default ``openai/clip-vit-large-patch14``)."""
+    source = CLIPSCORE_REPO if path is None else str(path)
+    return CLIPScore(build_clip_embedder(source, tokenizer_path=tokenizer_path, device=device, dtype=dtype))
