@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from _tiny_sit import tiny_latent_pipeline, tiny_pixel_pipeline, tiny_pixel_transformer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from _tiny_sit import tiny_latent_pipeline, tiny_pixel_pipeline, tiny_pixel_transformer, tiny_vae
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from diffusers_am.models import LoraSettings, load_model_adapter
 from diffusers_am.models.sit import SiTAdapter
+from diffusers_am.models.sit_convert import (
+    convert_sit_checkpoint,
+    convert_sit_state_dict,
+    sit_config_from_state_dict,
+    sit_transformer_from_state_dict,
+)
 from diffusers_am.models.sit_transformer import SiTTransformer2DModel
 from diffusers_am.objectives import ode_am_step
 from diffusers_am.pipelines.sit import SiTPipeline
+
+convert_script = importlib.import_module("convert_sit_checkpoint")
 
 
 # -- transformer ---------------------------------------------------------------------------
@@ -265,3 +278,140 @@ def test_ode_am_step_trains_a_saved_tiny_sit_through_load_model_adapter(tmp_path
     x, t = noise, times[2]
     with torch.no_grad():
         assert not torch.allclose(flow.velocity(x, t), flow.base_velocity(x, t))
+
+
+# -- conversion of the official SiT format ---------------------------------------------------
+def official_pos_embed(dim: int, grid: int) -> torch.Tensor:
+    """SiT's fixed 2-D sin-cos table [1, grid^2, dim]: first half encodes the column, second the row."""
+
+    def one_axis(pos):
+        omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+        angles = pos[:, None] * omega[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+    return torch.cat([one_axis(cols.reshape(-1)), one_axis(rows.reshape(-1))], dim=1)[None].float()
+
+
+def official_sit_state_dict(depth=2, hidden=32, in_channels=4, patch=2, grid=2, num_classes=5, learn_sigma=True, seed=0):
+    """Random weights under the official SiT key names and shapes."""
+    g = torch.Generator().manual_seed(seed)
+
+    def w(*shape):
+        return 0.3 * torch.randn(*shape, generator=g)
+
+    out_channels = 2 * in_channels if learn_sigma else in_channels
+    sd = {
+        "x_embedder.proj.weight": w(hidden, in_channels, patch, patch), "x_embedder.proj.bias": w(hidden),
+        "pos_embed": official_pos_embed(hidden, grid),
+        "t_embedder.mlp.0.weight": w(hidden, 256), "t_embedder.mlp.0.bias": w(hidden),
+        "t_embedder.mlp.2.weight": w(hidden, hidden), "t_embedder.mlp.2.bias": w(hidden),
+        "y_embedder.embedding_table.weight": w(num_classes + 1, hidden),
+        "final_layer.linear.weight": w(patch * patch * out_channels, hidden),
+        "final_layer.linear.bias": w(patch * patch * out_channels),
+        "final_layer.adaLN_modulation.1.weight": w(2 * hidden, hidden),
+        "final_layer.adaLN_modulation.1.bias": w(2 * hidden),
+    }
+    for i in range(depth):
+        b = f"blocks.{i}."
+        sd.update({
+            b + "attn.qkv.weight": w(3 * hidden, hidden), b + "attn.qkv.bias": w(3 * hidden),
+            b + "attn.proj.weight": w(hidden, hidden), b + "attn.proj.bias": w(hidden),
+            b + "mlp.fc1.weight": w(4 * hidden, hidden), b + "mlp.fc1.bias": w(4 * hidden),
+            b + "mlp.fc2.weight": w(hidden, 4 * hidden), b + "mlp.fc2.bias": w(hidden),
+            b + "adaLN_modulation.1.weight": w(6 * hidden, hidden), b + "adaLN_modulation.1.bias": w(6 * hidden),
+        })
+    return sd
+
+
+def reference_sit_velocity(sd, x, t, y, heads):
+    """SiT's forward written from its equations (adaLN-Zero DiT blocks), velocity channels only."""
+    F = torch.nn.functional
+    lin = lambda h, name: F.linear(h, sd[name + ".weight"], sd[name + ".bias"])  # noqa: E731
+    ln = lambda h: F.layer_norm(h, h.shape[-1:], eps=1e-6)  # noqa: E731
+    modulate = lambda h, shift, scale: h * (1 + scale[:, None]) + shift[:, None]  # noqa: E731
+    patch = sd["x_embedder.proj.weight"].shape[-1]
+    b, c_in = x.shape[:2]
+    h = F.conv2d(x, sd["x_embedder.proj.weight"], sd["x_embedder.proj.bias"], stride=patch)
+    h = h.flatten(2).transpose(1, 2) + sd["pos_embed"]
+    n_tok, dim = h.shape[1:]
+    freqs = torch.exp(-np.log(10000) * torch.arange(128, dtype=torch.float32) / 128)
+    angles = t[:, None] * freqs[None]
+    t_emb = lin(F.silu(lin(torch.cat([angles.cos(), angles.sin()], 1), "t_embedder.mlp.0")), "t_embedder.mlp.2")
+    c = t_emb + sd["y_embedder.embedding_table.weight"][y]
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    for i in range(depth):
+        p = f"blocks.{i}."
+        s_msa, sc_msa, g_msa, s_mlp, sc_mlp, g_mlp = lin(F.silu(c), p + "adaLN_modulation.1").chunk(6, dim=1)
+        qkv = lin(modulate(ln(h), s_msa, sc_msa), p + "attn.qkv").reshape(b, n_tok, 3, heads, dim // heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        attn = torch.softmax(q @ k.transpose(-1, -2) * (dim // heads) ** -0.5, dim=-1) @ v
+        h = h + g_msa[:, None] * lin(attn.transpose(1, 2).reshape(b, n_tok, dim), p + "attn.proj")
+        mlp = lin(F.gelu(lin(modulate(ln(h), s_mlp, sc_mlp), p + "mlp.fc1"), approximate="tanh"), p + "mlp.fc2")
+        h = h + g_mlp[:, None] * mlp
+    shift, scale = lin(F.silu(c), "final_layer.adaLN_modulation.1").chunk(2, dim=1)
+    h = lin(modulate(ln(h), shift, scale), "final_layer.linear")
+    grid = int(n_tok**0.5)
+    c_out = h.shape[-1] // patch**2
+    img = torch.einsum("nhwpqc->nchpwq", h.reshape(b, grid, grid, patch, patch, c_out))
+    return img.reshape(b, c_out, grid * patch, grid * patch)[:, :c_in]
+
+
+def test_convert_official_sit_matches_reference_forward():
+    sd = official_sit_state_dict()
+    config = sit_config_from_state_dict(sd, num_attention_heads=4)
+    assert config == {"sample_size": 4, "patch_size": 2, "in_channels": 4, "num_layers": 2, "num_attention_heads": 4,
+                      "attention_head_dim": 8, "num_classes": 5, "learn_sigma": True, "mlp_ratio": 4.0}
+    converted = convert_sit_state_dict(sd, 2)
+    assert set(converted) == set(SiTTransformer2DModel(**config).state_dict())  # every weight, nothing else
+    assert len(converted) == 6 + 2 * 19  # 6 globals; per block: 4 time MLP + 1 label table copies, q/k/v/out, ff, adaLN
+    model = sit_transformer_from_state_dict(sd, num_attention_heads=4)
+    torch.testing.assert_close(model.pos_embed.pos_embed, sd["pos_embed"])
+    x, t, y = torch.randn(3, 4, 4, 4), torch.tensor([0.0, 0.37, 1.0]), torch.tensor([0, 4, 5])
+    with torch.no_grad():
+        got = model.velocity_from_output(model(x, t, y).sample)
+        want = reference_sit_velocity(sd, x, t, y, heads=4)
+    assert want.abs().max() > 0.1
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_convert_rejects_missing_and_unexpected_keys():
+    sd = official_sit_state_dict()
+    del sd["blocks.1.mlp.fc2.bias"]
+    sd["blocks.0.attn.q_norm.weight"] = torch.ones(8)
+    with pytest.raises(ValueError, match=r"missing keys: blocks\.1\.mlp\.fc2\.bias.*unexpected keys: blocks\.0\.attn\.q_norm\.weight"):
+        sit_config_from_state_dict(sd, num_attention_heads=4)
+    with pytest.raises(ValueError, match="no `blocks"):
+        sit_config_from_state_dict({"model": torch.zeros(1)})
+
+
+def test_convert_rejects_unknown_heads_and_altered_pos_embed():
+    sd = official_sit_state_dict()
+    with pytest.raises(ValueError, match="num_attention_heads"):
+        sit_config_from_state_dict(sd)  # hidden 32 is no official SiT size
+    sd["pos_embed"] = sd["pos_embed"] + 0.5
+    with pytest.raises(ValueError, match="pos_embed"):
+        sit_transformer_from_state_dict(sd, num_attention_heads=4)
+
+
+def test_convert_script_writes_a_latent_pipeline_with_vae(tmp_path):
+    sd = official_sit_state_dict(num_classes=5)
+    torch.save({"ema": sd, "opt": {}}, tmp_path / "sit.pt")  # train.py layout: EMA weights are used
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    out_dir = tmp_path / "pipe"
+    rc = convert_script.main(["--checkpoint_path", str(tmp_path / "sit.pt"), "--vae", str(tmp_path / "vae"),
+                              "--output_dir", str(out_dir), "--num_attention_heads", "4"])
+    assert rc == 0
+    adapter = load_model_adapter(str(out_dir))
+    assert adapter.default_num_inference_steps == 50 and adapter.default_resolution == 8
+    x, t, y = torch.randn(2, 4, 4, 4), torch.tensor(0.6), torch.tensor([1, 3])
+    with torch.no_grad():
+        got = adapter.flow(y).velocity(x, t)
+        torch.testing.assert_close(got, reference_sit_velocity(sd, x, t.expand(2), y, heads=4), rtol=1e-4, atol=1e-5)
+        vae = adapter.pipeline.vae
+        want = (vae.decode(x / 0.18215).sample * 0.5 + 0.5).clamp(0, 1)
+        torch.testing.assert_close(adapter.decode(x), want)
+    with pytest.raises(ValueError, match="checkpoint_path"):
+        convert_script.main(["--checkpoint_path", str(tmp_path / "nope.pt"), "--vae", "none", "--output_dir", str(out_dir)])
+    with pytest.raises(ValueError, match="vae"):
+        convert_sit_checkpoint(tmp_path / "sit.pt", vae=str(tmp_path / "no-vae"), num_attention_heads=4)

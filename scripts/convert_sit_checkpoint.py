@@ -1,0 +1,59 @@
+#!/usr/bin/env python
+"""Convert an official SiT checkpoint into a diffusers SiTPipeline folder.
+
+    python scripts/convert_sit_checkpoint.py --checkpoint_path SiT-XL-2-256x256.pt \\
+        --vae stabilityai/sd-vae-ft-ema --output_dir sit-xl-2-256
+
+The folder loads with ``SiTPipeline.from_pretrained`` and trains with
+``train_adjoint_matching.py --pretrained_model_name_or_path <folder>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from diffusers_am.models.sit_convert import convert_sit_checkpoint
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint_path", required=True, help="SiT .pt state dict (or train.py checkpoint with 'ema').")
+    parser.add_argument("--output_dir", required=True, help="where the SiTPipeline folder is written.")
+    parser.add_argument(
+        "--vae",
+        default="stabilityai/sd-vae-ft-ema",
+        help="AutoencoderKL folder or Hub id for latent models; 'none' for a pixel-space model.",
+    )
+    parser.add_argument("--num_attention_heads", type=int, default=None,
+                        help="heads per block (default: from the official SiT size table).")
+    parser.add_argument("--default_num_inference_steps", type=int, default=50)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the saved weights.")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    vae = None if args.vae.lower() == "none" else args.vae
+    pipeline = convert_sit_checkpoint(
+        args.checkpoint_path,
+        args.output_dir,
+        vae=vae,
+        num_attention_heads=args.num_attention_heads,
+        default_num_inference_steps=args.default_num_inference_steps,
+        torch_dtype=DTYPES[args.dtype],
+    )
+    cfg = pipeline.transformer.config
+    print(
+        f"wrote {args.output_dir}: SiT depth {cfg.num_layers}, hidden {cfg.num_attention_heads * cfg.attention_head_dim}, "
+        f"{cfg.num_classes} classes, {pipeline.resolution}px ({'latent' if pipeline.vae is not None else 'pixel'} space)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
