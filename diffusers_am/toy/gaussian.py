@@ -156,10 +156,15 @@ class GaussianToy:
         return float((w * self.propagator(t) * u).sum())
 
     # ----- stochastic adjoint matching (memoryless, quadratic) -----------------------------
+    def sde_propagator(self, t: torch.Tensor | float) -> torch.Tensor:
+        """exp(int_t^1 (2 alpha(r) - 1/r) dr) = s^2 t / D(t): the memoryless drift 2 b - x / t's
+        sensitivity of X_1 to X_t."""
+        t = _time(t)
+        return self.std**2 * t / self.variance(t)
+
     def sde_lean_adjoint(self, t: torch.Tensor | float) -> torch.Tensor:
         """Lean adjoint through the memoryless drift 2 b - x / t: a~(t) = -lambda c s^2 t / D(t)."""
-        t = _time(t)
-        return self.terminal_adjoint * self.std**2 * t / self.variance(t)
+        return self.terminal_adjoint * self.sde_propagator(t)
 
     def sde_optimal_control(self, t: torch.Tensor | float, schedule: MemorylessSchedule | None = None) -> torch.Tensor:
         """SDE-AM optimal control u*(t) = -sigma(t) a~(t) (control enters the drift as sigma u)."""
