@@ -415,3 +415,36 @@ def test_convert_script_writes_a_latent_pipeline_with_vae(tmp_path):
         convert_script.main(["--checkpoint_path", str(tmp_path / "nope.pt"), "--vae", "none", "--output_dir", str(out_dir)])
     with pytest.raises(ValueError, match="vae"):
         convert_sit_checkpoint(tmp_path / "sit.pt", vae=str(tmp_path / "no-vae"), num_attention_heads=4)
+
+
+def test_pipeline_control_window_and_scale(tmp_path):
+    adapter = SiTAdapter(tiny_pixel_pipeline())
+    adapter.add_lora(LoraSettings(rank=2))
+    _perturb_lora(adapter.transformer)
+    pipe = adapter.pipeline
+    x0, labels = torch.randn(2, 1, 8, 8), torch.tensor([3, 7])
+
+    def run(**kw):
+        return pipe(labels, num_inference_steps=4, latents=x0, output_type="latent", **kw).images
+
+    tuned = run()
+    with adapter.adapters_disabled():
+        base = run()
+    torch.testing.assert_close(run(control_scale=0.0), base)
+    torch.testing.assert_close(run(control_start=1.0), base)  # t_N = 1 is never a step start
+    assert not torch.allclose(run(control_start=0.5), tuned) and not torch.allclose(run(control_start=0.5), base)
+    # manual: base velocity for t < 0.5, base + 2 (lora - base) after
+    x, times = x0.clone(), torch.linspace(0, 1, 5)
+    with torch.no_grad():
+        for k in range(4):
+            with adapter.adapters_disabled():
+                b = pipe.predict_velocity(x, times[k], labels)
+            v = b if times[k] < 0.5 else b + 2.0 * (pipe.predict_velocity(x, times[k], labels) - b)
+            x = x + (times[k + 1] - times[k]) * v
+    torch.testing.assert_close(run(control_scale=2.0, control_start=0.5), x)
+    with pytest.raises(ValueError, match="need a LoRA"):
+        tiny_pixel_pipeline()([1], control_scale=0.5)
+    with pytest.raises(ValueError, match="control_start"):
+        run(control_start=1.5)
+    with pytest.raises(ValueError, match="scheduler"):
+        SiTPipeline(tiny_pixel_transformer(), scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True))

@@ -13,6 +13,15 @@ States are fp32; the transformer runs in its own dtype.
 
 Pixel-space models work on x in [-1, 1] (images = x / 2 + 1/2); latent models decode
 ``vae.decode(x / scaling_factor (+ shift_factor))`` and map [-1, 1] to [0, 1] the same way.
+
+CFG (``guidance_scale > 1``) runs the labels and the null class ``num_classes`` in one batch
+and returns ``v_null + s * (v_cond - v_null)`` on every channel. (SiT's reference
+``forward_with_cfg`` guides only the first 3 of the 4 latent channels "for exact
+reproducibility"; its own comment names all channels as the standard form, used here.)
+
+With a LoRA loaded, ``control_scale`` and ``control_start`` sample with the control
+``u = v_lora - v_base`` scaled and restricted to ``t >= control_start`` (base model before it):
+the inference-time view of a control trained on a truncated window.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders.lora_pipeline import SanaLoraLoaderMixin
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
@@ -69,6 +79,13 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
             raise ValueError(
                 f"`vae` has latent_channels={getattr(vae.config, 'latent_channels', None)} but the transformer "
                 f"takes in_channels={transformer.config.in_channels}."
+            )
+        if scheduler is not None and (
+            not isinstance(scheduler, FlowMatchEulerDiscreteScheduler) or scheduler.config.use_dynamic_shifting
+        ):
+            raise ValueError(
+                "`scheduler` must be None (uniform paper-time grid) or a FlowMatchEulerDiscreteScheduler with "
+                f"a fixed shift (use_dynamic_shifting=False); got {type(scheduler).__name__}."
             )
         _check_steps(default_num_inference_steps, "default_num_inference_steps")
         self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler)
@@ -158,6 +175,35 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
         out = model(x.to(dtype), timestep=t, class_labels=class_labels, return_dict=False)[0]
         return self.transformer.velocity_from_output(out).float()
 
+    @property
+    def has_lora(self) -> bool:
+        return bool(getattr(self.transformer, "_hf_peft_config_loaded", False))
+
+    def controlled_velocity(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | float,
+        class_labels: torch.Tensor,
+        guidance_scale: float = 1.0,
+        control_scale: float = 1.0,
+        control_start: float = 0.0,
+    ) -> torch.Tensor:
+        """``v_base + control_scale * (v_lora - v_base)`` for ``t >= control_start``, else ``v_base``.
+
+        Scale 1 from t = 0 is the plain LoRA model (one forward); otherwise the base velocity comes
+        from a pass with adapters disabled."""
+        if not self.has_lora or (control_scale == 1.0 and float(t) >= control_start):
+            return self.predict_velocity(x, t, class_labels, guidance_scale)
+        self.transformer.disable_adapters()
+        try:
+            base = self.predict_velocity(x, t, class_labels, guidance_scale)
+        finally:
+            self.transformer.enable_adapters()
+        if float(t) < control_start or control_scale == 0.0:
+            return base
+        tuned = self.predict_velocity(x, t, class_labels, guidance_scale)
+        return base + control_scale * (tuned - base)
+
     def prepare_latents(self, batch_size: int, generator=None, device=None) -> torch.Tensor:
         """X_0 ~ N(0, I): [B, in_channels, sample_size, sample_size] fp32."""
         cfg = self.transformer.config
@@ -189,6 +235,8 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
         width: int | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        control_scale: float = 1.0,
+        control_start: float = 0.0,
     ) -> ImagePipelineOutput | tuple:
         """Sample one image per class label.
 
@@ -201,12 +249,21 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
             height, width: must equal :attr:`resolution` when given.
             output_type: "pil", "np" ([B, H, W, C] in [0, 1]), "pt" ([B, C, H, W] in [0, 1]) or
                 "latent" (terminal states).
+            control_scale, control_start: with a LoRA loaded, scale the control v_lora - v_base
+                and apply it only from paper time ``control_start`` on (defaults: plain LoRA model).
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}; got {output_type!r}.")
         if not isinstance(guidance_scale, (int, float)) or not np.isfinite(guidance_scale) or guidance_scale < 0:
             raise ValueError(f"`guidance_scale` must be a finite number >= 0; got {guidance_scale!r}.")
         self.check_resolution(height, width)
+        for name, value in (("control_scale", control_scale), ("control_start", control_start)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+                raise ValueError(f"`{name}` must be a finite number; got {value!r}.")
+        if not 0.0 <= control_start <= 1.0:
+            raise ValueError(f"`control_start` is a paper time in [0, 1]; got {control_start}.")
+        if (control_scale != 1.0 or control_start > 0.0) and not self.has_lora:
+            raise ValueError("`control_scale` / `control_start` need a LoRA: call `load_lora_weights` first.")
         device = self._execution_device
         labels = self.check_class_labels(class_labels, device)
         if num_inference_steps is None:
@@ -222,7 +279,7 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
             x = latents.to(device=device, dtype=torch.float32)
 
         for k in self.progress_bar(range(len(times) - 1)):
-            v = self.predict_velocity(x, times[k], labels, guidance_scale)
+            v = self.controlled_velocity(x, times[k], labels, guidance_scale, control_scale, control_start)
             x = x + (times[k + 1] - times[k]) * v
 
         if output_type == "latent":
