@@ -22,7 +22,9 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint_path", required=True, help="SiT .pt state dict (or train.py checkpoint with 'ema').")
+    parser.add_argument(
+        "--checkpoint_path", required=True, help="SiT .pt state dict (or a train.py checkpoint with 'ema')."
+    )
     parser.add_argument("--output_dir", required=True, help="where the SiTPipeline folder is written.")
     parser.add_argument(
         "--vae",
@@ -48,9 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         torch_dtype=DTYPES[args.dtype],
     )
     cfg = pipeline.transformer.config
+    space = "latent" if pipeline.vae is not None else "pixel"
     print(
-        f"wrote {args.output_dir}: SiT depth {cfg.num_layers}, hidden {cfg.num_attention_heads * cfg.attention_head_dim}, "
-        f"{cfg.num_classes} classes, {pipeline.resolution}px ({'latent' if pipeline.vae is not None else 'pixel'} space)"
+        f"wrote {args.output_dir}: SiT depth {cfg.num_layers}, "
+        f"hidden {cfg.num_attention_heads * cfg.attention_head_dim}, "
+        f"{cfg.num_classes} classes, {pipeline.resolution}px ({space} space)"
     )
     return 0
 

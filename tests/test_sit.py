@@ -64,7 +64,11 @@ def test_transformer_config_round_trip(tmp_path):
 
 @pytest.mark.parametrize(
     "shape, labels, match",
-    [((2, 1, 16, 16), [0, 1], "built for"), ((2, 3, 8, 8), [0, 1], "built for"), ((2, 1, 8, 8), [0, 11], "class_labels")],
+    [
+        ((2, 1, 16, 16), [0, 1], "built for"),
+        ((2, 3, 8, 8), [0, 1], "built for"),
+        ((2, 1, 8, 8), [0, 11], "class_labels"),
+    ],
 )
 def test_transformer_rejects_bad_input(shape, labels, match):
     model = tiny_pixel_transformer()
@@ -289,11 +293,14 @@ def official_pos_embed(dim: int, grid: int) -> torch.Tensor:
         angles = pos[:, None] * omega[None]
         return torch.cat([angles.sin(), angles.cos()], dim=1)
 
-    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+    axis = torch.arange(grid, dtype=torch.float64)
+    rows, cols = torch.meshgrid(axis, axis, indexing="ij")
     return torch.cat([one_axis(cols.reshape(-1)), one_axis(rows.reshape(-1))], dim=1)[None].float()
 
 
-def official_sit_state_dict(depth=2, hidden=32, in_channels=4, patch=2, grid=2, num_classes=5, learn_sigma=True, seed=0):
+def official_sit_state_dict(
+    depth=2, hidden=32, in_channels=4, patch=2, grid=2, num_classes=5, learn_sigma=True, seed=0
+):
     """Random weights under the official SiT key names and shapes."""
     g = torch.Generator().manual_seed(seed)
 
@@ -379,7 +386,8 @@ def test_convert_rejects_missing_and_unexpected_keys():
     sd = official_sit_state_dict()
     del sd["blocks.1.mlp.fc2.bias"]
     sd["blocks.0.attn.q_norm.weight"] = torch.ones(8)
-    with pytest.raises(ValueError, match=r"missing keys: blocks\.1\.mlp\.fc2\.bias.*unexpected keys: blocks\.0\.attn\.q_norm\.weight"):
+    expected = r"missing keys: blocks\.1\.mlp\.fc2\.bias.*unexpected keys: blocks\.0\.attn\.q_norm\.weight"
+    with pytest.raises(ValueError, match=expected):
         sit_config_from_state_dict(sd, num_attention_heads=4)
     with pytest.raises(ValueError, match="no `blocks"):
         sit_config_from_state_dict({"model": torch.zeros(1)})
@@ -412,7 +420,9 @@ def test_convert_script_writes_a_latent_pipeline_with_vae(tmp_path):
         want = (vae.decode(x / 0.18215).sample * 0.5 + 0.5).clamp(0, 1)
         torch.testing.assert_close(adapter.decode(x), want)
     with pytest.raises(ValueError, match="checkpoint_path"):
-        convert_script.main(["--checkpoint_path", str(tmp_path / "nope.pt"), "--vae", "none", "--output_dir", str(out_dir)])
+        convert_script.main(
+            ["--checkpoint_path", str(tmp_path / "nope.pt"), "--vae", "none", "--output_dir", str(out_dir)]
+        )
     with pytest.raises(ValueError, match="vae"):
         convert_sit_checkpoint(tmp_path / "sit.pt", vae=str(tmp_path / "no-vae"), num_attention_heads=4)
 

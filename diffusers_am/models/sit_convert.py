@@ -192,7 +192,9 @@ def sit_transformer_from_state_dict(
     except RuntimeError as err:  # shapes that disagree with the ones the config was read from
         raise ValueError(f"inconsistent SiT checkpoint shapes: {err}") from err
     if result.missing_keys or result.unexpected_keys:  # a bug in the key map, not bad input
-        raise RuntimeError(f"SiT key map incomplete: missing {result.missing_keys}, unexpected {result.unexpected_keys}")
+        raise RuntimeError(
+            f"SiT key map incomplete: missing {result.missing_keys}, unexpected {result.unexpected_keys}"
+        )
     if torch_dtype != torch.float32:
         model = model.to(torch_dtype)
     return model.eval()
@@ -216,7 +218,8 @@ def convert_sit_checkpoint(
 
     from ..pipelines.sit import SiTPipeline
 
-    transformer = sit_transformer_from_state_dict(load_sit_checkpoint(checkpoint_path), num_attention_heads, torch_dtype)
+    state_dict = load_sit_checkpoint(checkpoint_path)
+    transformer = sit_transformer_from_state_dict(state_dict, num_attention_heads, torch_dtype)
     if isinstance(vae, (str, os.PathLike)):
         try:
             vae = AutoencoderKL.from_pretrained(str(vae), torch_dtype=torch_dtype)

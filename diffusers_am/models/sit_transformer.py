@@ -165,7 +165,9 @@ class SiTTransformer2DModel(DiTTransformer2DModel, PeftAdapterMixin):
             )
         labels = torch.as_tensor(class_labels, device=hidden_states.device)
         if labels.shape != (b,) or labels.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"`class_labels` must be an integer tensor [B={b}]; got {labels.dtype} {tuple(labels.shape)}.")
+            raise ValueError(
+                f"`class_labels` must be an integer tensor [B={b}]; got {labels.dtype} {tuple(labels.shape)}."
+            )
         if not torch.compiler.is_compiling() and (labels.min() < 0 or labels.max() > self.null_class):
             raise ValueError(
                 f"`class_labels` must lie in [0, {self.num_classes}) (or {self.null_class} = null class); "

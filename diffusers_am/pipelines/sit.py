@@ -127,7 +127,9 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
             class_labels = [class_labels]
         labels = torch.as_tensor(class_labels)
         if labels.dim() != 1 or labels.numel() == 0:
-            raise ValueError(f"`class_labels` must be a non-empty 1-D list of integers; got shape {tuple(labels.shape)}.")
+            raise ValueError(
+                f"`class_labels` must be a non-empty 1-D list of integers; got shape {tuple(labels.shape)}."
+            )
         if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
             raise ValueError(f"`class_labels` must be integers in [0, {self.num_classes}); got dtype {labels.dtype}.")
         bad = [int(v) for v in labels.tolist() if not 0 <= int(v) < self.num_classes]
