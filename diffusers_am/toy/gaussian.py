@@ -86,7 +86,12 @@ class GaussianToy:
 
     def base_velocity(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
         """b(x, t) = alpha(t) x + beta(t); x [B, ...], t a 0-dim paper time. Same dtype as x."""
-        t = _time(t).to(torch.float64)
+        t = _time(t)
+        if t.dim() == 0:  # the sampler's case: scalar coefficients, no per-step tensor ops
+            tf = float(t)
+            a = (tf * self.std**2 - (1 - tf)) / ((1 - tf) ** 2 + tf**2 * self.std**2)
+            return a * x + (self.mean - a * tf * self.mean)
+        t = t.to(torch.float64)
         return self.alpha(t).to(x.dtype) * x + self.beta(t).to(x.dtype)
 
     def reward(self, x: torch.Tensor) -> torch.Tensor:
