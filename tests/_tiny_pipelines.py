@@ -129,3 +129,8 @@ def save_tiny_flux2_klein(directory: str | Path, is_distilled: bool = True, seed
     directory = Path(directory)
     build_tiny_flux2_klein(is_distilled=is_distilled, seed=seed).save_pretrained(directory)
     return directory
+
+
+def mean_brightness(images: torch.Tensor, prompts: list) -> torch.Tensor:
+    """A differentiable test reward for text pipelines: [B, C, H, W] in [0, 1] -> [B] mean pixel."""
+    return images.float().mean(dim=(1, 2, 3))
