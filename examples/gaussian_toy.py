@@ -31,7 +31,9 @@ PROFILE_ORDERS = (2.0, 4.0, 6.0)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--plot", default="docs/images/gaussian_toy_profiles.png", help="PNG path ('' to skip)")
     p.add_argument("--seed", type=int, default=0)
@@ -41,7 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reward-scale", type=float, default=1.0, help="lambda")
     p.add_argument("--fine-steps", type=int, default=1000, help="Euler steps of part (a)")
     p.add_argument("--num-steps", type=int, default=50, help="N, Euler steps of part (b)")
-    p.add_argument("--truncate-steps", type=int, nargs="+", default=None, help="K values of part (b) (default: N and 10)")
+    p.add_argument(
+        "--truncate-steps", type=int, nargs="+", default=None, help="K values of part (b) (default: N and 10)"
+    )
     p.add_argument("--train-orders", type=float, nargs="+", default=[2.0, 4.0], help="orders p trained in part (b)")
     p.add_argument("--iterations", type=int, default=100, help="ODE-AM updates per run")
     p.add_argument("--batch-size", type=int, default=32)
@@ -181,7 +185,8 @@ def format_table(result: dict, args: argparse.Namespace) -> str:
     toy = result["toy"]
     ok = lambda flag: "ok" if flag else "FAIL"  # noqa: E731
     lines = [
-        f"Gaussian toy: m={toy['mean']:g}, s={toy['std']:g}, r(x)={toy['reward_slope']:g}x, lambda={toy['reward_scale']:g}",
+        f"Gaussian toy: m={toy['mean']:g}, s={toy['std']:g}, "
+        f"r(x)={toy['reward_slope']:g}x, lambda={toy['reward_scale']:g}",
         "",
         f"(a) lean adjoint, Euler N={la['fine_steps']}",
         f"  peak time  {la['peak_time']:.4f}  vs t* = {la['peak_time_closed_form']:.4f}  "

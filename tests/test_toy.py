@@ -111,9 +111,11 @@ def test_terminal_mean_shift_matches_simulation(order, window_start):
     shift = simulated_mean_shift(flow, num_steps=1000, batch_size=16, generator=torch.Generator().manual_seed(0))
     closed = toy.terminal_mean_shift(order=order, window_start=window_start)
     assert shift == pytest.approx(closed, rel=3e-3)
-    # an explicit time-only control: u(t) = 1 on [t_s, 1] shifts by int s / sqrt(D)
-    ones = toy.terminal_mean_shift(lambda t: torch.ones_like(t), window_start=window_start)
-    assert ones == pytest.approx(toy.terminal_mean_shift(lambda t: 2 * torch.ones_like(t), window_start=window_start) / 2)
+    # u(t) = 1 on [t_s, 1]: int s / sqrt(D) = s / sqrt(a) [ln(2 sqrt(a D(t)) + 2 a t - 2)], a = 1 + s^2
+    a = 1 + toy.std**2
+    antiderivative = lambda t: math.log(2 * math.sqrt(a * float(toy.variance(t))) + 2 * a * t - 2)  # noqa: E731
+    ones = toy.std / math.sqrt(a) * (antiderivative(1.0) - antiderivative(window_start))
+    assert toy.terminal_mean_shift(lambda t: torch.ones_like(t), window_start=window_start) == pytest.approx(ones)
 
 
 def test_controlled_flow_is_a_conditioned_flow_with_a_zero_initial_control():
@@ -211,4 +213,4 @@ def test_example_exits_non_zero_when_a_check_fails(capsys):
         torch.set_num_threads(threads)
     result = json.loads(capsys.readouterr().out)
     assert status == 1 and not result["passed"] and result["checks"]["controls"] is False
-    assert [r["truncate_steps"] for r in result["ode_am"]] == [5, 5]  # p = 2 and 4, K = N = 5 once each (repeats dropped)
+    assert [r["truncate_steps"] for r in result["ode_am"]] == [5, 5]  # p = 2, 4; K = N = 5 once

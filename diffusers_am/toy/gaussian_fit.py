@@ -57,8 +57,10 @@ def train_toy_control(
     if not lr > 0 or not grad_clip > 0:
         raise ValueError(f"`lr` and `grad_clip` must be > 0; got lr={lr!r}, grad_clip={grad_clip!r}.")
     generator = torch.Generator().manual_seed(int(seed))
-    torch.manual_seed(int(seed))  # the MLP's initial weights
-    flow = ToyControlledFlow(toy, MLPControl(hidden=int(hidden)), control_start=float(times[num_steps - k]))
+    with torch.random.fork_rng(devices=[]):  # seed the MLP's initial weights, leave the global RNG alone
+        torch.manual_seed(int(seed))
+        control = MLPControl(hidden=int(hidden))
+    flow = ToyControlledFlow(toy, control, control_start=float(times[num_steps - k]))
     params = [p for p in flow.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.99))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, int(iterations))
