@@ -1,0 +1,302 @@
+"""``TrainingConfig``: every knob of ``train_adjoint_matching.py``, documented in one place.
+
+The command line is built from this dataclass (one ``--flag`` per field, its help text is the
+field's ``help``), and a ``--config`` YAML or JSON file may set any field; flags given on the
+command line override the file. ``TrainingConfig`` validates itself on construction and raises
+ValueError naming the bad field and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..control import check_order
+from ..objectives import METHODS
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear", "cosine_with_restarts", "polynomial")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+TRACKERS = ("tensorboard", "wandb", "all", "none")
+SECRET_FIELDS = ("hub_token",)
+"""Fields never written to the tracker, the config dump or the model card."""
+
+
+def _f(default: Any, help: str, **extra: Any) -> Any:
+    """A dataclass field carrying its CLI help (and optional ``choices`` / ``nargs``)."""
+    meta = {"help": help, **extra}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainingConfig:
+    """Configuration of one fine-tuning run (truncated adjoint matching or a baseline).
+
+    Defaults give the short out-of-the-box run: ODE-AM on the embedded digits base toward the
+    ``digits`` reward, in under two minutes on two CPU cores.
+    """
+
+    # -- model ------------------------------------------------------------------------------
+    pretrained_model_name_or_path: str | None = _f(
+        None, "Local diffusers pipeline folder or Hub id. Default: the embedded digits base "
+        "(diffusers_am/assets/digits-sit)."
+    )
+    # -- method -----------------------------------------------------------------------------
+    method: str = _f("ode-am", "Update rule: ode-am (deterministic adjoint matching), sde-am "
+                     "(stochastic AM, memoryless schedule), draft (DRaFT-K) or refl (ReFL-K).", choices=METHODS)
+    truncate_steps: int = _f(4, "K: train on the last K of the num_inference_steps sampling steps (K = N: full AM).")
+    reg_order: float = _f(2.0, "p > 1: order of the control cost |u|^p / p (ode-am only; 2 = quadratic, KL-like).")
+    reward: str = _f("digits", "Reward: a registered name, a weighted list 'a:1.0,b:0.5', or 'module:callable' "
+                     "(a differentiable f(images [B,C,H,W] in [0,1], prompts) -> Tensor[B]).")
+    reward_model_paths: list[str] = _f([], "Local checkpoints for registered rewards, as name=path (one per reward).",
+                                      nargs="+")
+    reward_scale: float = _f(2.0, "lambda: terminal cost g(x) = -lambda * r(x); larger pulls harder toward the reward.")
+    num_inference_steps: int | None = _f(10, "N sampling steps per trajectory (None: the model family's default).")
+    resolution: int | None = _f(None, "Image side in pixels (None: the model family's default).")
+    guidance_scale: float | None = _f(None, "Classifier-free guidance scale of the sampler (None: the family default).")
+    loss_reduction: str = _f("sum", "AM matching loss over a sample's dims: 'sum' (the squared norm) or 'mean'.",
+                             choices=("sum", "mean"))
+    sde_schedule: str = _f("memoryless", "Noise schedule of sde-am: memoryless or constant.",
+                           choices=("memoryless", "constant"))
+    sde_t_min: float = _f(0.01, "sde-am clips paper time t to [sde_t_min, 1) (the memoryless SDE diverges at t = 0).")
+    # -- optimization -------------------------------------------------------------------------
+    train_batch_size: int = _f(16, "Trajectories per process per micro-batch.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer update.")
+    max_train_steps: int = _f(60, "Optimizer updates in the run.")
+    learning_rate: float = _f(3e-3, "AdamW learning rate of the LoRA parameters.")
+    lr_scheduler: str = _f("constant", "LR schedule (diffusers.optimization.get_scheduler): constant, "
+                           "constant_with_warmup, cosine (with warm-up), linear, ...", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = _f(0, "Linear warm-up updates of the LR schedule.")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.99, "AdamW beta2 (the paper uses 0.99).")
+    adam_weight_decay: float = _f(0.0, "AdamW decoupled weight decay on the LoRA parameters.")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = _f(10.0, "Clip the global gradient norm to this (the paper: 10 for SiT, 1 for FLUX).")
+    mixed_precision: str | None = _f(None, "no, fp16 or bf16 (None: accelerate's config). The base weights are "
+                                     "cast to it; LoRA weights and the adjoint stay fp32.", choices=MIXED_PRECISION)
+    gradient_checkpointing: bool = _f(False, "Recompute transformer activations in backward (less memory).")
+    use_8bit_adam: bool = _f(False, "bitsandbytes AdamW8bit instead of torch AdamW (needs `pip install bitsandbytes`).")
+    # -- LoRA -------------------------------------------------------------------------------
+    rank: int = _f(8, "LoRA rank.")
+    lora_alpha: float | None = _f(None, "LoRA alpha (None: equal to the rank).")
+    lora_target_modules: list[str] | None = _f(None, "Module names to adapt (None: the family's default targets); "
+                                               "comma-separated or space-separated.", nargs="+")
+    lora_dropout: float = _f(0.0, "LoRA dropout.")
+    use_ema: bool = _f(False, "Keep an EMA of the LoRA weights; validation, evaluation and the saved adapter use it.")
+    ema_decay: float = _f(0.99, "EMA decay (diffusers EMAModel, with its (1 + n) / (10 + n) warm-up).")
+    # -- data -------------------------------------------------------------------------------
+    prompts: str | None = _f(None, "Training prompts: a .txt (one per line), .csv or .jsonl file, a `datasets` folder "
+                             "or Hub dataset name. Class-conditional models take class labels (ints); None: all classes.")
+    prompt_column: str | None = _f(None, "Column of CSV / JSONL / dataset prompts (None: 'prompt', or 'label' for "
+                                   "class-conditional models).")
+    prompts_split: str = _f("train", "Split of a `datasets` dataset.")
+    validation_prompts: list[str] | None = _f(None, "Prompts (or labels) of the validation grid (None: the first "
+                                              "training prompts, at most 10).", nargs="+")
+    num_validation_images: int = _f(4, "Images per validation prompt (one grid row each).")
+    validation_steps: int = _f(20, "Write a validation grid every this many updates (and at the end); 0: only at the end.")
+    num_eval_samples: int = _f(100, "Samples for the reward before / after (fixed noise and prompts, base vs fine-tuned).")
+    # -- checkpoints and outputs --------------------------------------------------------------
+    output_dir: str = _f("outputs/adjoint-matching", "Where the adapter, grids, card, log and checkpoints go.")
+    overwrite_output_dir: bool = _f(False, "Start a new run in an output_dir that holds a previous one (its "
+                                    "checkpoints and log are removed).")
+    checkpointing_steps: int = _f(0, "Save a resumable checkpoint every this many updates (0: never).")
+    checkpoints_total_limit: int | None = _f(None, "Keep at most this many checkpoints (oldest removed first).")
+    resume_from_checkpoint: str | None = _f(None, "A checkpoint folder, or 'latest' (the newest in output_dir).")
+    report_to: str = _f("tensorboard", "Tracker for accelerate: tensorboard, wandb, all or none.", choices=TRACKERS)
+    logging_dir: str = _f("logs", "Tracker folder, relative to output_dir.")
+    tracker_project_name: str = _f("adjoint-matching", "Project name for the tracker.")
+    seed: int = _f(0, "Seed of LoRA init, noise, prompt order and validation noise.")
+    # -- hub --------------------------------------------------------------------------------
+    push_to_hub: bool = _f(False, "Upload output_dir (adapter, card, grids; not checkpoints) with huggingface_hub.")
+    hub_model_id: str | None = _f(None, "Hub repo id to push to (None: the output_dir folder name).")
+    hub_token: str | None = _f(None, "Hub token (else the cached login). Never logged or written anywhere.")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- validation -----------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field and how to fix it."""
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices is not None and value is not None and value not in choices:
+                raise ValueError(f"`--{f.name}` must be one of {', '.join(choices)}; got {value!r}.")
+        self.reg_order = check_order(self.reg_order, "reg_order")
+        for name in ("truncate_steps", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "rank",
+                     "num_validation_images", "num_eval_samples"):
+            _check_int(self, name, minimum=1)
+        for name in ("lr_warmup_steps", "validation_steps", "checkpointing_steps"):
+            _check_int(self, name, minimum=0)
+        for name in ("num_inference_steps", "resolution", "checkpoints_total_limit"):
+            if getattr(self, name) is not None:
+                _check_int(self, name, minimum=1)
+        if self.num_inference_steps is not None and self.truncate_steps > self.num_inference_steps:
+            raise ValueError(
+                f"`--truncate_steps` (K={self.truncate_steps}) must not exceed `--num_inference_steps` "
+                f"(N={self.num_inference_steps}): lower K, or raise N; K = N is full adjoint matching."
+            )
+        for name in ("learning_rate", "reward_scale", "max_grad_norm", "adam_epsilon"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"`--{name}` must be a finite number > 0; got {value!r}.")
+        for name in ("adam_beta1", "adam_beta2", "ema_decay"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ValueError(f"`--{name}` must be in [0, 1); got {value!r}.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"`--lora_dropout` must be in [0, 1); got {self.lora_dropout!r}.")
+        if not 0.0 < self.sde_t_min < 1.0:
+            raise ValueError(f"`--sde_t_min` must be in (0, 1); got {self.sde_t_min!r}.")
+        if not isinstance(self.reward, str) or not self.reward.strip():
+            raise ValueError("`--reward` must be a non-empty reward spec, e.g. 'digits'.")
+        if not self.output_dir:
+            raise ValueError("`--output_dir` must be a folder path.")
+        self.lora_target_modules = _split_list(self.lora_target_modules)
+        self.reward_paths()  # validates the name=path pairs
+
+    # -- derived views ------------------------------------------------------------------------
+    def reward_paths(self) -> dict[str, str]:
+        """``--reward_model_paths`` as {reward name: path}."""
+        out = {}
+        for item in self.reward_model_paths or []:
+            name, sep, path = str(item).partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"`--reward_model_paths` entries must be name=path; got {item!r}.")
+            out[name] = path
+        return out
+
+    def to_dict(self, redact: bool = True) -> dict[str, Any]:
+        """All fields as plain values; secrets (``hub_token``) left out unless ``redact=False``."""
+        out = dataclasses.asdict(self)
+        if redact:
+            for name in SECRET_FIELDS:
+                out.pop(name, None)
+        return out
+
+    def tracker_config(self) -> dict[str, Any]:
+        """Redacted fields as scalars (tensorboard hparams take int, float, str and bool only)."""
+        return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in self.to_dict().items()}
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> "TrainingConfig":
+        """Build from a YAML or JSON file (any subset of the fields), then ``overrides``."""
+        values = load_config_file(path)
+        values.update(overrides)
+        return cls(**values)
+
+
+def _check_int(cfg: TrainingConfig, name: str, minimum: int) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`--{name}` must be an integer >= {minimum}; got {value!r}.")
+
+
+def _split_list(value: Sequence[str] | str | None) -> list[str] | None:
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else list(value)
+    out = [part.strip() for item in items for part in str(item).split(",") if part.strip()]
+    return out or None
+
+
+FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainingConfig))
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a ``--config`` file: a YAML (.yaml / .yml) or JSON mapping of field names to values."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"`--config` {str(path)!r} is not a file.")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() == ".json":
+            values = json.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text)
+    except Exception as err:  # yaml.YAMLError, json.JSONDecodeError
+        raise ValueError(f"`--config` {str(path)!r} is not valid YAML/JSON: {err}") from err
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ValueError(f"`--config` {str(path)!r} must hold a mapping of option names to values.")
+    values = {str(k).lstrip("-").replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - set(FIELD_NAMES))
+    if unknown:
+        raise ValueError(
+            f"`--config` {str(path)!r} has unknown option(s) {', '.join(unknown)}; "
+            f"run `train_adjoint_matching.py --help` for the list."
+        )
+    fields = {f.name: f for f in dataclasses.fields(TrainingConfig)}
+    for name, value in values.items():
+        if _type_of(fields[name]) is float and isinstance(value, (str, int)) and not isinstance(value, bool):
+            try:
+                values[name] = float(value)  # YAML reads `1e-3` (no dot) as a string
+            except ValueError:
+                raise ValueError(f"`--config` {str(path)!r}: `{name}` must be a number; got {value!r}.") from None
+    return values
+
+
+def _type_of(f: dataclasses.Field) -> Any:
+    ann = str(f.type)
+    if ann.startswith("bool"):
+        return bool
+    if ann.startswith("int"):
+        return int
+    if ann.startswith("float"):
+        return float
+    return str
+
+
+def _optional(parse):
+    def convert(text: str):
+        return None if text.lower() in ("none", "null") else parse(text)
+
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI: ``--config`` plus one flag per :class:`TrainingConfig` field."""
+    parser = argparse.ArgumentParser(
+        prog="train_adjoint_matching.py",
+        description="Fine-tune a flow-matching pipeline toward a reward with truncated adjoint matching "
+        "(or DRaFT-K / ReFL-K) and save a diffusers LoRA adapter.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", default=None, help="YAML or JSON file setting any of the options below; "
+                        "command-line flags override it.")
+    for f in dataclasses.fields(TrainingConfig):
+        kind = _type_of(f)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": f.metadata["help"]}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = _optional(kind) if "None" in str(f.type) else kind
+            if "choices" in f.metadata:
+                kwargs["choices"] = list(f.metadata["choices"]) + ([None] if "None" in str(f.type) else [])
+            if "nargs" in f.metadata:
+                kwargs["nargs"] = f.metadata["nargs"]
+        parser.add_argument(f"--{f.name}", **kwargs)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> TrainingConfig:
+    """Parse the command line (``--config`` first, flags override it) into a validated config."""
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        parser.set_defaults(**load_config_file(pre.config))
+    args = vars(parser.parse_args(argv))
+    args.pop("config")
+    return TrainingConfig(**args)

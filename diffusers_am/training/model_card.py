@@ -1,0 +1,83 @@
+"""The adapter's model card: ``model_card_template.md`` rendered with ``huggingface_hub.ModelCard``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+METHOD_NAMES = {
+    "ode-am": "truncated deterministic adjoint matching",
+    "sde-am": "stochastic adjoint matching",
+    "draft": "DRaFT-K",
+    "refl": "ReFL-K",
+}
+TEMPLATE = Path(__file__).resolve().parents[2] / "model_card_template.md"
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def render_model_card(
+    *,
+    base_model: str,
+    method: str,
+    truncate_steps: int,
+    num_inference_steps: int,
+    reg_order: float,
+    reward: str,
+    reward_scale: float,
+    steps: int,
+    reward_before: float | None,
+    reward_after: float | None,
+    final_metrics: dict[str, Any],
+    grid: str,
+    pipeline_class: str,
+    pipeline_module: str,
+    adapter_location: str,
+    conditioning: str = "text",
+    template_path: str | Path | None = None,
+    **settings: Any,
+):
+    """A ``huggingface_hub.ModelCard`` for the run (nothing is downloaded: local template)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    template_path = Path(template_path or TEMPLATE)
+    if not template_path.is_file():
+        raise ValueError(f"model card template {str(template_path)!r} not found.")
+    hub_base = None if Path(base_model).exists() else base_model  # card metadata takes Hub ids only
+    data = ModelCardData(
+        library_name="diffusers",
+        base_model=hub_base,
+        tags=["diffusers", "lora", "adjoint-matching", method, "reward-fine-tuning"],
+        license=settings.pop("license", None),
+    )
+    kind = "class labels" if conditioning == "class" else "prompts"
+    return ModelCard.from_template(
+        data,
+        template_path=str(template_path),
+        title=f"{METHOD_NAMES.get(method, method)} LoRA for {Path(base_model).name}",
+        base_model=base_model,
+        method=method,
+        method_name=METHOD_NAMES.get(method, method),
+        truncate_steps=truncate_steps,
+        num_inference_steps=num_inference_steps,
+        reg_order=_fmt(reg_order) if method == "ode-am" else f"{_fmt(reg_order)} (unused by {method})",
+        reward=reward,
+        reward_scale=_fmt(reward_scale),
+        steps=steps,
+        reward_before=_fmt(reward_before),
+        reward_after=_fmt(reward_after),
+        final_metrics=", ".join(f"{k} = {_fmt(v)}" for k, v in final_metrics.items()) or "n/a",
+        grid=grid,
+        pipeline_class=pipeline_class,
+        pipeline_module=pipeline_module,
+        adapter_location=adapter_location,
+        condition_kind=kind,
+        condition_kind_singular=kind[:-1],
+        **{k: _fmt(v) if not isinstance(v, bool) else v for k, v in settings.items()},
+    )

@@ -1,0 +1,460 @@
+"""``AdjointMatchingTrainer``: the update loop of ``train_adjoint_matching.py``.
+
+It reaches the model only through :func:`diffusers_am.models.load_model_adapter` and the
+:class:`~diffusers_am.models.base.FlowModelAdapter` interface, the reward only through
+:func:`diffusers_am.rewards.load_reward`, and the math only through :mod:`diffusers_am.objectives`.
+
+One update: per micro-batch, draw prompts (or labels) and noise (seeded by seed, step, process),
+encode, bind the flow to the prepared transformer, run the method's step (it samples N steps
+without autograd and calls ``backward`` on the last K), then all-reduce the gradients once, clip,
+step the optimizer and the LR schedule, and update the EMA. Gradients are never synchronised
+inside the step (``no_sync``), so K backward passes cost one all-reduce. A NaN / inf reward or
+gradient on any process skips the update on every process (counted in the log).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..flow import check_truncation
+from ..models import EMBEDDED_DIGITS_BASE, FlowModelAdapter, LoraSettings, load_model_adapter
+from ..objectives import NonFiniteRewardError, draft_step, ode_am_step, refl_step, sde_am_step
+from ..rewards import load_reward
+from ..schedules import get_schedule
+from .checkpoints import CheckpointManager, list_checkpoints, resolve_checkpoint
+from .config import TrainingConfig
+from .data import PromptSampler, _as_condition, check_class_labels, derive_seed, load_prompts
+from .logs import LOG_NAME, JsonlLog, peak_memory_bytes
+from .validation import mean_reward, sample_images, save_grid
+
+logger = logging.getLogger(__name__)
+
+STEP_FUNCTIONS: dict[str, Callable] = {"ode-am": ode_am_step, "sde-am": sde_am_step, "draft": draft_step, "refl": refl_step}
+SUMMARY_NAME = "train_summary.json"
+CONFIG_NAME = "training_config.json"
+GRID_NAME = "samples.png"
+
+
+@dataclass
+class TrainResult:
+    """Where a finished run put things, and its headline numbers."""
+
+    output_dir: Path
+    adapter_path: Path
+    grid_path: Path
+    card_path: Path
+    log_path: Path
+    reward_before: float | None
+    reward_after: float | None
+    steps: int
+    skipped_updates: int
+    seconds_per_update: float | None
+
+
+def previous_run_files(output_dir: Path) -> list[str]:
+    """Names in ``output_dir`` that belong to an earlier run (log, adapter, checkpoints)."""
+    if not output_dir.is_dir():
+        return []
+    names = [LOG_NAME, "pytorch_lora_weights.safetensors", SUMMARY_NAME]
+    found = [n for n in names if (output_dir / n).exists()]
+    return found + [p.name for _, p in list_checkpoints(output_dir)]
+
+
+class AdjointMatchingTrainer:
+    """Fine-tunes a LoRA adapter with the configured method. ``train()`` runs the whole job."""
+
+    def __init__(self, config: TrainingConfig):
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        self.resume_path: Path | None = None
+        self._check_output_dir()
+
+    def hub_repo_id(self) -> str:
+        """``--hub_model_id``, or the output folder's name (as diffusers' examples do)."""
+        return self.config.hub_model_id or self.output_dir.resolve().name
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def _check_output_dir(self) -> None:
+        """Refuse to clobber an earlier run; resolve the resume checkpoint (before anything is written)."""
+        cfg = self.config
+        if cfg.resume_from_checkpoint:
+            self.resume_path = resolve_checkpoint(cfg.resume_from_checkpoint, self.output_dir)
+            return
+        previous = previous_run_files(self.output_dir)
+        if previous and not cfg.overwrite_output_dir:
+            raise ValueError(
+                f"`--output_dir` {str(self.output_dir)!r} already holds a run ({', '.join(previous[:4])}); pass "
+                "`--resume_from_checkpoint latest` to continue it, `--overwrite_output_dir` to start over, "
+                "or another `--output_dir`."
+            )
+
+    def _accelerator(self):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        cfg = self.config
+        log_with = None if cfg.report_to == "none" else cfg.report_to
+        return Accelerator(
+            mixed_precision=cfg.mixed_precision,
+            log_with=log_with,
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / cfg.logging_dir)),
+        )
+
+    def _load_model(self, weight_dtype: torch.dtype) -> FlowModelAdapter:
+        path = self.config.pretrained_model_name_or_path or str(EMBEDDED_DIGITS_BASE)
+        return load_model_adapter(path, torch_dtype=weight_dtype)
+
+    def _conditions(self, adapter: FlowModelAdapter) -> tuple[list, list]:
+        """(training conditions, validation conditions) in the model's conditioning kind."""
+        cfg = self.config
+        num_classes = getattr(adapter.pipeline, "num_classes", None) if adapter.conditioning == "class" else None
+        if cfg.prompts:
+            prompts = load_prompts(cfg.prompts, conditioning=adapter.conditioning, column=cfg.prompt_column, split=cfg.prompts_split)
+        elif adapter.conditioning == "class":
+            if num_classes is None:
+                raise ValueError("this class-conditional model does not report `num_classes`; pass `--prompts` with its labels.")
+            prompts = list(range(int(num_classes)))
+        else:
+            raise ValueError("this text-to-image model needs training prompts: pass `--prompts <file or dataset>`.")
+        if adapter.conditioning == "class":
+            check_class_labels(prompts, num_classes)
+        if cfg.validation_prompts:
+            val = [_as_condition(v, adapter.conditioning, "`--validation_prompts`") for v in cfg.validation_prompts]
+            if adapter.conditioning == "class":
+                check_class_labels(val, num_classes, "--validation_prompts")
+        else:
+            val = list(dict.fromkeys(prompts))[:10]
+        return prompts, val
+
+    def _optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        cfg = self.config
+        kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+        if cfg.use_8bit_adam:
+            try:
+                import bitsandbytes as bnb
+            except ImportError as err:
+                raise ValueError("`--use_8bit_adam` needs bitsandbytes: `pip install bitsandbytes` (or drop the flag).") from err
+            return bnb.optim.AdamW8bit(params, **kwargs)
+        return torch.optim.AdamW(params, **kwargs)
+
+    def _prepare_dirs(self, accelerator) -> None:
+        cfg = self.config
+        if not accelerator.is_main_process:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.overwrite_output_dir and not cfg.resume_from_checkpoint:
+            for _, path in list_checkpoints(self.output_dir):
+                shutil.rmtree(path)
+            for name in (LOG_NAME, SUMMARY_NAME):
+                (self.output_dir / name).unlink(missing_ok=True)
+            shutil.rmtree(self.output_dir / "validation", ignore_errors=True)
+        (self.output_dir / CONFIG_NAME).write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+
+    # -- the run ----------------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        from accelerate.utils import set_seed
+        from diffusers.optimization import get_scheduler
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        accelerator = self._accelerator()
+        self.accelerator = accelerator
+        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+        set_seed(cfg.seed)  # identical LoRA init on every process
+
+        adapter = self._load_model(weight_dtype).to(accelerator.device)
+        n_steps = cfg.num_inference_steps or adapter.default_num_inference_steps
+        k_steps = check_truncation(cfg.truncate_steps, n_steps)
+        resolution = cfg.resolution or adapter.default_resolution
+        reward = load_reward(cfg.reward, device=accelerator.device, paths=cfg.reward_paths())
+        if isinstance(reward, torch.nn.Module):
+            reward.eval().requires_grad_(False)
+        prompts, val_prompts = self._conditions(adapter)
+
+        params = adapter.add_lora(LoraSettings(rank=cfg.rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_target_modules, dropout=cfg.lora_dropout))
+        params = [p for p in params if p.requires_grad]
+        if not params:
+            raise ValueError("the LoRA adapter has no trainable parameters; check `--lora_target_modules`.")
+        ids = {id(p) for p in params}
+        named = {n: p for n, p in adapter.transformer.named_parameters() if id(p) in ids}
+        if cfg.gradient_checkpointing:
+            if not getattr(adapter.transformer, "_supports_gradient_checkpointing", False):
+                raise ValueError("`--gradient_checkpointing`: this transformer does not support gradient checkpointing.")
+            adapter.transformer.enable_gradient_checkpointing()
+
+        optimizer = self._optimizer(params)
+        self._prepare_dirs(accelerator)  # first write into output_dir: every input is valid by now
+        procs = accelerator.num_processes  # the accelerate-wrapped scheduler steps once per process
+        lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * procs,
+                                     num_training_steps=cfg.max_train_steps * procs)
+        train_module, optimizer, lr_scheduler = accelerator.prepare(adapter.transformer, optimizer, lr_scheduler)
+
+        ema = None
+        if cfg.use_ema:
+            from diffusers.training_utils import EMAModel
+
+            ema = EMAModel(params, decay=cfg.ema_decay)
+            accelerator.register_for_checkpointing(ema)
+
+        def save_adapter(folder: str) -> None:
+            adapter.save_lora(folder)
+
+        ckpt = CheckpointManager(accelerator, self.output_dir, named, save_adapter, cfg.checkpoints_total_limit)
+        log = JsonlLog(self.output_dir / LOG_NAME)
+        global_step, nonfinite = 0, 0
+        set_seed(cfg.seed, device_specific=True)  # per-process RNG (LoRA dropout); a resume restores it
+        if self.resume_path is not None:
+            state = ckpt.load(self.resume_path)
+            global_step, nonfinite = int(state["step"]), int(state.get("nonfinite_count", 0))
+            if accelerator.is_main_process:
+                log.truncate_after(global_step)
+            accelerator.print(f"Resumed from {self.resume_path} at update {global_step}.")
+
+        if accelerator.is_main_process and accelerator.trackers == [] and cfg.report_to != "none":
+            accelerator.init_trackers(cfg.tracker_project_name, config=cfg.tracker_config())
+
+        times = adapter.time_grid(n_steps, resolution)
+        eval_set = self._eval_set(adapter, prompts, resolution)
+        reward_before = None
+        if accelerator.is_main_process:
+            reward_before = self._evaluate(adapter, reward, eval_set, times, base=True)
+            accelerator.print(f"reward before fine-tuning (base model, {len(eval_set[0])} samples): {reward_before:.4f}")
+        accelerator.wait_for_everyone()
+
+        sampler = PromptSampler(prompts, cfg.seed)
+        step_fn = STEP_FUNCTIONS[cfg.method]
+        progress = tqdm(total=cfg.max_train_steps, initial=global_step, desc="updates", disable=not accelerator.is_local_main_process)
+        durations: list[float] = []
+        record: dict[str, Any] = {}
+        while global_step < cfg.max_train_steps:
+            start = time.perf_counter()
+            adapter.transformer.train()
+            record = self._update(accelerator, adapter, train_module, reward, sampler, step_fn, times, resolution, k_steps,
+                                  global_step, params, optimizer, lr_scheduler, ema)
+            global_step += 1
+            nonfinite += int(record["skipped"])
+            seconds = time.perf_counter() - start
+            durations.append(seconds)
+            record.update(step=global_step, nonfinite_count=nonfinite, seconds=seconds,
+                          peak_memory_bytes=peak_memory_bytes(accelerator.device), lr=lr_scheduler.get_last_lr()[0])
+            if accelerator.is_main_process:
+                log.append(record)
+                scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and v is not None and math.isfinite(v)}
+                accelerator.log(scalars, step=global_step)
+            adapter.transformer.eval()
+            progress.update(1)
+            progress.set_postfix(reward=f"{record['reward_mean']:.3f}" if record["reward_mean"] is not None else "nan",
+                                 loss=f"{record['loss']:.3g}" if record["loss"] is not None else "nan")
+            if cfg.checkpointing_steps and global_step % cfg.checkpointing_steps == 0:
+                ckpt.save(global_step, {"nonfinite_count": nonfinite})
+            if cfg.validation_steps and global_step % cfg.validation_steps == 0 and global_step < cfg.max_train_steps:
+                if accelerator.is_main_process:
+                    with self._ema_weights(ema, params):
+                        self._validation_grid(adapter, val_prompts, times, resolution, f"validation/step-{global_step:06d}.png")
+                accelerator.wait_for_everyone()
+        progress.close()
+        if nonfinite:
+            warnings.warn(f"{nonfinite} of {global_step} updates were skipped: the reward or the gradient was NaN or inf.")
+        self._check_in_sync(accelerator, params)
+        result = self._finish(accelerator, adapter, reward, params, ema, val_prompts, eval_set, times, resolution,
+                              reward_before, global_step, nonfinite, durations, record, n_steps)
+        accelerator.end_training()
+        return result
+
+    def _update(self, accelerator, adapter, train_module, reward, sampler, step_fn, times, resolution, k_steps, step,
+                params, optimizer, lr_scheduler, ema) -> dict[str, Any]:
+        """One optimizer update over ``gradient_accumulation_steps`` micro-batches; returns its log record."""
+        cfg = self.config
+        rank, accum, batch_size = accelerator.process_index, cfg.gradient_accumulation_steps, cfg.train_batch_size
+        rewards = torch.full((accum * batch_size,), float("nan"))
+        losses, norms, skipped = [], [], False
+
+        def backward(loss: torch.Tensor) -> None:
+            accelerator.backward(loss / accum)
+
+        for micro in range(accum):
+            batch = sampler.batch(step, batch_size, rank, micro)
+            noise_gen = torch.Generator(device=adapter.device).manual_seed(derive_seed(cfg.seed, "noise", step, rank, micro))
+            noise = adapter.initial_noise(batch_size, resolution, noise_gen)
+            flow = adapter.flow(adapter.encode_conditions(batch), guidance_scale=cfg.guidance_scale, train_module=train_module)
+            kwargs: dict[str, Any] = {"truncate_steps": k_steps, "reward_scale": cfg.reward_scale, "backward": backward}
+            if cfg.method == "ode-am":
+                kwargs.update(order=cfg.reg_order, loss_reduction=cfg.loss_reduction)
+            elif cfg.method == "sde-am":
+                sde_gen = torch.Generator(device=adapter.device).manual_seed(derive_seed(cfg.seed, "sde", step, rank, micro))
+                kwargs.update(schedule=get_schedule(cfg.sde_schedule, t_min=cfg.sde_t_min), loss_reduction=cfg.loss_reduction, generator=sde_gen)
+            elif cfg.method == "refl":  # the same step index j on every process
+                kwargs.update(generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "refl", step, micro)))
+
+            def reward_fn(x: torch.Tensor, batch=batch) -> torch.Tensor:
+                return reward(adapter.decode(x), batch)
+
+            try:
+                with accelerator.no_sync(train_module), accelerator.autocast():
+                    out = step_fn(flow, noise, times, reward_fn, **kwargs)
+            except NonFiniteRewardError as err:
+                warnings.warn(f"update {step + 1}: {err}; skipping this update (nothing is applied).")
+                skipped = True
+                break
+            rewards[micro * batch_size : (micro + 1) * batch_size] = out.reward.detach().float().cpu()
+            losses.append(out.loss)
+            norms.append(out.control_norm_per_step.detach().float().cpu())
+
+        # every process agrees on skipping, then one all-reduce of the gradients
+        skipped = bool(accelerator.reduce(torch.tensor([float(skipped)], device=accelerator.device), "sum").item() > 0)
+        grad_norm = None
+        if not skipped:
+            self._all_reduce_grads(accelerator, params)
+            grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
+            if not math.isfinite(grad_norm):
+                warnings.warn(f"update {step + 1}: the gradient norm is {grad_norm}; skipping this update.")
+                skipped = True
+        if skipped:
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.step(params)
+
+        all_rewards = accelerator.gather(rewards.to(accelerator.device)).float().cpu()
+        finite = all_rewards[torch.isfinite(all_rewards)]
+        loss = torch.tensor([sum(losses) / len(losses) if losses and not skipped else float("nan")], device=accelerator.device)
+        loss = float(accelerator.reduce(loss, "mean").item())
+        profile = torch.stack(norms).mean(0) if norms and not skipped else torch.full((k_steps if cfg.method != "refl" else 1,), float("nan"))
+        profile = accelerator.reduce(profile.to(accelerator.device), "mean").cpu() if not skipped else profile
+        return {
+            "reward_mean": float(finite.mean()) if finite.numel() else None,
+            "reward_std": float(finite.std(unbiased=False)) if finite.numel() else None,
+            "loss": loss if math.isfinite(loss) else None,
+            "grad_norm": grad_norm if grad_norm is not None and math.isfinite(grad_norm) else None,
+            "control_norm_per_step": [float(v) if math.isfinite(v) else None for v in profile.tolist()],
+            "skipped": skipped,
+        }
+
+    @staticmethod
+    def _all_reduce_grads(accelerator, params: list[torch.nn.Parameter]) -> None:
+        """Average the gradients over processes with one flat all-reduce (no-op on one process)."""
+        if accelerator.num_processes == 1:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        flat = accelerator.reduce(flat, "mean")
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+            offset += n
+
+    @staticmethod
+    def _check_in_sync(accelerator, params: list[torch.nn.Parameter]) -> None:
+        """Raise if the LoRA weights differ between processes (they must after identical updates)."""
+        if accelerator.num_processes == 1:
+            return
+        flat = torch.cat([p.detach().float().reshape(-1) for p in params])
+        sig = torch.stack([flat.sum(), flat.abs().sum(), (flat * torch.arange(flat.numel(), device=flat.device) % 7).sum()])
+        sigs = accelerator.gather(sig.reshape(1, -1))
+        if not torch.equal(sigs.min(0).values, sigs.max(0).values):
+            raise RuntimeError(f"the LoRA weights differ between processes after training: {sigs.tolist()}")
+
+    # -- evaluation and outputs --------------------------------------------------------------------
+    def _eval_set(self, adapter: FlowModelAdapter, prompts: list, resolution: int) -> tuple[list, torch.Tensor]:
+        """Fixed conditions (cycling through the unique prompts) and noise for the before / after reward."""
+        n = self.config.num_eval_samples
+        unique = list(dict.fromkeys(prompts))
+        conditions = [unique[i % len(unique)] for i in range(n)]
+        gen = torch.Generator(device=adapter.device).manual_seed(derive_seed(self.config.seed, "eval"))
+        return conditions, adapter.initial_noise(n, resolution, gen)
+
+    def _evaluate(self, adapter, reward, eval_set, times, base: bool) -> float:
+        conditions, noise = eval_set
+        _, images = sample_images(adapter, conditions, noise, times, guidance_scale=self.config.guidance_scale, base=base)
+        return float(mean_reward(reward, images, conditions).mean())
+
+    def _validation_grid(self, adapter, val_prompts, times, resolution, name: str) -> Path:
+        cfg = self.config
+        per = cfg.num_validation_images
+        conditions = [p for p in val_prompts for _ in range(per)]
+        gen = torch.Generator(device=adapter.device).manual_seed(derive_seed(cfg.seed, "validation"))
+        noise = adapter.initial_noise(len(conditions), resolution, gen)
+        _, images = sample_images(adapter, conditions, noise, times, guidance_scale=cfg.guidance_scale)
+        return save_grid(images, per, self.output_dir / name)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _ema_weights(ema, params):
+        if ema is None:
+            yield
+            return
+        ema.store(params)
+        ema.copy_to(params)
+        try:
+            yield
+        finally:
+            ema.restore(params)
+
+    def _finish(self, accelerator, adapter, reward, params, ema, val_prompts, eval_set, times, resolution, reward_before,
+                steps, nonfinite, durations, last, n_steps) -> TrainResult:
+        cfg = self.config
+        out = self.output_dir
+        result = TrainResult(out, out / "pytorch_lora_weights.safetensors", out / GRID_NAME, out / "README.md", out / LOG_NAME,
+                             reward_before, None, steps, nonfinite, None)
+        if durations:
+            result.seconds_per_update = sum(durations) / len(durations)
+        if accelerator.is_main_process:
+            with self._ema_weights(ema, params):
+                if not all(torch.isfinite(p).all() for p in params):
+                    raise RuntimeError("the LoRA weights are not finite; the adapter was not written.")
+                adapter.save_lora(str(out))
+                self._validation_grid(adapter, val_prompts, times, resolution, "validation/final.png")
+                shutil.copyfile(out / "validation/final.png", out / GRID_NAME)
+                result.reward_after = self._evaluate(adapter, reward, eval_set, times, base=False)
+            summary = {
+                "reward_before": reward_before, "reward_after": result.reward_after, "steps": steps,
+                "skipped_updates": nonfinite, "seconds_per_update": result.seconds_per_update,
+                "num_processes": accelerator.num_processes, "num_eval_samples": len(eval_set[0]),
+            }
+            (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2))
+            self._write_card(adapter, result, last, n_steps, accelerator.num_processes)
+            if accelerator.trackers:
+                accelerator.log({"reward_before": reward_before, "reward_after": result.reward_after}, step=steps)
+            if cfg.push_to_hub:
+                from .hub import push_output_dir
+
+                url = push_output_dir(out, self.hub_repo_id(), token=cfg.hub_token)
+                accelerator.print(f"pushed to {url}")
+        accelerator.wait_for_everyone()
+        return result
+
+    def _write_card(self, adapter, result: TrainResult, last: dict, n_steps: int, procs: int) -> None:
+        from .model_card import render_model_card
+
+        cfg = self.config
+        base = cfg.pretrained_model_name_or_path or str(EMBEDDED_DIGITS_BASE)
+        final = {k: last.get(k) for k in ("reward_mean", "reward_std", "loss", "grad_norm")}
+        card = render_model_card(
+            base_model=base, method=cfg.method, truncate_steps=cfg.truncate_steps, num_inference_steps=n_steps,
+            reg_order=cfg.reg_order, reward=cfg.reward, reward_scale=cfg.reward_scale, steps=result.steps,
+            reward_before=result.reward_before, reward_after=result.reward_after, final_metrics=final, grid=GRID_NAME,
+            pipeline_class=type(adapter.pipeline).__name__, pipeline_module=type(adapter.pipeline).__module__,
+            adapter_location=self.hub_repo_id() if cfg.push_to_hub else str(self.output_dir),
+            conditioning=adapter.conditioning, num_eval_samples=cfg.num_eval_samples,
+            batch_size=f"{cfg.train_batch_size} x {procs} x {cfg.gradient_accumulation_steps}",
+            learning_rate=cfg.learning_rate, lr_scheduler=cfg.lr_scheduler, rank=cfg.rank,
+            lora_alpha=cfg.lora_alpha if cfg.lora_alpha is not None else cfg.rank, use_ema=cfg.use_ema,
+        )
+        card.save(str(result.card_path))

@@ -1,0 +1,293 @@
+"""The real trainer end to end on a tiny random SiT pipeline saved with ``save_pretrained``."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_adjoint_matching as script
+from diffusers_am.training.checkpoints import CheckpointManager, list_checkpoints
+from diffusers_am.training.logs import REQUIRED_FIELDS
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    from _tiny_sit import tiny_pixel_pipeline
+
+    path = tmp_path_factory.mktemp("tiny-sit")
+    tiny_pixel_pipeline().save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def tiny_args(base, out, *extra):
+    return ["--pretrained_model_name_or_path", str(base), "--output_dir", str(out), "--num_inference_steps", "4",
+            "--truncate_steps", "2", "--train_batch_size", "3", "--max_train_steps", "2", "--num_eval_samples", "4",
+            "--num_validation_images", "2", "--validation_prompts", "1", "7", "--validation_steps", "0",
+            "--report_to", "none", "--rank", "2", *extra]
+
+
+def run(base, out, *extra):
+    return script.main(tiny_args(base, out, *extra))
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+# -- a tiny run writes everything ------------------------------------------------------------------
+def test_tiny_run_writes_adapter_grids_card_log(tiny_base, tmp_path, monkeypatch, capsys):
+    from diffusers_am.pipelines.sit import SiTPipeline
+    from diffusers_am.training import hub
+
+    pushed = {}
+    monkeypatch.setattr(hub, "push_output_dir", lambda out, repo, token=None: pushed.update(out=out, repo=repo, token=token) or "url")
+    out = tmp_path / "run"
+    rc = run(tiny_base, out, "--validation_steps", "1", "--report_to", "tensorboard", "--push_to_hub",
+             "--hub_model_id", "me/tiny-am", "--hub_token", "hf_SECRET_token_123", "--learning_rate", "0.05")
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "reward before:" in printed and str(out / "pytorch_lora_weights.safetensors") in printed
+
+    for name in ("pytorch_lora_weights.safetensors", "samples.png", "validation/step-000001.png", "validation/final.png",
+                 "README.md", "train_log.jsonl", "train_summary.json", "training_config.json"):
+        assert (out / name).is_file(), name
+    assert not (out / "validation/step-000002.png").exists()  # the last update writes final.png instead
+    assert any((out / "logs").rglob("events.out.tfevents*"))
+    records = read_log(out)
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:
+        assert set(REQUIRED_FIELDS) <= set(r)
+        assert len(r["control_norm_per_step"]) == 2 and r["skipped"] is False and r["nonfinite_count"] == 0
+        assert all(isinstance(r[k], float) for k in ("reward_mean", "reward_std", "loss", "grad_norm", "seconds"))
+        assert r["peak_memory_bytes"] > 0
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 2 and isinstance(summary["reward_before"], float) and isinstance(summary["reward_after"], float)
+
+    card = (out / "README.md").read_text()
+    assert "ode-am" in card and "2 of 4" in card and 'pipe.load_lora_weights("me/tiny-am")' in card
+    assert f"{summary['reward_after']:.4g}" in card and "samples.png" in card
+    assert pushed == {"out": out, "repo": "me/tiny-am", "token": "hf_SECRET_token_123"}
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert b"hf_SECRET_token_123" not in path.read_bytes(), path
+
+    # the adapter loads into the stock pipeline and changes its samples
+    pipe = SiTPipeline.from_pretrained(str(tiny_base))
+    base_img = pipe(class_labels=[1, 2], num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    pipe.load_lora_weights(str(out))
+    tuned = pipe(class_labels=[1, 2], num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert torch.isfinite(tuned).all() and not torch.allclose(base_img, tuned)
+
+
+@pytest.mark.parametrize(
+    "method, extra",
+    [("ode-am", ["--reg_order", "4", "--gradient_accumulation_steps", "2"]), ("sde-am", []), ("draft", []),
+     ("refl", ["--mixed_precision", "bf16"])],
+)
+def test_all_methods_run(tiny_base, tmp_path, method, extra):
+    out = tmp_path / method
+    assert run(tiny_base, out, "--method", method, "--max_train_steps", "1", *extra) == 0
+    (record,) = read_log(out)
+    assert record["loss"] is not None and record["grad_norm"] is not None and record["grad_norm"] > 0
+    assert len(record["control_norm_per_step"]) == (1 if method == "refl" else 2)
+    assert all(torch.isfinite(t).all() for t in load_file(out / "pytorch_lora_weights.safetensors").values())
+
+
+# -- resume ------------------------------------------------------------------------------------------
+def test_resume_two_plus_two_equals_four(tiny_base, tmp_path):
+    common = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--use_ema", "--lora_dropout", "0.2",
+              "--lr_scheduler", "cosine", "--lr_warmup_steps", "1", "--learning_rate", "0.02"]
+    straight = tmp_path / "straight"
+    assert run(tiny_base, straight, *common) == 0
+    assert [p.name for _, p in list_checkpoints(straight)] == ["checkpoint-2", "checkpoint-4"]
+    ckpt = straight / "checkpoint-2"
+    assert {"trainable_params.safetensors", "pytorch_lora_weights.safetensors", "optimizer.bin", "scheduler.bin",
+            "random_states_0.pkl", "trainer_state.json", "custom_checkpoint_0.pkl"} <= {p.name for p in ckpt.iterdir()}
+
+    resumed = tmp_path / "resumed"
+    assert run(tiny_base, resumed, *common, "--resume_from_checkpoint", str(ckpt)) == 0
+    a, b = load_file(straight / "pytorch_lora_weights.safetensors"), load_file(resumed / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+    a_log, b_log = read_log(straight), read_log(resumed)
+    assert [r["step"] for r in b_log] == [3, 4]
+    for ra, rb in zip(a_log[2:], b_log):
+        assert ra["reward_mean"] == pytest.approx(rb["reward_mean"], abs=1e-6)
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5) and ra["lr"] == pytest.approx(rb["lr"])
+
+    # `latest` in the run's own folder continues it, and the log keeps one record per step
+    assert run(tiny_base, straight, *common, "--max_train_steps", "5", "--resume_from_checkpoint", "latest") == 0
+    assert [r["step"] for r in read_log(straight)] == [1, 2, 3, 4, 5]
+
+
+def test_interrupted_checkpoint_leaves_previous_usable(tiny_base, tmp_path, monkeypatch):
+    original = CheckpointManager._save_hook
+    calls = []
+
+    def failing_hook(self, models, weights, output_dir):
+        calls.append(output_dir)
+        original(self, models, weights, output_dir)
+        if len(calls) == 2:  # the write of checkpoint-2 dies halfway
+            raise KeyboardInterrupt("killed while writing the checkpoint")
+
+    monkeypatch.setattr(CheckpointManager, "_save_hook", failing_hook)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_base, out, "--max_train_steps", "3", "--checkpointing_steps", "1")
+    assert (out / ".tmp-checkpoint-2").is_dir()
+    assert [step for step, _ in list_checkpoints(out)] == [1]
+    monkeypatch.setattr(CheckpointManager, "_save_hook", original)
+    assert run(tiny_base, out, "--max_train_steps", "3", "--checkpointing_steps", "1", "--checkpoints_total_limit", "2",
+               "--resume_from_checkpoint", "latest") == 0
+    assert [step for step, _ in list_checkpoints(out)] == [2, 3] and not (out / ".tmp-checkpoint-2").exists()
+    assert [r["step"] for r in read_log(out)] == [1, 2, 3]
+
+
+def test_missing_or_corrupt_checkpoint_is_a_clear_error(tiny_base, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(tiny_base, out, "--max_train_steps", "1", "--checkpointing_steps", "1") == 0
+    before = snapshot(out)
+    assert run(tiny_base, out, "--resume_from_checkpoint", str(tmp_path / "nope")) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert run(tiny_base, tmp_path / "empty", "--resume_from_checkpoint", "latest") == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+    (out / "checkpoint-1" / "trainable_params.safetensors").write_bytes(b"not a safetensors file")
+    before = snapshot(out)
+    assert run(tiny_base, out, "--resume_from_checkpoint", "latest") == 2
+    assert "corrupt" in capsys.readouterr().err
+    (out / "checkpoint-1" / "trainer_state.json").unlink()
+    before = snapshot(out)
+    assert run(tiny_base, out, "--resume_from_checkpoint", str(out / "checkpoint-1")) == 2
+    assert "not a complete checkpoint" in capsys.readouterr().err
+    assert snapshot(out) == before
+
+
+# -- bad input -----------------------------------------------------------------------------------------
+NAN_REWARD = """
+import torch
+calls = [0]
+
+def reward(images, prompts):
+    r = images.mean(dim=(1, 2, 3))
+    if images.shape[0] == 3:  # training batches (evaluation uses 4 samples)
+        calls[0] += 1
+        if calls[0] == 2:
+            r = r * float("nan")
+    return r
+"""
+
+
+def test_nan_reward_skips_the_update_and_is_counted(tiny_base, tmp_path):
+    reward_file = tmp_path / "nan_reward.py"
+    reward_file.write_text(NAN_REWARD)
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match="skipping this update"):
+        rc = run(tiny_base, out, "--reward", f"{reward_file}:reward", "--max_train_steps", "3")
+    assert rc == 0
+    records = read_log(out)
+    assert [r["skipped"] for r in records] == [False, True, False]
+    assert [r["nonfinite_count"] for r in records] == [0, 1, 1]
+    assert records[1]["loss"] is None and records[1]["grad_norm"] is None
+    assert all(torch.isfinite(t).all() for t in load_file(out / "pytorch_lora_weights.safetensors").values())
+    assert json.loads((out / "train_summary.json").read_text())["skipped_updates"] == 1
+
+
+def test_bad_inputs_are_clear_and_keep_output_dir(tiny_base, tmp_path, capsys):
+    out = tmp_path / "previous"
+    out.mkdir()
+    (out / "train_log.jsonl").write_text('{"step": 1}\n')
+    (out / "pytorch_lora_weights.safetensors").write_bytes(b"an earlier adapter")
+    before = snapshot(out)
+    not_a_pipeline = tmp_path / "folder"
+    not_a_pipeline.mkdir()
+    unknown_class = tmp_path / "unknown"
+    unknown_class.mkdir()
+    (unknown_class / "model_index.json").write_text('{"_class_name": "MysteryPipeline"}')
+    malformed = tmp_path / "labels.txt"
+    malformed.write_text("1\n2\nthree\n")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    cases = [
+        ([], "already holds a run"),
+        (["--overwrite_output_dir", "--reward", "no-such-reward"], "unknown reward"),
+        (["--overwrite_output_dir", "--pretrained_model_name_or_path", "nobody/no-such-model"], "pass that folder"),
+        (["--overwrite_output_dir", "--pretrained_model_name_or_path", str(not_a_pipeline)], "without model_index.json"),
+        (["--overwrite_output_dir", "--pretrained_model_name_or_path", str(unknown_class)], "not supported"),
+        (["--overwrite_output_dir", "--num_inference_steps", "none", "--truncate_steps", "5"], "truncate_steps"),
+        (["--overwrite_output_dir", "--truncate_steps", "5"], "truncate_steps"),
+        (["--overwrite_output_dir", "--reg_order", "1"], "reg_order"),
+        (["--overwrite_output_dir", "--prompts", str(malformed)], "line 3"),
+        (["--overwrite_output_dir", "--prompts", str(empty)], "holds no prompts"),
+        (["--overwrite_output_dir", "--validation_prompts", "42"], "outside"),
+        (["--overwrite_output_dir", "--use_8bit_adam"], "bitsandbytes"),
+        (["--overwrite_output_dir", "--lora_target_modules", "no_such_module"], "no_such_module"),
+    ]
+    try:
+        import bitsandbytes  # noqa: F401
+
+        cases = [c for c in cases if "--use_8bit_adam" not in c[0]]
+    except ImportError:
+        pass
+    for extra, message in cases:
+        args = tiny_args(tiny_base, out) + extra
+        assert script.main(args) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err, (extra, err)
+        assert snapshot(out) == before, extra
+
+
+# -- multi-process and the embedded default --------------------------------------------------------------
+def test_accelerate_launch_two_processes(tiny_base, tmp_path):
+    # accelerate 1.15 spawns several CPU processes for `--cpu` only through mpirun; torchrun's launcher
+    # (`--multi_gpu`) with ACCELERATE_USE_CPU=1 gives the same gloo MULTI_CPU run without MPI.
+    out = tmp_path / "ddp"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(ROOT / "train_adjoint_matching.py"), *tiny_args(tiny_base, out, "--checkpointing_steps", "2", "--method", "ode-am")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("reward before:") == 1  # one summary: only the main process prints and writes
+    records = read_log(out)
+    assert [r["step"] for r in records] == [1, 2]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["num_processes"] == 2
+    ckpt = out / "checkpoint-2"
+    assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
+    # the checkpointed LoRA weights are those of the final adapter (ranks in sync is checked by the trainer)
+    raw = load_file(ckpt / "trainable_params.safetensors")
+    adapter = load_file(out / "pytorch_lora_weights.safetensors")
+    assert sorted(t.sum().item() for t in raw.values()) == pytest.approx(sorted(t.sum().item() for t in adapter.values()))
+
+
+def test_default_run_on_embedded_base(tmp_path):
+    from diffusers_am.models import EMBEDDED_DIGITS_BASE
+
+    if not (EMBEDDED_DIGITS_BASE / "model_index.json").is_file():
+        pytest.skip("the embedded digits base is not in this checkout")
+    out = tmp_path / "default"
+    assert script.main(["--output_dir", str(out), "--max_train_steps", "2", "--num_eval_samples", "10",
+                        "--validation_steps", "0", "--report_to", "none"]) == 0
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and len(read_log(out)) == 2
