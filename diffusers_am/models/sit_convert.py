@@ -143,7 +143,10 @@ def sit_config_from_state_dict(
 
 
 def convert_sit_state_dict(state_dict: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
-    """Official SiT keys -> :class:`SiTTransformer2DModel` keys (``pos_embed`` left out)."""
+    """Official SiT keys -> :class:`SiTTransformer2DModel` keys (``pos_embed`` left out).
+
+    The values are views of the input tensors (the embedder copies share one tensor each):
+    load them with ``load_state_dict``, clone before saving them elsewhere."""
     sd = state_dict
     out = {
         "pos_embed.proj.weight": sd["x_embedder.proj.weight"],
@@ -166,7 +169,7 @@ def convert_sit_state_dict(state_dict: dict[str, torch.Tensor], depth: int) -> d
             out[o + f"ff.net.2.{kind}"] = sd[b + f"mlp.fc2.{kind}"]
             out[o + f"norm1.linear.{kind}"] = sd[b + f"adaLN_modulation.1.{kind}"]
         out[emb + "class_embedder.embedding_table.weight"] = sd["y_embedder.embedding_table.weight"]
-    return {k: v.clone() for k, v in out.items()}
+    return out
 
 
 def sit_transformer_from_state_dict(
