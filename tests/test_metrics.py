@@ -154,7 +154,7 @@ def test_validation_metrics_with_custom_features():
 
 
 def test_clip_feature_extractor_from_local_folder(tmp_path):
-    from tests._reward_fixtures import write_tiny_clip
+    from _reward_fixtures import write_tiny_clip
 
     folder = write_tiny_clip(tmp_path / "clip")
     features = load_feature_extractor(f"clip:{folder}")

@@ -11,7 +11,7 @@ from diffusers_am.rewards.aesthetic import load_aesthetic
 from diffusers_am.rewards.clipscore import load_clipscore
 from diffusers_am.rewards.hpsv2 import load_hpsv2, load_hpsv21
 from diffusers_am.rewards.pickscore import load_pickscore
-from tests._reward_fixtures import (
+from _reward_fixtures import (
     TINY_OPEN_CLIP,
     open_clip_state_dict,
     write_aesthetic_mlp,

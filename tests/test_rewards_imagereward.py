@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from diffusers_am.rewards.imagereward import REWARD_MEAN, REWARD_STD, load_imagereward
-from tests._reward_fixtures import imagereward_state_dict, write_imagereward
+from _reward_fixtures import imagereward_state_dict, write_imagereward
 
 PROMPTS = ["a red cat", "the dogs !"]
 

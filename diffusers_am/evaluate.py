@@ -1,0 +1,339 @@
+"""Evaluate a base pipeline and its LoRA adapters: rewards, within-prompt diversity, and Recall /
+Coverage of each adapter's samples against the base model's.
+
+    python -m diffusers_am.evaluate \\
+        --pretrained_model_name_or_path <pipeline folder or Hub id>   # default: the embedded digits base
+        --adapters out/run1 out/run2 --prompts "a cat" "a dog" --num_images_per_prompt 6 \\
+        --rewards hpsv2 pickscore --output_dir eval
+
+Every model sees the same initial noise per (prompt, image index), so differences come from the
+adapters. Pipelines with a model adapter (``diffusers_am.models.ADAPTERS``) sample through it
+(Euler in paper time, the trainer's sampler); any other diffusers pipeline through its own
+``__call__`` (``--sampler pipeline``). LoRAs load with ``load_lora_weights`` and unload after.
+Writes ``metrics.json``, ``metrics.md``, ``plot_*.png``, ``reward_vs_diversity.png`` and
+``samples_<model>.png`` to ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .flow import sample_euler
+from .metrics import extract_features, recall_coverage, within_prompt_diversity
+from .metrics.diversity import default_diversity_metrics, get_diversity_metric
+from .metrics.features import load_feature_extractor
+from .metrics.report import markdown_table, write_report
+from .models import ADAPTERS, EMBEDDED_DIGITS_BASE, load_model_adapter, read_model_index
+from .models.base import FlowModelAdapter
+from .rewards import load_reward
+
+TEXT_REWARDS = ("hpsv2", "pickscore", "imagereward", "clipscore", "aesthetic")
+DIGITS_REWARDS = ("digits", "digits-heldout")
+
+
+# -- sampling ----------------------------------------------------------------------------------
+class AdapterSampler:
+    """Samples through a :class:`FlowModelAdapter` (Euler in paper time, shared initial noise)."""
+
+    def __init__(self, adapter: FlowModelAdapter, *, num_inference_steps: int | None, resolution: int | None,
+                 guidance_scale: float | None):
+        self.adapter = adapter
+        self.pipeline = adapter.pipeline
+        self.resolution = resolution or adapter.default_resolution
+        self.steps = num_inference_steps or adapter.default_num_inference_steps
+        self.guidance_scale = guidance_scale
+        self.conditioning = adapter.conditioning
+
+    def noise(self, n: int, seed: int) -> torch.Tensor:
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        return self.adapter.initial_noise(n, self.resolution, g)
+
+    @torch.no_grad()
+    def sample(self, conditions: Sequence[Any], noise: torch.Tensor, seed: int) -> torch.Tensor:
+        times = self.adapter.time_grid(self.steps, self.resolution)
+        flow = self.adapter.flow(self.adapter.encode_conditions(list(conditions)), guidance_scale=self.guidance_scale)
+        x = sample_euler(flow.velocity, noise, times)[-1]
+        return self.adapter.decode(x).float().clamp(0, 1).cpu()
+
+
+class PipelineSampler:
+    """Samples with the pipeline's own ``__call__`` (``output_type="pt"``), one seeded generator per batch."""
+
+    def __init__(self, pipeline: Any, *, num_inference_steps: int | None, resolution: int | None, guidance_scale: float | None,
+                 call_kwargs: dict[str, Any] | None = None):
+        self.pipeline = pipeline
+        self.call_kwargs = dict(call_kwargs or {})
+        self.steps, self.resolution, self.guidance_scale = num_inference_steps, resolution, guidance_scale
+        self.conditioning = "text"
+
+    def noise(self, n: int, seed: int) -> torch.Tensor:
+        return torch.full((n,), seed, dtype=torch.long)  # the batch's generator seed stands in for the noise
+
+    @torch.no_grad()
+    def sample(self, conditions: Sequence[Any], noise: torch.Tensor, seed: int) -> torch.Tensor:
+        kwargs: dict[str, Any] = {**self.call_kwargs, "prompt": list(conditions), "output_type": "pt",
+                                  "generator": torch.Generator(device="cpu").manual_seed(seed)}
+        if self.steps:
+            kwargs["num_inference_steps"] = self.steps
+        if self.resolution:
+            kwargs["height"] = kwargs["width"] = self.resolution
+        if self.guidance_scale is not None:
+            kwargs["guidance_scale"] = self.guidance_scale
+        images = self.pipeline(**kwargs).images
+        images = torch.as_tensor(images)
+        if images.dim() == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
+            images = images.permute(0, 3, 1, 2)
+        return images.float().clamp(0, 1).cpu()
+
+
+def build_sampler(pipeline_or_path: Any, *, sampler: str = "auto", torch_dtype: torch.dtype = torch.float32,
+                  device: str | torch.device | None = None, num_inference_steps: int | None = None,
+                  resolution: int | None = None, guidance_scale: float | None = None,
+                  pipeline_call_kwargs: dict[str, Any] | None = None):
+    """An AdapterSampler when the pipeline family has a model adapter (or ``sampler="adapter"``),
+    else a PipelineSampler over the pipeline's ``__call__``."""
+    if sampler not in ("auto", "adapter", "pipeline"):
+        raise ValueError(f"`sampler` must be 'auto', 'adapter' or 'pipeline'; got {sampler!r}.")
+    kw = dict(num_inference_steps=num_inference_steps, resolution=resolution, guidance_scale=guidance_scale)
+    if isinstance(pipeline_or_path, FlowModelAdapter):
+        adapter = pipeline_or_path
+    elif isinstance(pipeline_or_path, (str, os.PathLike)):
+        cls_name = read_model_index(pipeline_or_path).get("_class_name")
+        if sampler == "pipeline" or (sampler == "auto" and cls_name not in ADAPTERS):
+            from diffusers import DiffusionPipeline
+
+            pipe = DiffusionPipeline.from_pretrained(str(pipeline_or_path), torch_dtype=torch_dtype)
+            pipe.set_progress_bar_config(disable=True)
+            return PipelineSampler(pipe.to(device) if device else pipe, call_kwargs=pipeline_call_kwargs, **kw)
+        adapter = load_model_adapter(pipeline_or_path, torch_dtype=torch_dtype)
+    else:  # a loaded diffusers pipeline
+        cls_name = type(pipeline_or_path).__name__
+        if sampler == "pipeline" or (sampler == "auto" and cls_name not in ADAPTERS):
+            return PipelineSampler(pipeline_or_path, call_kwargs=pipeline_call_kwargs, **kw)
+        from .models import adapter_class
+
+        adapter = adapter_class(cls_name)(pipeline_or_path)
+    if device is not None:
+        adapter.to(device)
+    return AdapterSampler(adapter, **kw)
+
+
+# -- inputs ------------------------------------------------------------------------------------
+def read_prompts(prompts: str | os.PathLike | Sequence[Any] | None, sampler: Any) -> list[Any]:
+    """Prompts (or class labels) as a list: a list passes through; a ``.txt`` file gives one prompt a
+    line; None gives every class of a class-conditional model."""
+    if prompts is None:
+        num_classes = getattr(sampler.pipeline, "num_classes", None)
+        if sampler.conditioning == "class" and num_classes:
+            return list(range(int(num_classes)))
+        raise ValueError("`prompts` is required for a text-to-image pipeline: pass a list or a .txt file (one prompt a line).")
+    if isinstance(prompts, (str, os.PathLike)) and Path(prompts).is_file():
+        lines = [line.strip() for line in Path(prompts).read_text().splitlines()]
+        prompts = [line for line in lines if line and not line.startswith("#")]
+    elif isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("`prompts` is empty.")
+    if sampler.conditioning == "class":
+        prompts = [int(p) if isinstance(p, str) and p.strip().isdigit() else p for p in prompts]
+    return prompts
+
+
+def _is_digits_base(path: Any) -> bool:
+    try:
+        return Path(str(path)).resolve() == Path(EMBEDDED_DIGITS_BASE).resolve()
+    except (OSError, TypeError):
+        return False
+
+
+def _adapter_names(adapters: Sequence[str | os.PathLike]) -> list[str]:
+    names: list[str] = []
+    for a in adapters:
+        p = Path(a)
+        base = (p.parent.name if p.is_file() else p.name) or "adapter"
+        name, i = base, 2
+        while name in names or name == "base":
+            name, i = f"{base}-{i}", i + 1
+        names.append(name)
+    return names
+
+
+# -- evaluation --------------------------------------------------------------------------------
+def _score(reward: Callable, images: torch.Tensor, conditions: Sequence[Any], batch_size: int) -> torch.Tensor:
+    out = []
+    with torch.no_grad():
+        for s in range(0, images.shape[0], batch_size):
+            out.append(reward(images[s : s + batch_size], list(conditions[s : s + batch_size])).float().cpu())
+    return torch.cat(out)
+
+
+def evaluate(
+    pipeline_or_path: Any = EMBEDDED_DIGITS_BASE,
+    adapters: Sequence[str | os.PathLike] = (),
+    prompts: str | os.PathLike | Sequence[Any] | None = None,
+    num_images_per_prompt: int = 6,
+    rewards: Sequence[str] | None = None,
+    reward_paths: dict[str, str] | None = None,
+    feature_extractor: str | Callable | None = None,
+    diversity: str | Sequence[str] | None = "auto",
+    output_dir: str | os.PathLike | None = "eval",
+    *,
+    num_inference_steps: int | None = None,
+    resolution: int | None = None,
+    guidance_scale: float | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    k: int = 5,
+    sampler: str = "auto",
+    device: str | torch.device | None = None,
+    torch_dtype: torch.dtype = torch.float32,
+    pipeline_call_kwargs: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Generate with the base model and each adapter, then measure; returns the results dict (see
+    :mod:`diffusers_am.metrics.report`) and writes the report when ``output_dir`` is set.
+
+    Defaults on the digits base: rewards ``digits`` and ``digits-heldout``, features of the held-out
+    digits classifier, diversity 1 - SSIM and feature distance. On text pipelines: the paper's five
+    rewards, CLIP ViT-L/14 features, LPIPS and 1 - MS-SSIM (images above 160 px).
+    ``pipeline_call_kwargs``: extra arguments for the pipeline's ``__call__`` (``sampler="pipeline"``)."""
+    if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+        raise ValueError(f"`num_images_per_prompt` must be a positive integer; got {num_images_per_prompt!r}.")
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be >= 1; got {batch_size}.")
+    for a in adapters:
+        if not Path(a).exists():
+            raise ValueError(f"adapter {str(a)!r} does not exist: pass folders holding pytorch_lora_weights.safetensors.")
+    smp = build_sampler(pipeline_or_path, sampler=sampler, torch_dtype=torch_dtype, device=device,
+                        num_inference_steps=num_inference_steps, resolution=resolution, guidance_scale=guidance_scale,
+                        pipeline_call_kwargs=pipeline_call_kwargs)
+    prompt_list = read_prompts(prompts, smp)
+    conditions = [p for p in prompt_list for _ in range(num_images_per_prompt)]
+    n = len(conditions)
+    if adapters and n <= k:
+        raise ValueError(f"Recall/Coverage with k = {k} need more than {k} images per model; got {n}: raise num_images_per_prompt or add prompts.")
+    digits = _is_digits_base(pipeline_or_path)
+    if rewards is None:
+        rewards = list(DIGITS_REWARDS) if digits else list(TEXT_REWARDS) if smp.conditioning == "text" else []
+    if feature_extractor is None:
+        feature_extractor = "digits-heldout" if digits else "clip"
+    reward_fns = {spec: load_reward(spec, device=device, paths=reward_paths) for spec in rewards}
+    features = load_feature_extractor(feature_extractor, device=device)
+
+    # generation: shared noise per (condition, image index) across models
+    names = ["base"] + _adapter_names(adapters)
+    chunks = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+    noise = smp.noise(n, seed)
+    samples: dict[str, torch.Tensor] = {}
+    bar = tqdm(total=len(names) * len(chunks), desc="generating", disable=not progress)
+    for name, lora in zip(names, [None, *adapters]):
+        if lora is not None:
+            smp.pipeline.load_lora_weights(str(lora), adapter_name=name)
+        try:
+            imgs = []
+            for ci, (s, e) in enumerate(chunks):
+                imgs.append(smp.sample(conditions[s:e], noise[s:e], seed + ci))
+                bar.update(1)
+            samples[name] = torch.cat(imgs)
+        finally:
+            if lora is not None:
+                smp.pipeline.unload_lora_weights()
+    bar.close()
+
+    # metrics
+    size = min(samples["base"].shape[-2:])
+    div_names = default_diversity_metrics(size) if diversity in (None, "auto") else (
+        [d.strip() for d in diversity.split(",")] if isinstance(diversity, str) else list(diversity))
+    div_fns = {d: get_diversity_metric(d, features=features) for d in div_names if d}
+    base_feats = extract_features(features, samples["base"], batch_size)
+    models: dict[str, dict[str, float]] = {}
+    for name in tqdm(names, desc="measuring", disable=not progress):
+        imgs, m = samples[name], {}
+        for spec, fn in reward_fns.items():
+            r = _score(fn, imgs, conditions, batch_size)
+            m[f"reward/{spec}"] = r.mean().item()
+            m[f"reward/{spec}/sem"] = (r.std(unbiased=True) / n**0.5).item() if n > 1 else 0.0
+        if num_images_per_prompt >= 2:
+            for d, fn in div_fns.items():
+                m[f"diversity/{d}"] = within_prompt_diversity(imgs, conditions, fn)
+        if name != "base" and n > k:
+            m.update(recall_coverage(base_feats, extract_features(features, imgs, batch_size), k=k))
+        models[name] = m
+    results = {
+        "config": {
+            "pipeline": str(pipeline_or_path) if isinstance(pipeline_or_path, (str, os.PathLike)) else type(pipeline_or_path).__name__,
+            "adapters": dict(zip(names[1:], [str(a) for a in adapters])),
+            "prompts": [p if isinstance(p, (int, str)) else str(p) for p in prompt_list],
+            "num_images_per_prompt": num_images_per_prompt, "rewards": list(rewards),
+            "feature_extractor": feature_extractor if isinstance(feature_extractor, str) else getattr(feature_extractor, "__name__", "callable"),
+            "diversity": list(div_fns), "k": k, "seed": seed, "sampler": type(smp).__name__,
+            "num_inference_steps": getattr(smp, "steps", None), "resolution": getattr(smp, "resolution", None),
+            "guidance_scale": guidance_scale, "ms_ssim_implementation": "pytorch-msssim",
+        },
+        "models": models,
+    }
+    if output_dir is not None:
+        results["files"] = {k_: str(v) for k_, v in write_report(results, output_dir, samples, nrow=num_images_per_prompt).items()}
+    return results
+
+
+# -- CLI ---------------------------------------------------------------------------------------
+def _parse_paths(items: Sequence[str] | None) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"`--reward_paths` entries are NAME=PATH (e.g. hpsv2=/ckpt/HPS_v2_compressed.pt); got {item!r}.")
+        out[name] = path
+    return out
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m diffusers_am.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--pretrained_model_name_or_path", default=str(EMBEDDED_DIGITS_BASE), help="pipeline folder or Hub id (default: the embedded digits base)")
+    p.add_argument("--adapters", nargs="*", default=[], help="LoRA folders (pytorch_lora_weights.safetensors) to compare with the base")
+    p.add_argument("--prompts", nargs="*", default=None, help="prompts (or class labels), or one .txt file with a prompt a line (default: every class of a class-conditional model)")
+    p.add_argument("--num_images_per_prompt", type=int, default=6)
+    p.add_argument("--rewards", nargs="*", default=None, help=f"reward names/specs (default: {' '.join(DIGITS_REWARDS)} on the digits base, {' '.join(TEXT_REWARDS)} on text pipelines)")
+    p.add_argument("--reward_paths", nargs="*", default=None, metavar="NAME=PATH", help="local checkpoint (file, folder or Hub id) per reward")
+    p.add_argument("--feature_extractor", default=None, help="'clip', 'clip:<folder>', 'digits', 'digits-heldout' or 'module:callable'")
+    p.add_argument("--diversity", default="auto", help="comma list of lpips, ms_ssim, ssim, feature_distance (default: by image size)")
+    p.add_argument("--output_dir", default="eval")
+    p.add_argument("--num_inference_steps", type=int, default=None)
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--guidance_scale", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--k", type=int, default=5, help="nearest neighbours for Recall / Coverage")
+    p.add_argument("--sampler", choices=["auto", "adapter", "pipeline"], default="auto")
+    p.add_argument("--device", default=None)
+    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    prompts: Any = args.prompts
+    if prompts is not None and len(prompts) == 1 and Path(prompts[0]).is_file():
+        prompts = prompts[0]
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    results = evaluate(
+        args.pretrained_model_name_or_path, args.adapters, prompts, args.num_images_per_prompt,
+        args.rewards, _parse_paths(args.reward_paths), args.feature_extractor, args.diversity, args.output_dir,
+        num_inference_steps=args.num_inference_steps, resolution=args.resolution, guidance_scale=args.guidance_scale,
+        seed=args.seed, batch_size=args.batch_size, k=args.k, sampler=args.sampler, device=args.device, torch_dtype=dtype,
+    )
+    print(markdown_table(results))
+    print(f"wrote {results['files']['json']} and {results['files']['markdown']}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

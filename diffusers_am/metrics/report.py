@@ -1,0 +1,110 @@
+"""Writing evaluation results: JSON, a markdown table, PNG plots and sample grids.
+
+``results`` is ``{"config": {...}, "models": {name: {metric: value}}}`` with flat metric names:
+``reward/<name>`` (mean), ``reward/<name>/sem`` (standard error), ``diversity/<name>``,
+``recall``, ``coverage``. The first model is the base.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _fmt(value: Any, sem: Any = None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    text = f"{value:.4g}"
+    return f"{text} ± {sem:.2g}" if sem is not None else text
+
+
+def metric_columns(models: dict[str, dict[str, float]]) -> list[str]:
+    """Metric names in display order: rewards, diversity, recall, coverage (no ``/sem`` columns)."""
+    names: list[str] = []
+    for metrics in models.values():
+        names += [k for k in metrics if k not in names and not k.endswith("/sem")]
+    order = {"reward": 0, "diversity": 1, "recall": 2, "coverage": 3}
+    return sorted(names, key=lambda n: (order.get(n.split("/")[0], 4), names.index(n)))
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """One row per model, one column per metric (rewards as mean ± s.e.)."""
+    models = results["models"]
+    cols = metric_columns(models)
+    lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for name, metrics in models.items():
+        cells = [_fmt(metrics.get(c), metrics.get(f"{c}/sem")) for c in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def image_grid(images: torch.Tensor, nrow: int) -> torch.Tensor:
+    """[N, C, H, W] in [0, 1] -> [H', W', 3] uint8 grid with 1 px white gutters."""
+    if images.shape[-1] < 64:  # small images (e.g. 8x8 digits): nearest upscale so the grid is readable
+        scale = math.ceil(64 / images.shape[-1])
+        images = torch.nn.functional.interpolate(images.float(), scale_factor=scale, mode="nearest")
+    n, c, h, w = images.shape
+    imgs = images.expand(-1, 3, -1, -1) if c == 1 else images
+    ncol = max(1, nrow)
+    rows = math.ceil(n / ncol)
+    grid = torch.ones(3, rows * (h + 1) + 1, ncol * (w + 1) + 1)
+    for i in range(n):
+        r, col = divmod(i, ncol)
+        grid[:, 1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + col * (w + 1) : 1 + col * (w + 1) + w] = imgs[i].float().clamp(0, 1)
+    return (grid.permute(1, 2, 0) * 255).round().to(torch.uint8)
+
+
+def write_report(results: dict[str, Any], output_dir: str | Path, samples: dict[str, torch.Tensor] | None = None, nrow: int = 6) -> dict[str, Path]:
+    """Write ``metrics.json``, ``metrics.md``, ``plot_<metric>.png`` (one bar chart per metric),
+    ``reward_vs_diversity.png`` and ``samples_<model>.png``; returns the written paths by kind."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    written["json"] = out / "metrics.json"
+    written["json"].write_text(json.dumps(results, indent=2, default=str))
+    written["markdown"] = out / "metrics.md"
+    written["markdown"].write_text(markdown_table(results))
+    models = results["models"]
+    names = list(models)
+    cols = metric_columns(models)
+    for col in cols:
+        vals = [models[n].get(col, float("nan")) for n in names]
+        errs = [models[n].get(f"{col}/sem", 0.0) for n in names]
+        fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(names), 3.2))
+        ax.bar(range(len(names)), [v if v is not None else float("nan") for v in vals], yerr=errs, color="#4c72b0", capsize=3)
+        ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+        ax.set_title(col)
+        fig.tight_layout()
+        path = out / f"plot_{col.replace('/', '_')}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written[f"plot:{col}"] = path
+    rewards = [c for c in cols if c.startswith("reward/")]
+    diversities = [c for c in cols if c.startswith("diversity/")]
+    if rewards and diversities:
+        fig, ax = plt.subplots(figsize=(4.2, 3.6))
+        for n in names:
+            ax.scatter(models[n].get(diversities[0]), models[n].get(rewards[0]), label=n)
+        ax.set_xlabel(diversities[0])
+        ax.set_ylabel(rewards[0])
+        ax.legend(fontsize=7)
+        ax.set_title("reward vs diversity")
+        fig.tight_layout()
+        written["scatter"] = out / "reward_vs_diversity.png"
+        fig.savefig(written["scatter"], dpi=100)
+        plt.close(fig)
+    for name, imgs in (samples or {}).items():
+        path = out / f"samples_{name}.png"
+        Image.fromarray(image_grid(imgs.cpu(), nrow).numpy()).save(path)
+        written[f"samples:{name}"] = path
+    return written

@@ -1,0 +1,102 @@
+"""`python -m diffusers_am.evaluate` and `evaluate(...)` offline: a tiny SiT digits-shaped base with
+a LoRA (digits rewards + digits classifier features) and a tiny random FLUX.2-klein pipeline."""
+
+import json
+
+import pytest
+import torch
+from _tiny_sit import tiny_pixel_pipeline
+
+from diffusers_am.evaluate import evaluate, main
+from diffusers_am.models import LoraSettings
+from diffusers_am.models.sit import SiTAdapter
+
+
+@pytest.fixture(scope="module")
+def sit_base_and_lora(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sit")
+    tiny_pixel_pipeline().save_pretrained(root / "base")
+    adapter = SiTAdapter.from_pretrained(str(root / "base"))
+    adapter.add_lora(LoraSettings(rank=4))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in adapter.transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a LoRA that visibly changes the samples
+    adapter.save_lora(str(root / "run1"))
+    return root / "base", root / "run1"
+
+
+def test_evaluate_sit_with_lora(sit_base_and_lora, tmp_path):
+    base, lora = sit_base_and_lora
+    out = tmp_path / "eval"
+    res = evaluate(
+        str(base), adapters=[str(lora)], prompts=[1, 7], num_images_per_prompt=6,
+        rewards=["digits", "digits-heldout"], feature_extractor="digits-heldout", output_dir=out,
+        num_inference_steps=3, progress=False,
+    )
+    models = res["models"]
+    assert list(models) == ["base", "run1"]
+    assert set(models["run1"]) == {
+        "reward/digits", "reward/digits/sem", "reward/digits-heldout", "reward/digits-heldout/sem",
+        "diversity/ssim", "diversity/feature_distance", "recall", "coverage",
+    }
+    assert "recall" not in models["base"]
+    assert all(v <= 0 for k, v in models["base"].items() if k.startswith("reward/") and not k.endswith("/sem"))
+    assert models["base"]["reward/digits"] != models["run1"]["reward/digits"]  # the LoRA changed the samples
+    assert 0 <= models["run1"]["coverage"] <= 1 and 0 <= models["run1"]["recall"] <= 1
+    saved = json.loads((out / "metrics.json").read_text())
+    for name in models:
+        assert saved["models"][name] == pytest.approx(models[name])
+    table = (out / "metrics.md").read_text()
+    assert table.startswith("| model | reward/digits | reward/digits-heldout | diversity/ssim") and "| run1 |" in table
+    for f in ("plot_reward_digits.png", "plot_coverage.png", "reward_vs_diversity.png", "samples_base.png", "samples_run1.png"):
+        assert (out / f).stat().st_size > 0, f
+    # same seed, same numbers: the base row does not depend on which adapters are evaluated
+    again = evaluate(str(base), prompts=[1, 7], num_images_per_prompt=6, rewards=["digits"],
+                     feature_extractor="digits-heldout", output_dir=None, num_inference_steps=3, progress=False)
+    assert again["models"]["base"]["reward/digits"] == pytest.approx(models["base"]["reward/digits"], abs=1e-6)
+
+
+def test_cli_on_sit_and_bad_inputs(sit_base_and_lora, tmp_path, capsys):
+    base, lora = sit_base_and_lora
+    prompts = tmp_path / "labels.txt"
+    prompts.write_text("3\n5\n")
+    main(["--pretrained_model_name_or_path", str(base), "--adapters", str(lora), "--prompts", str(prompts),
+          "--num_images_per_prompt", "3", "--rewards", "digits", "--feature_extractor", "digits",
+          "--diversity", "ssim", "--num_inference_steps", "2", "--output_dir", str(tmp_path / "cli")])
+    printed = capsys.readouterr().out
+    assert "| run1 |" in printed and (tmp_path / "cli" / "metrics.md").is_file()
+    with pytest.raises(ValueError, match="num_images_per_prompt"):
+        evaluate(str(base), num_images_per_prompt=0, output_dir=None)
+    with pytest.raises(ValueError, match="does not exist"):
+        evaluate(str(base), adapters=[str(tmp_path / "nope")], output_dir=None)
+    with pytest.raises(ValueError, match="k = 5"):
+        evaluate(str(base), adapters=[str(lora)], prompts=[1], num_images_per_prompt=2, rewards=[], feature_extractor="digits", output_dir=None, progress=False)
+    with pytest.raises(ValueError, match="known rewards"):
+        evaluate(str(base), prompts=[1], rewards=["nope"], output_dir=None, progress=False)
+
+
+@pytest.fixture(scope="module")
+def klein_folder(tmp_path_factory):
+    from _tiny_pipelines import save_tiny_flux2_klein
+
+    return save_tiny_flux2_klein(tmp_path_factory.mktemp("klein") / "pipe")
+
+
+@pytest.mark.parametrize("sampler", ["adapter", "pipeline"])
+def test_evaluate_tiny_klein(klein_folder, tmp_path, sampler):
+    from _tiny_pipelines import TINY_RESOLUTION
+
+    folder = klein_folder
+    res = evaluate(
+        str(folder), prompts=["a red cat", "a dog"], num_images_per_prompt=2,
+        rewards=["_tiny_pipelines:mean_brightness"], feature_extractor=lambda x: x.flatten(1), diversity="ssim,feature_distance",
+        output_dir=tmp_path / "eval", num_inference_steps=2, resolution=TINY_RESOLUTION, sampler=sampler, progress=False,
+        pipeline_call_kwargs={"max_sequence_length": 32},
+    )
+    m = res["models"]["base"]
+    assert 0 <= m["reward/_tiny_pipelines:mean_brightness"] <= 1 and m["diversity/ssim"] > 0
+    assert (tmp_path / "eval" / "metrics.md").is_file()
+    with pytest.raises(ValueError, match="prompts` is required"):
+        evaluate(str(folder), rewards=[], output_dir=None, sampler=sampler)
