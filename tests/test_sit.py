@@ -207,7 +207,7 @@ def test_add_lora_rejects_unknown_targets():
 # -- the trainer's adapter -------------------------------------------------------------------
 def test_adapter_velocities_base_vs_finetuned_and_gradients():
     adapter = SiTAdapter(tiny_pixel_pipeline())
-    labels = adapter.encode_conditions([3, "7"])
+    labels = adapter.encode_conditions([np.int64(3), "7"])
     assert labels.dtype == torch.long and labels.tolist() == [3, 7]
     flow = adapter.flow(labels)
     x, t = torch.randn(2, 1, 8, 8), torch.tensor(0.25)
@@ -458,3 +458,20 @@ def test_pipeline_control_window_and_scale(tmp_path):
         run(control_start=1.5)
     with pytest.raises(ValueError, match="scheduler"):
         SiTPipeline(tiny_pixel_transformer(), scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True))
+
+
+def test_gradient_checkpointing_gives_the_same_lora_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        adapter = SiTAdapter(tiny_pixel_pipeline())
+        params = adapter.add_lora(LoraSettings(rank=2))
+        _perturb_lora(adapter.transformer)
+        if checkpointing:
+            adapter.transformer.enable_gradient_checkpointing()
+        adapter.transformer.train()
+        flow = adapter.flow(adapter.encode_conditions([1, 8]), guidance_scale=1.5)
+        x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+        flow.velocity(x, torch.tensor(0.7)).square().sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in params]))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0])

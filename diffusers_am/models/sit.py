@@ -19,6 +19,7 @@ Conventions (nothing to convert: SiT already lives in paper time):
 from __future__ import annotations
 
 import contextlib
+import numbers
 from typing import Any, Sequence
 
 import torch
@@ -158,19 +159,19 @@ class SiTAdapter(FlowModelAdapter):
 
     # -- conditioning ---------------------------------------------------------------------
     def encode_conditions(self, conditions: Sequence[Any]) -> torch.Tensor:
-        """Class labels (ints, or strings of ints) -> LongTensor [B] on ``device``."""
+        """Class labels (integers, numpy integers or strings of integers) -> LongTensor [B] on ``device``."""
         labels = []
         for c in conditions:
             if isinstance(c, str) and c.strip().lstrip("-").isdigit():
                 c = int(c)
             if isinstance(c, torch.Tensor) and c.dim() == 0 and not c.is_floating_point():
                 c = int(c)
-            if isinstance(c, bool) or not isinstance(c, int):
+            if isinstance(c, bool) or not isinstance(c, numbers.Integral):
                 raise ValueError(
                     f"`class_labels` for a class-conditional SiT model must be integers in "
                     f"[0, {self.pipeline.num_classes}); got {c!r}."
                 )
-            labels.append(c)
+            labels.append(int(c))
         return self.pipeline.check_class_labels(labels, device=self.device)
 
     def flow(self, encoded: torch.Tensor, *, guidance_scale: float | None = None,
