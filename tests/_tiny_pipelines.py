@@ -43,10 +43,12 @@ def tiny_qwen_tokenizer():
 
 
 def tiny_clip_tokenizer(max_length: int = 77):
-    """A CLIPTokenizer-compatible byte-level tokenizer (GPT-2 style files, no merges)."""
+    """A CLIPTokenizer on single byte-level characters (with and without ``</w>``), no merges."""
     from transformers import CLIPTokenizer
 
-    vocab = _byte_vocab(["<|startoftext|>", "<|endoftext|>"])
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    vocab = _byte_vocab([c + "</w>" for c in sorted(ByteLevel.alphabet())] + ["<|startoftext|>", "<|endoftext|>"])
     import json
     import tempfile
 
@@ -57,12 +59,12 @@ def tiny_clip_tokenizer(max_length: int = 77):
 
 
 def tiny_t5_tokenizer(max_length: int = 32):
-    """A T5TokenizerFast on a word-level-free unigram vocabulary of single bytes."""
+    """A T5 (unigram) tokenizer whose pieces are single characters and the word marker."""
     from transformers import T5TokenizerFast
 
     from tokenizers.pre_tokenizers import ByteLevel
 
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0) for c in sorted(ByteLevel.alphabet())]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)] + [(c, -1.0) for c in sorted(ByteLevel.alphabet())]
     return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=max_length)
 
 
@@ -134,3 +136,94 @@ def save_tiny_flux2_klein(directory: str | Path, is_distilled: bool = True, seed
 def mean_brightness(images: torch.Tensor, prompts: list) -> torch.Tensor:
     """A differentiable test reward for text pipelines: [B, C, H, W] in [0, 1] -> [B] mean pixel."""
     return images.float().mean(dim=(1, 2, 3))
+
+
+def _tiny_clip(hidden: int, projection: bool, vocab_size: int):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        hidden_size=hidden,
+        intermediate_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        vocab_size=vocab_size,
+        projection_dim=hidden,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+
+
+def _tiny_t5(d_model: int, vocab_size: int):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(d_model=d_model, d_kv=8, d_ff=d_model, num_layers=1, num_heads=2, vocab_size=vocab_size, relative_attention_num_buckets=8)
+    return T5EncoderModel(config).eval()
+
+
+def build_tiny_flux(seed: int = 0, guidance_embeds: bool = True):
+    """A FluxPipeline with random tiny components: CLIP (pooled, width 32), T5 (width 32),
+    8x VAE with 1 latent channel (2x2-packed to 4), 1 double + 1 single block."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = tiny_clip_tokenizer(), tiny_t5_tokenizer()
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance_embeds, axes_dims_rope=[4, 4, 8],
+    )
+    vae = AutoencoderKL(
+        latent_channels=1, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
+        **_tiny_vae_kwargs(),
+    )
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=256, max_image_seq_len=4096),
+        vae=vae,
+        text_encoder=_tiny_clip(32, False, len(tokenizer)),
+        tokenizer=tokenizer,
+        text_encoder_2=_tiny_t5(32, len(tokenizer_2)),
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+
+
+def save_tiny_flux(directory: str | Path, seed: int = 0) -> Path:
+    directory = Path(directory)
+    build_tiny_flux(seed=seed).save_pretrained(directory)
+    return directory
+
+
+def build_tiny_sd3(seed: int = 0):
+    """A StableDiffusion3Pipeline with random tiny components: two CLIP-with-projection
+    (width 16 each, pooled 32), T5 (width 32), 8x VAE with 4 latent channels, one joint block."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2, tokenizer_3 = tiny_clip_tokenizer(), tiny_clip_tokenizer(), tiny_t5_tokenizer()
+    transformer = SD3Transformer2DModel(
+        sample_size=TINY_RESOLUTION // 8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32, out_channels=4, pos_embed_max_size=16,
+    )
+    vae = AutoencoderKL(
+        latent_channels=4, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
+        **_tiny_vae_kwargs(),
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=_tiny_clip(16, True, len(tokenizer)),
+        tokenizer=tokenizer,
+        text_encoder_2=_tiny_clip(16, True, len(tokenizer_2)),
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=_tiny_t5(32, len(tokenizer_3)),
+        tokenizer_3=tokenizer_3,
+    )
+
+
+def save_tiny_sd3(directory: str | Path, seed: int = 0) -> Path:
+    directory = Path(directory)
+    build_tiny_sd3(seed=seed).save_pretrained(directory)
+    return directory
