@@ -18,7 +18,7 @@ import torch
 from .adjoint import lean_adjoint_window
 from .control import check_order, optimal_control, per_sample_norm
 from .flow import ConditionedFlow, check_time_grid, check_truncation, sample_euler
-from .schedules import MemorylessSchedule, NoiseSchedule
+from .schedules import MemorylessSchedule, NoiseSchedule, refine_grid
 
 RewardFn = Callable[[torch.Tensor], torch.Tensor]
 Backward = Callable[[torch.Tensor], None]
@@ -141,6 +141,7 @@ def sde_am_step(
     reward_scale: float = 1.0,
     loss_reduction: str = "sum",
     generator: torch.Generator | None = None,
+    refine: bool = True,
     backward: Backward = _default_backward,
 ) -> StepOutput:
     """Stochastic adjoint matching (quadratic cost; method.md section 4).
@@ -149,9 +150,18 @@ def sde_am_step(
     sigma(t) (memoryless by default, t clipped to [schedule.t_min, schedule.t_max]); lean adjoint
     through the base drift; loss (1/K) sum_k E |u_theta + sigma(t_k) a~_k|^2 with
     u_theta = velocity_gain(t) (v_theta - v_base) / sigma(t)  (= 2 (v_theta - v_base) / sigma memoryless).
+
+    With ``refine`` (default) the grid gets extra points near t = 0 where the drift's -x / t term
+    makes plain Euler-Maruyama unstable (``schedules.refine_grid``: a few extra no-grad forwards).
+    The window is the last K steps of the given grid; K = N covers the whole refined grid.
     """
     schedule = schedule or MemorylessSchedule()
     n, k_steps = _prepare(noise, times, truncate_steps)
+    if refine:
+        start = times[n - k_steps]
+        times = refine_grid(times, schedule)
+        n = times.shape[0] - 1
+        k_steps = n - int(torch.nonzero(times == start)[0, 0])
 
     def drift(velocity):
         return lambda x, t: schedule.drift(x, _hp(velocity(x, t)), t)

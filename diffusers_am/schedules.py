@@ -91,3 +91,29 @@ def get_schedule(name: str, **kwargs) -> NoiseSchedule:
     if name not in SCHEDULES:
         raise ValueError(f"unknown noise schedule {name!r}; choose one of {sorted(SCHEDULES)}.")
     return SCHEDULES[name](**kwargs)
+
+
+def refine_grid(times: torch.Tensor, schedule: NoiseSchedule, max_step: float = 0.5) -> torch.Tensor:
+    """Insert points into ``times`` [N+1] so every Euler-Maruyama step is stable.
+
+    The drift's state term is -state_coeff(t) x (= -x / t memoryless); an Euler step keeps it
+    stable when dt * state_coeff(t_k) <= ``max_step``. Near t = 0 (clipped to ``t_min``) that
+    needs steps of about t / 2: the inserted points grow geometrically from 0 until the
+    original grid is fine enough. Every original point is kept, so the last K steps of the
+    original grid are the last K of the refined one whenever the window avoids t ~ 0.
+
+    Returns the refined increasing grid [N'+1], N' >= N, same dtype and device.
+    """
+    if not 0 < max_step < 1:
+        raise ValueError(f"`max_step` must be in (0, 1); got {max_step}.")
+    points = [times[0]]
+    for k in range(times.shape[0] - 1):
+        target = times[k + 1]
+        while True:
+            t = points[-1]
+            step = max_step / float(schedule.state_coeff(t.clamp_min(schedule.t_min)))
+            if float(target - t) <= step * (1 + 1e-6):
+                break
+            points.append(t + step)
+        points.append(target)
+    return torch.stack(points)

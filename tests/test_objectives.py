@@ -235,3 +235,54 @@ def test_bad_grid_and_reward_shape():
         ode_am_step(flow, noise, times, linear_reward, truncate_steps=1, order=1.0)
     with pytest.raises(ValueError, match="loss_reduction"):
         ode_am_step(flow, noise, times, linear_reward, truncate_steps=1, loss_reduction="median")
+
+
+def test_sde_grid_refinement_keeps_points_and_makes_steps_stable():
+    from diffusers_am.schedules import refine_grid
+
+    sched = MemorylessSchedule()
+    times = torch.linspace(0, 1, 11)
+    fine = refine_grid(times, sched)
+    assert all(bool((fine == t).any()) for t in times)
+    assert (fine[1:] > fine[:-1]).all()
+    dt = fine[1:] - fine[:-1]
+    coeff = torch.stack([sched.state_coeff(t.clamp_min(sched.t_min)) for t in fine[:-1]])
+    assert float((dt * coeff).max()) <= 0.5 + 1e-5
+    assert len(fine) - len(times) < 12  # a few points near t = 0 only
+    # A grid already fine enough is returned as is.
+    late = torch.linspace(0.5, 1, 6)
+    torch.testing.assert_close(refine_grid(late, sched), late)
+    with pytest.raises(ValueError, match="max_step"):
+        refine_grid(times, sched, max_step=1.5)
+
+
+def test_sde_am_sampling_keeps_base_marginal_from_t0():
+    # 1-D Gaussian data N(1, 0.5^2): with a zero control the memoryless SDE from t = 0 must end
+    # in the data law. On a grid coarse near t = 0 (here t_1 = 0.22) plain Euler-Maruyama ends
+    # with std ~1.0 instead of 0.5; the refined grid fixes it.
+    m, s = 1.0, 0.5
+
+    class Gaussian(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.theta = torch.nn.Parameter(torch.zeros(1))
+
+        def base_velocity(self, x, t):
+            d = (1 - t) ** 2 + t**2 * s**2
+            alpha = (t * s**2 - (1 - t)) / d
+            return alpha * x + m - alpha * t * m
+
+        def velocity(self, x, t):
+            return self.base_velocity(x, t) + self.theta
+
+    flow = Gaussian()
+    noise = torch.randn(20000, 1, generator=torch.Generator().manual_seed(0))
+    coarse_early = torch.linspace(0, 1, 21) ** 0.5
+    out = sde_am_step(flow, noise, coarse_early, lambda x: x[:, 0], truncate_steps=1,
+                      generator=torch.Generator().manual_seed(1))
+    x1 = out.final_states[:, 0]
+    assert abs(float(x1.mean()) - m) < 0.05
+    assert abs(float(x1.std()) - s) < 0.05
+    full = sde_am_step(flow, noise[:64], torch.linspace(0, 1, 21), lambda x: x[:, 0], truncate_steps=20,
+                       generator=torch.Generator().manual_seed(1))
+    assert full.control_norm_per_step.shape[0] > 20  # K = N covers the refined grid
