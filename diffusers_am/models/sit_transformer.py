@@ -7,6 +7,13 @@ predicts the velocity ``x_data - noise`` (paper time, no sign flip), and the raw
 ``2 * in_channels`` channels and the velocity is the first ``in_channels`` (SiT keeps DiT's
 learn-sigma head; its second half is unused).
 
+Checked against the SiT code: ``transport/transport.py`` draws ``x0 = noise``, ``x1 = data``,
+``t ~ U[0, 1]`` and regresses ``model(x_t, t)`` on the path velocity; the Linear plan
+(``path.ICPlan``) has data coefficient ``t`` and noise coefficient ``1 - t``, so the target is
+``x1 - x0``; ``sample_ode`` integrates from t0 = 0 to t1 = 1 for velocity models; ``models.py``
+embeds the raw t with ``[cos, sin](t * 10000^(-i / 128))`` and returns the first half of the
+channels with ``learn_sigma``. So the timestep this model receives is paper time itself.
+
 Differences from :class:`diffusers.DiTTransformer2DModel` (all chosen to reproduce SiT's math):
 
 * timestep frequencies ``exp(-ln(10000) * i / half)`` (``downscale_freq_shift=0``), SiT's and
