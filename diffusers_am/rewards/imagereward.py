@@ -140,7 +140,8 @@ def text_config_from_med(med: Mapping[str, Any], encoder_width: int) -> Any:
         intermediate_size=med["intermediate_size"], num_hidden_layers=med["num_hidden_layers"],
         num_attention_heads=med["num_attention_heads"], max_position_embeddings=med.get("max_position_embeddings", 512),
         hidden_act=med.get("hidden_act", "gelu"), layer_norm_eps=med.get("layer_norm_eps", 1e-12),
-        pad_token_id=med.get("pad_token_id", 0), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, is_decoder=True,
+        pad_token_id=med.get("pad_token_id", 0), bos_token_id=med.get("bos_token_id"), eos_token_id=med.get("eos_token_id"),
+        sep_token_id=med.get("sep_token_id"), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, is_decoder=True,
     )
 
 
