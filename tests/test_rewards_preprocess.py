@@ -17,8 +17,8 @@ from diffusers_am.rewards.clip_preprocess import (
 )
 
 # Stated tolerance vs PIL (uint8 pipeline, bicubic) on smooth natural-like images:
-MEAN_ABS_TOL = 4e-3  # mean |difference| in [0, 1] units (about 1 grey level)
-MAX_ABS_TOL = 3e-2  # worst pixel
+MEAN_ABS_TOL = 3e-3  # mean |difference| in [0, 1] units (measured 1.1e-3 to 2.0e-3: PIL rounds to uint8)
+MAX_ABS_TOL = 1.2e-2  # worst pixel (measured 3.6e-3 to 8.3e-3; 1 grey level = 3.9e-3)
 
 
 def _fixed_image(h: int, w: int, seed: int) -> torch.Tensor:
