@@ -95,7 +95,7 @@ class PipelineSampler:
 def build_sampler(pipeline_or_path: Any, *, sampler: str = "auto", torch_dtype: torch.dtype = torch.float32,
                   device: str | torch.device | None = None, num_inference_steps: int | None = None,
                   resolution: int | None = None, guidance_scale: float | None = None,
-                  pipeline_call_kwargs: dict[str, Any] | None = None):
+                  pipeline_call_kwargs: dict[str, Any] | None = None, adapter_kwargs: dict[str, Any] | None = None):
     """An AdapterSampler when the pipeline family has a model adapter (or ``sampler="adapter"``),
     else a PipelineSampler over the pipeline's ``__call__``."""
     if sampler not in ("auto", "adapter", "pipeline"):
@@ -111,7 +111,7 @@ def build_sampler(pipeline_or_path: Any, *, sampler: str = "auto", torch_dtype: 
             pipe = DiffusionPipeline.from_pretrained(str(pipeline_or_path), torch_dtype=torch_dtype)
             pipe.set_progress_bar_config(disable=True)
             return PipelineSampler(pipe.to(device) if device else pipe, call_kwargs=pipeline_call_kwargs, **kw)
-        adapter = load_model_adapter(pipeline_or_path, torch_dtype=torch_dtype)
+        adapter = load_model_adapter(pipeline_or_path, torch_dtype=torch_dtype, **(adapter_kwargs or {}))
     else:  # a loaded diffusers pipeline
         cls_name = type(pipeline_or_path).__name__
         if sampler == "pipeline" or (sampler == "auto" and cls_name not in ADAPTERS):
@@ -195,6 +195,7 @@ def evaluate(
     device: str | torch.device | None = None,
     torch_dtype: torch.dtype = torch.float32,
     pipeline_call_kwargs: dict[str, Any] | None = None,
+    adapter_kwargs: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Generate with the base model and each adapter, then measure; returns the results dict (see
@@ -203,7 +204,8 @@ def evaluate(
     Defaults on the digits base: rewards ``digits`` and ``digits-heldout``, features of the held-out
     digits classifier, diversity 1 - SSIM and feature distance. On text pipelines: the paper's five
     rewards, CLIP ViT-L/14 features, LPIPS and 1 - MS-SSIM (images above 160 px).
-    ``pipeline_call_kwargs``: extra arguments for the pipeline's ``__call__`` (``sampler="pipeline"``)."""
+    ``pipeline_call_kwargs``: extra arguments for the pipeline's ``__call__`` (``sampler="pipeline"``);
+    ``adapter_kwargs``: for the model adapter's ``from_pretrained`` (e.g. ``max_sequence_length``)."""
     if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
         raise ValueError(f"`num_images_per_prompt` must be a positive integer; got {num_images_per_prompt!r}.")
     if batch_size < 1:
@@ -213,7 +215,7 @@ def evaluate(
             raise ValueError(f"adapter {str(a)!r} does not exist: pass folders holding pytorch_lora_weights.safetensors.")
     smp = build_sampler(pipeline_or_path, sampler=sampler, torch_dtype=torch_dtype, device=device,
                         num_inference_steps=num_inference_steps, resolution=resolution, guidance_scale=guidance_scale,
-                        pipeline_call_kwargs=pipeline_call_kwargs)
+                        pipeline_call_kwargs=pipeline_call_kwargs, adapter_kwargs=adapter_kwargs)
     prompt_list = read_prompts(prompts, smp)
     conditions = [p for p in prompt_list for _ in range(num_images_per_prompt)]
     n = len(conditions)
@@ -315,6 +317,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sampler", choices=["auto", "adapter", "pipeline"], default="auto")
     p.add_argument("--device", default=None)
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    p.add_argument("--max_sequence_length", type=int, default=None, help="prompt tokens for text pipelines (default: the pipeline's)")
     return p.parse_args(argv)
 
 
@@ -324,11 +327,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if prompts is not None and len(prompts) == 1 and Path(prompts[0]).is_file():
         prompts = prompts[0]
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    seq = {} if args.max_sequence_length is None else {"max_sequence_length": args.max_sequence_length}
     results = evaluate(
         args.pretrained_model_name_or_path, args.adapters, prompts, args.num_images_per_prompt,
         args.rewards, _parse_paths(args.reward_paths), args.feature_extractor, args.diversity, args.output_dir,
         num_inference_steps=args.num_inference_steps, resolution=args.resolution, guidance_scale=args.guidance_scale,
         seed=args.seed, batch_size=args.batch_size, k=args.k, sampler=args.sampler, device=args.device, torch_dtype=dtype,
+        pipeline_call_kwargs=seq, adapter_kwargs=seq,
     )
     print(markdown_table(results))
     print(f"wrote {results['files']['json']} and {results['files']['markdown']}")

@@ -84,6 +84,30 @@ def klein_folder(tmp_path_factory):
     return save_tiny_flux2_klein(tmp_path_factory.mktemp("klein") / "pipe")
 
 
+def test_evaluate_tiny_klein_with_lora(klein_folder, tmp_path):
+    from _tiny_pipelines import TINY_RESOLUTION
+
+    from diffusers_am.models import load_model_adapter
+
+    adapter = load_model_adapter(str(klein_folder), max_sequence_length=32)
+    adapter.add_lora(LoraSettings(rank=2))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, p in adapter.transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    adapter.save_lora(str(tmp_path / "klein-lora"))
+    res = evaluate(
+        str(klein_folder), adapters=[str(tmp_path / "klein-lora")], prompts=["a red cat", "a dog"], num_images_per_prompt=3,
+        rewards=["_tiny_pipelines:mean_brightness"], feature_extractor=lambda x: x.flatten(1), diversity="ssim",
+        output_dir=None, num_inference_steps=2, resolution=TINY_RESOLUTION, progress=False,
+        adapter_kwargs={"max_sequence_length": 32},
+    )
+    base, tuned = res["models"]["base"], res["models"]["klein-lora"]
+    assert base["reward/_tiny_pipelines:mean_brightness"] != tuned["reward/_tiny_pipelines:mean_brightness"]
+    assert set(tuned) >= {"recall", "coverage", "diversity/ssim"}
+
+
 @pytest.mark.parametrize("sampler", ["adapter", "pipeline"])
 def test_evaluate_tiny_klein(klein_folder, tmp_path, sampler):
     from _tiny_pipelines import TINY_RESOLUTION
@@ -93,7 +117,7 @@ def test_evaluate_tiny_klein(klein_folder, tmp_path, sampler):
         str(folder), prompts=["a red cat", "a dog"], num_images_per_prompt=2,
         rewards=["_tiny_pipelines:mean_brightness"], feature_extractor=lambda x: x.flatten(1), diversity="ssim,feature_distance",
         output_dir=tmp_path / "eval", num_inference_steps=2, resolution=TINY_RESOLUTION, sampler=sampler, progress=False,
-        pipeline_call_kwargs={"max_sequence_length": 32},
+        pipeline_call_kwargs={"max_sequence_length": 32}, adapter_kwargs={"max_sequence_length": 32},
     )
     m = res["models"]["base"]
     assert 0 <= m["reward/_tiny_pipelines:mean_brightness"] <= 1 and m["diversity/ssim"] > 0
