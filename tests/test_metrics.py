@@ -160,3 +160,26 @@ def test_clip_feature_extractor_from_local_folder(tmp_path):
     features = load_feature_extractor(f"clip:{folder}")
     out = features(torch.rand(3, 3, 40, 40))
     assert out.shape == (3, 16) and torch.allclose(out.norm(dim=-1), torch.ones(3), atol=1e-5)
+
+
+def test_validation_metrics_see_collapse_on_real_digits():
+    """Real held-out digits vs real digits: high recall / coverage; a per-class collapse onto one
+    image keeps the reward but drops diversity, recall and coverage (digits classifier features)."""
+    from sklearn.datasets import load_digits
+
+    from diffusers_am.rewards import load_reward
+
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    base, real = x[perm[:200]], x[perm[200:320]]
+    labels = torch.tensor(data.target)[perm[200:320]].tolist()
+    features, held_out = load_feature_extractor("digits-heldout"), load_reward("digits-heldout")
+    fair = validation_metrics(real, labels, base_images=base, held_out_reward=held_out, features=features)
+    first = {c: real[labels.index(c)] for c in set(labels)}
+    collapsed = torch.stack([first[c] for c in labels])
+    bad = validation_metrics(collapsed, labels, base_images=base, held_out_reward=held_out, features=features)
+    assert fair["recall"] > 0.9 and fair["coverage"] > 0.9 and fair["diversity/ssim"] > 0.3
+    assert bad["diversity/ssim"] == pytest.approx(0.0, abs=1e-6) and bad["diversity/feature_distance"] == pytest.approx(0.0, abs=1e-6)
+    assert bad["recall"] < 0.05 and bad["coverage"] < 0.3
+    assert bad["heldout_reward"] > -0.5 and fair["heldout_reward"] > -0.5  # both still look like their labels

@@ -57,7 +57,7 @@ class FeatureDistance:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         fx, fy = self.features(x).float().flatten(1), self.features(y).float().flatten(1)
-        return 1.0 - torch.nn.functional.cosine_similarity(fx, fy, dim=-1)
+        return (1.0 - torch.nn.functional.cosine_similarity(fx, fy, dim=-1)).clamp_min(0.0)
 
 
 def get_diversity_metric(name: str, *, features: Callable | None = None, lpips_kwargs: dict | None = None) -> PairDistance:
