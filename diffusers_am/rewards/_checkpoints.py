@@ -99,6 +99,18 @@ def load_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
     module.load_state_dict(state_dict, strict=True)
 
 
+def skip_init():
+    """Context that skips weight initialization (every tensor is then overwritten by a strict load):
+    transformers' ``no_init_weights`` when available, else a no-op."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older / newer transformers without it: initialize normally
+        import contextlib
+
+        return contextlib.nullcontext()
+    return no_init_weights()
+
+
 def check_prompts(images: torch.Tensor, prompts: Sequence[Any]) -> list:
     """As many prompts as images (a str is refused: pass a list)."""
     if isinstance(prompts, str) or not isinstance(prompts, Sequence):

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ._checkpoints import load_strict, place, resolve_file, torch_load, unwrap_state_dict
+from ._checkpoints import load_strict, place, resolve_file, skip_init, torch_load, unwrap_state_dict
 from ._clip import ClipEmbedder, load_clip_tokenizer
 from ._open_clip import VIT_H_14, clip_config_from_open_clip, convert_open_clip_state_dict
 from .clip_preprocess import ClipPreprocess
@@ -76,8 +76,10 @@ def load_hpsv2(
     state = unwrap_state_dict(torch_load(file), file)
     from transformers import CLIPModel
 
-    model = CLIPModel(clip_config_from_open_clip(cfg))
-    load_strict(model, convert_open_clip_state_dict(state, cfg, source=repr(str(file))), source=repr(str(file)))
+    converted = convert_open_clip_state_dict(state, cfg, source=repr(str(file)))  # key check before building
+    with skip_init():  # ViT-H: skip the random init the checkpoint overwrites
+        model = CLIPModel(clip_config_from_open_clip(cfg))
+    load_strict(model, converted, source=repr(str(file)))
     if tokenizer_path is None:
         folder = file.parent
         has_tok = any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json"))

@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from ._checkpoints import check_keys, check_prompts, load_strict, place, resolve_file, torch_load, unwrap_state_dict
+from ._checkpoints import check_keys, check_prompts, load_strict, place, skip_init, resolve_file, torch_load, unwrap_state_dict
 from .aesthetic import AestheticMLP
 from .base import check_images
 from .clip_preprocess import ClipPreprocess
@@ -210,7 +210,8 @@ def load_imagereward(
     vision_cfg = vision_config_from_state(state, vision_heads, source=source)
     text_cfg = text_config_from_med(med, encoder_width=vision_cfg.hidden_size)
     embed_dim = state["blip.vision_proj.weight"].shape[0] if "blip.vision_proj.weight" in state else 256
-    model = ImageRewardModel(text_cfg, vision_cfg, embed_dim)
+    with skip_init():  # every tensor comes from the checkpoint (checked below)
+        model = ImageRewardModel(text_cfg, vision_cfg, embed_dim)
     check_keys({_module_to_checkpoint_key(k) for k in model.state_dict()}, state.keys(), source=source)
     load_strict(model, {_checkpoint_to_module_key(k): v for k, v in state.items()}, source=source)
     if tokenizer_path is None:
