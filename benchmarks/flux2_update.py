@@ -189,6 +189,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num_inference_steps", type=int, default=None, help="default 20 (tiny: 6)")
     p.add_argument("--repeats", type=int, default=2, help="timed updates per method after one warm-up (median)")
     p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--max_sequence_length", type=int, default=512, help="text tokens (the pipeline's and the floor's 512)")
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--methods", default="AM-1,AM-3,AM-Full,DRaFT-1")
     p.add_argument("--output", default=None, help="write the table (markdown) and raw numbers (JSON) next to this .md path")
@@ -218,7 +219,7 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     pipeline = build_pipeline(args.tiny, device, dtype)
-    adapter = Flux2KleinAdapter(pipeline)
+    adapter = Flux2KleinAdapter(pipeline, max_sequence_length=args.max_sequence_length)
     for module in (pipeline.vae, pipeline.text_encoder):
         module.requires_grad_(False)
     singles = len(pipeline.transformer.single_transformer_blocks)

@@ -1,6 +1,7 @@
 """FLUX.2-klein adapter and controlled pipeline on tiny random pipelines written to disk (offline)."""
 
 import json
+import sys
 import warnings
 
 import pytest
@@ -278,7 +279,8 @@ def test_trainer_runs_each_method_on_tiny_klein(method, klein_dir, stock, tmp_pa
     status = _trainer_main()([
         "--pretrained_model_name_or_path", str(klein_dir), "--method", method, "--truncate_steps", "2",
         "--num_inference_steps", "3", "--resolution", str(RES), "--reward", reward, "--prompts", str(prompts),
-        "--train_batch_size", "2", "--max_train_steps", "2", "--num_eval_samples", "2", "--validation_steps", "0",
+        "--train_batch_size", "2", "--max_train_steps", "2", "--validation_steps", "0", "--validation_prompts", "a dog",
+        "--num_eval_samples", "2" if method == "ode-am" else "0",
         "--num_validation_images", "1", "--report_to", "none", "--rank", "2", "--output_dir", str(out),
     ])
     assert status == 0
@@ -294,3 +296,37 @@ def test_trainer_runs_each_method_on_tiny_klein(method, klein_dir, stock, tmp_pa
             assert stock(generator=gen(), **stock_kwargs()).images.shape == (2, 3, RES, RES)
         finally:
             stock.unload_lora_weights()
+
+
+def test_benchmark_script_tiny_code_path(tmp_path, monkeypatch):
+    """benchmarks/flux2_update.py --tiny runs the GPU benchmark's code path on CPU."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "flux2_update.py"
+    spec = importlib.util.spec_from_file_location("flux2_update", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "flux2_update", module)  # its dataclasses resolve their module
+    spec.loader.exec_module(module)
+    out = tmp_path / "table.md"
+    argv = ["--tiny", "--num_inference_steps", "2", "--repeats", "1", "--methods", "AM-1,AM-Full,DRaFT-1",
+            "--max_sequence_length", "16", "--rank", "2", "--output", str(out)]
+    assert module.main(argv) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["AM-1", "AM-Full", "DRaFT-1"] and all(r["seconds"] > 0 for r in rows)
+    assert "| AM-Full |" in out.read_text()
+    with pytest.raises(ValueError, match="--methods"):
+        module.main(argv[:-2] + ["--methods", "AM-7"])
+    floor = {"t_fwd_nograd_s": 1.0, "t_vjp_latent_s": 2.0, "t_loss_step_s": 3.0, "floor_AM_1_s": 9.0}
+    assert module.floor_seconds(floor, "AM-1", 1, 20) == 9.0
+    assert module.floor_seconds(floor, "AM-5", 5, 20) == 20 * 1.0 + 5 * (2.0 + 3.0)
+
+
+def test_offloaded_text_encoder_gives_same_embeddings(klein_base_dir):
+    adapter = load_model_adapter(klein_base_dir, max_sequence_length=SEQ, offload_text_encoder=True)
+    encoded = adapter.encode_conditions(PROMPTS)
+    assert encoded.negative_prompt_embeds.shape[0] == 1 and adapter.pipeline.text_encoder.device.type == "cpu"
+    again = adapter.encode_conditions(PROMPTS)
+    assert again.negative_prompt_embeds is encoded.negative_prompt_embeds  # the empty prompt is cached
+    embeds, _ = adapter.pipeline.encode_prompt(prompt=PROMPTS, max_sequence_length=SEQ, device="cpu")
+    torch.testing.assert_close(encoded.prompt_embeds, embeds)

@@ -100,7 +100,11 @@ class Flux2KleinAdapter(FlowMatchAdapter):
         embeds, ids = self._encode_one(prompts, device)
         if self.is_distilled:
             return Flux2Prompts(embeds, ids)
-        neg, neg_ids = self._encode_one([""], device)
+        key = (str(device), self.dtype, self.max_sequence_length)
+        cache = self.__dict__.setdefault("_empty_prompt_cache", {})
+        if key not in cache:  # the empty prompt is the same for every batch: encode it once
+            cache[key] = self._encode_one([""], device)
+        neg, neg_ids = cache[key]
         return Flux2Prompts(embeds, ids, neg, neg_ids)
 
     def _use_cfg(self, guidance_scale: float | None) -> tuple[bool, float]:
