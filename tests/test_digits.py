@@ -148,3 +148,56 @@ def test_rewards_load_by_name_with_dtype(split):
     images = split.test_images[:4]
     expected = load_digits_reward()(images, labels) + 0.5 * load_digits_heldout_reward()(images, labels)
     assert torch.allclose(combo(images, labels), expected, atol=1e-6)
+
+
+# -- the shipped base ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def base_pipeline():
+    from diffusers_am.models import EMBEDDED_DIGITS_BASE
+    from diffusers_am.pipelines.sit import SiTPipeline
+
+    pipe = SiTPipeline.from_pretrained(str(EMBEDDED_DIGITS_BASE))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_shipped_base_is_small_safetensors_with_defaults():
+    from diffusers_am.models import EMBEDDED_DIGITS_BASE
+
+    files = [f for f in Path(EMBEDDED_DIGITS_BASE).rglob("*") if f.is_file()]
+    assert sum(f.stat().st_size for f in files) < 5e6
+    assert any(f.name.endswith(".safetensors") for f in files)
+    assert not any(f.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl") for f in files)
+    defaults = json.loads((Path(EMBEDDED_DIGITS_BASE) / "diffusers_am_defaults.json").read_text())
+    index = json.loads((Path(EMBEDDED_DIGITS_BASE) / "model_index.json").read_text())
+    assert index["_class_name"] == "SiTPipeline" and index["default_num_inference_steps"] == defaults["num_inference_steps"]
+    assert defaults["guidance_scale"] >= 1.0 and defaults["resolution"] == 8
+
+
+def test_shipped_base_loads_offline_and_samples_digits(base_pipeline):
+    pipe = base_pipeline
+    assert pipe.resolution == 8 and pipe.num_classes == 10 and pipe.vae is None
+    labels = list(range(10)) * 2
+    images = pipe(labels, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert images.shape == (20, 1, 8, 8) and images.min() >= 0 and images.max() <= 1
+    accuracy = (load_digits_heldout_reward().log_probs(images).argmax(-1) == torch.tensor(labels)).float().mean()
+    assert accuracy >= 0.8  # the README's measured accuracy on 1000 samples is higher; see assets/digits-sit
+
+
+def test_shipped_base_through_the_adapter_gives_a_differentiable_reward(base_pipeline):
+    from diffusers_am.models import EMBEDDED_DIGITS_BASE, load_model_adapter
+
+    adapter = load_model_adapter(EMBEDDED_DIGITS_BASE)
+    assert adapter.conditioning == "class" and adapter.default_resolution == 8
+    encoded = adapter.encode_conditions([3, 7])
+    flow = adapter.flow(encoded)
+    x = adapter.initial_noise(2, 8, torch.Generator().manual_seed(0))
+    assert adapter.default_num_inference_steps == 20
+    times = adapter.time_grid(6, 8)
+    with torch.no_grad():
+        for k in range(len(times) - 1):
+            x = x + (times[k + 1] - times[k]) * flow.base_velocity(x, times[k])
+    x = x.requires_grad_(True)
+    reward = load_reward("digits")(adapter.decode(x), [3, 7])
+    reward.sum().backward()
+    assert reward.shape == (2,) and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
