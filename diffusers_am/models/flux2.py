@@ -107,16 +107,15 @@ class Flux2KleinAdapter(FlowMatchAdapter):
         neg, neg_ids = cache[key]
         return Flux2Prompts(embeds, ids, neg, neg_ids)
 
-    def _use_cfg(self, guidance_scale: float | None) -> tuple[bool, float]:
+    def _cfg(self, guidance_scale: float | None) -> tuple[bool, float]:
+        """(use CFG, scale): CFG only on klein-base with a scale > 1, as the stock pipeline."""
         g = self.resolve_guidance(guidance_scale)
-        if self.is_distilled:
-            if guidance_scale is not None and g > 1.0:
-                self._warn(f"Guidance scale {g} is ignored for step-wise distilled models.")
-            return False, 1.0
-        return g > 1.0, g
+        return (not self.is_distilled and g > 1.0), g
 
     def flow(self, encoded: Any, *, guidance_scale: float | None = None, train_module: torch.nn.Module | None = None):
-        self._use_cfg(guidance_scale)  # warn once per batch, not per velocity call
+        g = self.resolve_guidance(guidance_scale)
+        if self.is_distilled and guidance_scale is not None and g > 1.0:  # once per batch, not per velocity call
+            self._warn(f"Guidance scale {g} is ignored for step-wise distilled models.")
         return super().flow(encoded, guidance_scale=guidance_scale, train_module=train_module)
 
     def _predict(self, module: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor, encoded: Flux2Prompts, guidance_scale: float | None) -> torch.Tensor:
@@ -130,7 +129,7 @@ class Flux2KleinAdapter(FlowMatchAdapter):
         img_ids = self.pipeline._prepare_latent_ids(x).to(x.device)
         # the pipeline passes timestep = sigma * 1000 in the latents' dtype, divided by 1000
         timestep = (sigma.float() * 1000).expand(b).to(dtype) / 1000
-        use_cfg = not self.is_distilled and self.resolve_guidance(guidance_scale) > 1.0
+        use_cfg, g = self._cfg(guidance_scale)
 
         def run(embeds: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
             out = module(
@@ -146,7 +145,6 @@ class Flux2KleinAdapter(FlowMatchAdapter):
 
         pred = run(encoded.prompt_embeds, encoded.text_ids)
         if use_cfg:
-            g = self.resolve_guidance(guidance_scale)
             neg = run(encoded.negative_prompt_embeds.expand(b, -1, -1), encoded.negative_text_ids.expand(b, -1, -1))
             pred = neg + g * (pred - neg)
         return self.unpack(pred, h, w)
