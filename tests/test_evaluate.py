@@ -124,3 +124,24 @@ def test_evaluate_tiny_klein(klein_folder, tmp_path, sampler):
     assert (tmp_path / "eval" / "metrics.md").is_file()
     with pytest.raises(ValueError, match="prompts` is required"):
         evaluate(str(folder), rewards=[], output_dir=None, sampler=sampler)
+
+
+def test_cli_defaults_on_embedded_digits_base(tmp_path, capsys):
+    """`python -m diffusers_am.evaluate` with its defaults: the shipped digits base, digits rewards,
+    held-out classifier features, 1 - SSIM and feature diversity; plus one LoRA."""
+    from diffusers_am.models import EMBEDDED_DIGITS_BASE
+
+    adapter = SiTAdapter.from_pretrained(str(EMBEDDED_DIGITS_BASE))
+    adapter.add_lora(LoraSettings(rank=2))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in adapter.transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    adapter.save_lora(str(tmp_path / "digits-lora"))
+    res = main(["--adapters", str(tmp_path / "digits-lora"), "--prompts", "0", "4", "--num_images_per_prompt", "4",
+                "--num_inference_steps", "4", "--output_dir", str(tmp_path / "eval")])
+    assert res["config"]["rewards"] == ["digits", "digits-heldout"] and res["config"]["feature_extractor"] == "digits-heldout"
+    assert res["config"]["diversity"] == ["ssim", "feature_distance"]
+    assert set(res["models"]) == {"base", "digits-lora"} and "coverage" in res["models"]["digits-lora"]
+    assert "| digits-lora |" in capsys.readouterr().out
