@@ -163,3 +163,17 @@ def test_bad_inputs(clip_dir, tmp_path):
         load_hpsv2(str(tmp_path))
     with pytest.raises(ValueError, match="HF_HUB_OFFLINE|Hub|Offline"):
         load_hpsv2("someone/not-a-cached-repo")
+
+
+def test_default_hps_architecture_is_open_clip_vit_h_14():
+    """The default config builds a CLIPModel with ViT-H-14's 986.11M parameters (open_clip's count)."""
+    from transformers import CLIPModel
+
+    from diffusers_am.rewards._open_clip import VIT_H_14, clip_config_from_open_clip, expected_open_clip_keys
+
+    with torch.device("meta"):
+        model = CLIPModel(clip_config_from_open_clip(VIT_H_14))
+    assert sum(p.numel() for p in model.parameters()) == 986_109_441
+    assert model.vision_model.embeddings.position_embedding.weight.shape == (257, 1280)
+    assert model.text_model.encoder.layers[0].self_attn.num_heads == 16
+    assert len(expected_open_clip_keys(VIT_H_14)) == 6 + 4 + 4 + 12 * (24 + 32)

@@ -101,3 +101,22 @@ def test_imagereward_bad_inputs(ir_dir, tmp_path):
     (tmp_path / "med_config.json").write_text('{"hidden_size": 32}')
     with pytest.raises(ValueError, match="med_config.json` lacks"):
         load_imagereward(str(tmp_path), vision_heads=2)
+
+
+def test_real_size_geometry_from_checkpoint_shapes():
+    """ViT-L/16 at 224 px (24 blocks, 16 heads) and the 12-layer BERT with 1024-wide cross-attention,
+    read off checkpoint shapes (meta tensors: nothing allocated)."""
+    from diffusers_am.rewards.imagereward import ImageRewardModel, text_config_from_med, vision_config_from_state
+
+    meta = lambda *s: torch.empty(*s, device="meta")  # noqa: E731
+    v = "blip.visual_encoder."
+    state = {v + "cls_token": meta(1, 1, 1024), v + "pos_embed": meta(1, 197, 1024),
+             v + "patch_embed.proj.weight": meta(1024, 3, 16, 16), v + "blocks.0.mlp.fc1.weight": meta(4096, 1024)}
+    state.update({f"{v}blocks.{i}.norm1.weight": meta(1024) for i in range(24)})
+    vision = vision_config_from_state(state, None, source="meta")
+    assert (vision.image_size, vision.patch_size, vision.num_hidden_layers, vision.num_attention_heads) == (224, 16, 24, 16)
+    med = {"vocab_size": 30524, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
+    with torch.device("meta"):
+        model = ImageRewardModel(text_config_from_med(med, vision.hidden_size), vision)
+    assert model.text.encoder.layer[11].crossattention.self.key.weight.shape == (768, 1024)
+    assert model.mlp.layers[0].weight.shape == (1024, 768)
