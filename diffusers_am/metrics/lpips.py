@@ -21,7 +21,6 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..rewards._checkpoints import check_keys, torch_load, unwrap_state_dict

@@ -46,11 +46,6 @@ def looks_like_repo_id(source: str) -> bool:
     )
 
 
-def resolve_folder(path: str | os.PathLike | None, *, default_repo: str) -> str:
-    """``path`` (or ``default_repo``) as given to a transformers ``from_pretrained``."""
-    return default_repo if path is None else str(path)
-
-
 def torch_load(file: str | os.PathLike) -> Any:
     """``torch.load`` on CPU with ``weights_only=True`` (no pickled code runs)."""
     try:
