@@ -222,8 +222,14 @@ def test_model_card_renders_run_facts():
                  'pipe.load_lora_weights("user/adapter")', "reward_mean = -0.3"):
         assert fact in text, fact
     assert card.data.base_model == "org/base-model" and "lora" in card.data.tags
+    assert 'SiTPipeline.from_pretrained("org/base-model"' in text
     local = _card(base_model=__file__, method="draft")
     assert local.data.base_model is None and "unused by draft" in str(local)
+    from diffusers_am.models import EMBEDDED_DIGITS_BASE
+
+    embedded = str(_card(base_model=str(EMBEDDED_DIGITS_BASE)))
+    assert "from diffusers_am.models import EMBEDDED_DIGITS_BASE" in embedded
+    assert "SiTPipeline.from_pretrained(EMBEDDED_DIGITS_BASE" in embedded
 
 
 def test_push_to_hub_uploads_folder_without_checkpoints(tmp_path, monkeypatch):

@@ -70,6 +70,7 @@ def test_tiny_run_writes_adapter_grids_card_log(tiny_base, tmp_path, monkeypatch
     assert "reward before:" in printed and str(out / "pytorch_lora_weights.safetensors") in printed
 
     for name in ("pytorch_lora_weights.safetensors", "samples.png", "validation/step-000001.png", "validation/final.png",
+                 "validation/base.png",
                  "README.md", "train_log.jsonl", "train_summary.json", "training_config.json"):
         assert (out / name).is_file(), name
     assert not (out / "validation/step-000002.png").exists()  # the last update writes final.png instead
@@ -86,7 +87,7 @@ def test_tiny_run_writes_adapter_grids_card_log(tiny_base, tmp_path, monkeypatch
 
     card = (out / "README.md").read_text()
     assert "ode-am" in card and "2 of 4" in card and 'pipe.load_lora_weights("me/tiny-am")' in card
-    assert f"{summary['reward_after']:.4g}" in card and "samples.png" in card
+    assert f"{summary['reward_after']:.4g}" in card and "samples.png" in card and "validation/base.png" in card
     assert pushed == {"out": out, "repo": "me/tiny-am", "token": "hf_SECRET_token_123"}
     for path in out.rglob("*"):
         if path.is_file():
@@ -282,12 +283,15 @@ def test_accelerate_launch_two_processes(tiny_base, tmp_path):
     assert sorted(t.sum().item() for t in raw.values()) == pytest.approx(sorted(t.sum().item() for t in adapter.values()))
 
 
-def test_default_run_on_embedded_base(tmp_path):
+def test_default_run_on_embedded_base_raises_the_reward(tmp_path):
     from diffusers_am.models import EMBEDDED_DIGITS_BASE
 
     if not (EMBEDDED_DIGITS_BASE / "model_index.json").is_file():
         pytest.skip("the embedded digits base is not in this checkout")
     out = tmp_path / "default"
-    assert script.main(["--output_dir", str(out), "--max_train_steps", "2", "--num_eval_samples", "10",
+    # the default run (ODE-AM, K=4 of N=20, lambda=10), shortened to 30 updates and 50 evaluation samples
+    assert script.main(["--output_dir", str(out), "--max_train_steps", "30", "--num_eval_samples", "50",
                         "--validation_steps", "0", "--report_to", "none"]) == 0
-    assert (out / "pytorch_lora_weights.safetensors").is_file() and len(read_log(out)) == 2
+    assert (out / "pytorch_lora_weights.safetensors").is_file() and len(read_log(out)) == 30
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["reward_after"] > summary["reward_before"] + 0.02, summary

@@ -56,8 +56,9 @@ class TrainingConfig:
                      "(a differentiable f(images [B,C,H,W] in [0,1], prompts) -> Tensor[B]).")
     reward_model_paths: list[str] = _f([], "Local checkpoints for registered rewards, as name=path (one per reward).",
                                       nargs="+")
-    reward_scale: float = _f(2.0, "lambda: terminal cost g(x) = -lambda * r(x); larger pulls harder toward the reward.")
-    num_inference_steps: int | None = _f(10, "N sampling steps per trajectory (None: the model family's default).")
+    reward_scale: float = _f(10.0, "lambda: terminal cost g(x) = -lambda * r(x); larger pulls harder toward the reward.")
+    num_inference_steps: int | None = _f(None, "N sampling steps per trajectory (None: the pipeline's default, 20 for "
+                                         "the digits base).")
     resolution: int | None = _f(None, "Image side in pixels (None: the model family's default).")
     guidance_scale: float | None = _f(None, "Classifier-free guidance scale of the sampler (None: the family default).")
     loss_reduction: str = _f("sum", "AM matching loss over a sample's dims: 'sum' (the squared norm) or 'mean'.",
@@ -68,7 +69,7 @@ class TrainingConfig:
     # -- optimization -------------------------------------------------------------------------
     train_batch_size: int = _f(16, "Trajectories per process per micro-batch.")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer update.")
-    max_train_steps: int = _f(60, "Optimizer updates in the run.")
+    max_train_steps: int = _f(100, "Optimizer updates in the run.")
     learning_rate: float = _f(3e-3, "AdamW learning rate of the LoRA parameters.")
     lr_scheduler: str = _f("constant", "LR schedule (diffusers.optimization.get_scheduler): constant, "
                            "constant_with_warmup, cosine (with warm-up), linear, ...", choices=LR_SCHEDULERS)
@@ -97,10 +98,11 @@ class TrainingConfig:
                                    "class-conditional models).")
     prompts_split: str = _f("train", "Split of a `datasets` dataset.")
     validation_prompts: list[str] | None = _f(None, "Prompts (or labels) of the validation grid (None: the first "
-                                              "training prompts, at most 10).", nargs="+")
+                                              "training prompts, at most 4; class labels: at most 10).", nargs="+")
     num_validation_images: int = _f(4, "Images per validation prompt (one grid row each).")
-    validation_steps: int = _f(20, "Write a validation grid every this many updates (and at the end); 0: only at the end.")
-    num_eval_samples: int = _f(100, "Samples for the reward before / after (fixed noise and prompts, base vs fine-tuned).")
+    validation_steps: int = _f(25, "Write a validation grid every this many updates (and at the end); 0: only at the end.")
+    num_eval_samples: int = _f(100, "Samples for the reward before / after (fixed noise and prompts, base vs "
+                               "fine-tuned); 0 skips that evaluation.")
     # -- checkpoints and outputs --------------------------------------------------------------
     output_dir: str = _f("outputs/adjoint-matching", "Where the adapter, grids, card, log and checkpoints go.")
     overwrite_output_dir: bool = _f(False, "Start a new run in an output_dir that holds a previous one (its "
@@ -130,9 +132,9 @@ class TrainingConfig:
                 raise ValueError(f"`--{f.name}` must be one of {', '.join(choices)}; got {value!r}.")
         self.reg_order = check_order(self.reg_order, "reg_order")
         for name in ("truncate_steps", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "rank",
-                     "num_validation_images", "num_eval_samples"):
+                     "num_validation_images"):
             _check_int(self, name, minimum=1)
-        for name in ("lr_warmup_steps", "validation_steps", "checkpointing_steps"):
+        for name in ("lr_warmup_steps", "validation_steps", "checkpointing_steps", "num_eval_samples"):
             _check_int(self, name, minimum=0)
         for name in ("num_inference_steps", "resolution", "checkpoints_total_limit"):
             if getattr(self, name) is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ def render_model_card(
     pipeline_module: str,
     adapter_location: str,
     conditioning: str = "text",
+    base_grid: str | None = None,
     template_path: str | Path | None = None,
     **settings: Any,
 ):
@@ -57,11 +59,19 @@ def render_model_card(
         license=settings.pop("license", None),
     )
     kind = "class labels" if conditioning == "class" else "prompts"
+    from ..models import EMBEDDED_DIGITS_BASE
+
+    embedded = Path(base_model).resolve() == EMBEDDED_DIGITS_BASE.resolve()
+    base_ref = "EMBEDDED_DIGITS_BASE" if embedded else json.dumps(str(base_model))
+    base_import = "from diffusers_am.models import EMBEDDED_DIGITS_BASE" if embedded else None
     return ModelCard.from_template(
         data,
         template_path=str(template_path),
-        title=f"{METHOD_NAMES.get(method, method)} LoRA for {Path(base_model).name}",
-        base_model=base_model,
+        title=f"{METHOD_NAMES.get(method, method)[0].upper()}{METHOD_NAMES.get(method, method)[1:]} LoRA for "
+        f"{'the embedded digits base' if embedded else Path(base_model).name}",
+        base_model="the embedded digits base (diffusers_am/assets/digits-sit)" if embedded else base_model,
+        base_model_ref=base_ref,
+        base_import=base_import,
         method=method,
         method_name=METHOD_NAMES.get(method, method),
         truncate_steps=truncate_steps,
@@ -74,6 +84,7 @@ def render_model_card(
         reward_after=_fmt(reward_after),
         final_metrics=", ".join(f"{k} = {_fmt(v)}" for k, v in final_metrics.items()) or "n/a",
         grid=grid,
+        base_grid=base_grid,
         pipeline_class=pipeline_class,
         pipeline_module=pipeline_module,
         adapter_location=adapter_location,

@@ -71,6 +71,16 @@ def previous_run_files(output_dir: Path) -> list[str]:
     return found + [p.name for _, p in list_checkpoints(output_dir)]
 
 
+def _check_tracker(report_to: str) -> None:
+    """ValueError with the install command when the chosen tracker's package is missing."""
+    import importlib.util
+
+    needed = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": []}.get(report_to, [])
+    for package in needed:
+        if importlib.util.find_spec(package) is None:
+            raise ValueError(f"`--report_to {report_to}` needs {package}: `pip install {package}`, or pass `--report_to none`.")
+
+
 class AdjointMatchingTrainer:
     """Fine-tunes a LoRA adapter with the configured method. ``train()`` runs the whole job."""
 
@@ -105,6 +115,7 @@ class AdjointMatchingTrainer:
 
         cfg = self.config
         log_with = None if cfg.report_to == "none" else cfg.report_to
+        _check_tracker(cfg.report_to)
         return Accelerator(
             mixed_precision=cfg.mixed_precision,
             log_with=log_with,
@@ -134,7 +145,7 @@ class AdjointMatchingTrainer:
             if adapter.conditioning == "class":
                 check_class_labels(val, num_classes, "--validation_prompts")
         else:
-            val = list(dict.fromkeys(prompts))[:10]
+            val = list(dict.fromkeys(prompts))[: 10 if adapter.conditioning == "class" else 4]
         return prompts, val
 
     def _optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -227,9 +238,11 @@ class AdjointMatchingTrainer:
         times = adapter.time_grid(n_steps, resolution)
         eval_set = self._eval_set(adapter, prompts, resolution)
         reward_before = None
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and cfg.num_eval_samples:
             reward_before = self._evaluate(adapter, reward, eval_set, times, base=True)
             accelerator.print(f"reward before fine-tuning (base model, {len(eval_set[0])} samples): {reward_before:.4f}")
+        if accelerator.is_main_process and self.resume_path is None:
+            self._validation_grid(adapter, val_prompts, times, resolution, "validation/base.png", base=True)
         accelerator.wait_for_everyone()
 
         sampler = PromptSampler(prompts, cfg.seed)
@@ -320,6 +333,8 @@ class AdjointMatchingTrainer:
             if not math.isfinite(grad_norm):
                 warnings.warn(f"update {step + 1}: the gradient norm is {grad_norm}; skipping this update.")
                 skipped = True
+                if accelerator.scaler is not None:  # fp16: the GradScaler skips the step and lowers its scale
+                    optimizer.step()
         if skipped:
             optimizer.zero_grad(set_to_none=True)
         else:
@@ -374,7 +389,7 @@ class AdjointMatchingTrainer:
     # -- evaluation and outputs --------------------------------------------------------------------
     def _eval_set(self, adapter: FlowModelAdapter, prompts: list, resolution: int) -> tuple[list, torch.Tensor]:
         """Fixed conditions (cycling through the unique prompts) and noise for the before / after reward."""
-        n = self.config.num_eval_samples
+        n = max(1, self.config.num_eval_samples)
         unique = list(dict.fromkeys(prompts))
         conditions = [unique[i % len(unique)] for i in range(n)]
         gen = torch.Generator(device=adapter.device).manual_seed(derive_seed(self.config.seed, "eval"))
@@ -385,13 +400,14 @@ class AdjointMatchingTrainer:
         _, images = sample_images(adapter, conditions, noise, times, guidance_scale=self.config.guidance_scale, base=base)
         return float(mean_reward(reward, images, conditions).mean())
 
-    def _validation_grid(self, adapter, val_prompts, times, resolution, name: str) -> Path:
+    def _validation_grid(self, adapter, val_prompts, times, resolution, name: str, base: bool = False) -> Path:
+        """Grid of the validation prompts (rows) x ``num_validation_images`` (columns), fixed noise."""
         cfg = self.config
         per = cfg.num_validation_images
         conditions = [p for p in val_prompts for _ in range(per)]
         gen = torch.Generator(device=adapter.device).manual_seed(derive_seed(cfg.seed, "validation"))
         noise = adapter.initial_noise(len(conditions), resolution, gen)
-        _, images = sample_images(adapter, conditions, noise, times, guidance_scale=cfg.guidance_scale)
+        _, images = sample_images(adapter, conditions, noise, times, guidance_scale=cfg.guidance_scale, base=base)
         return save_grid(images, per, self.output_dir / name)
 
     @staticmethod
@@ -422,7 +438,8 @@ class AdjointMatchingTrainer:
                 adapter.save_lora(str(out))
                 self._validation_grid(adapter, val_prompts, times, resolution, "validation/final.png")
                 shutil.copyfile(out / "validation/final.png", out / GRID_NAME)
-                result.reward_after = self._evaluate(adapter, reward, eval_set, times, base=False)
+                if cfg.num_eval_samples:
+                    result.reward_after = self._evaluate(adapter, reward, eval_set, times, base=False)
             summary = {
                 "reward_before": reward_before, "reward_after": result.reward_after, "steps": steps,
                 "skipped_updates": nonfinite, "seconds_per_update": result.seconds_per_update,
@@ -450,6 +467,7 @@ class AdjointMatchingTrainer:
             base_model=base, method=cfg.method, truncate_steps=cfg.truncate_steps, num_inference_steps=n_steps,
             reg_order=cfg.reg_order, reward=cfg.reward, reward_scale=cfg.reward_scale, steps=result.steps,
             reward_before=result.reward_before, reward_after=result.reward_after, final_metrics=final, grid=GRID_NAME,
+            base_grid="validation/base.png" if (self.output_dir / "validation/base.png").is_file() else None,
             pipeline_class=type(adapter.pipeline).__name__, pipeline_module=type(adapter.pipeline).__module__,
             adapter_location=self.hub_repo_id() if cfg.push_to_hub else str(self.output_dir),
             conditioning=adapter.conditioning, num_eval_samples=cfg.num_eval_samples,

@@ -66,8 +66,8 @@ def image_grid(images: torch.Tensor, nrow: int, pad: int = 2):
         y, x = pad + r * (h + pad), pad + q * (w + pad)
         canvas[y : y + h, x : x + w] = pixels[i]
     image = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
-    if max(image.size) < 256:  # tiny images (digits are 8x8): upscale so the grid is legible
-        scale = 256 // max(image.size) + 1
+    if max(image.size) < 256:  # tiny images (digits are 8x8): upscale (nearest) so the grid is legible
+        scale = 512 // max(image.size)
         image = image.resize((image.size[0] * scale, image.size[1] * scale), Image.NEAREST)
     return image
 
