@@ -169,7 +169,7 @@ def test_bad_prompts_name_the_line(tmp_path):
 def test_prompt_batches_depend_only_on_seed_step_rank():
     sampler = PromptSampler(list(range(10)), seed=3)
     assert sampler.batch(5, 8) == PromptSampler(list(range(10)), seed=3).batch(5, 8)
-    assert sampler.batch(5, 8) != sampler.batch(6, 8) or sampler.batch(5, 8, rank=1) != sampler.batch(5, 8)
+    assert sampler.batch(5, 8) != sampler.batch(6, 8) and sampler.batch(5, 8, slot=1) != sampler.batch(5, 8)
     assert derive_seed(0, "noise", 1) != derive_seed(0, "noise", 2) and derive_seed(1, "a") == derive_seed(1, "a")
 
 

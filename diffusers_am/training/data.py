@@ -142,8 +142,10 @@ def check_class_labels(labels: Sequence[Condition], num_classes: int | None, wha
 
 
 class PromptSampler:
-    """Draws batches of prompts, reproducibly: batch ``step`` of process ``rank`` depends only on
-    (seed, step, rank), so a resumed run draws exactly what a straight run would."""
+    """Draws batches of prompts, reproducibly: the batch of ``slot`` in update ``step`` depends only on
+    (seed, step, slot), so a resumed run draws exactly what a straight run would. The trainer's slot is
+    ``process_index * gradient_accumulation_steps + micro_batch``: P processes x G micro-batches see the
+    same batches as 1 process x P*G micro-batches."""
 
     def __init__(self, prompts: Sequence[Condition], seed: int = 0):
         if not prompts:
@@ -154,9 +156,9 @@ class PromptSampler:
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def batch(self, step: int, batch_size: int, rank: int = 0, micro: int = 0) -> list[Condition]:
-        """``batch_size`` prompts for update ``step`` (micro-batch ``micro``) on process ``rank``."""
-        gen = torch.Generator().manual_seed(derive_seed(self.seed, "prompts", step, rank, micro))
+    def batch(self, step: int, batch_size: int, slot: int = 0) -> list[Condition]:
+        """``batch_size`` prompts for update ``step`` and micro-batch slot ``slot``."""
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, "prompts", step, slot))
         index = torch.randint(len(self.prompts), (batch_size,), generator=gen)
         return [self.prompts[i] for i in index.tolist()]
 

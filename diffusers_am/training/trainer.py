@@ -297,18 +297,19 @@ class AdjointMatchingTrainer:
             accelerator.backward(loss / accum)
 
         for micro in range(accum):
-            batch = sampler.batch(step, batch_size, rank, micro)
-            noise_gen = torch.Generator(device=adapter.device).manual_seed(derive_seed(cfg.seed, "noise", step, rank, micro))
+            slot = rank * accum + micro  # P processes x G micro-batches draw what 1 x P*G would
+            batch = sampler.batch(step, batch_size, slot)
+            noise_gen = torch.Generator(device=adapter.device).manual_seed(derive_seed(cfg.seed, "noise", step, slot))
             noise = adapter.initial_noise(batch_size, resolution, noise_gen)
             flow = adapter.flow(adapter.encode_conditions(batch), guidance_scale=cfg.guidance_scale, train_module=train_module)
             kwargs: dict[str, Any] = {"truncate_steps": k_steps, "reward_scale": cfg.reward_scale, "backward": backward}
             if cfg.method == "ode-am":
                 kwargs.update(order=cfg.reg_order, loss_reduction=cfg.loss_reduction)
             elif cfg.method == "sde-am":
-                sde_gen = torch.Generator(device=adapter.device).manual_seed(derive_seed(cfg.seed, "sde", step, rank, micro))
+                sde_gen = torch.Generator(device=adapter.device).manual_seed(derive_seed(cfg.seed, "sde", step, slot))
                 kwargs.update(schedule=get_schedule(cfg.sde_schedule, t_min=cfg.sde_t_min), loss_reduction=cfg.loss_reduction, generator=sde_gen)
-            elif cfg.method == "refl":  # the same step index j on every process
-                kwargs.update(generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "refl", step, micro)))
+            elif cfg.method == "refl":  # one step index j per update, the same on every process
+                kwargs.update(generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "refl", step)))
 
             def reward_fn(x: torch.Tensor, batch=batch) -> torch.Tensor:
                 return reward(adapter.decode(x), batch)
