@@ -18,13 +18,45 @@ def test_every_field_is_a_flag_with_help():
     flags = {a.dest: a for a in parser._actions}
     for name in config_mod.FIELD_NAMES:
         assert name in flags and flags[name].help, name
-    for name in ("pretrained_model_name_or_path", "method", "truncate_steps", "reg_order", "reward", "reward_scale",
-                 "num_inference_steps", "resolution", "train_batch_size", "gradient_accumulation_steps",
-                 "max_train_steps", "learning_rate", "lr_scheduler", "lr_warmup_steps", "adam_beta1", "adam_beta2",
-                 "adam_weight_decay", "max_grad_norm", "mixed_precision", "gradient_checkpointing", "use_8bit_adam",
-                 "rank", "lora_alpha", "lora_target_modules", "use_ema", "prompts", "validation_prompts",
-                 "validation_steps", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint",
-                 "report_to", "output_dir", "seed", "push_to_hub", "hub_model_id", "hub_token"):
+    for name in (
+        "pretrained_model_name_or_path",
+        "method",
+        "truncate_steps",
+        "reg_order",
+        "reward",
+        "reward_scale",
+        "num_inference_steps",
+        "resolution",
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "max_train_steps",
+        "learning_rate",
+        "lr_scheduler",
+        "lr_warmup_steps",
+        "adam_beta1",
+        "adam_beta2",
+        "adam_weight_decay",
+        "max_grad_norm",
+        "mixed_precision",
+        "gradient_checkpointing",
+        "use_8bit_adam",
+        "rank",
+        "lora_alpha",
+        "lora_target_modules",
+        "use_ema",
+        "prompts",
+        "validation_prompts",
+        "validation_steps",
+        "checkpointing_steps",
+        "checkpoints_total_limit",
+        "resume_from_checkpoint",
+        "report_to",
+        "output_dir",
+        "seed",
+        "push_to_hub",
+        "hub_model_id",
+        "hub_token",
+    ):
         assert name in flags, name
 
 
@@ -32,9 +64,29 @@ def test_parse_defaults_and_flags():
     cfg = parse_args([])
     assert cfg == TrainingConfig()
     assert cfg.method == "ode-am" and cfg.reward == "digits" and cfg.pretrained_model_name_or_path is None
-    cfg = parse_args(["--method", "draft", "--truncate_steps", "3", "--reg_order", "4", "--use_ema",
-                      "--lora_target_modules", "to_q,to_k", "to_v", "--validation_prompts", "1", "2",
-                      "--mixed_precision", "bf16", "--lora_alpha", "none", "--lr_scheduler", "cosine"])
+    cfg = parse_args(
+        [
+            "--method",
+            "draft",
+            "--truncate_steps",
+            "3",
+            "--reg_order",
+            "4",
+            "--use_ema",
+            "--lora_target_modules",
+            "to_q,to_k",
+            "to_v",
+            "--validation_prompts",
+            "1",
+            "2",
+            "--mixed_precision",
+            "bf16",
+            "--lora_alpha",
+            "none",
+            "--lr_scheduler",
+            "cosine",
+        ]
+    )
     assert (cfg.method, cfg.truncate_steps, cfg.reg_order, cfg.use_ema) == ("draft", 3, 4.0, True)
     assert cfg.lora_target_modules == ["to_q", "to_k", "to_v"]
     assert cfg.validation_prompts == ["1", "2"] and cfg.mixed_precision == "bf16" and cfg.lora_alpha is None
@@ -42,8 +94,14 @@ def test_parse_defaults_and_flags():
 
 @pytest.mark.parametrize("suffix", [".yaml", ".json"])
 def test_config_file_sets_any_flag_and_cli_overrides(tmp_path, suffix):
-    values = {"method": "sde-am", "truncate_steps": 2, "learning_rate": "1e-3", "use_ema": True,
-              "lora_target_modules": ["to_q"], "output_dir": str(tmp_path / "o")}
+    values = {
+        "method": "sde-am",
+        "truncate_steps": 2,
+        "learning_rate": "1e-3",
+        "use_ema": True,
+        "lora_target_modules": ["to_q"],
+        "output_dir": str(tmp_path / "o"),
+    }
     path = tmp_path / f"c{suffix}"
     if suffix == ".json":
         path.write_text(json.dumps(values))
@@ -117,7 +175,7 @@ def test_token_is_redacted():
 def test_prompts_from_txt_csv_jsonl(tmp_path):
     (tmp_path / "p.txt").write_text("a cat\n\n  a dog  \n")
     assert load_prompts(tmp_path / "p.txt") == ["a cat", "a dog"]
-    (tmp_path / "p.csv").write_text("id,prompt\n1,a cat\n2,\"a dog, running\"\n")
+    (tmp_path / "p.csv").write_text('id,prompt\n1,a cat\n2,"a dog, running"\n')
     assert load_prompts(tmp_path / "p.csv") == ["a cat", "a dog, running"]
     (tmp_path / "p.jsonl").write_text('{"prompt": "a cat"}\n"a dog"\n\n{"caption": "x", "prompt": "a cow"}\n')
     assert load_prompts(tmp_path / "p.jsonl") == ["a cat", "a dog", "a cow"]
@@ -154,7 +212,7 @@ def test_bad_prompts_name_the_line(tmp_path):
     with pytest.raises(ValueError, match="line 2.*no key 'prompt'"):
         load_prompts(jsonl)
     csv_file = tmp_path / "p.csv"
-    csv_file.write_text("prompt\nfine\n\"\"\n")
+    csv_file.write_text('prompt\nfine\n""\n')
     with pytest.raises(ValueError, match="line 3.*non-empty prompt"):
         load_prompts(csv_file)
     csv_file.write_text("caption\nfine\n")
@@ -179,7 +237,9 @@ def test_jsonl_log_append_truncate(tmp_path):
     for step in (1, 2, 3):
         log.append({"step": step, "loss": float("nan") if step == 2 else 1.0, "profile": torch.tensor([0.5, 1.0])})
     records = log.read()
-    assert [r["step"] for r in records] == [1, 2, 3] and records[1]["loss"] is None and records[0]["profile"] == [0.5, 1.0]
+    assert (
+        [r["step"] for r in records] == [1, 2, 3] and records[1]["loss"] is None and records[0]["profile"] == [0.5, 1.0]
+    )
     log.truncate_after(2)
     assert [r["step"] for r in log.read()] == [1, 2]
     assert peak_memory_bytes("cpu") > 10_000_000
@@ -203,12 +263,29 @@ def _card(**overrides):
     from diffusers_am.training.model_card import render_model_card
 
     kwargs = dict(
-        base_model="org/base-model", method="ode-am", truncate_steps=4, num_inference_steps=10, reg_order=2.0,
-        reward="digits", reward_scale=2.0, steps=60, reward_before=-1.5, reward_after=-0.25,
-        final_metrics={"reward_mean": -0.3, "loss": 1.0}, grid="samples.png", pipeline_class="SiTPipeline",
-        pipeline_module="diffusers_am.pipelines.sit", adapter_location="user/adapter", conditioning="class",
-        num_eval_samples=100, batch_size="16 x 1 x 1", learning_rate=3e-3, lr_scheduler="constant", rank=8,
-        lora_alpha=8, use_ema=False,
+        base_model="org/base-model",
+        method="ode-am",
+        truncate_steps=4,
+        num_inference_steps=10,
+        reg_order=2.0,
+        reward="digits",
+        reward_scale=2.0,
+        steps=60,
+        reward_before=-1.5,
+        reward_after=-0.25,
+        final_metrics={"reward_mean": -0.3, "loss": 1.0},
+        grid="samples.png",
+        pipeline_class="SiTPipeline",
+        pipeline_module="diffusers_am.pipelines.sit",
+        adapter_location="user/adapter",
+        conditioning="class",
+        num_eval_samples=100,
+        batch_size="16 x 1 x 1",
+        learning_rate=3e-3,
+        lr_scheduler="constant",
+        rank=8,
+        lora_alpha=8,
+        use_ema=False,
     )
     kwargs.update(overrides)
     return render_model_card(**kwargs)
@@ -217,9 +294,20 @@ def _card(**overrides):
 def test_model_card_renders_run_facts():
     card = _card()
     text = str(card)
-    for fact in ("org/base-model", "ode-am", "4 of 10", "| regularizer order p | 2 |", "`digits`", "| 2 |",
-                 "-1.5", "-0.25", "samples.png", "from diffusers_am.pipelines.sit import SiTPipeline",
-                 'pipe.load_lora_weights("user/adapter")', "reward_mean = -0.3"):
+    for fact in (
+        "org/base-model",
+        "ode-am",
+        "4 of 10",
+        "| regularizer order p | 2 |",
+        "`digits`",
+        "| 2 |",
+        "-1.5",
+        "-0.25",
+        "samples.png",
+        "from diffusers_am.pipelines.sit import SiTPipeline",
+        'pipe.load_lora_weights("user/adapter")',
+        "reward_mean = -0.3",
+    ):
         assert fact in text, fact
     assert card.data.base_model == "org/base-model" and "lora" in card.data.tags
     assert 'SiTPipeline.from_pretrained("org/base-model"' in text
@@ -238,12 +326,19 @@ def test_push_to_hub_uploads_folder_without_checkpoints(tmp_path, monkeypatch):
     from diffusers_am.training.hub import push_output_dir
 
     calls = {}
-    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, exist_ok, token: calls.setdefault("create", (repo_id, exist_ok, token)) and f"https://hf.co/{repo_id}")
+    monkeypatch.setattr(
+        huggingface_hub,
+        "create_repo",
+        lambda repo_id, exist_ok, token: calls.setdefault("create", (repo_id, exist_ok, token))
+        and f"https://hf.co/{repo_id}",
+    )
     monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.setdefault("upload", kw))
     url = push_output_dir(tmp_path, "user/adapter", token="hf_tok")
     assert url == "https://hf.co/user/adapter" and calls["create"] == ("user/adapter", True, "hf_tok")
     upload = calls["upload"]
-    assert upload["repo_id"] == "user/adapter" and upload["folder_path"] == str(tmp_path) and upload["token"] == "hf_tok"
+    assert (
+        upload["repo_id"] == "user/adapter" and upload["folder_path"] == str(tmp_path) and upload["token"] == "hf_tok"
+    )
     assert "checkpoint-*" in upload["ignore_patterns"]
     with pytest.raises(ValueError, match="hub_model_id"):
         push_output_dir(tmp_path, " ")

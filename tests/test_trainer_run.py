@@ -37,10 +37,34 @@ def _fresh_accelerate_state():
 
 
 def tiny_args(base, out, *extra):
-    return ["--pretrained_model_name_or_path", str(base), "--output_dir", str(out), "--num_inference_steps", "4",
-            "--truncate_steps", "2", "--train_batch_size", "3", "--max_train_steps", "2", "--num_eval_samples", "4",
-            "--num_validation_images", "2", "--validation_prompts", "1", "7", "--validation_steps", "0",
-            "--report_to", "none", "--rank", "2", *extra]
+    return [
+        "--pretrained_model_name_or_path",
+        str(base),
+        "--output_dir",
+        str(out),
+        "--num_inference_steps",
+        "4",
+        "--truncate_steps",
+        "2",
+        "--train_batch_size",
+        "3",
+        "--max_train_steps",
+        "2",
+        "--num_eval_samples",
+        "4",
+        "--num_validation_images",
+        "2",
+        "--validation_prompts",
+        "1",
+        "7",
+        "--validation_steps",
+        "0",
+        "--report_to",
+        "none",
+        "--rank",
+        "2",
+        *extra,
+    ]
 
 
 def run(base, out, *extra):
@@ -48,7 +72,11 @@ def run(base, out, *extra):
 
 
 def snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def read_log(out: Path) -> list[dict]:
@@ -61,17 +89,40 @@ def test_tiny_run_writes_adapter_grids_card_log(tiny_base, tmp_path, monkeypatch
     from diffusers_am.training import hub
 
     pushed = {}
-    monkeypatch.setattr(hub, "push_output_dir", lambda out, repo, token=None: pushed.update(out=out, repo=repo, token=token) or "url")
+    monkeypatch.setattr(
+        hub, "push_output_dir", lambda out, repo, token=None: pushed.update(out=out, repo=repo, token=token) or "url"
+    )
     out = tmp_path / "run"
-    rc = run(tiny_base, out, "--validation_steps", "1", "--report_to", "tensorboard", "--push_to_hub",
-             "--hub_model_id", "me/tiny-am", "--hub_token", "hf_SECRET_token_123", "--learning_rate", "0.05")
+    rc = run(
+        tiny_base,
+        out,
+        "--validation_steps",
+        "1",
+        "--report_to",
+        "tensorboard",
+        "--push_to_hub",
+        "--hub_model_id",
+        "me/tiny-am",
+        "--hub_token",
+        "hf_SECRET_token_123",
+        "--learning_rate",
+        "0.05",
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "reward before:" in printed and str(out / "pytorch_lora_weights.safetensors") in printed
 
-    for name in ("pytorch_lora_weights.safetensors", "samples.png", "validation/step-000001.png", "validation/final.png",
-                 "validation/base.png",
-                 "README.md", "train_log.jsonl", "train_summary.json", "training_config.json"):
+    for name in (
+        "pytorch_lora_weights.safetensors",
+        "samples.png",
+        "validation/step-000001.png",
+        "validation/final.png",
+        "validation/base.png",
+        "README.md",
+        "train_log.jsonl",
+        "train_summary.json",
+        "training_config.json",
+    ):
         assert (out / name).is_file(), name
     assert not (out / "validation/step-000002.png").exists()  # the last update writes final.png instead
     assert any((out / "logs").rglob("events.out.tfevents*"))
@@ -83,7 +134,11 @@ def test_tiny_run_writes_adapter_grids_card_log(tiny_base, tmp_path, monkeypatch
         assert all(isinstance(r[k], float) for k in ("reward_mean", "reward_std", "loss", "grad_norm", "seconds"))
         assert r["peak_memory_bytes"] > 0
     summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["steps"] == 2 and isinstance(summary["reward_before"], float) and isinstance(summary["reward_after"], float)
+    assert (
+        summary["steps"] == 2
+        and isinstance(summary["reward_before"], float)
+        and isinstance(summary["reward_after"], float)
+    )
 
     card = (out / "README.md").read_text()
     assert "ode-am" in card and "2 of 4" in card and 'pipe.load_lora_weights("me/tiny-am")' in card
@@ -95,17 +150,24 @@ def test_tiny_run_writes_adapter_grids_card_log(tiny_base, tmp_path, monkeypatch
 
     # the adapter loads into the stock pipeline and changes its samples
     pipe = SiTPipeline.from_pretrained(str(tiny_base))
-    base_img = pipe(class_labels=[1, 2], num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    base_img = pipe(
+        class_labels=[1, 2], num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="pt"
+    ).images
     pipe.load_lora_weights(str(out))
-    tuned = pipe(class_labels=[1, 2], num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    tuned = pipe(
+        class_labels=[1, 2], num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="pt"
+    ).images
     assert torch.isfinite(tuned).all() and not torch.allclose(base_img, tuned)
 
 
 @pytest.mark.parametrize(
     "method, extra",
-    [("ode-am", ["--reg_order", "4", "--gradient_accumulation_steps", "2"]), ("sde-am", []),
-     ("draft", ["--gradient_checkpointing"]),
-     ("refl", ["--mixed_precision", "bf16"])],
+    [
+        ("ode-am", ["--reg_order", "4", "--gradient_accumulation_steps", "2"]),
+        ("sde-am", []),
+        ("draft", ["--gradient_checkpointing"]),
+        ("refl", ["--mixed_precision", "bf16"]),
+    ],
 )
 def test_all_methods_run(tiny_base, tmp_path, method, extra):
     out = tmp_path / method
@@ -118,18 +180,40 @@ def test_all_methods_run(tiny_base, tmp_path, method, extra):
 
 # -- resume ------------------------------------------------------------------------------------------
 def test_resume_two_plus_two_equals_four(tiny_base, tmp_path):
-    common = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--use_ema", "--lora_dropout", "0.2",
-              "--lr_scheduler", "cosine", "--lr_warmup_steps", "1", "--learning_rate", "0.02"]
+    common = [
+        "--max_train_steps",
+        "4",
+        "--checkpointing_steps",
+        "2",
+        "--use_ema",
+        "--lora_dropout",
+        "0.2",
+        "--lr_scheduler",
+        "cosine",
+        "--lr_warmup_steps",
+        "1",
+        "--learning_rate",
+        "0.02",
+    ]
     straight = tmp_path / "straight"
     assert run(tiny_base, straight, *common) == 0
     assert [p.name for _, p in list_checkpoints(straight)] == ["checkpoint-2", "checkpoint-4"]
     ckpt = straight / "checkpoint-2"
-    assert {"trainable_params.safetensors", "pytorch_lora_weights.safetensors", "optimizer.bin", "scheduler.bin",
-            "random_states_0.pkl", "trainer_state.json", "custom_checkpoint_0.pkl"} <= {p.name for p in ckpt.iterdir()}
+    assert {
+        "trainable_params.safetensors",
+        "pytorch_lora_weights.safetensors",
+        "optimizer.bin",
+        "scheduler.bin",
+        "random_states_0.pkl",
+        "trainer_state.json",
+        "custom_checkpoint_0.pkl",
+    } <= {p.name for p in ckpt.iterdir()}
 
     resumed = tmp_path / "resumed"
     assert run(tiny_base, resumed, *common, "--resume_from_checkpoint", str(ckpt)) == 0
-    a, b = load_file(straight / "pytorch_lora_weights.safetensors"), load_file(resumed / "pytorch_lora_weights.safetensors")
+    a, b = load_file(straight / "pytorch_lora_weights.safetensors"), load_file(
+        resumed / "pytorch_lora_weights.safetensors"
+    )
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
@@ -161,8 +245,21 @@ def test_interrupted_checkpoint_leaves_previous_usable(tiny_base, tmp_path, monk
     assert (out / ".tmp-checkpoint-2").is_dir()
     assert [step for step, _ in list_checkpoints(out)] == [1]
     monkeypatch.setattr(CheckpointManager, "_save_hook", original)
-    assert run(tiny_base, out, "--max_train_steps", "3", "--checkpointing_steps", "1", "--checkpoints_total_limit", "2",
-               "--resume_from_checkpoint", "latest") == 0
+    assert (
+        run(
+            tiny_base,
+            out,
+            "--max_train_steps",
+            "3",
+            "--checkpointing_steps",
+            "1",
+            "--checkpoints_total_limit",
+            "2",
+            "--resume_from_checkpoint",
+            "latest",
+        )
+        == 0
+    )
     assert [step for step, _ in list_checkpoints(out)] == [2, 3] and not (out / ".tmp-checkpoint-2").exists()
     assert [r["step"] for r in read_log(out)] == [1, 2, 3]
 
@@ -235,7 +332,10 @@ def test_bad_inputs_are_clear_and_keep_output_dir(tiny_base, tmp_path, capsys):
         ([], "already holds a run"),
         (["--overwrite_output_dir", "--reward", "no-such-reward"], "unknown reward"),
         (["--overwrite_output_dir", "--pretrained_model_name_or_path", "nobody/no-such-model"], "pass that folder"),
-        (["--overwrite_output_dir", "--pretrained_model_name_or_path", str(not_a_pipeline)], "without model_index.json"),
+        (
+            ["--overwrite_output_dir", "--pretrained_model_name_or_path", str(not_a_pipeline)],
+            "without model_index.json",
+        ),
         (["--overwrite_output_dir", "--pretrained_model_name_or_path", str(unknown_class)], "not supported"),
         (["--overwrite_output_dir", "--num_inference_steps", "none", "--truncate_steps", "5"], "truncate_steps"),
         (["--overwrite_output_dir", "--truncate_steps", "5"], "truncate_steps"),
@@ -268,10 +368,28 @@ def test_accelerate_launch_two_processes(tiny_base, tmp_path):
 
     base = EMBEDDED_DIGITS_BASE if (EMBEDDED_DIGITS_BASE / "model_index.json").is_file() else tiny_base
     out = tmp_path / "ddp"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(ROOT / "train_adjoint_matching.py"), *tiny_args(base, out, "--checkpointing_steps", "2", "--method", "ode-am")]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "ACCELERATE_USE_CPU": "1",
+    }
+    cmd = [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(ROOT / "train_adjoint_matching.py"),
+        *tiny_args(base, out, "--checkpointing_steps", "2", "--method", "ode-am"),
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("reward before:") == 1  # one summary: only the main process prints and writes
@@ -299,8 +417,23 @@ def test_default_run_on_embedded_base_raises_the_reward(tmp_path):
         pytest.skip("the embedded digits base is not in this checkout")
     out = tmp_path / "default"
     # the default run (ODE-AM, K=4 of N=20, lambda=10), shortened to 30 updates and 50 evaluation samples
-    assert script.main(["--output_dir", str(out), "--max_train_steps", "30", "--num_eval_samples", "50",
-                        "--validation_steps", "0", "--report_to", "none"]) == 0
+    assert (
+        script.main(
+            [
+                "--output_dir",
+                str(out),
+                "--max_train_steps",
+                "30",
+                "--num_eval_samples",
+                "50",
+                "--validation_steps",
+                "0",
+                "--report_to",
+                "none",
+            ]
+        )
+        == 0
+    )
     assert (out / "pytorch_lora_weights.safetensors").is_file() and len(read_log(out)) == 30
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["reward_after"] > summary["reward_before"] + 0.02, summary

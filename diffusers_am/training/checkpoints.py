@@ -109,7 +109,10 @@ class CheckpointManager:
         if self.accelerator.is_main_process:
             from safetensors.torch import save_file
 
-            save_file({n: p.detach().cpu().contiguous() for n, p in self.named_params.items()}, str(Path(output_dir) / PARAMS_FILE))
+            save_file(
+                {n: p.detach().cpu().contiguous() for n, p in self.named_params.items()},
+                str(Path(output_dir) / PARAMS_FILE),
+            )
             self.save_adapter(output_dir)
         weights.clear()
 
@@ -120,13 +123,17 @@ class CheckpointManager:
         if set(tensors) != set(self.named_params):
             missing = sorted(set(self.named_params) - set(tensors))[:3]
             extra = sorted(set(tensors) - set(self.named_params))[:3]
-            raise ValueError(f"trainable parameters differ from this run's LoRA (missing {missing}, unexpected {extra}); "
-                             "resume with the same --rank, --lora_target_modules and model.")
+            raise ValueError(
+                f"trainable parameters differ from this run's LoRA (missing {missing}, unexpected {extra}); "
+                "resume with the same --rank, --lora_target_modules and model."
+            )
         with torch.no_grad():
             for name, param in self.named_params.items():
                 if tensors[name].shape != param.shape:
-                    raise ValueError(f"parameter {name!r} has shape {tuple(tensors[name].shape)} in the checkpoint, "
-                                     f"{tuple(param.shape)} in this run; resume with the same LoRA settings.")
+                    raise ValueError(
+                        f"parameter {name!r} has shape {tuple(tensors[name].shape)} in the checkpoint, "
+                        f"{tuple(param.shape)} in this run; resume with the same LoRA settings."
+                    )
                 param.copy_(tensors[name].to(param.device, param.dtype))
         models.clear()
 

@@ -44,69 +44,108 @@ class TrainingConfig:
 
     # -- model ------------------------------------------------------------------------------
     pretrained_model_name_or_path: str | None = _f(
-        None, "Local diffusers pipeline folder or Hub id. Default: the embedded digits base "
-        "(diffusers_am/assets/digits-sit)."
+        None,
+        "Local diffusers pipeline folder or Hub id. Default: the embedded digits base "
+        "(diffusers_am/assets/digits-sit).",
     )
     # -- method -----------------------------------------------------------------------------
-    method: str = _f("ode-am", "Update rule: ode-am (deterministic adjoint matching), sde-am "
-                     "(stochastic AM, memoryless schedule), draft (DRaFT-K) or refl (ReFL-K).", choices=METHODS)
+    method: str = _f(
+        "ode-am",
+        "Update rule: ode-am (deterministic adjoint matching), sde-am "
+        "(stochastic AM, memoryless schedule), draft (DRaFT-K) or refl (ReFL-K).",
+        choices=METHODS,
+    )
     truncate_steps: int = _f(4, "K: train on the last K of the num_inference_steps sampling steps (K = N: full AM).")
     reg_order: float = _f(2.0, "p > 1: order of the control cost |u|^p / p (ode-am only; 2 = quadratic, KL-like).")
-    reward: str = _f("digits", "Reward: a registered name, a weighted list 'a:1.0,b:0.5', or 'module:callable' "
-                     "(a differentiable f(images [B,C,H,W] in [0,1], prompts) -> Tensor[B]).")
-    reward_model_paths: list[str] = _f([], "Local checkpoints for registered rewards, as name=path (one per reward).",
-                                      nargs="+")
-    reward_scale: float = _f(10.0, "lambda: terminal cost g(x) = -lambda * r(x); larger pulls harder toward the reward.")
-    num_inference_steps: int | None = _f(None, "N sampling steps per trajectory (None: the pipeline's default, 20 for "
-                                         "the digits base).")
+    reward: str = _f(
+        "digits",
+        "Reward: a registered name, a weighted list 'a:1.0,b:0.5', or 'module:callable' "
+        "(a differentiable f(images [B,C,H,W] in [0,1], prompts) -> Tensor[B]).",
+    )
+    reward_model_paths: list[str] = _f(
+        [], "Local checkpoints for registered rewards, as name=path (one per reward).", nargs="+"
+    )
+    reward_scale: float = _f(
+        10.0, "lambda: terminal cost g(x) = -lambda * r(x); larger pulls harder toward the reward."
+    )
+    num_inference_steps: int | None = _f(
+        None, "N sampling steps per trajectory (None: the pipeline's default, 20 for " "the digits base)."
+    )
     resolution: int | None = _f(None, "Image side in pixels (None: the model family's default).")
     guidance_scale: float | None = _f(None, "Classifier-free guidance scale of the sampler (None: the family default).")
-    loss_reduction: str = _f("sum", "AM matching loss over a sample's dims: 'sum' (the squared norm) or 'mean'.",
-                             choices=("sum", "mean"))
-    sde_schedule: str = _f("memoryless", "Noise schedule of sde-am: memoryless or constant.",
-                           choices=("memoryless", "constant"))
+    loss_reduction: str = _f(
+        "sum", "AM matching loss over a sample's dims: 'sum' (the squared norm) or 'mean'.", choices=("sum", "mean")
+    )
+    sde_schedule: str = _f(
+        "memoryless", "Noise schedule of sde-am: memoryless or constant.", choices=("memoryless", "constant")
+    )
     sde_t_min: float = _f(0.01, "sde-am clips paper time t to [sde_t_min, 1) (the memoryless SDE diverges at t = 0).")
     # -- optimization -------------------------------------------------------------------------
     train_batch_size: int = _f(16, "Trajectories per process per micro-batch.")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer update.")
     max_train_steps: int = _f(100, "Optimizer updates in the run.")
     learning_rate: float = _f(3e-3, "AdamW learning rate of the LoRA parameters.")
-    lr_scheduler: str = _f("constant", "LR schedule (diffusers.optimization.get_scheduler): constant, "
-                           "constant_with_warmup, cosine (with warm-up), linear, ...", choices=LR_SCHEDULERS)
+    lr_scheduler: str = _f(
+        "constant",
+        "LR schedule (diffusers.optimization.get_scheduler): constant, "
+        "constant_with_warmup, cosine (with warm-up), linear, ...",
+        choices=LR_SCHEDULERS,
+    )
     lr_warmup_steps: int = _f(0, "Linear warm-up updates of the LR schedule.")
     adam_beta1: float = _f(0.9, "AdamW beta1.")
     adam_beta2: float = _f(0.99, "AdamW beta2 (the paper uses 0.99).")
     adam_weight_decay: float = _f(0.0, "AdamW decoupled weight decay on the LoRA parameters.")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
     max_grad_norm: float = _f(10.0, "Clip the global gradient norm to this (the paper: 10 for SiT, 1 for FLUX).")
-    mixed_precision: str | None = _f(None, "no, fp16 or bf16 (None: accelerate's config). The base weights are "
-                                     "cast to it; LoRA weights and the adjoint stay fp32.", choices=MIXED_PRECISION)
+    mixed_precision: str | None = _f(
+        None,
+        "no, fp16 or bf16 (None: accelerate's config). The base weights are "
+        "cast to it; LoRA weights and the adjoint stay fp32.",
+        choices=MIXED_PRECISION,
+    )
     gradient_checkpointing: bool = _f(False, "Recompute transformer activations in backward (less memory).")
     use_8bit_adam: bool = _f(False, "bitsandbytes AdamW8bit instead of torch AdamW (needs `pip install bitsandbytes`).")
     # -- LoRA -------------------------------------------------------------------------------
     rank: int = _f(8, "LoRA rank.")
     lora_alpha: float | None = _f(None, "LoRA alpha (None: equal to the rank).")
-    lora_target_modules: list[str] | None = _f(None, "Module names to adapt (None: the family's default targets); "
-                                               "comma-separated or space-separated.", nargs="+")
+    lora_target_modules: list[str] | None = _f(
+        None,
+        "Module names to adapt (None: the family's default targets); " "comma-separated or space-separated.",
+        nargs="+",
+    )
     lora_dropout: float = _f(0.0, "LoRA dropout.")
     use_ema: bool = _f(False, "Keep an EMA of the LoRA weights; validation, evaluation and the saved adapter use it.")
     ema_decay: float = _f(0.99, "EMA decay (diffusers EMAModel, with its (1 + n) / (10 + n) warm-up).")
     # -- data -------------------------------------------------------------------------------
-    prompts: str | None = _f(None, "Training prompts: a .txt (one per line), .csv or .jsonl file, a `datasets` folder "
-                             "or Hub dataset name. Class-conditional models take class labels (ints); None: all classes.")
-    prompt_column: str | None = _f(None, "Column of CSV / JSONL / dataset prompts (None: 'prompt', or 'label' for "
-                                   "class-conditional models).")
+    prompts: str | None = _f(
+        None,
+        "Training prompts: a .txt (one per line), .csv or .jsonl file, a `datasets` folder "
+        "or Hub dataset name. Class-conditional models take class labels (ints); None: all classes.",
+    )
+    prompt_column: str | None = _f(
+        None, "Column of CSV / JSONL / dataset prompts (None: 'prompt', or 'label' for " "class-conditional models)."
+    )
     prompts_split: str = _f("train", "Split of a `datasets` dataset.")
-    validation_prompts: list[str] | None = _f(None, "Prompts (or labels) of the validation grid (None: the first "
-                                              "training prompts, at most 4; class labels: at most 10).", nargs="+")
+    validation_prompts: list[str] | None = _f(
+        None,
+        "Prompts (or labels) of the validation grid (None: the first "
+        "training prompts, at most 4; class labels: at most 10).",
+        nargs="+",
+    )
     num_validation_images: int = _f(4, "Images per validation prompt (one grid row each).")
-    validation_steps: int = _f(25, "Write a validation grid every this many updates (and at the end); 0: only at the end.")
-    num_eval_samples: int = _f(100, "Samples for the reward before / after (fixed noise and prompts, base vs "
-                               "fine-tuned); 0 skips that evaluation.")
+    validation_steps: int = _f(
+        25, "Write a validation grid every this many updates (and at the end); 0: only at the end."
+    )
+    num_eval_samples: int = _f(
+        100,
+        "Samples for the reward before / after (fixed noise and prompts, base vs "
+        "fine-tuned); 0 skips that evaluation.",
+    )
     # -- checkpoints and outputs --------------------------------------------------------------
     output_dir: str = _f("outputs/adjoint-matching", "Where the adapter, grids, card, log and checkpoints go.")
-    overwrite_output_dir: bool = _f(False, "Start a new run in an output_dir that holds a previous one (its "
-                                    "checkpoints and log are removed).")
+    overwrite_output_dir: bool = _f(
+        False, "Start a new run in an output_dir that holds a previous one (its " "checkpoints and log are removed)."
+    )
     checkpointing_steps: int = _f(0, "Save a resumable checkpoint every this many updates (0: never).")
     checkpoints_total_limit: int | None = _f(None, "Keep at most this many checkpoints (oldest removed first).")
     resume_from_checkpoint: str | None = _f(None, "A checkpoint folder, or 'latest' (the newest in output_dir).")
@@ -131,8 +170,14 @@ class TrainingConfig:
             if choices is not None and value is not None and value not in choices:
                 raise ValueError(f"`--{f.name}` must be one of {', '.join(choices)}; got {value!r}.")
         self.reg_order = check_order(self.reg_order, "reg_order")
-        for name in ("truncate_steps", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "rank",
-                     "num_validation_images"):
+        for name in (
+            "truncate_steps",
+            "train_batch_size",
+            "gradient_accumulation_steps",
+            "max_train_steps",
+            "rank",
+            "num_validation_images",
+        ):
             _check_int(self, name, minimum=1)
         for name in ("lr_warmup_steps", "validation_steps", "checkpointing_steps", "num_eval_samples"):
             _check_int(self, name, minimum=0)
@@ -275,8 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(or DRaFT-K / ReFL-K) and save a diffusers LoRA adapter.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--config", default=None, help="YAML or JSON file setting any of the options below; "
-                        "command-line flags override it.")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="YAML or JSON file setting any of the options below; " "command-line flags override it.",
+    )
     for f in dataclasses.fields(TrainingConfig):
         kind = _type_of(f)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()

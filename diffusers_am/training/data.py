@@ -74,7 +74,9 @@ def _from_jsonl(path: Path, conditioning: str, column: str) -> list[Condition]:
             raise ValueError(f"{where}: not valid JSON ({err.msg}).") from None
         if isinstance(value, dict):
             if column not in value:
-                raise ValueError(f"{where}: the object has no key {column!r} (keys: {sorted(value)}); set `--prompt_column`.")
+                raise ValueError(
+                    f"{where}: the object has no key {column!r} (keys: {sorted(value)}); set `--prompt_column`."
+                )
             value = value[column]
         out.append(_as_condition(value, conditioning, where))
     return out
@@ -98,10 +100,13 @@ def _from_datasets(source: str, conditioning: str, column: str, split: str) -> l
     except Exception as err:
         raise ValueError(
             f"`--prompts` {source!r} is neither a prompts file (.txt, .csv, .jsonl) nor a loadable `datasets` "
-            f"dataset ({type(err).__name__}: {err}). Offline, save the dataset with `save_to_disk` and pass that folder."
+            f"dataset ({type(err).__name__}: {err}). Offline, save the dataset with `save_to_disk` "
+            "and pass that folder."
         ) from err
     if column not in data.column_names:
-        raise ValueError(f"`--prompts` {source!r} has no column {column!r} (columns: {data.column_names}); set `--prompt_column`.")
+        raise ValueError(
+            f"`--prompts` {source!r} has no column {column!r} (columns: {data.column_names}); set `--prompt_column`."
+        )
     return [_as_condition(v, conditioning, f"{source}, row {i}") for i, v in enumerate(data[column])]
 
 

@@ -7,7 +7,9 @@ from pathlib import Path
 IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", ".tmp-checkpoint-*", ".tmp-checkpoint-*/**", "logs/**", "*.tmp"]
 
 
-def push_output_dir(output_dir: str | Path, repo_id: str, token: str | None = None, commit_message: str | None = None) -> str:
+def push_output_dir(
+    output_dir: str | Path, repo_id: str, token: str | None = None, commit_message: str | None = None
+) -> str:
     """``create_repo`` (exist_ok) then ``upload_folder``; returns the repo URL. The token is only passed through."""
     from huggingface_hub import create_repo, upload_folder
 

@@ -12,8 +12,16 @@ import torch
 
 LOG_NAME = "train_log.jsonl"
 REQUIRED_FIELDS = (
-    "step", "reward_mean", "reward_std", "loss", "grad_norm", "control_norm_per_step", "seconds",
-    "peak_memory_bytes", "skipped", "nonfinite_count",
+    "step",
+    "reward_mean",
+    "reward_std",
+    "loss",
+    "grad_norm",
+    "control_norm_per_step",
+    "seconds",
+    "peak_memory_bytes",
+    "skipped",
+    "nonfinite_count",
 )
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import shutil
 import time
@@ -38,9 +37,12 @@ from .data import PromptSampler, _as_condition, check_class_labels, derive_seed,
 from .logs import LOG_NAME, JsonlLog, peak_memory_bytes
 from .validation import mean_reward, sample_images, save_grid
 
-logger = logging.getLogger(__name__)
-
-STEP_FUNCTIONS: dict[str, Callable] = {"ode-am": ode_am_step, "sde-am": sde_am_step, "draft": draft_step, "refl": refl_step}
+STEP_FUNCTIONS: dict[str, Callable] = {
+    "ode-am": ode_am_step,
+    "sde-am": sde_am_step,
+    "draft": draft_step,
+    "refl": refl_step,
+}
 SUMMARY_NAME = "train_summary.json"
 CONFIG_NAME = "training_config.json"
 GRID_NAME = "samples.png"
@@ -78,7 +80,9 @@ def _check_tracker(report_to: str) -> None:
     needed = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": []}.get(report_to, [])
     for package in needed:
         if importlib.util.find_spec(package) is None:
-            raise ValueError(f"`--report_to {report_to}` needs {package}: `pip install {package}`, or pass `--report_to none`.")
+            raise ValueError(
+                f"`--report_to {report_to}` needs {package}: `pip install {package}`, or pass `--report_to none`."
+            )
 
 
 class AdjointMatchingTrainer:
@@ -119,7 +123,9 @@ class AdjointMatchingTrainer:
         return Accelerator(
             mixed_precision=cfg.mixed_precision,
             log_with=log_with,
-            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / cfg.logging_dir)),
+            project_config=ProjectConfiguration(
+                project_dir=str(self.output_dir), logging_dir=str(self.output_dir / cfg.logging_dir)
+            ),
         )
 
     def _load_model(self, weight_dtype: torch.dtype) -> FlowModelAdapter:
@@ -131,10 +137,14 @@ class AdjointMatchingTrainer:
         cfg = self.config
         num_classes = getattr(adapter.pipeline, "num_classes", None) if adapter.conditioning == "class" else None
         if cfg.prompts:
-            prompts = load_prompts(cfg.prompts, conditioning=adapter.conditioning, column=cfg.prompt_column, split=cfg.prompts_split)
+            prompts = load_prompts(
+                cfg.prompts, conditioning=adapter.conditioning, column=cfg.prompt_column, split=cfg.prompts_split
+            )
         elif adapter.conditioning == "class":
             if num_classes is None:
-                raise ValueError("this class-conditional model does not report `num_classes`; pass `--prompts` with its labels.")
+                raise ValueError(
+                    "this class-conditional model does not report `num_classes`; pass `--prompts` with its labels."
+                )
             prompts = list(range(int(num_classes)))
         else:
             raise ValueError("this text-to-image model needs training prompts: pass `--prompts <file or dataset>`.")
@@ -150,12 +160,19 @@ class AdjointMatchingTrainer:
 
     def _optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         cfg = self.config
-        kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+        kwargs = dict(
+            lr=cfg.learning_rate,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            weight_decay=cfg.adam_weight_decay,
+            eps=cfg.adam_epsilon,
+        )
         if cfg.use_8bit_adam:
             try:
                 import bitsandbytes as bnb
             except ImportError as err:
-                raise ValueError("`--use_8bit_adam` needs bitsandbytes: `pip install bitsandbytes` (or drop the flag).") from err
+                raise ValueError(
+                    "`--use_8bit_adam` needs bitsandbytes: `pip install bitsandbytes` (or drop the flag)."
+                ) from err
             return bnb.optim.AdamW8bit(params, **kwargs)
         return torch.optim.AdamW(params, **kwargs)
 
@@ -193,7 +210,11 @@ class AdjointMatchingTrainer:
             reward.eval().requires_grad_(False)
         prompts, val_prompts = self._conditions(adapter)
 
-        params = adapter.add_lora(LoraSettings(rank=cfg.rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_target_modules, dropout=cfg.lora_dropout))
+        params = adapter.add_lora(
+            LoraSettings(
+                rank=cfg.rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_target_modules, dropout=cfg.lora_dropout
+            )
+        )
         params = [p for p in params if p.requires_grad]
         if not params:
             raise ValueError("the LoRA adapter has no trainable parameters; check `--lora_target_modules`.")
@@ -201,14 +222,20 @@ class AdjointMatchingTrainer:
         named = {n: p for n, p in adapter.transformer.named_parameters() if id(p) in ids}
         if cfg.gradient_checkpointing:
             if not getattr(adapter.transformer, "_supports_gradient_checkpointing", False):
-                raise ValueError("`--gradient_checkpointing`: this transformer does not support gradient checkpointing.")
+                raise ValueError(
+                    "`--gradient_checkpointing`: this transformer does not support gradient checkpointing."
+                )
             adapter.transformer.enable_gradient_checkpointing()
 
         optimizer = self._optimizer(params)
         self._prepare_dirs(accelerator)  # first write into output_dir: every input is valid by now
         procs = accelerator.num_processes  # the accelerate-wrapped scheduler steps once per process
-        lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * procs,
-                                     num_training_steps=cfg.max_train_steps * procs)
+        lr_scheduler = get_scheduler(
+            cfg.lr_scheduler,
+            optimizer,
+            num_warmup_steps=cfg.lr_warmup_steps * procs,
+            num_training_steps=cfg.max_train_steps * procs,
+        )
         train_module, optimizer, lr_scheduler = accelerator.prepare(adapter.transformer, optimizer, lr_scheduler)
 
         ema = None
@@ -240,53 +267,119 @@ class AdjointMatchingTrainer:
         reward_before = None
         if accelerator.is_main_process and cfg.num_eval_samples:
             reward_before = self._evaluate(adapter, reward, eval_set, times, base=True)
-            accelerator.print(f"reward before fine-tuning (base model, {len(eval_set[0])} samples): {reward_before:.4f}")
+            accelerator.print(
+                f"reward before fine-tuning (base model, {len(eval_set[0])} samples): {reward_before:.4f}"
+            )
         if accelerator.is_main_process and self.resume_path is None:
             self._validation_grid(adapter, val_prompts, times, resolution, "validation/base.png", base=True)
         accelerator.wait_for_everyone()
 
         sampler = PromptSampler(prompts, cfg.seed)
         step_fn = STEP_FUNCTIONS[cfg.method]
-        progress = tqdm(total=cfg.max_train_steps, initial=global_step, desc="updates", disable=not accelerator.is_local_main_process)
+        progress = tqdm(
+            total=cfg.max_train_steps,
+            initial=global_step,
+            desc="updates",
+            disable=not accelerator.is_local_main_process,
+        )
         durations: list[float] = []
         record: dict[str, Any] = {}
         while global_step < cfg.max_train_steps:
             start = time.perf_counter()
             adapter.transformer.train()
-            record = self._update(accelerator, adapter, train_module, reward, sampler, step_fn, times, resolution, k_steps,
-                                  global_step, params, optimizer, lr_scheduler, ema)
+            record = self._update(
+                accelerator,
+                adapter,
+                train_module,
+                reward,
+                sampler,
+                step_fn,
+                times,
+                resolution,
+                k_steps,
+                global_step,
+                params,
+                optimizer,
+                lr_scheduler,
+                ema,
+            )
             global_step += 1
             nonfinite += int(record["skipped"])
             seconds = time.perf_counter() - start
             durations.append(seconds)
-            record.update(step=global_step, nonfinite_count=nonfinite, seconds=seconds,
-                          peak_memory_bytes=peak_memory_bytes(accelerator.device), lr=lr_scheduler.get_last_lr()[0])
+            record.update(
+                step=global_step,
+                nonfinite_count=nonfinite,
+                seconds=seconds,
+                peak_memory_bytes=peak_memory_bytes(accelerator.device),
+                lr=lr_scheduler.get_last_lr()[0],
+            )
             if accelerator.is_main_process:
                 log.append(record)
-                scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and v is not None and math.isfinite(v)}
+                scalars = {
+                    k: v
+                    for k, v in record.items()
+                    if isinstance(v, (int, float)) and v is not None and math.isfinite(v)
+                }
                 accelerator.log(scalars, step=global_step)
             adapter.transformer.eval()
             progress.update(1)
-            progress.set_postfix(reward=f"{record['reward_mean']:.3f}" if record["reward_mean"] is not None else "nan",
-                                 loss=f"{record['loss']:.3g}" if record["loss"] is not None else "nan")
+            progress.set_postfix(
+                reward=f"{record['reward_mean']:.3f}" if record["reward_mean"] is not None else "nan",
+                loss=f"{record['loss']:.3g}" if record["loss"] is not None else "nan",
+            )
             if cfg.checkpointing_steps and global_step % cfg.checkpointing_steps == 0:
                 ckpt.save(global_step, {"nonfinite_count": nonfinite})
             if cfg.validation_steps and global_step % cfg.validation_steps == 0 and global_step < cfg.max_train_steps:
                 if accelerator.is_main_process:
                     with self._ema_weights(ema, params):
-                        self._validation_grid(adapter, val_prompts, times, resolution, f"validation/step-{global_step:06d}.png")
+                        self._validation_grid(
+                            adapter, val_prompts, times, resolution, f"validation/step-{global_step:06d}.png"
+                        )
                 accelerator.wait_for_everyone()
         progress.close()
         if nonfinite:
-            warnings.warn(f"{nonfinite} of {global_step} updates were skipped: the reward or the gradient was NaN or inf.")
+            warnings.warn(
+                f"{nonfinite} of {global_step} updates were skipped: the reward or the gradient was NaN or inf."
+            )
         self._check_in_sync(accelerator, params)
-        result = self._finish(accelerator, adapter, reward, params, ema, val_prompts, eval_set, times, resolution,
-                              reward_before, global_step, nonfinite, durations, record, n_steps)
+        result = self._finish(
+            accelerator,
+            adapter,
+            reward,
+            params,
+            ema,
+            val_prompts,
+            eval_set,
+            times,
+            resolution,
+            reward_before,
+            global_step,
+            nonfinite,
+            durations,
+            record,
+            n_steps,
+        )
         accelerator.end_training()
         return result
 
-    def _update(self, accelerator, adapter, train_module, reward, sampler, step_fn, times, resolution, k_steps, step,
-                params, optimizer, lr_scheduler, ema) -> dict[str, Any]:
+    def _update(
+        self,
+        accelerator,
+        adapter,
+        train_module,
+        reward,
+        sampler,
+        step_fn,
+        times,
+        resolution,
+        k_steps,
+        step,
+        params,
+        optimizer,
+        lr_scheduler,
+        ema,
+    ) -> dict[str, Any]:
         """One optimizer update over ``gradient_accumulation_steps`` micro-batches; returns its log record."""
         cfg = self.config
         rank, accum, batch_size = accelerator.process_index, cfg.gradient_accumulation_steps, cfg.train_batch_size
@@ -301,13 +394,19 @@ class AdjointMatchingTrainer:
             batch = sampler.batch(step, batch_size, slot)
             noise_gen = torch.Generator(device=adapter.device).manual_seed(derive_seed(cfg.seed, "noise", step, slot))
             noise = adapter.initial_noise(batch_size, resolution, noise_gen)
-            flow = adapter.flow(adapter.encode_conditions(batch), guidance_scale=cfg.guidance_scale, train_module=train_module)
+            flow = adapter.flow(
+                adapter.encode_conditions(batch), guidance_scale=cfg.guidance_scale, train_module=train_module
+            )
             kwargs: dict[str, Any] = {"truncate_steps": k_steps, "reward_scale": cfg.reward_scale, "backward": backward}
             if cfg.method == "ode-am":
                 kwargs.update(order=cfg.reg_order, loss_reduction=cfg.loss_reduction)
             elif cfg.method == "sde-am":
                 sde_gen = torch.Generator(device=adapter.device).manual_seed(derive_seed(cfg.seed, "sde", step, slot))
-                kwargs.update(schedule=get_schedule(cfg.sde_schedule, t_min=cfg.sde_t_min), loss_reduction=cfg.loss_reduction, generator=sde_gen)
+                kwargs.update(
+                    schedule=get_schedule(cfg.sde_schedule, t_min=cfg.sde_t_min),
+                    loss_reduction=cfg.loss_reduction,
+                    generator=sde_gen,
+                )
             elif cfg.method == "refl":  # one step index j per update, the same on every process
                 kwargs.update(generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "refl", step)))
 
@@ -347,9 +446,15 @@ class AdjointMatchingTrainer:
 
         all_rewards = accelerator.gather(rewards.to(accelerator.device)).float().cpu()
         finite = all_rewards[torch.isfinite(all_rewards)]
-        loss = torch.tensor([sum(losses) / len(losses) if losses and not skipped else float("nan")], device=accelerator.device)
+        loss = torch.tensor(
+            [sum(losses) / len(losses) if losses and not skipped else float("nan")], device=accelerator.device
+        )
         loss = float(accelerator.reduce(loss, "mean").item())
-        profile = torch.stack(norms).mean(0) if norms and not skipped else torch.full((k_steps if cfg.method != "refl" else 1,), float("nan"))
+        profile = (
+            torch.stack(norms).mean(0)
+            if norms and not skipped
+            else torch.full((k_steps if cfg.method != "refl" else 1,), float("nan"))
+        )
         profile = accelerator.reduce(profile.to(accelerator.device), "mean").cpu() if not skipped else profile
         return {
             "reward_mean": float(finite.mean()) if finite.numel() else None,
@@ -382,7 +487,9 @@ class AdjointMatchingTrainer:
         if accelerator.num_processes == 1:
             return
         flat = torch.cat([p.detach().float().reshape(-1) for p in params])
-        sig = torch.stack([flat.sum(), flat.abs().sum(), (flat * torch.arange(flat.numel(), device=flat.device) % 7).sum()])
+        sig = torch.stack(
+            [flat.sum(), flat.abs().sum(), (flat * torch.arange(flat.numel(), device=flat.device) % 7).sum()]
+        )
         sigs = accelerator.gather(sig.reshape(1, -1))
         if not torch.equal(sigs.min(0).values, sigs.max(0).values):
             raise RuntimeError(f"the LoRA weights differ between processes after training: {sigs.tolist()}")
@@ -398,7 +505,9 @@ class AdjointMatchingTrainer:
 
     def _evaluate(self, adapter, reward, eval_set, times, base: bool) -> float:
         conditions, noise = eval_set
-        _, images = sample_images(adapter, conditions, noise, times, guidance_scale=self.config.guidance_scale, base=base)
+        _, images = sample_images(
+            adapter, conditions, noise, times, guidance_scale=self.config.guidance_scale, base=base
+        )
         return float(mean_reward(reward, images, conditions).mean())
 
     def _validation_grid(self, adapter, val_prompts, times, resolution, name: str, base: bool = False) -> Path:
@@ -424,12 +533,38 @@ class AdjointMatchingTrainer:
         finally:
             ema.restore(params)
 
-    def _finish(self, accelerator, adapter, reward, params, ema, val_prompts, eval_set, times, resolution, reward_before,
-                steps, nonfinite, durations, last, n_steps) -> TrainResult:
+    def _finish(
+        self,
+        accelerator,
+        adapter,
+        reward,
+        params,
+        ema,
+        val_prompts,
+        eval_set,
+        times,
+        resolution,
+        reward_before,
+        steps,
+        nonfinite,
+        durations,
+        last,
+        n_steps,
+    ) -> TrainResult:
         cfg = self.config
         out = self.output_dir
-        result = TrainResult(out, out / "pytorch_lora_weights.safetensors", out / GRID_NAME, out / "README.md", out / LOG_NAME,
-                             reward_before, None, steps, nonfinite, None)
+        result = TrainResult(
+            out,
+            out / "pytorch_lora_weights.safetensors",
+            out / GRID_NAME,
+            out / "README.md",
+            out / LOG_NAME,
+            reward_before,
+            None,
+            steps,
+            nonfinite,
+            None,
+        )
         if durations:
             result.seconds_per_update = sum(durations) / len(durations)
         if accelerator.is_main_process:
@@ -442,9 +577,13 @@ class AdjointMatchingTrainer:
                 if cfg.num_eval_samples:
                     result.reward_after = self._evaluate(adapter, reward, eval_set, times, base=False)
             summary = {
-                "reward_before": reward_before, "reward_after": result.reward_after, "steps": steps,
-                "skipped_updates": nonfinite, "seconds_per_update": result.seconds_per_update,
-                "num_processes": accelerator.num_processes, "num_eval_samples": len(eval_set[0]),
+                "reward_before": reward_before,
+                "reward_after": result.reward_after,
+                "steps": steps,
+                "skipped_updates": nonfinite,
+                "seconds_per_update": result.seconds_per_update,
+                "num_processes": accelerator.num_processes,
+                "num_eval_samples": len(eval_set[0]),
             }
             (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2))
             self._write_card(adapter, result, last, n_steps, accelerator.num_processes)
@@ -465,15 +604,29 @@ class AdjointMatchingTrainer:
         base = cfg.pretrained_model_name_or_path or str(EMBEDDED_DIGITS_BASE)
         final = {k: last.get(k) for k in ("reward_mean", "reward_std", "loss", "grad_norm")}
         card = render_model_card(
-            base_model=base, method=cfg.method, truncate_steps=cfg.truncate_steps, num_inference_steps=n_steps,
-            reg_order=cfg.reg_order, reward=cfg.reward, reward_scale=cfg.reward_scale, steps=result.steps,
-            reward_before=result.reward_before, reward_after=result.reward_after, final_metrics=final, grid=GRID_NAME,
+            base_model=base,
+            method=cfg.method,
+            truncate_steps=cfg.truncate_steps,
+            num_inference_steps=n_steps,
+            reg_order=cfg.reg_order,
+            reward=cfg.reward,
+            reward_scale=cfg.reward_scale,
+            steps=result.steps,
+            reward_before=result.reward_before,
+            reward_after=result.reward_after,
+            final_metrics=final,
+            grid=GRID_NAME,
             base_grid="validation/base.png" if (self.output_dir / "validation/base.png").is_file() else None,
-            pipeline_class=type(adapter.pipeline).__name__, pipeline_module=type(adapter.pipeline).__module__,
+            pipeline_class=type(adapter.pipeline).__name__,
+            pipeline_module=type(adapter.pipeline).__module__,
             adapter_location=self.hub_repo_id() if cfg.push_to_hub else str(self.output_dir),
-            conditioning=adapter.conditioning, num_eval_samples=cfg.num_eval_samples,
+            conditioning=adapter.conditioning,
+            num_eval_samples=cfg.num_eval_samples,
             batch_size=f"{cfg.train_batch_size} x {procs} x {cfg.gradient_accumulation_steps}",
-            learning_rate=cfg.learning_rate, lr_scheduler=cfg.lr_scheduler, rank=cfg.rank,
-            lora_alpha=cfg.lora_alpha if cfg.lora_alpha is not None else cfg.rank, use_ema=cfg.use_ema,
+            learning_rate=cfg.learning_rate,
+            lr_scheduler=cfg.lr_scheduler,
+            rank=cfg.rank,
+            lora_alpha=cfg.lora_alpha if cfg.lora_alpha is not None else cfg.rank,
+            use_ema=cfg.use_ema,
         )
         card.save(str(result.card_path))

@@ -29,7 +29,9 @@ def sample_images(
     ``base=True`` runs the base model (LoRA disabled). Returns (terminal states [B, ...], images
     [B, C, H, W] in [0, 1]), both fp32 on the adapter's device."""
     if len(conditions) != noise.shape[0]:
-        raise ValueError(f"`conditions` ({len(conditions)}) and `noise` ({noise.shape[0]}) must have the same batch size.")
+        raise ValueError(
+            f"`conditions` ({len(conditions)}) and `noise` ({noise.shape[0]}) must have the same batch size."
+        )
     states, images = [], []
     ctx = adapter.adapters_disabled() if base else contextlib.nullcontext()
     with ctx:
@@ -43,10 +45,14 @@ def sample_images(
 
 
 @torch.no_grad()
-def mean_reward(reward: Callable, images: torch.Tensor, conditions: Sequence[Any], chunk_size: int = 32) -> torch.Tensor:
+def mean_reward(
+    reward: Callable, images: torch.Tensor, conditions: Sequence[Any], chunk_size: int = 32
+) -> torch.Tensor:
     """Rewards [B] of images [B, C, H, W] (fp32, on CPU)."""
-    out = [reward(images[i : i + chunk_size], list(conditions[i : i + chunk_size])).float().cpu()
-           for i in range(0, len(conditions), chunk_size)]
+    out = [
+        reward(images[i : i + chunk_size], list(conditions[i : i + chunk_size])).float().cpu()
+        for i in range(0, len(conditions), chunk_size)
+    ]
     return torch.cat(out)
 
 
