@@ -342,3 +342,9 @@ def test_push_to_hub_uploads_folder_without_checkpoints(tmp_path, monkeypatch):
     assert "checkpoint-*" in upload["ignore_patterns"]
     with pytest.raises(ValueError, match="hub_model_id"):
         push_output_dir(tmp_path, " ")
+
+
+def test_cpu_threads_flag():
+    assert parse_args(["--cpu_threads", "2"]).cpu_threads == 2 and parse_args([]).cpu_threads is None
+    with pytest.raises(ValueError, match="cpu_threads"):
+        TrainingConfig(cpu_threads=0)

@@ -171,7 +171,9 @@ def test_tiny_run_writes_adapter_grids_card_log(tiny_base, tmp_path, monkeypatch
 )
 def test_all_methods_run(tiny_base, tmp_path, method, extra):
     out = tmp_path / method
-    assert run(tiny_base, out, "--method", method, "--max_train_steps", "1", *extra) == 0
+    threads = torch.get_num_threads()
+    assert run(tiny_base, out, "--method", method, "--max_train_steps", "1", "--cpu_threads", "1", *extra) == 0
+    assert torch.get_num_threads() == threads  # restored after the run
     (record,) = read_log(out)
     assert record["loss"] is not None and record["grad_norm"] is not None and record["grad_norm"] > 0
     assert len(record["control_norm_per_step"]) == (1 if method == "refl" else 2)
@@ -340,6 +342,7 @@ def test_bad_inputs_are_clear_and_keep_output_dir(tiny_base, tmp_path, capsys):
         (["--overwrite_output_dir", "--num_inference_steps", "none", "--truncate_steps", "5"], "truncate_steps"),
         (["--overwrite_output_dir", "--truncate_steps", "5"], "truncate_steps"),
         (["--overwrite_output_dir", "--reg_order", "1"], "reg_order"),
+        (["--overwrite_output_dir", "--resolution", "16"], "resolution"),
         (["--overwrite_output_dir", "--prompts", str(malformed)], "line 3"),
         (["--overwrite_output_dir", "--prompts", str(empty)], "holds no prompts"),
         (["--overwrite_output_dir", "--validation_prompts", "42"], "outside"),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 import time
 import warnings
@@ -191,6 +192,20 @@ class AdjointMatchingTrainer:
 
     # -- the run ----------------------------------------------------------------------------------
     def train(self) -> TrainResult:
+        """Run the whole job (on CPU with ``cpu_threads`` torch threads, restored afterwards)."""
+        threads = torch.get_num_threads()
+        try:
+            return self._train()
+        finally:
+            torch.set_num_threads(threads)
+
+    def _cpu_threads(self, device: torch.device) -> None:
+        if device.type != "cpu":
+            return
+        env = os.environ.get("OMP_NUM_THREADS", "")
+        torch.set_num_threads(self.config.cpu_threads or (int(env) if env.isdigit() and int(env) > 0 else 1))
+
+    def _train(self) -> TrainResult:
         from accelerate.utils import set_seed
         from diffusers.optimization import get_scheduler
         from tqdm.auto import tqdm
@@ -198,6 +213,7 @@ class AdjointMatchingTrainer:
         cfg = self.config
         accelerator = self._accelerator()
         self.accelerator = accelerator
+        self._cpu_threads(accelerator.device)
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
         set_seed(cfg.seed)  # identical LoRA init on every process
 
@@ -228,6 +244,8 @@ class AdjointMatchingTrainer:
             adapter.transformer.enable_gradient_checkpointing()
 
         optimizer = self._optimizer(params)
+        times = adapter.time_grid(n_steps, resolution)  # validates --resolution for the family
+        eval_set = self._eval_set(adapter, prompts, resolution)
         self._prepare_dirs(accelerator)  # first write into output_dir: every input is valid by now
         procs = accelerator.num_processes  # the accelerate-wrapped scheduler steps once per process
         lr_scheduler = get_scheduler(
@@ -262,8 +280,6 @@ class AdjointMatchingTrainer:
         if accelerator.is_main_process and accelerator.trackers == [] and cfg.report_to != "none":
             accelerator.init_trackers(cfg.tracker_project_name, config=cfg.tracker_config())
 
-        times = adapter.time_grid(n_steps, resolution)
-        eval_set = self._eval_set(adapter, prompts, resolution)
         reward_before = None
         if accelerator.is_main_process and cfg.num_eval_samples:
             reward_before = self._evaluate(adapter, reward, eval_set, times, base=True)
