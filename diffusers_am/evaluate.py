@@ -108,7 +108,7 @@ def build_sampler(pipeline_or_path: Any, *, sampler: str = "auto", torch_dtype: 
         if sampler == "pipeline" or (sampler == "auto" and cls_name not in ADAPTERS):
             from diffusers import DiffusionPipeline
 
-            pipe = DiffusionPipeline.from_pretrained(str(pipeline_or_path), torch_dtype=torch_dtype)
+            pipe = DiffusionPipeline.from_pretrained(str(pipeline_or_path), dtype=torch_dtype)
             pipe.set_progress_bar_config(disable=True)
             return PipelineSampler(pipe.to(device) if device else pipe, call_kwargs=pipeline_call_kwargs, **kw)
         adapter = load_model_adapter(pipeline_or_path, torch_dtype=torch_dtype, **(adapter_kwargs or {}))

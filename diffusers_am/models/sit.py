@@ -79,7 +79,7 @@ class SiTAdapter(FlowModelAdapter):
         cls, pretrained_model_name_or_path: str, *, torch_dtype: torch.dtype = torch.float32, **kwargs: Any
     ) -> "SiTAdapter":
         """Load a SiTPipeline folder (or Hub id) written by ``save_pretrained``."""
-        pipeline = SiTPipeline.from_pretrained(pretrained_model_name_or_path, torch_dtype=torch_dtype, **kwargs)
+        pipeline = SiTPipeline.from_pretrained(pretrained_model_name_or_path, dtype=kwargs.pop("dtype", None) or torch_dtype, **kwargs)
         pipeline.set_progress_bar_config(disable=True)
         return cls(pipeline)
 
