@@ -440,3 +440,30 @@ def test_default_run_on_embedded_base_raises_the_reward(tmp_path):
     assert (out / "pytorch_lora_weights.safetensors").is_file() and len(read_log(out)) == 30
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["reward_after"] > summary["reward_before"] + 0.02, summary
+
+
+def test_validation_logs_held_out_reward_diversity_and_coverage(tiny_base, tmp_path):
+    out = tmp_path / "val"
+    rc = run(
+        tiny_base, out, "--validation_steps", "1", "--max_train_steps", "2", "--num_validation_images", "4",
+        "--validation_prompts", "1", "3", "7",
+        "--validation_reward", "digits-heldout", "--validation_features", "digits-heldout",
+    )
+    assert rc == 0
+    records = [json.loads(line) for line in (out / "validation_log.jsonl").read_text().splitlines()]
+    assert [r["model"] for r in records] == ["base", "fine-tuned", "fine-tuned"]
+    assert [r["step"] for r in records] == [0, 1, 2]
+    base, last = records[0], records[-1]
+    assert "recall" not in base and "heldout_reward" in base
+    for key in ("heldout_reward", "recall", "coverage"):
+        assert isinstance(last[key], float) and last[key] == last[key]
+    assert any(k.startswith("diversity/") for k in last)
+    assert 0.0 <= last["recall"] <= 1.0 and 0.0 <= last["coverage"] <= 1.0
+    assert last["heldout_reward"] <= 0.0  # a log-probability
+
+
+def test_unknown_validation_reward_is_refused(tiny_base, tmp_path, capsys):
+    rc = run(tiny_base, tmp_path / "bad", "--validation_reward", "no-such-reward")
+    assert rc == 2
+    assert "unknown reward" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())

@@ -136,6 +136,19 @@ class TrainingConfig:
     validation_steps: int = _f(
         25, "Write a validation grid every this many updates (and at the end); 0: only at the end."
     )
+    validation_reward: str | None = _f(
+        None,
+        "A reward never trained on (e.g. digits-heldout, imagereward), scored on every validation grid and "
+        "logged as validation/heldout_reward beside the training reward (None: off).",
+    )
+    validation_features: str | None = _f(
+        None,
+        "Feature extractor for validation diversity and Recall / Coverage of the grid against the base "
+        "model's grid on the same noise: clip, clip:<folder>, digits, digits-heldout or module:callable (None: off).",
+    )
+    validation_diversity: str = _f(
+        "auto", "Within-prompt diversity on validation grids: auto (by image size), none, or comma-separated names."
+    )
     num_eval_samples: int = _f(
         100,
         "Samples for the reward before / after (fixed noise and prompts, base vs "

@@ -47,6 +47,7 @@ STEP_FUNCTIONS: dict[str, Callable] = {
 SUMMARY_NAME = "train_summary.json"
 CONFIG_NAME = "training_config.json"
 GRID_NAME = "samples.png"
+VALIDATION_LOG_NAME = "validation_log.jsonl"
 
 
 @dataclass
@@ -185,7 +186,7 @@ class AdjointMatchingTrainer:
         if cfg.overwrite_output_dir and not cfg.resume_from_checkpoint:
             for _, path in list_checkpoints(self.output_dir):
                 shutil.rmtree(path)
-            for name in (LOG_NAME, SUMMARY_NAME):
+            for name in (LOG_NAME, SUMMARY_NAME, VALIDATION_LOG_NAME):
                 (self.output_dir / name).unlink(missing_ok=True)
             shutil.rmtree(self.output_dir / "validation", ignore_errors=True)
         (self.output_dir / CONFIG_NAME).write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
@@ -224,6 +225,7 @@ class AdjointMatchingTrainer:
         reward = load_reward(cfg.reward, device=accelerator.device, paths=cfg.reward_paths())
         if isinstance(reward, torch.nn.Module):
             reward.eval().requires_grad_(False)
+        self._setup_validation_metrics(accelerator)  # before anything is written: a bad name fails here
         prompts, val_prompts = self._conditions(adapter)
 
         params = adapter.add_lora(
@@ -286,8 +288,9 @@ class AdjointMatchingTrainer:
             accelerator.print(
                 f"reward before fine-tuning (base model, {len(eval_set[0])} samples): {reward_before:.4f}"
             )
-        if accelerator.is_main_process and self.resume_path is None:
-            self._validation_grid(adapter, val_prompts, times, resolution, "validation/base.png", base=True)
+        if accelerator.is_main_process and (self.resume_path is None or self._val_features is not None):
+            self._validation_grid(adapter, val_prompts, times, resolution, "validation/base.png", base=True,
+                                  write=self.resume_path is None)
         accelerator.wait_for_everyone()
 
         sampler = PromptSampler(prompts, cfg.seed)
@@ -350,7 +353,8 @@ class AdjointMatchingTrainer:
                 if accelerator.is_main_process:
                     with self._ema_weights(ema, params):
                         self._validation_grid(
-                            adapter, val_prompts, times, resolution, f"validation/step-{global_step:06d}.png"
+                            adapter, val_prompts, times, resolution, f"validation/step-{global_step:06d}.png",
+                            step=global_step,
                         )
                 accelerator.wait_for_everyone()
         progress.close()
@@ -526,15 +530,58 @@ class AdjointMatchingTrainer:
         )
         return float(mean_reward(reward, images, conditions).mean())
 
-    def _validation_grid(self, adapter, val_prompts, times, resolution, name: str, base: bool = False) -> Path:
-        """Grid of the validation prompts (rows) x ``num_validation_images`` (columns), fixed noise."""
+    def _setup_validation_metrics(self, accelerator) -> None:
+        """Load the held-out reward and the feature extractor of ``--validation_reward`` /
+        ``--validation_features`` (main process only; nothing when both are off)."""
+        from ..metrics import load_feature_extractor
+
+        cfg = self.config
+        self._val_reward = self._val_features = self._val_base_images = None
+        if not accelerator.is_main_process:
+            return
+        if cfg.validation_reward:
+            self._val_reward = load_reward(cfg.validation_reward, device=accelerator.device, paths=cfg.reward_paths())
+            if isinstance(self._val_reward, torch.nn.Module):
+                self._val_reward.eval().requires_grad_(False)
+        if cfg.validation_features:
+            self._val_features = load_feature_extractor(cfg.validation_features, device=accelerator.device)
+
+    def _validation_grid(self, adapter, val_prompts, times, resolution, name: str, base: bool = False,
+                         step: int | None = None, write: bool = True) -> Path:
+        """Grid of the validation prompts (rows) x ``num_validation_images`` (columns), fixed noise.
+
+        The base grid is kept for Recall / Coverage; every other grid is scored with
+        ``validation_metrics`` when a held-out reward or features are configured."""
         cfg = self.config
         per = cfg.num_validation_images
         conditions = [p for p in val_prompts for _ in range(per)]
         gen = torch.Generator(device=adapter.device).manual_seed(derive_seed(cfg.seed, "validation"))
         noise = adapter.initial_noise(len(conditions), resolution, gen)
         _, images = sample_images(adapter, conditions, noise, times, guidance_scale=cfg.guidance_scale, base=base)
-        return save_grid(images, per, self.output_dir / name)
+        if base:
+            self._val_base_images = images
+        if self._val_reward is not None or self._val_features is not None:
+            self._log_validation_metrics(images, conditions, base, step)
+        path = self.output_dir / name
+        return save_grid(images, per, path) if write else path
+
+    def _log_validation_metrics(self, images, conditions, base: bool, step: int | None) -> None:
+        """Held-out reward, diversity and (against the base grid) Recall / Coverage, logged to the
+        tracker and appended to ``validation_log.jsonl``."""
+        from ..metrics import validation_metrics
+
+        cfg = self.config
+        diversity = None if cfg.validation_diversity == "none" else (
+            cfg.validation_diversity if cfg.validation_diversity == "auto" else cfg.validation_diversity.split(","))
+        with torch.no_grad():
+            metrics = validation_metrics(
+                images, conditions, base_images=None if base else self._val_base_images,
+                held_out_reward=self._val_reward, features=self._val_features, diversity=diversity,
+            )
+        record = {"step": 0 if base else step, "model": "base" if base else "fine-tuned", **metrics}
+        JsonlLog(self.output_dir / VALIDATION_LOG_NAME).append(record)
+        if not base and step is not None:
+            self.accelerator.log({f"validation/{k}": v for k, v in metrics.items()}, step=step)
 
     @staticmethod
     @contextlib.contextmanager
@@ -588,7 +635,7 @@ class AdjointMatchingTrainer:
                 if not all(torch.isfinite(p).all() for p in params):
                     raise RuntimeError("the LoRA weights are not finite; the adapter was not written.")
                 adapter.save_lora(str(out))
-                self._validation_grid(adapter, val_prompts, times, resolution, "validation/final.png")
+                self._validation_grid(adapter, val_prompts, times, resolution, "validation/final.png", step=steps)
                 shutil.copyfile(out / "validation/final.png", out / GRID_NAME)
                 if cfg.num_eval_samples:
                     result.reward_after = self._evaluate(adapter, reward, eval_set, times, base=False)
