@@ -1,0 +1,41 @@
+"""``RunContext``: what a run builds once in set-up and the update, validation and output code read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..models.base import FlowModelAdapter
+from .config import TrainingConfig
+
+
+@dataclass
+class RunContext:
+    """The prepared model, optimizer and fixed inputs of one run (built by ``AdjointMatchingTrainer``).
+
+    ``train_module`` is ``adapter.transformer`` as ``accelerator.prepare`` wrapped it (e.g. DDP);
+    ``params`` are the trainable LoRA parameters and ``named_params`` the same by name;
+    ``times`` [N+1] is the sampling grid, ``k_steps`` the truncation K of the method's step;
+    ``eval_set`` holds the fixed (conditions, noise) of the before / after reward."""
+
+    config: TrainingConfig
+    accelerator: Any  # accelerate.Accelerator
+    adapter: FlowModelAdapter
+    train_module: torch.nn.Module
+    reward: Callable
+    params: list[torch.nn.Parameter]
+    named_params: dict[str, torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    ema: Any | None  # diffusers.training_utils.EMAModel when --use_ema
+    times: torch.Tensor
+    resolution: int
+    n_steps: int
+    k_steps: int
+    output_dir: Path
+    prompts: list
+    val_prompts: list
+    eval_set: tuple[list, torch.Tensor]

@@ -1,0 +1,182 @@
+"""One optimizer update over ``gradient_accumulation_steps`` micro-batches, and the in-sync check.
+
+Per micro-batch: draw prompts (or labels) and noise (seeded by seed, step, process), encode, bind the
+flow to the prepared transformer, run the method's step (it samples N steps without autograd and calls
+``backward`` on the last K). Gradients are never synchronised inside the step (``no_sync``); after the
+micro-batches they are all-reduced once, clipped, and the optimizer, LR schedule and EMA step. A NaN /
+inf reward or gradient on any process skips the update on every process.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable
+
+import torch
+
+from ..objectives import NonFiniteRewardError, draft_step, ode_am_step, refl_step, sde_am_step
+from ..schedules import get_schedule
+from .config import TrainingConfig
+from .context import RunContext
+from .data import PromptSampler, derive_seed
+
+STEP_FUNCTIONS: dict[str, Callable] = {
+    "ode-am": ode_am_step,
+    "sde-am": sde_am_step,
+    "draft": draft_step,
+    "refl": refl_step,
+}
+
+
+def run_update(ctx: RunContext, sampler: PromptSampler, step_fn: Callable, step: int) -> dict[str, Any]:
+    """Update ``step + 1``: accumulate, agree on skipping, all-reduce, clip and step; returns its log record."""
+    rewards, losses, norms, skipped = _accumulate(ctx, sampler, step_fn, step)
+    accelerator = ctx.accelerator
+    # every process agrees on skipping, then one all-reduce of the gradients
+    skipped = bool(accelerator.reduce(torch.tensor([float(skipped)], device=accelerator.device), "sum").item() > 0)
+    skipped, grad_norm = _apply(ctx, skipped, step)
+    return _record(ctx, rewards, losses, norms, skipped, grad_norm)
+
+
+def _accumulate(
+    ctx: RunContext, sampler: PromptSampler, step_fn: Callable, step: int
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], bool]:
+    """Run the method's step on each micro-batch (backward only, no optimizer step).
+
+    Returns (rewards [G*B], NaN where not run; losses; control-norm profiles; skipped on this process)."""
+    cfg, accelerator, adapter = ctx.config, ctx.accelerator, ctx.adapter
+    rank, accum, batch_size = accelerator.process_index, cfg.gradient_accumulation_steps, cfg.train_batch_size
+    rewards = torch.full((accum * batch_size,), float("nan"))
+    losses, norms, skipped = [], [], False
+
+    def backward(loss: torch.Tensor) -> None:
+        accelerator.backward(loss / accum)
+
+    for micro in range(accum):
+        slot = rank * accum + micro  # P processes x G micro-batches draw what 1 x P*G would
+        batch = sampler.batch(step, batch_size, slot)
+        noise_gen = torch.Generator(device=adapter.device).manual_seed(derive_seed(cfg.seed, "noise", step, slot))
+        noise = adapter.initial_noise(batch_size, ctx.resolution, noise_gen)
+        flow = adapter.flow(
+            adapter.encode_conditions(batch), guidance_scale=cfg.guidance_scale, train_module=ctx.train_module
+        )
+        kwargs = _step_kwargs(cfg, ctx.k_steps, step, slot, adapter.device, backward)
+
+        def reward_fn(x: torch.Tensor, batch=batch) -> torch.Tensor:
+            return ctx.reward(adapter.decode(x), batch)
+
+        try:
+            with accelerator.no_sync(ctx.train_module), accelerator.autocast():
+                out = step_fn(flow, noise, ctx.times, reward_fn, **kwargs)
+        except NonFiniteRewardError as err:
+            warnings.warn(f"update {step + 1}: {err}; skipping this update (nothing is applied).")
+            skipped = True
+            break
+        rewards[micro * batch_size : (micro + 1) * batch_size] = out.reward.detach().float().cpu()
+        losses.append(out.loss)
+        norms.append(out.control_norm_per_step.detach().float().cpu())
+    return rewards, losses, norms, skipped
+
+
+def _step_kwargs(
+    cfg: TrainingConfig, k_steps: int, step: int, slot: int, device: torch.device, backward: Callable
+) -> dict[str, Any]:
+    """Keyword arguments of the configured method's step function for one micro-batch."""
+    kwargs: dict[str, Any] = {"truncate_steps": k_steps, "reward_scale": cfg.reward_scale, "backward": backward}
+    if cfg.method == "ode-am":
+        kwargs.update(order=cfg.reg_order, loss_reduction=cfg.loss_reduction)
+    elif cfg.method == "sde-am":
+        sde_gen = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, "sde", step, slot))
+        kwargs.update(
+            schedule=get_schedule(cfg.sde_schedule, t_min=cfg.sde_t_min),
+            loss_reduction=cfg.loss_reduction,
+            generator=sde_gen,
+        )
+    elif cfg.method == "refl":  # one step index j per update, the same on every process
+        kwargs.update(generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "refl", step)))
+    return kwargs
+
+
+def _apply(ctx: RunContext, skipped: bool, step: int) -> tuple[bool, float | None]:
+    """All-reduce, clip and step (optimizer, LR schedule, EMA) unless skipped; returns (skipped, grad norm)."""
+    accelerator, optimizer = ctx.accelerator, ctx.optimizer
+    grad_norm = None
+    if not skipped:
+        all_reduce_grads(accelerator, ctx.params)
+        grad_norm = float(accelerator.clip_grad_norm_(ctx.params, ctx.config.max_grad_norm))
+        if not math.isfinite(grad_norm):
+            warnings.warn(f"update {step + 1}: the gradient norm is {grad_norm}; skipping this update.")
+            skipped = True
+            if accelerator.scaler is not None:  # fp16: the GradScaler skips the step and lowers its scale
+                optimizer.step()
+    if skipped:
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        optimizer.step()
+        ctx.lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ctx.ema is not None:
+            ctx.ema.step(ctx.params)
+    return skipped, grad_norm
+
+
+def _record(
+    ctx: RunContext,
+    rewards: torch.Tensor,
+    losses: list[torch.Tensor],
+    norms: list[torch.Tensor],
+    skipped: bool,
+    grad_norm: float | None,
+) -> dict[str, Any]:
+    """The update's log record: reward, loss and control-norm profile over all processes."""
+    accelerator = ctx.accelerator
+    all_rewards = accelerator.gather(rewards.to(accelerator.device)).float().cpu()
+    finite = all_rewards[torch.isfinite(all_rewards)]
+    loss = torch.tensor(
+        [sum(losses) / len(losses) if losses and not skipped else float("nan")], device=accelerator.device
+    )
+    loss = float(accelerator.reduce(loss, "mean").item())
+    profile = (
+        torch.stack(norms).mean(0)
+        if norms and not skipped
+        else torch.full((ctx.k_steps if ctx.config.method != "refl" else 1,), float("nan"))
+    )
+    profile = accelerator.reduce(profile.to(accelerator.device), "mean").cpu() if not skipped else profile
+    return {
+        "reward_mean": float(finite.mean()) if finite.numel() else None,
+        "reward_std": float(finite.std(unbiased=False)) if finite.numel() else None,
+        "loss": loss if math.isfinite(loss) else None,
+        "grad_norm": grad_norm if grad_norm is not None and math.isfinite(grad_norm) else None,
+        "control_norm_per_step": [float(v) if math.isfinite(v) else None for v in profile.tolist()],
+        "skipped": skipped,
+    }
+
+
+def all_reduce_grads(accelerator, params: list[torch.nn.Parameter]) -> None:
+    """Average the gradients over processes with one flat all-reduce (no-op on one process)."""
+    if accelerator.num_processes == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    flat = accelerator.reduce(flat, "mean")
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+        offset += n
+
+
+def check_in_sync(accelerator, params: list[torch.nn.Parameter]) -> None:
+    """Raise if the LoRA weights differ between processes (they must after identical updates)."""
+    if accelerator.num_processes == 1:
+        return
+    flat = torch.cat([p.detach().float().reshape(-1) for p in params])
+    sig = torch.stack(
+        [flat.sum(), flat.abs().sum(), (flat * torch.arange(flat.numel(), device=flat.device) % 7).sum()]
+    )
+    sigs = accelerator.gather(sig.reshape(1, -1))
+    if not torch.equal(sigs.min(0).values, sigs.max(0).values):
+        raise RuntimeError(f"the LoRA weights differ between processes after training: {sigs.tolist()}")
