@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 from ..models.base import FlowModelAdapter
 from .config import TrainingConfig
+from .validation import ValidationMetrics
 
 
 @dataclass
@@ -19,7 +21,8 @@ class RunContext:
     ``train_module`` is ``adapter.transformer`` as ``accelerator.prepare`` wrapped it (e.g. DDP);
     ``params`` are the trainable LoRA parameters and ``named_params`` the same by name;
     ``times`` [N+1] is the sampling grid, ``k_steps`` the truncation K of the method's step;
-    ``eval_set`` holds the fixed (conditions, noise) of the before / after reward."""
+    ``eval_set`` holds the fixed (conditions, noise) of the before / after reward, ``validation``
+    the held-out validation metrics."""
 
     config: TrainingConfig
     accelerator: Any  # accelerate.Accelerator
@@ -39,3 +42,17 @@ class RunContext:
     prompts: list
     val_prompts: list
     eval_set: tuple[list, torch.Tensor]
+    validation: ValidationMetrics
+
+    @contextlib.contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """The EMA weights in the LoRA parameters for the duration (nothing without ``--use_ema``)."""
+        if self.ema is None:
+            yield
+            return
+        self.ema.store(self.params)
+        self.ema.copy_to(self.params)
+        try:
+            yield
+        finally:
+            self.ema.restore(self.params)

@@ -8,7 +8,6 @@ Set-up builds a :class:`~.context.RunContext` once; one update is :func:`.update
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -27,15 +26,14 @@ from ..rewards import load_reward
 from .checkpoints import CheckpointManager, list_checkpoints, resolve_checkpoint
 from .config import TrainingConfig
 from .context import RunContext
-from .data import PromptSampler, _as_condition, check_class_labels, derive_seed, load_prompts
+from .data import PromptSampler, _as_condition, check_class_labels, load_prompts
 from .logs import LOG_NAME, JsonlLog, peak_memory_bytes
 from .update import STEP_FUNCTIONS, check_in_sync, run_update
-from .validation import mean_reward, sample_images, save_grid
+from .validation import VALIDATION_LOG_NAME, ValidationMetrics, eval_reward, eval_set, validation_grid
 
 SUMMARY_NAME = "train_summary.json"
 CONFIG_NAME = "training_config.json"
 GRID_NAME = "samples.png"
-VALIDATION_LOG_NAME = "validation_log.jsonl"
 
 
 @dataclass
@@ -227,13 +225,12 @@ class AdjointMatchingTrainer:
 
         reward_before = None
         if accelerator.is_main_process and cfg.num_eval_samples:
-            reward_before = self._evaluate(adapter, ctx.reward, ctx.eval_set, times, base=True)
+            reward_before = eval_reward(ctx, base=True)
             accelerator.print(
                 f"reward before fine-tuning (base model, {len(ctx.eval_set[0])} samples): {reward_before:.4f}"
             )
-        if accelerator.is_main_process and (self.resume_path is None or self._val_features is not None):
-            self._validation_grid(adapter, ctx.val_prompts, times, resolution, "validation/base.png", base=True,
-                                  write=self.resume_path is None)
+        if accelerator.is_main_process and (self.resume_path is None or ctx.validation.features is not None):
+            validation_grid(ctx, "validation/base.png", base=True, write=self.resume_path is None)
         accelerator.wait_for_everyone()
 
         sampler = PromptSampler(ctx.prompts, cfg.seed)
@@ -279,11 +276,8 @@ class AdjointMatchingTrainer:
                 ckpt.save(global_step, {"nonfinite_count": nonfinite})
             if cfg.validation_steps and global_step % cfg.validation_steps == 0 and global_step < cfg.max_train_steps:
                 if accelerator.is_main_process:
-                    with self._ema_weights(ema, params):
-                        self._validation_grid(
-                            adapter, ctx.val_prompts, times, resolution, f"validation/step-{global_step:06d}.png",
-                            step=global_step,
-                        )
+                    with ctx.ema_weights():
+                        validation_grid(ctx, f"validation/step-{global_step:06d}.png", step=global_step)
                 accelerator.wait_for_everyone()
         progress.close()
         if nonfinite:
@@ -292,6 +286,7 @@ class AdjointMatchingTrainer:
             )
         check_in_sync(accelerator, params)
         result = self._finish(
+            ctx,
             accelerator,
             adapter,
             ctx.reward,
@@ -325,7 +320,7 @@ class AdjointMatchingTrainer:
         reward = load_reward(cfg.reward, device=accelerator.device, paths=cfg.reward_paths())
         if isinstance(reward, torch.nn.Module):
             reward.eval().requires_grad_(False)
-        self._setup_validation_metrics(accelerator)  # before anything is written: a bad name fails here
+        validation = ValidationMetrics(cfg, accelerator)  # before anything is written: a bad name fails here
         prompts, val_prompts = self._conditions(adapter)
 
         params = adapter.add_lora(
@@ -347,7 +342,7 @@ class AdjointMatchingTrainer:
 
         optimizer = self._optimizer(params)
         times = adapter.time_grid(n_steps, resolution)  # validates --resolution for the family
-        eval_set = self._eval_set(adapter, prompts, resolution)
+        evals = eval_set(adapter, prompts, resolution, cfg.num_eval_samples, cfg.seed)
         self._prepare_dirs(accelerator)  # first write into output_dir: every input is valid by now
         procs = accelerator.num_processes  # the accelerate-wrapped scheduler steps once per process
         lr_scheduler = get_scheduler(
@@ -368,93 +363,13 @@ class AdjointMatchingTrainer:
             config=cfg, accelerator=accelerator, adapter=adapter, train_module=train_module, reward=reward,
             params=params, named_params=named, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
             times=times, resolution=resolution, n_steps=n_steps, k_steps=k_steps, output_dir=self.output_dir,
-            prompts=prompts, val_prompts=val_prompts, eval_set=eval_set,
+            prompts=prompts, val_prompts=val_prompts, eval_set=evals, validation=validation,
         )
 
-    # -- evaluation and outputs --------------------------------------------------------------------
-    def _eval_set(self, adapter: FlowModelAdapter, prompts: list, resolution: int) -> tuple[list, torch.Tensor]:
-        """Fixed conditions (cycling through the unique prompts) and noise for the before / after reward."""
-        n = max(1, self.config.num_eval_samples)
-        unique = list(dict.fromkeys(prompts))
-        conditions = [unique[i % len(unique)] for i in range(n)]
-        gen = torch.Generator(device=adapter.device).manual_seed(derive_seed(self.config.seed, "eval"))
-        return conditions, adapter.initial_noise(n, resolution, gen)
-
-    def _evaluate(self, adapter, reward, eval_set, times, base: bool) -> float:
-        conditions, noise = eval_set
-        _, images = sample_images(
-            adapter, conditions, noise, times, guidance_scale=self.config.guidance_scale, base=base
-        )
-        return float(mean_reward(reward, images, conditions).mean())
-
-    def _setup_validation_metrics(self, accelerator) -> None:
-        """Load the held-out reward and the feature extractor of ``--validation_reward`` /
-        ``--validation_features`` (main process only; nothing when both are off)."""
-        from ..metrics import load_feature_extractor
-
-        cfg = self.config
-        self._val_reward = self._val_features = self._val_base_images = None
-        if not accelerator.is_main_process:
-            return
-        if cfg.validation_reward:
-            self._val_reward = load_reward(cfg.validation_reward, device=accelerator.device, paths=cfg.reward_paths())
-            if isinstance(self._val_reward, torch.nn.Module):
-                self._val_reward.eval().requires_grad_(False)
-        if cfg.validation_features:
-            self._val_features = load_feature_extractor(cfg.validation_features, device=accelerator.device)
-
-    def _validation_grid(self, adapter, val_prompts, times, resolution, name: str, base: bool = False,
-                         step: int | None = None, write: bool = True) -> Path:
-        """Grid of the validation prompts (rows) x ``num_validation_images`` (columns), fixed noise.
-
-        The base grid is kept for Recall / Coverage; every other grid is scored with
-        ``validation_metrics`` when a held-out reward or features are configured."""
-        cfg = self.config
-        per = cfg.num_validation_images
-        conditions = [p for p in val_prompts for _ in range(per)]
-        gen = torch.Generator(device=adapter.device).manual_seed(derive_seed(cfg.seed, "validation"))
-        noise = adapter.initial_noise(len(conditions), resolution, gen)
-        _, images = sample_images(adapter, conditions, noise, times, guidance_scale=cfg.guidance_scale, base=base)
-        if base:
-            self._val_base_images = images
-        if self._val_reward is not None or self._val_features is not None:
-            self._log_validation_metrics(images, conditions, base, step)
-        path = self.output_dir / name
-        return save_grid(images, per, path) if write else path
-
-    def _log_validation_metrics(self, images, conditions, base: bool, step: int | None) -> None:
-        """Held-out reward, diversity and (against the base grid) Recall / Coverage, logged to the
-        tracker and appended to ``validation_log.jsonl``."""
-        from ..metrics import validation_metrics
-
-        cfg = self.config
-        diversity = None if cfg.validation_diversity == "none" else (
-            cfg.validation_diversity if cfg.validation_diversity == "auto" else cfg.validation_diversity.split(","))
-        with torch.no_grad():
-            metrics = validation_metrics(
-                images, conditions, base_images=None if base else self._val_base_images,
-                held_out_reward=self._val_reward, features=self._val_features, diversity=diversity,
-            )
-        record = {"step": 0 if base else step, "model": "base" if base else "fine-tuned", **metrics}
-        JsonlLog(self.output_dir / VALIDATION_LOG_NAME).append(record)
-        if not base and step is not None:
-            self.accelerator.log({f"validation/{k}": v for k, v in metrics.items()}, step=step)
-
-    @staticmethod
-    @contextlib.contextmanager
-    def _ema_weights(ema, params):
-        if ema is None:
-            yield
-            return
-        ema.store(params)
-        ema.copy_to(params)
-        try:
-            yield
-        finally:
-            ema.restore(params)
-
+    # -- outputs -------------------------------------------------------------------------------------
     def _finish(
         self,
+        ctx,
         accelerator,
         adapter,
         reward,
@@ -488,14 +403,14 @@ class AdjointMatchingTrainer:
         if durations:
             result.seconds_per_update = sum(durations) / len(durations)
         if accelerator.is_main_process:
-            with self._ema_weights(ema, params):
+            with ctx.ema_weights():
                 if not all(torch.isfinite(p).all() for p in params):
                     raise RuntimeError("the LoRA weights are not finite; the adapter was not written.")
                 adapter.save_lora(str(out))
-                self._validation_grid(adapter, val_prompts, times, resolution, "validation/final.png", step=steps)
+                validation_grid(ctx, "validation/final.png", step=steps)
                 shutil.copyfile(out / "validation/final.png", out / GRID_NAME)
                 if cfg.num_eval_samples:
-                    result.reward_after = self._evaluate(adapter, reward, eval_set, times, base=False)
+                    result.reward_after = eval_reward(ctx, base=False)
             summary = {
                 "reward_before": reward_before,
                 "reward_after": result.reward_after,
