@@ -54,6 +54,11 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def finite_scalars(record: dict[str, Any]) -> dict[str, int | float]:
+    """The finite int / float fields of a record (what a tracker logs)."""
+    return {k: v for k, v in record.items() if isinstance(v, (int, float)) and v is not None and math.isfinite(v)}
+
+
 class JsonlLog:
     """Appends one JSON object per line to ``path`` (flushed each time, so a crash keeps every line)."""
 

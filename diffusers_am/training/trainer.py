@@ -9,7 +9,6 @@ Set-up builds a :class:`~.context.RunContext` once; one update is :func:`.update
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -27,13 +26,12 @@ from .checkpoints import CheckpointManager, list_checkpoints, resolve_checkpoint
 from .config import TrainingConfig
 from .context import RunContext
 from .data import PromptSampler, _as_condition, check_class_labels, load_prompts
-from .logs import LOG_NAME, JsonlLog, peak_memory_bytes
+from .logs import LOG_NAME, JsonlLog, finite_scalars, peak_memory_bytes
+from .outputs import ADAPTER_NAME, CARD_NAME, GRID_NAME, SUMMARY_NAME, write_outputs
 from .update import STEP_FUNCTIONS, check_in_sync, run_update
 from .validation import VALIDATION_LOG_NAME, ValidationMetrics, eval_reward, eval_set, validation_grid
 
-SUMMARY_NAME = "train_summary.json"
 CONFIG_NAME = "training_config.json"
-GRID_NAME = "samples.png"
 
 
 @dataclass
@@ -56,7 +54,7 @@ def previous_run_files(output_dir: Path) -> list[str]:
     """Names in ``output_dir`` that belong to an earlier run (log, adapter, checkpoints)."""
     if not output_dir.is_dir():
         return []
-    names = [LOG_NAME, "pytorch_lora_weights.safetensors", SUMMARY_NAME]
+    names = [LOG_NAME, ADAPTER_NAME, SUMMARY_NAME]
     found = [n for n in names if (output_dir / n).exists()]
     return found + [p.name for _, p in list_checkpoints(output_dir)]
 
@@ -194,7 +192,6 @@ class AdjointMatchingTrainer:
 
     def _train(self) -> TrainResult:
         from accelerate.utils import set_seed
-        from tqdm.auto import tqdm
 
         cfg = self.config
         accelerator = self._accelerator()
@@ -202,27 +199,49 @@ class AdjointMatchingTrainer:
         self._cpu_threads(accelerator.device)
         set_seed(cfg.seed)  # identical LoRA init on every process
         ctx = self._setup(accelerator)
-        adapter, params, ema, times, resolution = ctx.adapter, ctx.params, ctx.ema, ctx.times, ctx.resolution
-
-        def save_adapter(folder: str) -> None:
-            adapter.save_lora(folder)
-
         ckpt = CheckpointManager(
-            accelerator, self.output_dir, ctx.named_params, save_adapter, cfg.checkpoints_total_limit
+            accelerator, self.output_dir, ctx.named_params, ctx.adapter.save_lora, cfg.checkpoints_total_limit
         )
         log = JsonlLog(self.output_dir / LOG_NAME)
-        global_step, nonfinite = 0, 0
         set_seed(cfg.seed, device_specific=True)  # per-process RNG (LoRA dropout); a resume restores it
-        if self.resume_path is not None:
-            state = ckpt.load(self.resume_path)
-            global_step, nonfinite = int(state["step"]), int(state.get("nonfinite_count", 0))
-            if accelerator.is_main_process:
-                log.truncate_after(global_step)
-            accelerator.print(f"Resumed from {self.resume_path} at update {global_step}.")
-
+        global_step, nonfinite = self._resume(ckpt, log)
         if accelerator.is_main_process and accelerator.trackers == [] and cfg.report_to != "none":
             accelerator.init_trackers(cfg.tracker_project_name, config=cfg.tracker_config())
+        reward_before = self._base_model_outputs(ctx)
+        global_step, nonfinite, durations, last = self._loop(ctx, ckpt, log, global_step, nonfinite)
+        check_in_sync(accelerator, ctx.params)
+        out = self.output_dir
+        result = TrainResult(
+            out,
+            out / ADAPTER_NAME,
+            out / GRID_NAME,
+            out / CARD_NAME,
+            out / LOG_NAME,
+            reward_before,
+            None,
+            global_step,
+            nonfinite,
+            sum(durations) / len(durations) if durations else None,
+        )
+        write_outputs(ctx, result, last, self.hub_repo_id())
+        accelerator.end_training()
+        return result
 
+    def _resume(self, ckpt: CheckpointManager, log: JsonlLog) -> tuple[int, int]:
+        """(update, skipped updates) to start from: the resume checkpoint's, restored, or (0, 0)."""
+        if self.resume_path is None:
+            return 0, 0
+        accelerator = self.accelerator
+        state = ckpt.load(self.resume_path)
+        global_step, nonfinite = int(state["step"]), int(state.get("nonfinite_count", 0))
+        if accelerator.is_main_process:
+            log.truncate_after(global_step)
+        accelerator.print(f"Resumed from {self.resume_path} at update {global_step}.")
+        return global_step, nonfinite
+
+    def _base_model_outputs(self, ctx: RunContext) -> float | None:
+        """The base model's reward on the eval set (printed; None when off) and its validation grid."""
+        cfg, accelerator = self.config, ctx.accelerator
         reward_before = None
         if accelerator.is_main_process and cfg.num_eval_samples:
             reward_before = eval_reward(ctx, base=True)
@@ -232,7 +251,17 @@ class AdjointMatchingTrainer:
         if accelerator.is_main_process and (self.resume_path is None or ctx.validation.features is not None):
             validation_grid(ctx, "validation/base.png", base=True, write=self.resume_path is None)
         accelerator.wait_for_everyone()
+        return reward_before
 
+    def _loop(
+        self, ctx: RunContext, ckpt: CheckpointManager, log: JsonlLog, global_step: int, nonfinite: int
+    ) -> tuple[int, int, list[float], dict[str, Any]]:
+        """Updates up to ``max_train_steps``, each logged, checkpointed and validated as configured.
+
+        Returns (updates done, skipped updates, seconds of each update run here, the last log record)."""
+        from tqdm.auto import tqdm
+
+        cfg, accelerator, adapter = self.config, ctx.accelerator, ctx.adapter
         sampler = PromptSampler(ctx.prompts, cfg.seed)
         step_fn = STEP_FUNCTIONS[cfg.method]
         progress = tqdm(
@@ -260,12 +289,7 @@ class AdjointMatchingTrainer:
             )
             if accelerator.is_main_process:
                 log.append(record)
-                scalars = {
-                    k: v
-                    for k, v in record.items()
-                    if isinstance(v, (int, float)) and v is not None and math.isfinite(v)
-                }
-                accelerator.log(scalars, step=global_step)
+                accelerator.log(finite_scalars(record), step=global_step)
             adapter.transformer.eval()
             progress.update(1)
             progress.set_postfix(
@@ -284,27 +308,7 @@ class AdjointMatchingTrainer:
             warnings.warn(
                 f"{nonfinite} of {global_step} updates were skipped: the reward or the gradient was NaN or inf."
             )
-        check_in_sync(accelerator, params)
-        result = self._finish(
-            ctx,
-            accelerator,
-            adapter,
-            ctx.reward,
-            params,
-            ema,
-            ctx.val_prompts,
-            ctx.eval_set,
-            times,
-            resolution,
-            reward_before,
-            global_step,
-            nonfinite,
-            durations,
-            record,
-            ctx.n_steps,
-        )
-        accelerator.end_training()
-        return result
+        return global_step, nonfinite, durations, record
 
     def _setup(self, accelerator) -> RunContext:
         """Load the model and reward, add the LoRA, build the optimizer and LR schedule, prepare them;
@@ -365,103 +369,3 @@ class AdjointMatchingTrainer:
             times=times, resolution=resolution, n_steps=n_steps, k_steps=k_steps, output_dir=self.output_dir,
             prompts=prompts, val_prompts=val_prompts, eval_set=evals, validation=validation,
         )
-
-    # -- outputs -------------------------------------------------------------------------------------
-    def _finish(
-        self,
-        ctx,
-        accelerator,
-        adapter,
-        reward,
-        params,
-        ema,
-        val_prompts,
-        eval_set,
-        times,
-        resolution,
-        reward_before,
-        steps,
-        nonfinite,
-        durations,
-        last,
-        n_steps,
-    ) -> TrainResult:
-        cfg = self.config
-        out = self.output_dir
-        result = TrainResult(
-            out,
-            out / "pytorch_lora_weights.safetensors",
-            out / GRID_NAME,
-            out / "README.md",
-            out / LOG_NAME,
-            reward_before,
-            None,
-            steps,
-            nonfinite,
-            None,
-        )
-        if durations:
-            result.seconds_per_update = sum(durations) / len(durations)
-        if accelerator.is_main_process:
-            with ctx.ema_weights():
-                if not all(torch.isfinite(p).all() for p in params):
-                    raise RuntimeError("the LoRA weights are not finite; the adapter was not written.")
-                adapter.save_lora(str(out))
-                validation_grid(ctx, "validation/final.png", step=steps)
-                shutil.copyfile(out / "validation/final.png", out / GRID_NAME)
-                if cfg.num_eval_samples:
-                    result.reward_after = eval_reward(ctx, base=False)
-            summary = {
-                "reward_before": reward_before,
-                "reward_after": result.reward_after,
-                "steps": steps,
-                "skipped_updates": nonfinite,
-                "seconds_per_update": result.seconds_per_update,
-                "num_processes": accelerator.num_processes,
-                "num_eval_samples": len(eval_set[0]),
-            }
-            (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2))
-            self._write_card(adapter, result, last, n_steps, accelerator.num_processes)
-            if accelerator.trackers:
-                accelerator.log({"reward_before": reward_before, "reward_after": result.reward_after}, step=steps)
-            if cfg.push_to_hub:
-                from .hub import push_output_dir
-
-                url = push_output_dir(out, self.hub_repo_id(), token=cfg.hub_token)
-                accelerator.print(f"pushed to {url}")
-        accelerator.wait_for_everyone()
-        return result
-
-    def _write_card(self, adapter, result: TrainResult, last: dict, n_steps: int, procs: int) -> None:
-        from .model_card import render_model_card
-
-        cfg = self.config
-        base = cfg.pretrained_model_name_or_path or str(EMBEDDED_DIGITS_BASE)
-        final = {k: last.get(k) for k in ("reward_mean", "reward_std", "loss", "grad_norm")}
-        card = render_model_card(
-            base_model=base,
-            method=cfg.method,
-            truncate_steps=cfg.truncate_steps,
-            num_inference_steps=n_steps,
-            reg_order=cfg.reg_order,
-            reward=cfg.reward,
-            reward_scale=cfg.reward_scale,
-            steps=result.steps,
-            reward_before=result.reward_before,
-            reward_after=result.reward_after,
-            final_metrics=final,
-            grid=GRID_NAME,
-            base_grid="validation/base.png" if (self.output_dir / "validation/base.png").is_file() else None,
-            pipeline_class=type(adapter.pipeline).__name__,
-            pipeline_module=type(adapter.pipeline).__module__,
-            adapter_location=self.hub_repo_id() if cfg.push_to_hub else str(self.output_dir),
-            conditioning=adapter.conditioning,
-            num_eval_samples=cfg.num_eval_samples,
-            batch_size=f"{cfg.train_batch_size} x {procs} x {cfg.gradient_accumulation_steps}",
-            learning_rate=cfg.learning_rate,
-            lr_scheduler=cfg.lr_scheduler,
-            rank=cfg.rank,
-            lora_alpha=cfg.lora_alpha if cfg.lora_alpha is not None else cfg.rank,
-            use_ema=cfg.use_ema,
-        )
-        card.save(str(result.card_path))

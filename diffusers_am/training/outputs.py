@@ -1,0 +1,95 @@
+"""The end of a run: the adapter (EMA weights when kept), final grid, reward after, summary, model card
+and the Hub upload, written by the main process into ``output_dir``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..models import EMBEDDED_DIGITS_BASE
+from .context import RunContext
+from .validation import eval_reward, validation_grid
+
+if TYPE_CHECKING:
+    from .trainer import TrainResult
+
+ADAPTER_NAME = "pytorch_lora_weights.safetensors"
+CARD_NAME = "README.md"
+GRID_NAME = "samples.png"
+SUMMARY_NAME = "train_summary.json"
+
+
+def write_outputs(ctx: RunContext, result: TrainResult, last: dict[str, Any], repo_id: str) -> None:
+    """Write the finished run (main process; sets ``result.reward_after``), then wait for every process.
+
+    ``last`` is the last update's log record (the card's final metrics); ``repo_id`` the Hub repo."""
+    cfg, accelerator, out = ctx.config, ctx.accelerator, ctx.output_dir
+    if accelerator.is_main_process:
+        with ctx.ema_weights():
+            if not all(torch.isfinite(p).all() for p in ctx.params):
+                raise RuntimeError("the LoRA weights are not finite; the adapter was not written.")
+            ctx.adapter.save_lora(str(out))
+            validation_grid(ctx, "validation/final.png", step=result.steps)
+            shutil.copyfile(out / "validation/final.png", out / GRID_NAME)
+            if cfg.num_eval_samples:
+                result.reward_after = eval_reward(ctx, base=False)
+        summary = {
+            "reward_before": result.reward_before,
+            "reward_after": result.reward_after,
+            "steps": result.steps,
+            "skipped_updates": result.skipped_updates,
+            "seconds_per_update": result.seconds_per_update,
+            "num_processes": accelerator.num_processes,
+            "num_eval_samples": len(ctx.eval_set[0]),
+        }
+        (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2))
+        write_model_card(ctx, result, last, repo_id)
+        if accelerator.trackers:
+            accelerator.log(
+                {"reward_before": result.reward_before, "reward_after": result.reward_after}, step=result.steps
+            )
+        if cfg.push_to_hub:
+            from .hub import push_output_dir
+
+            url = push_output_dir(out, repo_id, token=cfg.hub_token)
+            accelerator.print(f"pushed to {url}")
+    accelerator.wait_for_everyone()
+
+
+def write_model_card(ctx: RunContext, result: TrainResult, last: dict[str, Any], repo_id: str) -> None:
+    """``README.md``: the model card of the adapter (``model_card_template.md``)."""
+    from .model_card import render_model_card
+
+    cfg, adapter = ctx.config, ctx.adapter
+    base = cfg.pretrained_model_name_or_path or str(EMBEDDED_DIGITS_BASE)
+    final = {k: last.get(k) for k in ("reward_mean", "reward_std", "loss", "grad_norm")}
+    card = render_model_card(
+        base_model=base,
+        method=cfg.method,
+        truncate_steps=cfg.truncate_steps,
+        num_inference_steps=ctx.n_steps,
+        reg_order=cfg.reg_order,
+        reward=cfg.reward,
+        reward_scale=cfg.reward_scale,
+        steps=result.steps,
+        reward_before=result.reward_before,
+        reward_after=result.reward_after,
+        final_metrics=final,
+        grid=GRID_NAME,
+        base_grid="validation/base.png" if (ctx.output_dir / "validation/base.png").is_file() else None,
+        pipeline_class=type(adapter.pipeline).__name__,
+        pipeline_module=type(adapter.pipeline).__module__,
+        adapter_location=repo_id if cfg.push_to_hub else str(ctx.output_dir),
+        conditioning=adapter.conditioning,
+        num_eval_samples=cfg.num_eval_samples,
+        batch_size=f"{cfg.train_batch_size} x {ctx.accelerator.num_processes} x {cfg.gradient_accumulation_steps}",
+        learning_rate=cfg.learning_rate,
+        lr_scheduler=cfg.lr_scheduler,
+        rank=cfg.rank,
+        lora_alpha=cfg.lora_alpha if cfg.lora_alpha is not None else cfg.rank,
+        use_ema=cfg.use_ema,
+    )
+    card.save(str(result.card_path))
