@@ -1,4 +1,5 @@
-"""Training: the config dataclass, prompts, the update loop, checkpoints, logs, card and Hub upload."""
+"""Training: the config dataclass, prompts, the trainer's set-up and loop, one update, validation,
+checkpoints, logs, the end-of-run outputs (card, Hub upload)."""
 
 from .config import TrainingConfig, build_parser, parse_args
 from .trainer import AdjointMatchingTrainer, TrainResult

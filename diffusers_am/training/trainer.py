@@ -3,7 +3,11 @@
 It reaches the model only through :func:`diffusers_am.models.load_model_adapter` and the
 :class:`~diffusers_am.models.base.FlowModelAdapter` interface, the reward only through
 :func:`diffusers_am.rewards.load_reward`, and the math only through :mod:`diffusers_am.objectives`.
-Set-up builds a :class:`~.context.RunContext` once; one update is :func:`.update.run_update`.
+
+Set-up builds a :class:`~.context.RunContext` once. The loop runs one :func:`.update.run_update` per
+update (micro-batches, the NaN skip, the single gradient all-reduce, the optimizer step), logs it,
+checkpoints (:mod:`.checkpoints`) and validates (:mod:`.validation`); :mod:`.outputs` writes the
+finished run.
 """
 
 from __future__ import annotations
@@ -175,6 +179,75 @@ class AdjointMatchingTrainer:
             shutil.rmtree(self.output_dir / "validation", ignore_errors=True)
         (self.output_dir / CONFIG_NAME).write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
 
+    def _setup(self, accelerator) -> RunContext:
+        """Load the model and reward, add the LoRA, build the optimizer and LR schedule, prepare them;
+        every input is checked before the first write into output_dir."""
+        cfg = self.config
+        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+        adapter = self._load_model(weight_dtype).to(accelerator.device)
+        n_steps = cfg.num_inference_steps or adapter.default_num_inference_steps
+        k_steps = check_truncation(cfg.truncate_steps, n_steps)
+        resolution = cfg.resolution or adapter.default_resolution
+        reward = load_reward(cfg.reward, device=accelerator.device, paths=cfg.reward_paths())
+        if isinstance(reward, torch.nn.Module):
+            reward.eval().requires_grad_(False)
+        validation = ValidationMetrics(cfg, accelerator)  # before anything is written: a bad name fails here
+        prompts, val_prompts = self._conditions(adapter)
+
+        params, named = self._add_lora(adapter)
+        optimizer = self._optimizer(params)
+        times = adapter.time_grid(n_steps, resolution)  # validates --resolution for the family
+        evals = eval_set(adapter, prompts, resolution, cfg.num_eval_samples, cfg.seed)
+        self._prepare_dirs(accelerator)  # first write into output_dir: every input is valid by now
+        lr_scheduler = self._lr_scheduler(optimizer, accelerator.num_processes)
+        train_module, optimizer, lr_scheduler = accelerator.prepare(adapter.transformer, optimizer, lr_scheduler)
+
+        ema = None
+        if cfg.use_ema:
+            from diffusers.training_utils import EMAModel
+
+            ema = EMAModel(params, decay=cfg.ema_decay)
+            accelerator.register_for_checkpointing(ema)
+        return RunContext(
+            config=cfg, accelerator=accelerator, adapter=adapter, train_module=train_module, reward=reward,
+            params=params, named_params=named, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
+            times=times, resolution=resolution, n_steps=n_steps, k_steps=k_steps, output_dir=self.output_dir,
+            prompts=prompts, val_prompts=val_prompts, eval_set=evals, validation=validation,
+        )
+
+    def _add_lora(self, adapter: FlowModelAdapter) -> tuple[list[torch.nn.Parameter], dict[str, torch.nn.Parameter]]:
+        """Add the LoRA (and gradient checkpointing); returns its trainable parameters, as a list and by name."""
+        cfg = self.config
+        params = adapter.add_lora(
+            LoraSettings(
+                rank=cfg.rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_target_modules, dropout=cfg.lora_dropout
+            )
+        )
+        params = [p for p in params if p.requires_grad]
+        if not params:
+            raise ValueError("the LoRA adapter has no trainable parameters; check `--lora_target_modules`.")
+        ids = {id(p) for p in params}
+        named = {n: p for n, p in adapter.transformer.named_parameters() if id(p) in ids}
+        if cfg.gradient_checkpointing:
+            if not getattr(adapter.transformer, "_supports_gradient_checkpointing", False):
+                raise ValueError(
+                    "`--gradient_checkpointing`: this transformer does not support gradient checkpointing."
+                )
+            adapter.transformer.enable_gradient_checkpointing()
+        return params, named
+
+    def _lr_scheduler(self, optimizer: torch.optim.Optimizer, procs: int):
+        """The diffusers LR schedule; the accelerate-wrapped scheduler steps once per process."""
+        from diffusers.optimization import get_scheduler
+
+        cfg = self.config
+        return get_scheduler(
+            cfg.lr_scheduler,
+            optimizer,
+            num_warmup_steps=cfg.lr_warmup_steps * procs,
+            num_training_steps=cfg.max_train_steps * procs,
+        )
+
     # -- the run ----------------------------------------------------------------------------------
     def train(self) -> TrainResult:
         """Run the whole job (on CPU with ``cpu_threads`` torch threads, restored afterwards)."""
@@ -309,63 +382,3 @@ class AdjointMatchingTrainer:
                 f"{nonfinite} of {global_step} updates were skipped: the reward or the gradient was NaN or inf."
             )
         return global_step, nonfinite, durations, record
-
-    def _setup(self, accelerator) -> RunContext:
-        """Load the model and reward, add the LoRA, build the optimizer and LR schedule, prepare them;
-        every input is checked before the first write into output_dir."""
-        from diffusers.optimization import get_scheduler
-
-        cfg = self.config
-        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-        adapter = self._load_model(weight_dtype).to(accelerator.device)
-        n_steps = cfg.num_inference_steps or adapter.default_num_inference_steps
-        k_steps = check_truncation(cfg.truncate_steps, n_steps)
-        resolution = cfg.resolution or adapter.default_resolution
-        reward = load_reward(cfg.reward, device=accelerator.device, paths=cfg.reward_paths())
-        if isinstance(reward, torch.nn.Module):
-            reward.eval().requires_grad_(False)
-        validation = ValidationMetrics(cfg, accelerator)  # before anything is written: a bad name fails here
-        prompts, val_prompts = self._conditions(adapter)
-
-        params = adapter.add_lora(
-            LoraSettings(
-                rank=cfg.rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_target_modules, dropout=cfg.lora_dropout
-            )
-        )
-        params = [p for p in params if p.requires_grad]
-        if not params:
-            raise ValueError("the LoRA adapter has no trainable parameters; check `--lora_target_modules`.")
-        ids = {id(p) for p in params}
-        named = {n: p for n, p in adapter.transformer.named_parameters() if id(p) in ids}
-        if cfg.gradient_checkpointing:
-            if not getattr(adapter.transformer, "_supports_gradient_checkpointing", False):
-                raise ValueError(
-                    "`--gradient_checkpointing`: this transformer does not support gradient checkpointing."
-                )
-            adapter.transformer.enable_gradient_checkpointing()
-
-        optimizer = self._optimizer(params)
-        times = adapter.time_grid(n_steps, resolution)  # validates --resolution for the family
-        evals = eval_set(adapter, prompts, resolution, cfg.num_eval_samples, cfg.seed)
-        self._prepare_dirs(accelerator)  # first write into output_dir: every input is valid by now
-        procs = accelerator.num_processes  # the accelerate-wrapped scheduler steps once per process
-        lr_scheduler = get_scheduler(
-            cfg.lr_scheduler,
-            optimizer,
-            num_warmup_steps=cfg.lr_warmup_steps * procs,
-            num_training_steps=cfg.max_train_steps * procs,
-        )
-        train_module, optimizer, lr_scheduler = accelerator.prepare(adapter.transformer, optimizer, lr_scheduler)
-
-        ema = None
-        if cfg.use_ema:
-            from diffusers.training_utils import EMAModel
-
-            ema = EMAModel(params, decay=cfg.ema_decay)
-            accelerator.register_for_checkpointing(ema)
-        return RunContext(
-            config=cfg, accelerator=accelerator, adapter=adapter, train_module=train_module, reward=reward,
-            params=params, named_params=named, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
-            times=times, resolution=resolution, n_steps=n_steps, k_steps=k_steps, output_dir=self.output_dir,
-            prompts=prompts, val_prompts=val_prompts, eval_set=evals, validation=validation,
-        )
