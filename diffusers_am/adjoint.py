@@ -7,16 +7,25 @@ with the control's Jacobian dropped ("lean"), is
 
 one vector-Jacobian product through the base velocity per step. The adjoint is carried in
 at least fp32 whatever the model dtype (fp64 stays fp64, bf16 / fp16 models still give fp32).
+
+The window takes the VJP itself (``base_vjp(x, t, cotangent)``), not a velocity: a flow whose
+base is its fine-tuned model with the LoRA switched off must run the backward inside the same
+switch as the forward (a gradient-checkpointed model recomputes its forward during the
+backward); :meth:`~diffusers_am.flow.ConditionedFlow.base_vjp` does both.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, NamedTuple
 
 import torch
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """velocity(x [B, ...], t 0-dim tensor) -> [B, ...], in paper time."""
+
+VJP = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""vjp(x [B, ...], t 0-dim, cotangent [B, ...]) -> (f(x, t) detached, J_f(x, t)^T cotangent in at least fp32)."""
 
 
 def check_window(states: torch.Tensor, times: torch.Tensor, terminal_grad: torch.Tensor | None = None) -> None:
@@ -54,8 +63,11 @@ class AdjointWindow(NamedTuple):
     base_velocities: torch.Tensor
 
 
-def vjp_velocity(velocity: Velocity, x: torch.Tensor, t: torch.Tensor, cotangent: torch.Tensor):
-    """Return (velocity(x, t) detached, J^T cotangent in fp32). Only x gets a gradient."""
+def vjp_velocity(
+    velocity: Velocity, x: torch.Tensor, t: torch.Tensor, cotangent: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (velocity(x, t) detached, J^T cotangent in at least fp32): one forward and its
+    backward, both inside this call. Only x gets a gradient."""
     with torch.enable_grad():
         x_in = x.detach().requires_grad_(True)
         v = velocity(x_in, t)
@@ -69,9 +81,10 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def lean_adjoint_window(
-    velocity: Velocity, states: torch.Tensor, times: torch.Tensor, terminal_grad: torch.Tensor
+    base_vjp: VJP, states: torch.Tensor, times: torch.Tensor, terminal_grad: torch.Tensor
 ) -> AdjointWindow:
-    """Integrate the lean adjoint back over the window; see the module docstring."""
+    """Integrate the lean adjoint back over the window with one ``base_vjp`` call per step (the
+    module docstring); ``base_vjp(x, t, a)`` returns (b(x, t), J_b(x, t)^T a)."""
     check_window(states, times, terminal_grad)
     num_steps = states.shape[0] - 1
     adjoints = [None] * (num_steps + 1)
@@ -81,8 +94,8 @@ def lean_adjoint_window(
     times32 = times.detach().to(a.dtype)
     for k in range(num_steps - 1, -1, -1):
         dt = times32[k + 1] - times32[k]
-        v, jt_a = vjp_velocity(velocity, states[k], times[k], a)
-        a = a + dt * jt_a
+        v, jt_a = base_vjp(states[k], times[k], a)
+        a = a + dt * jt_a.to(a.dtype)
         adjoints[k] = a
         base_velocities[k] = v
     return AdjointWindow(torch.stack(adjoints), torch.stack(base_velocities))
@@ -101,4 +114,4 @@ def lean_adjoint(
     Returns:
         [K+1, B, ...] in fp32 (fp64 if ``terminal_grad`` is fp64); the last entry equals ``terminal_grad``.
     """
-    return lean_adjoint_window(velocity, states, times, terminal_grad).adjoints
+    return lean_adjoint_window(partial(vjp_velocity, velocity), states, times, terminal_grad).adjoints

@@ -11,21 +11,38 @@ from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
+from .adjoint import vjp_velocity
+
 
 @runtime_checkable
 class ConditionedFlow(Protocol):
     """A flow model bound to one batch of prompts or class labels.
 
     Both velocities take x [B, ...] (fp32 states; the adapter casts to the model dtype) and a
-    0-dim paper time t, and return [B, ...] in paper time.
+    0-dim paper time t, and return [B, ...] in paper time. ``base_velocity`` serves no-grad uses
+    (sampling, control norms); the adjoint differentiates the base only through ``base_vjp``.
+    Flows without an adapter switch get ``base_vjp`` from :class:`PlainBaseVJP`.
     """
 
     def base_velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The frozen base velocity b(x, t): adapters disabled."""
 
+    def base_vjp(self, x: torch.Tensor, t: torch.Tensor, cotangent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b(x, t) detached, J_b(x, t)^T cotangent in at least fp32): one base forward and its
+        backward, both with the adapters disabled, so that a gradient-checkpointed model recomputes
+        the very forward it saved (:func:`~diffusers_am.adjoint.vjp_velocity` inside the switch)."""
+
     def velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The fine-tuned velocity v_theta(x, t): adapters enabled; differentiable in the
         trainable parameters when grad is enabled."""
+
+
+class PlainBaseVJP:
+    """Mixin for flows whose ``base_velocity`` has no switch to hold (toys, closed forms):
+    ``base_vjp`` is autograd through ``base_velocity``."""
+
+    def base_vjp(self, x: torch.Tensor, t: torch.Tensor, cotangent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return vjp_velocity(self.base_velocity, x, t, cotangent)
 
 
 def check_truncation(truncate_steps: int, num_steps: int) -> int:

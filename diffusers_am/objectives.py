@@ -11,6 +11,7 @@ differentiable in x (decode + reward model). ``reward_scale`` is lambda: g(x) = 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -117,7 +118,7 @@ def ode_am_step(
     states = sample_euler(flow.velocity, noise, times, record_last=k_steps + 1)
     reward, grad_r = reward_and_grad(reward_fn, states[-1])
     window_times = times[n - k_steps :]
-    window = lean_adjoint_window(flow.base_velocity, states, window_times, -reward_scale * grad_r)
+    window = lean_adjoint_window(flow.base_vjp, states, window_times, -reward_scale * grad_r)
     adj = window.adjoints[:-1]
     targets = optimal_control(adj.reshape((-1,) + adj.shape[2:]), order).reshape(adj.shape)
     total, norms = 0.0, []
@@ -163,15 +164,14 @@ def sde_am_step(
         n = times.shape[0] - 1
         k_steps = n - int(torch.nonzero(times == start)[0, 0])
 
-    def drift(velocity):
-        return lambda x, t: schedule.drift(x, _hp(velocity(x, t)), t)
+    def drift(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return schedule.drift(x, _hp(flow.velocity(x, t)), t)
 
-    states = sample_euler(
-        drift(flow.velocity), noise, times, record_last=k_steps + 1, noise_std=schedule.sigma, generator=generator
-    )
+    states = sample_euler(drift, noise, times, record_last=k_steps + 1, noise_std=schedule.sigma, generator=generator)
     reward, grad_r = reward_and_grad(reward_fn, states[-1])
     window_times = times[n - k_steps :]
-    window = lean_adjoint_window(drift(flow.base_velocity), states, window_times, -reward_scale * grad_r)
+    base_drift_vjp = partial(schedule.drift_vjp, flow.base_vjp)  # one base VJP per step, LoRA off throughout
+    window = lean_adjoint_window(base_drift_vjp, states, window_times, -reward_scale * grad_r)
     total, norms = 0.0, []
     for k in range(k_steps):
         t = window_times[k]

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .adjoint import VJP
+
 
 @dataclass(frozen=True)
 class NoiseSchedule:
@@ -51,6 +53,17 @@ class NoiseSchedule:
     def drift(self, x: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """b_sigma(x, t) from a velocity v(x, t); t a 0-dim tensor."""
         return self.velocity_gain(t) * v - self.state_coeff(t) * x
+
+    def drift_vjp(
+        self, velocity_vjp: VJP, x: torch.Tensor, t: torch.Tensor, cotangent: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b_sigma(x, t), J_{b_sigma}(x, t)^T cotangent) from one velocity VJP.
+
+        The drift is linear in v and x, so J^T a = J_v^T (velocity_gain a) - state_coeff a;
+        ``velocity_vjp(x, t, c)`` returns (v(x, t), J_v^T c) (e.g. ``ConditionedFlow.base_vjp``)."""
+        v, jt = velocity_vjp(x, t, self.velocity_gain(t) * cotangent)
+        v = v.to(torch.promote_types(v.dtype, torch.float32))
+        return self.drift(x, v, t), jt - self.state_coeff(t) * cotangent
 
 
 @dataclass(frozen=True)

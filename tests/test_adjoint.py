@@ -1,9 +1,11 @@
 """The lean adjoint is the exact adjoint of the Euler sampler (control Jacobian dropped)."""
 
+from functools import partial
+
 import pytest
 import torch
 
-from diffusers_am.adjoint import lean_adjoint, lean_adjoint_window
+from diffusers_am.adjoint import lean_adjoint, lean_adjoint_window, vjp_velocity
 
 
 class MLPVelocity(torch.nn.Module):
@@ -72,7 +74,7 @@ def test_low_precision_model_gives_fp32_adjoint_and_base_velocities():
         return base(x.to(torch.bfloat16), t)
 
     states = torch.randn(3, 2, 3)
-    out = lean_adjoint_window(velocity, states, torch.tensor([0.5, 0.75, 1.0]), torch.randn(2, 3, dtype=torch.bfloat16))
+    out = lean_adjoint_window(partial(vjp_velocity, velocity), states, torch.tensor([0.5, 0.75, 1.0]), torch.randn(2, 3, dtype=torch.bfloat16))
     assert out.adjoints.dtype == torch.float32
     assert out.base_velocities.shape == (2, 2, 3)
     torch.testing.assert_close(out.base_velocities[0].float(), velocity(states[0], torch.tensor(0.5)).float())

@@ -6,6 +6,7 @@ import torch
 
 from diffusers_am.adjoint import lean_adjoint
 from diffusers_am.control import optimal_control
+from diffusers_am.flow import ConditionedFlow, PlainBaseVJP
 from diffusers_am.objectives import (
     NonFiniteRewardError,
     draft_step,
@@ -19,7 +20,7 @@ from diffusers_am.schedules import ConstantSchedule, MemorylessSchedule, get_sch
 N = 6
 
 
-class StepwiseFlow(torch.nn.Module):
+class StepwiseFlow(PlainBaseVJP, torch.nn.Module):
     """b(x, t) = -x + tanh(W x); the fine-tuned velocity adds theta[k] at grid step k, so a
     parameter's gradient tells which steps a loss reached. Counts model calls."""
 
@@ -100,7 +101,7 @@ def test_ode_am_gradient_is_zero_at_the_optimum():
     # matching loss has a zero gradient.
     times = torch.linspace(0, 1, N + 1)
 
-    class Linear(torch.nn.Module):
+    class Linear(PlainBaseVJP, torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.theta = torch.nn.Parameter(torch.zeros(N, 3))
@@ -165,6 +166,7 @@ def test_sde_am_memoryless_matches_quadratic_target_and_truncation():
     k = 2
     out = sde_am_step(flow, noise, times, linear_reward, truncate_steps=k, generator=torch.Generator().manual_seed(0))
     assert grad_rows(flow) == list(range(N - k, N))
+    assert flow.base_calls == k  # one base VJP per trained step, its forward reused by the loss
     assert torch.isfinite(torch.tensor(out.loss))
     # theta = 0: the control is zero, so the loss is E |sigma a~|^2 > 0 and the reported norms are 0.
     assert out.control_norm_per_step.abs().max() < 1e-6
@@ -200,6 +202,20 @@ def test_schedules():
         get_schedule("cosine")
     with pytest.raises(ValueError, match="t_min"):
         MemorylessSchedule(t_min=0.0)
+
+
+@pytest.mark.parametrize("schedule", [MemorylessSchedule(), MemorylessSchedule(scale=0.5), ConstantSchedule(level=0.7)])
+def test_drift_vjp_is_autograd_through_the_drift_of_one_velocity_vjp(schedule):
+    flow, _, _ = make()
+    assert isinstance(flow, ConditionedFlow)
+    x, a, t = torch.randn(4, 3), torch.randn(4, 3), torch.tensor(0.3)
+    value, jt = schedule.drift_vjp(flow.base_vjp, x, t, a)
+    assert flow.base_calls == 1
+    x_in = x.clone().requires_grad_(True)
+    drift = schedule.drift(x_in, flow.base_velocity(x_in, t), t)
+    (expected,) = torch.autograd.grad(drift, x_in, grad_outputs=a)
+    torch.testing.assert_close(value, drift.detach())
+    torch.testing.assert_close(jt, expected)
 
 
 @pytest.mark.parametrize("step", [ode_am_step, sde_am_step, draft_step, refl_step])
@@ -262,7 +278,7 @@ def test_sde_am_sampling_keeps_base_marginal_from_t0():
     # with std ~1.0 instead of 0.5; the refined grid fixes it.
     m, s = 1.0, 0.5
 
-    class Gaussian(torch.nn.Module):
+    class Gaussian(PlainBaseVJP, torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.theta = torch.nn.Parameter(torch.zeros(1))

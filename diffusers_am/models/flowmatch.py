@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
+from ..adjoint import vjp_velocity
 from .base import FlowModelAdapter, LoraSettings
 
 
@@ -48,10 +49,19 @@ class PaperTimeFlow:
         sigma = 1.0 - torch.as_tensor(t, dtype=torch.float32, device=x.device)
         return -self.adapter._predict(module, x, sigma, self.encoded, self.guidance_scale).float()
 
+    def _base(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self._velocity(self.adapter.transformer, x, t)
+
     def base_velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """b(x, t) [B, C, h, w] fp32 with the LoRA disabled (differentiable in x)."""
+        """b(x, t) [B, C, h, w] fp32 with the LoRA disabled (for no-grad use: a backward through it
+        would run with the LoRA on again; take :meth:`base_vjp` for the adjoint)."""
         with self.adapter.adapters_disabled():
-            return self._velocity(self.adapter.transformer, x, t)
+            return self._base(x, t)
+
+    def base_vjp(self, x: torch.Tensor, t: torch.Tensor, cotangent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b(x, t), J_b^T cotangent) [B, C, h, w] fp32: forward and backward with the LoRA disabled."""
+        with self.adapter.adapters_disabled():
+            return vjp_velocity(self._base, x, t, cotangent)
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """v_theta(x, t) [B, C, h, w] fp32 through ``train_module`` (or the transformer)."""

@@ -26,6 +26,7 @@ import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
+from ..adjoint import vjp_velocity
 from ..flow import ConditionedFlow
 from ..pipelines.sit import SiTPipeline
 from .base import FlowModelAdapter, LoraSettings
@@ -48,11 +49,21 @@ class SiTFlow:
         if x.shape[0] != self.labels.shape[0]:
             raise ValueError(f"states have batch {x.shape[0]} but {self.labels.shape[0]} class labels were encoded.")
 
+    def _base(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.adapter.pipeline.predict_velocity(x, t, self.labels, self.guidance_scale)
+
     def base_velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """b(x, t) [B, ...] fp32: the transformer with LoRA disabled."""
+        """b(x, t) [B, ...] fp32: the transformer with LoRA disabled (for no-grad use: a backward
+        through it would run with the LoRA on again; take :meth:`base_vjp` for the adjoint)."""
         self._check(x)
         with self.adapter.adapters_disabled():
-            return self.adapter.pipeline.predict_velocity(x, t, self.labels, self.guidance_scale)
+            return self._base(x, t)
+
+    def base_vjp(self, x: torch.Tensor, t: torch.Tensor, cotangent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b(x, t), J_b^T cotangent) [B, ...] fp32: forward and backward with the LoRA disabled."""
+        self._check(x)
+        with self.adapter.adapters_disabled():
+            return vjp_velocity(self._base, x, t, cotangent)
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """v_theta(x, t) [B, ...] fp32 through ``train_module`` (or the transformer), LoRA on."""

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..control import check_order, optimal_control
+from ..flow import PlainBaseVJP
 from ..schedules import MemorylessSchedule
 
 TimeControl = Callable[[torch.Tensor], torch.Tensor]
@@ -216,7 +217,7 @@ class MLPControl(nn.Module):
         return self.net(self.features(x, t)).reshape(x.shape).to(x.dtype)
 
 
-class ToyControlledFlow(nn.Module):
+class ToyControlledFlow(PlainBaseVJP, nn.Module):
     """A :class:`~diffusers_am.flow.ConditionedFlow` on the toy: base_velocity = b,
     velocity = b + u_theta(x, t) for t >= control_start (the control window [t_s, 1]), b elsewhere."""
 
