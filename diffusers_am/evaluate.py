@@ -2,7 +2,7 @@
 Coverage of each adapter's samples against the base model's.
 
     python -m diffusers_am.evaluate \\
-        --pretrained_model_name_or_path <pipeline folder or Hub id>   # default: the embedded digits base
+        --pretrained <pipeline folder, Hub id or short name>   # default: the embedded digits base
         --adapters out/run1 out/run2 --prompts "a cat" "a dog" --num_images_per_prompt 6 \\
         --rewards hpsv2 pickscore --output_dir eval
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -29,7 +30,14 @@ from .metrics import extract_features, recall_coverage, within_prompt_diversity
 from .metrics.diversity import default_diversity_metrics, get_diversity_metric
 from .metrics.features import load_feature_extractor
 from .metrics.report import markdown_table, write_report
-from .models import ADAPTERS, EMBEDDED_DIGITS_BASE, load_model_adapter, read_model_index
+from .models import (
+    ADAPTERS,
+    EMBEDDED_DIGITS_BASE,
+    load_model_adapter,
+    read_model_index,
+    resolve_pretrained,
+    short_names_help,
+)
 from .models.base import FlowModelAdapter
 from .rewards import load_reward
 
@@ -104,6 +112,7 @@ def build_sampler(pipeline_or_path: Any, *, sampler: str = "auto", torch_dtype: 
     if isinstance(pipeline_or_path, FlowModelAdapter):
         adapter = pipeline_or_path
     elif isinstance(pipeline_or_path, (str, os.PathLike)):
+        pipeline_or_path = resolve_pretrained(pipeline_or_path)  # short names -> Hub ids
         cls_name = read_model_index(pipeline_or_path).get("_class_name")
         if sampler == "pipeline" or (sampler == "auto" and cls_name not in ADAPTERS):
             from diffusers import DiffusionPipeline
@@ -298,8 +307,10 @@ def _parse_paths(items: Sequence[str] | None) -> dict[str, str]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m diffusers_am.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--pretrained_model_name_or_path", default=str(EMBEDDED_DIGITS_BASE), help="pipeline folder or Hub id (default: the embedded digits base)")
+    p = argparse.ArgumentParser(prog="python -m diffusers_am.evaluate", description=__doc__.split("\n\n")[0],
+                                allow_abbrev=False)
+    p.add_argument("--pretrained_model_name_or_path", "--pretrained", default=str(EMBEDDED_DIGITS_BASE),
+                   help=f"pipeline folder, Hub id or short name: {short_names_help()} (default: the embedded digits base)")
     p.add_argument("--adapters", nargs="*", default=[], help="LoRA folders (pytorch_lora_weights.safetensors) to compare with the base")
     p.add_argument("--prompts", nargs="*", default=None, help="prompts (or class labels), or one .txt file with a prompt a line (default: every class of a class-conditional model)")
     p.add_argument("--num_images_per_prompt", type=int, default=6)
@@ -340,5 +351,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return results
 
 
+def cli(argv: Sequence[str] | None = None) -> int:
+    """``python -m diffusers_am.evaluate``: exit status 0, or 2 with a one-line ``error:`` for bad input."""
+    try:
+        main(argv)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -1,7 +1,8 @@
 """Model adapters, one per pipeline family, and the loader that picks one by pipeline class.
 
 ``load_model_adapter(path_or_id)`` reads the pipeline's ``model_index.json`` (a local folder, or
-the Hub through huggingface_hub) and dispatches on its ``_class_name``.
+the Hub through huggingface_hub) and dispatches on its ``_class_name``. ``resolve_pretrained`` turns
+the short names users type (``FLUX.2-klein``, ``SD3.5-medium``, ``SiT-XL/2`` ...) into Hub ids or folders.
 """
 
 from __future__ import annotations
@@ -42,12 +43,134 @@ def adapter_class(pipeline_class_name: str) -> type[FlowModelAdapter]:
     return getattr(importlib.import_module(module_name), cls_name)
 
 
-def read_model_index(pretrained_model_name_or_path: str | os.PathLike, **hub_kwargs: Any) -> dict:
-    """``model_index.json`` of a local pipeline folder or a Hub repo id.
+SHORT_NAMES: dict[str, str] = {
+    "FLUX.2-klein": "black-forest-labs/FLUX.2-klein-4B",
+    "FLUX.2-klein-4B": "black-forest-labs/FLUX.2-klein-4B",
+    "FLUX.2-klein-9B": "black-forest-labs/FLUX.2-klein-9B",
+    "FLUX.2-klein-base-4B": "black-forest-labs/FLUX.2-klein-base-4B",
+    "FLUX.2-klein-base-9B": "black-forest-labs/FLUX.2-klein-base-9B",
+    "FLUX.1-dev": "black-forest-labs/FLUX.1-dev",
+    "FLUX.1-schnell": "black-forest-labs/FLUX.1-schnell",
+    "SD3-medium": "stabilityai/stable-diffusion-3-medium-diffusers",
+    "SD3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
+    "SD3.5-large": "stabilityai/stable-diffusion-3.5-large",
+}
+"""Short model names -> Hub ids of diffusers pipelines (matched case-insensitively)."""
 
-    Raises ValueError for a path that is neither a pipeline folder nor reachable on the Hub,
-    saying how to pass a local folder when offline."""
-    path = Path(pretrained_model_name_or_path)
+SIT_XL_2 = "SiT-XL/2"
+SIT_XL_2_FOLDER = "sit-xl-2-256"
+"""SiT has no diffusers pipeline on the Hub: ``SiT-XL/2`` names the folder that
+``scripts/convert_sit_checkpoint.py`` writes from the official checkpoint (README)."""
+SIT_XL_2_HOWTO = (
+    "download the official SiT-XL-2-256x256.pt (github.com/willisma/SiT, download.py), convert it once with "
+    "`python scripts/convert_sit_checkpoint.py --checkpoint_path SiT-XL-2-256x256.pt --vae stabilityai/sd-vae-ft-ema "
+    f"--output_dir {SIT_XL_2_FOLDER}`, then run from the folder holding {SIT_XL_2_FOLDER}/ or pass "
+    f"`--pretrained path/to/{SIT_XL_2_FOLDER}`"
+)
+HUB_PROBE_TIMEOUT = 5.0
+"""Seconds to wait for the Hub's answer about model_index.json before calling it unreachable (no retries)."""
+
+
+def short_names_help() -> str:
+    """The short names and what they resolve to, for ``--help``."""
+    names = ", ".join(f"{name} ({repo})" for name, repo in SHORT_NAMES.items())
+    return f"{names}, {SIT_XL_2} (the folder ./{SIT_XL_2_FOLDER} written by scripts/convert_sit_checkpoint.py)"
+
+
+def resolve_pretrained(name_or_path: str | os.PathLike) -> str:
+    """What a ``--pretrained`` value names: an existing local path as given; a short name
+    (:data:`SHORT_NAMES`, any case) -> its Hub id; ``SiT-XL/2`` -> ``./sit-xl-2-256`` (ValueError with
+    the download and convert commands when that folder is missing); anything else unchanged (a Hub id)."""
+    text = str(name_or_path)
+    if Path(text).exists():
+        return text
+    by_lower = {name.lower(): repo for name, repo in SHORT_NAMES.items()}
+    if text.lower() in by_lower:
+        return by_lower[text.lower()]
+    if text.lower() == SIT_XL_2.lower():
+        if (Path(SIT_XL_2_FOLDER) / "model_index.json").is_file():
+            return SIT_XL_2_FOLDER
+        raise ValueError(
+            f"`--pretrained_model_name_or_path` {text!r}: SiT has no diffusers pipeline on the Hub and there is no "
+            f"converted folder ./{SIT_XL_2_FOLDER} here; {SIT_XL_2_HOWTO}."
+        )
+    return text
+
+
+def _shown(typed: str, repo_id: str) -> str:
+    return repr(repo_id) if typed == repo_id else f"{typed!r} (the Hub id {repo_id!r})"
+
+
+def _download_hint(repo_id: str) -> str:
+    folder = repo_id.rsplit("/", 1)[-1]
+    return (
+        f"download it where the Hub is reachable with `hf download {repo_id} --local-dir {folder}` "
+        f"and pass `--pretrained {folder}`"
+    )
+
+
+def _hub_model_index(repo_id: str, typed: str, **hub_kwargs: Any) -> str:
+    """Path of the Hub repo's model_index.json (the cached copy when the Hub cannot be reached).
+
+    One request with a short timeout and no retries decides whether the Hub answers (offline mode:
+    none), so an unreachable Hub fails in seconds, not after huggingface_hub's retry loop."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    where = f"`--pretrained_model_name_or_path` {_shown(typed, repo_id)}"
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise ValueError(
+            f"{where} is neither an existing local folder nor a Hub id (org/name): check the path, or use a "
+            f"short name ({', '.join(SHORT_NAMES)})."
+        ) from None
+    revision = hub_kwargs.get("revision")
+    if constants.HF_HUB_OFFLINE:
+        reason = "the Hub is off (HF_HUB_OFFLINE=1)"
+    else:
+        try:
+            url = hf_hub_url(repo_id, "model_index.json", revision=revision)
+            get_hf_file_metadata(url, token=hub_kwargs.get("token"), timeout=HUB_PROBE_TIMEOUT)
+            reason = None
+        except HfHubHTTPError as err:  # the Hub answered
+            status = getattr(err.response, "status_code", None)
+            if status is not None and status < 500:  # unknown, private or gated repo
+                raise ValueError(
+                    f"{where} is not a local folder (check the path) and the Hub refused it (HTTP {status}): "
+                    f"check the id (short names: {', '.join(SHORT_NAMES)}), or log in with `hf auth login` "
+                    "for a gated repo."
+                ) from None
+            reason = f"the Hub answered HTTP {status}"
+        except Exception as err:  # no answer: no network, DNS, proxy, timeout
+            reason = f"the Hub is unreachable ({type(err).__name__})"
+    if reason is not None:
+        cached = try_to_load_from_cache(
+            repo_id, "model_index.json", cache_dir=hub_kwargs.get("cache_dir"), revision=revision
+        )
+        if isinstance(cached, str):
+            return cached
+        raise ValueError(
+            f"{where} is not a local folder, not in the Hub cache, and {reason}; "
+            f"{_download_hint(repo_id)}."
+        )
+    try:
+        return hf_hub_download(repo_id, "model_index.json", **hub_kwargs)
+    except Exception as err:  # the connection dropped between the two requests, a full disk ...
+        raise ValueError(
+            f"{where}: reading model_index.json from the Hub failed ({type(err).__name__}); "
+            f"{_download_hint(repo_id)}."
+        ) from err
+
+
+def read_model_index(pretrained_model_name_or_path: str | os.PathLike, **hub_kwargs: Any) -> dict:
+    """``model_index.json`` of a local pipeline folder or a Hub repo id (short names resolved).
+
+    Raises ValueError for a path that is neither a pipeline folder nor reachable on the Hub, with
+    the ``hf download`` command that fetches it."""
+    name = resolve_pretrained(pretrained_model_name_or_path)
+    path = Path(name)
     if path.is_dir():
         index = path / "model_index.json"
         if not index.is_file():
@@ -56,24 +179,21 @@ def read_model_index(pretrained_model_name_or_path: str | os.PathLike, **hub_kwa
                 "point it at a diffusers pipeline folder (the one `pipe.save_pretrained` writes)."
             )
         return json.loads(index.read_text())
-    from huggingface_hub import hf_hub_download
-
-    try:
-        index_file = hf_hub_download(str(pretrained_model_name_or_path), "model_index.json", **hub_kwargs)
-    except Exception as err:  # offline, unknown repo, gated repo without a token ...
+    if path.exists():
         raise ValueError(
-            f"`--pretrained_model_name_or_path` {str(pretrained_model_name_or_path)!r} is neither a local "
-            f"pipeline folder nor reachable on the Hub ({type(err).__name__}). Offline, download the pipeline "
-            "elsewhere (`huggingface-cli download <repo> --local-dir <folder>`) and pass that folder."
-        ) from err
-    return json.loads(Path(index_file).read_text())
+            f"`--pretrained_model_name_or_path` {str(path)!r} is a file: pass a diffusers pipeline folder, a Hub id "
+            f"or a short name ({', '.join(SHORT_NAMES)})."
+        )
+    return json.loads(Path(_hub_model_index(name, str(pretrained_model_name_or_path), **hub_kwargs)).read_text())
 
 
 def load_model_adapter(pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> FlowModelAdapter:
-    """Load a pipeline and wrap it in its family's adapter (dispatch on model_index.json)."""
-    index = read_model_index(pretrained_model_name_or_path)
+    """Load a pipeline (folder, Hub id or short name) and wrap it in its family's adapter (dispatch on
+    model_index.json)."""
+    name = resolve_pretrained(pretrained_model_name_or_path)
+    index = read_model_index(name)
     cls = adapter_class(index.get("_class_name", "<missing _class_name>"))
-    return cls.from_pretrained(str(pretrained_model_name_or_path), **kwargs)
+    return cls.from_pretrained(name, **kwargs)
 
 
 __all__ = [
@@ -84,4 +204,6 @@ __all__ = [
     "adapter_class",
     "load_model_adapter",
     "read_model_index",
+    "resolve_pretrained",
+    "SHORT_NAMES",
 ]

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..control import check_order
+from ..models import resolve_pretrained, short_names_help
 from ..objectives import METHODS
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear", "cosine_with_restarts", "polynomial")
@@ -27,7 +28,7 @@ SECRET_FIELDS = ("hub_token",)
 
 
 def _f(default: Any, help: str, **extra: Any) -> Any:
-    """A dataclass field carrying its CLI help (and optional ``choices`` / ``nargs``)."""
+    """A dataclass field carrying its CLI help (and optional ``choices`` / ``nargs`` / ``aliases``)."""
     meta = {"help": help, **extra}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
@@ -45,8 +46,10 @@ class TrainingConfig:
     # -- model ------------------------------------------------------------------------------
     pretrained_model_name_or_path: str | None = _f(
         None,
-        "Local diffusers pipeline folder or Hub id. Default: the embedded digits base "
-        "(diffusers_am/assets/digits-sit).",
+        "Local diffusers pipeline folder, Hub id, or short name: " + short_names_help() + ". A local folder "
+        "wins over a short name of the same spelling. Default: the embedded digits base "
+        "(diffusers_am/assets/digits-sit). Alias: --pretrained.",
+        aliases=("--pretrained",),
     )
     # -- method -----------------------------------------------------------------------------
     method: str = _f(
@@ -223,6 +226,8 @@ class TrainingConfig:
             raise ValueError("`--reward` must be a non-empty reward spec, e.g. 'digits'.")
         if not self.output_dir:
             raise ValueError("`--output_dir` must be a folder path.")
+        if self.pretrained_model_name_or_path is not None:  # short names -> Hub ids (recorded so in the card)
+            self.pretrained_model_name_or_path = resolve_pretrained(self.pretrained_model_name_or_path)
         self.lora_target_modules = _split_list(self.lora_target_modules)
         self.reward_paths()  # validates the name=path pairs
 
@@ -337,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune a flow-matching pipeline toward a reward with truncated adjoint matching "
         "(or DRaFT-K / ReFL-K) and save a diffusers LoRA adapter.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # a flag is its full name or a documented alias (``--pretrained``)
     )
     parser.add_argument(
         "--config",
@@ -355,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
                 kwargs["choices"] = list(f.metadata["choices"]) + ([None] if "None" in str(f.type) else [])
             if "nargs" in f.metadata:
                 kwargs["nargs"] = f.metadata["nargs"]
-        parser.add_argument(f"--{f.name}", **kwargs)
+        parser.add_argument(f"--{f.name}", *f.metadata.get("aliases", ()), **kwargs)
     return parser
 
 
