@@ -34,7 +34,7 @@ def resolve_file(path: str | os.PathLike | None, *, default_repo: str, filename:
     except Exception as err:  # offline, unknown repo, missing file
         raise ValueError(
             f"`{argument}` {source!r}: cannot get {filename!r} from the Hub ({type(err).__name__}: {err}). "
-            f"Offline, download it elsewhere (`huggingface-cli download {source} {filename} --local-dir <folder>`) "
+            f"Offline, download it elsewhere (`hf download {source} {filename} --local-dir <folder>`) "
             "and pass that folder or file."
         ) from err
 

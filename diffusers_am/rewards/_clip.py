@@ -46,7 +46,7 @@ def load_clip_model(path: str, *, dtype: torch.dtype | None = None, argument: st
         raise ValueError(
             f"`{argument}` {path!r}: cannot load a transformers CLIPModel ({type(err).__name__}: {err}). "
             "Pass a local folder written by `CLIPModel.save_pretrained` (or downloaded with "
-            "`huggingface-cli download <repo> --local-dir <folder>`)."
+            "`hf download <repo> --local-dir <folder>`)."
         ) from err
 
 
