@@ -310,7 +310,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m diffusers_am.evaluate", description=__doc__.split("\n\n")[0],
                                 allow_abbrev=False)
     p.add_argument("--pretrained_model_name_or_path", "--pretrained", default=str(EMBEDDED_DIGITS_BASE),
-                   help=f"pipeline folder, Hub id or short name: {short_names_help()} (default: the embedded digits base)")
+                   help=f"pipeline folder, Hub id or short name: {short_names_help()} "
+                   "(default: the embedded digits base)")
     p.add_argument("--adapters", nargs="*", default=[], help="LoRA folders (pytorch_lora_weights.safetensors) to compare with the base")
     p.add_argument("--prompts", nargs="*", default=None, help="prompts (or class labels), or one .txt file with a prompt a line (default: every class of a class-conditional model)")
     p.add_argument("--num_images_per_prompt", type=int, default=6)

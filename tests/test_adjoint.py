@@ -74,7 +74,8 @@ def test_low_precision_model_gives_fp32_adjoint_and_base_velocities():
         return base(x.to(torch.bfloat16), t)
 
     states = torch.randn(3, 2, 3)
-    out = lean_adjoint_window(partial(vjp_velocity, velocity), states, torch.tensor([0.5, 0.75, 1.0]), torch.randn(2, 3, dtype=torch.bfloat16))
+    terminal = torch.randn(2, 3, dtype=torch.bfloat16)
+    out = lean_adjoint_window(partial(vjp_velocity, velocity), states, torch.tensor([0.5, 0.75, 1.0]), terminal)
     assert out.adjoints.dtype == torch.float32
     assert out.base_velocities.shape == (2, 2, 3)
     torch.testing.assert_close(out.base_velocities[0].float(), velocity(states[0], torch.tensor(0.5)).float())

@@ -153,9 +153,8 @@ def test_unreachable_hub_gives_one_line_and_writes_nothing(tmp_path, capsys, emp
 
     port = _closed_port()
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(
-        constants, "HUGGINGFACE_CO_URL_TEMPLATE", f"http://127.0.0.1:{port}" + "/{repo_id}/resolve/{revision}/{filename}"
-    )
+    template = f"http://127.0.0.1:{port}" + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
     out = tmp_path / "run"
     assert evaluate_cli(["--pretrained_model_name_or_path", "FLUX.2-klein", "--output_dir", str(out)]) == 2
     line = _one_error_line(capsys.readouterr().err)

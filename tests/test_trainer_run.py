@@ -333,7 +333,10 @@ def test_bad_inputs_are_clear_and_keep_output_dir(tiny_base, tmp_path, capsys):
     cases = [
         ([], "already holds a run"),
         (["--overwrite_output_dir", "--reward", "no-such-reward"], "unknown reward"),
-        (["--overwrite_output_dir", "--pretrained_model_name_or_path", "nobody/no-such-model"], "hf download nobody/no-such-model"),
+        (
+            ["--overwrite_output_dir", "--pretrained_model_name_or_path", "nobody/no-such-model"],
+            "hf download nobody/no-such-model",
+        ),
         (
             ["--overwrite_output_dir", "--pretrained_model_name_or_path", str(not_a_pipeline)],
             "without model_index.json",
