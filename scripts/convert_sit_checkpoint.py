@@ -5,7 +5,9 @@
         --vae stabilityai/sd-vae-ft-ema --output_dir sit-xl-2-256
 
 The folder loads with ``SiTPipeline.from_pretrained`` and trains with
-``train_adjoint_matching.py --pretrained_model_name_or_path <folder>``.
+``train_adjoint_matching.py --pretrained_model_name_or_path <folder>``. CFG guides the official
+channels (the first 3 of 4 latent channels, as SiT's ``forward_with_cfg``) unless
+``--guidance_channels all``. A bad checkpoint or argument prints one ``error:`` line, exit code 2.
 """
 
 from __future__ import annotations
@@ -35,26 +37,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="heads per block (default: from the official SiT size table).")
     parser.add_argument("--default_num_inference_steps", type=int, default=50)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the saved weights.")
+    parser.add_argument(
+        "--guidance_channels",
+        default="official",
+        help="CFG channel rule stored in the pipeline: 'official' (default; the first 3 latent channels, "
+        "as SiT's forward_with_cfg), 'all' (standard CFG on every channel) or a channel count.",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     vae = None if args.vae.lower() == "none" else args.vae
-    pipeline = convert_sit_checkpoint(
-        args.checkpoint_path,
-        args.output_dir,
-        vae=vae,
-        num_attention_heads=args.num_attention_heads,
-        default_num_inference_steps=args.default_num_inference_steps,
-        torch_dtype=DTYPES[args.dtype],
-    )
+    try:
+        pipeline = convert_sit_checkpoint(
+            args.checkpoint_path,
+            args.output_dir,
+            vae=vae,
+            num_attention_heads=args.num_attention_heads,
+            default_num_inference_steps=args.default_num_inference_steps,
+            torch_dtype=DTYPES[args.dtype],
+            guidance_channels=args.guidance_channels,
+        )
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     cfg = pipeline.transformer.config
     space = "latent" if pipeline.vae is not None else "pixel"
+    guided = pipeline.config.guidance_channels
     print(
         f"wrote {args.output_dir}: SiT depth {cfg.num_layers}, "
         f"hidden {cfg.num_attention_heads * cfg.attention_head_dim}, "
-        f"{cfg.num_classes} classes, {pipeline.resolution}px ({space} space)"
+        f"{cfg.num_classes} classes, {pipeline.resolution}px ({space} space), "
+        f"CFG on {'all' if guided is None else f'the first {guided} of {cfg.in_channels}'} channels"
     )
     return 0
 

@@ -71,6 +71,33 @@ def test_clipscore_and_registry(clip_dir):
     assert torch.allclose(weighted(images, PROMPTS), 0.5 * out + 2.0 * pick, atol=1e-4)
 
 
+def test_clipscore_truncates_prompts_over_77_tokens(clip_dir):
+    """Over 77 tokens (BOS + 75 + EOS): the prompt is cut to its first 75 tokens, EOS kept, no error."""
+    reward = load_clipscore(str(clip_dir))
+    emb = reward.embedder
+    long = ["the " * 100, "the " * 76]
+    ids = emb.tokenizer(long, padding="max_length", truncation=True, max_length=77).input_ids
+    assert [len(i) for i in ids] == [77, 77] and all(i[-1] == emb.tokenizer.eos_token_id for i in ids)
+    with torch.no_grad():
+        text = emb.text_embeds(long + ["the " * 75, "the " * 74])
+    torch.testing.assert_close(text[0], text[2])  # 100 and 76 words score as the first 75
+    torch.testing.assert_close(text[1], text[2])
+    assert (text[2] - text[3]).abs().max() > 1e-4  # while 74 words are all seen
+    images = _images()
+    out = reward(images, long).detach()  # scores, no error
+    assert out.shape == (2,) and torch.isfinite(out).all()
+
+
+def test_loaders_pick_their_reference_preprocessing(clip_dir, hps_dir, tmp_path):
+    assert load_clipscore(str(clip_dir)).embedder.preprocess.crop == "floor"  # transformers' CLIPImageProcessor
+    assert load_pickscore(str(clip_dir)).embedder.preprocess.crop == "floor"
+    write_aesthetic_mlp(tmp_path / "sac+logos+ava1-l14-linearMSE.pth", input_size=16)
+    aesthetic = load_aesthetic(str(tmp_path), clip_path=str(clip_dir)).embedder.preprocess
+    assert aesthetic.crop == "round" and aesthetic.rule == "shortest"  # OpenAI CLIP's torchvision transform
+    hps = load_hpsv2(str(hps_dir), model_config=TINY_OPEN_CLIP).embedder.preprocess
+    assert hps.rule == "longest" and hps.clamp is False  # hpsv2 resizes the float tensor, no clamp
+
+
 def test_aesthetic_loader(clip_dir, tmp_path):
     mlp_file = write_aesthetic_mlp(tmp_path / "sac+logos+ava1-l14-linearMSE.pth", input_size=16)
     reward = load_aesthetic(str(tmp_path), clip_path=str(clip_dir))

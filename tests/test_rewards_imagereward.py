@@ -75,6 +75,7 @@ def test_imagereward_matches_reference_and_has_gradients(ir_dir):
     assert torch.allclose(out.detach(), ref, atol=1e-5), (out, ref)
     out.sum().backward()
     assert images.grad.abs().sum() > 0
+    assert reward.preprocess.rule == "shortest" and reward.preprocess.crop == "round"  # BLIP: torchvision CenterCrop
     # the file itself, with med_config passed explicitly
     again = load_imagereward(str(ir_dir / "ImageReward.pt"), med_config=str(ir_dir / "med_config.json"), vision_heads=2)
     assert torch.allclose(again(images, PROMPTS), out)

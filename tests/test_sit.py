@@ -419,12 +419,124 @@ def test_convert_script_writes_a_latent_pipeline_with_vae(tmp_path):
         vae = adapter.pipeline.vae
         want = (vae.decode(x / 0.18215).sample * 0.5 + 0.5).clamp(0, 1)
         torch.testing.assert_close(adapter.decode(x), want)
-    with pytest.raises(ValueError, match="checkpoint_path"):
-        convert_script.main(
-            ["--checkpoint_path", str(tmp_path / "nope.pt"), "--vae", "none", "--output_dir", str(out_dir)]
-        )
     with pytest.raises(ValueError, match="vae"):
         convert_sit_checkpoint(tmp_path / "sit.pt", vae=str(tmp_path / "no-vae"), num_attention_heads=4)
+
+
+def _bad_checkpoints(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (file, text the one-line error must contain)."""
+    good = tmp_path / "good.pt"
+    torch.save(official_sit_state_dict(), good)
+    files = {"missing": (tmp_path / "nope.pt", "is not a file"), "folder": (tmp_path, "is not a file")}
+    (tmp_path / "notes.pt").write_text("not a checkpoint\n")
+    files["text"] = (tmp_path / "notes.pt", "not a readable SiT checkpoint")
+    (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:4000])
+    files["truncated"] = (tmp_path / "cut.pt", "not a readable SiT checkpoint")
+    (tmp_path / "cut.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    files["bad safetensors"] = (tmp_path / "cut.safetensors", "not a readable SiT checkpoint")
+    torch.save({"model": torch.zeros(2), "blocks.0.x": torch.zeros(1)}, tmp_path / "other.pt")
+    files["wrong keys"] = (tmp_path / "other.pt", "missing keys")
+    torch.save({"args": Path("x")}, tmp_path / "pickled.pt")
+    files["pickled object"] = (tmp_path / "pickled.pt", "not a readable SiT checkpoint")
+    torch.save([torch.zeros(1)], tmp_path / "list.pt")
+    files["not a dict"] = (tmp_path / "list.pt", "does not hold a SiT state dict")
+    return files
+
+
+def test_convert_script_bad_checkpoint_prints_one_line_and_exits_2(tmp_path, capsys):
+    for name, (file, text) in _bad_checkpoints(tmp_path).items():
+        out_dir = tmp_path / f"out-{name.replace(' ', '-')}"
+        rc = convert_script.main(["--checkpoint_path", str(file), "--vae", "none", "--output_dir", str(out_dir),
+                                  "--num_attention_heads", "4"])
+        err = capsys.readouterr().err
+        assert rc == 2, name
+        assert err.startswith("error: `checkpoint_path`"), (name, err)
+        assert err.count("\n") == 1 and text in err and "Traceback" not in err, (name, err)
+        assert not out_dir.exists(), name
+
+
+def test_convert_script_bad_guidance_channels_exit_2(tmp_path, capsys):
+    torch.save(official_sit_state_dict(), tmp_path / "sit.pt")
+    for value in ("7", "some"):
+        rc = convert_script.main(["--checkpoint_path", str(tmp_path / "sit.pt"), "--vae", "none", "--output_dir",
+                                  str(tmp_path / "out"), "--num_attention_heads", "4", "--guidance_channels", value])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("error: `guidance_channels`") and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+# -- sampling as the official SiT code does it -------------------------------------------------
+def official_forward_with_cfg(forward, x, t, y, cfg_scale):
+    """SiT's ``forward_with_cfg`` (models.py), from its code: the batch is [cond half; null half]
+    with the same states; CFG on the first 3 output channels, the rest passes through per half."""
+    half = x[: len(x) // 2]
+    model_out = forward(torch.cat([half, half]), t, y)
+    eps, rest = model_out[:, :3], model_out[:, 3:]
+    cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+    half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+    return torch.cat([torch.cat([half_eps, half_eps]), rest], dim=1)
+
+
+def official_euler_ode_sample(drift, z, num_steps):
+    """SiT's ``Sampler.sample_ode(sampling_method="euler", num_steps=M)`` on the Linear velocity path:
+    torchdiffeq's fixed-grid Euler on ``linspace(0, 1, M)``, i.e. M - 1 steps; the last state."""
+    t = torch.linspace(0.0, 1.0, num_steps)
+    for k in range(num_steps - 1):
+        z = z + (t[k + 1] - t[k]) * drift(z, torch.full((z.shape[0],), float(t[k])))
+    return z
+
+
+def test_converted_pipeline_guides_the_official_channels(tmp_path):
+    sd = official_sit_state_dict(num_classes=5)
+    torch.save(sd, tmp_path / "sit.pt")
+    pipe = convert_sit_checkpoint(tmp_path / "sit.pt", tmp_path / "pipe", num_attention_heads=4)
+    assert pipe.config.guidance_channels == 3
+    assert json.loads((tmp_path / "pipe" / "model_index.json").read_text())["guidance_channels"] == 3
+    forward = lambda x, t, y: reference_sit_velocity(sd, x, t, y, heads=4)  # noqa: E731
+    x, y = torch.randn(3, 4, 4, 4), torch.tensor([0, 2, 4])
+    null = torch.full_like(y, 5)
+    with torch.no_grad():
+        want = official_forward_with_cfg(forward, torch.cat([x, x]), torch.full((6,), 0.3), torch.cat([y, null]), 4.0)
+        loaded = SiTPipeline.from_pretrained(tmp_path / "pipe")
+        got = loaded.predict_velocity(x, 0.3, y, guidance_scale=4.0)
+        torch.testing.assert_close(got, want[:3], rtol=1e-4, atol=1e-5)
+        # the option: every channel guided (standard CFG) differs on channel 3 only
+        every = SiTPipeline.from_pretrained(tmp_path / "pipe", guidance_channels=None)
+        assert every.config.guidance_channels is None
+        v_all = every.predict_velocity(x, 0.3, y, guidance_scale=4.0)
+        torch.testing.assert_close(v_all[:, :3], got[:, :3])
+        assert (v_all[:, 3] - got[:, 3]).abs().max() > 0.1
+        # a few Euler steps: pipeline num_inference_steps = official num_steps - 1
+        z = torch.randn(3, 4, 4, 4)
+        drift = lambda zz, t: official_forward_with_cfg(forward, zz, t, torch.cat([y, null]), 4.0)  # noqa: E731
+        want_x = official_euler_ode_sample(drift, torch.cat([z, z]), num_steps=5).chunk(2)[0]
+        loaded.set_progress_bar_config(disable=True)
+        got_x = loaded(y, num_inference_steps=4, guidance_scale=4.0, latents=z, output_type="latent").images
+        torch.testing.assert_close(got_x, want_x, rtol=1e-4, atol=1e-4)
+    assert convert_sit_checkpoint(tmp_path / "sit.pt", num_attention_heads=4, guidance_channels="all").config[
+        "guidance_channels"
+    ] is None
+
+
+def test_guidance_channels_validated_and_embedded_base_guides_every_channel():
+    with pytest.raises(ValueError, match="guidance_channels"):
+        tiny_latent_pipeline(guidance_channels=5)
+    with pytest.raises(ValueError, match="guidance_channels"):
+        tiny_pixel_pipeline(guidance_channels=0)
+    from diffusers_am.models import EMBEDDED_DIGITS_BASE
+
+    pipe = SiTPipeline.from_pretrained(EMBEDDED_DIGITS_BASE)  # saved before the field existed
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.config.guidance_channels is None
+    x0, labels = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([2, 7])
+    x, times = x0.clone(), torch.linspace(0, 1, 4)
+    with torch.no_grad():
+        for k in range(3):
+            v_c = pipe.transformer(x, times[k], labels).sample
+            v_u = pipe.transformer(x, times[k], torch.full_like(labels, 10)).sample
+            x = x + (times[k + 1] - times[k]) * (v_u + 2.0 * (v_c - v_u))
+        got = pipe(labels, num_inference_steps=3, guidance_scale=2.0, latents=x0, output_type="latent").images
+    torch.testing.assert_close(got, x, rtol=1e-5, atol=1e-5)
 
 
 def test_pipeline_control_window_and_scale(tmp_path):

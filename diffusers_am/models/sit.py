@@ -8,7 +8,8 @@ Conventions (nothing to convert: SiT already lives in paper time):
   time t in [0, 1] (SiT's "Linear" path, velocity = x_data - noise);
 * time grid: the pipeline's (uniform ``linspace(0, 1, N + 1)`` without a scheduler);
 * conditions: integer class labels in [0, num_classes); CFG (``guidance_scale > 1``) batches
-  the null class ``num_classes`` with the labels;
+  the null class ``num_classes`` with the labels and guides the pipeline's ``guidance_channels``
+  (3 of 4 for a converted official checkpoint, as SiT's ``forward_with_cfg``; all by default);
 * ``decode``: ``x / 2 + 1/2`` (after ``vae.decode`` for latent models), clamped to [0, 1] in value
   with a straight-through gradient (identity), so that rewards still see a gradient where
   a sample overshoots the pixel range;

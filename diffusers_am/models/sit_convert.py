@@ -18,11 +18,17 @@ embedder is copied into every block's ``norm1.emb``, ``qkv`` is split into ``to_
 ``pos_embed`` is checked against the model's own sin-cos table (same formula; not stored).
 The number of heads is not in the weights: it is taken from the known SiT sizes
 (XL 1152 -> 16, L 1024 -> 16, B 768 -> 12, S 384 -> 6) or must be given.
+
+CFG: the official ``forward_with_cfg`` guides only the first 3 channels of SD-VAE's 4 latent
+channels (the 4th keeps the conditional velocity); the written pipeline stores
+``guidance_channels=3`` for such checkpoints (``"official"``, the default) so that it samples as
+the official code does; ``"all"`` stores None (standard CFG on every channel).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +38,9 @@ from .sit_transformer import SiTTransformer2DModel
 
 SIT_HEADS_BY_HIDDEN = {1152: 16, 1024: 16, 768: 12, 384: 6}
 """num_heads of the official SiT-{XL,L,B,S} models by hidden size."""
+
+SIT_OFFICIAL_GUIDANCE_CHANNELS = 3
+"""Leading channels the official ``forward_with_cfg`` guides (``model_out[:, :3]``)."""
 
 _BLOCK_KEYS = (
     "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
@@ -47,16 +56,29 @@ _GLOBAL_KEYS = (
 )
 
 
+def _first_sentence(err: Exception) -> str:
+    """``Type: first sentence`` of an exception's message, one line, no terminal colour codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()
+    first = text.split(". ")[0].splitlines()[0][:120] if text else ""
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
 def load_sit_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a SiT ``.pt`` (raw state dict, or train.py's ``{"ema": ...}``) or ``.safetensors`` file."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"`checkpoint_path` {str(path)!r} is not a file; pass the SiT .pt checkpoint.")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
+            return load_file(str(path))
+        checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # unreadable, truncated, not a torch / safetensors file, pickled objects
+        raise ValueError(
+            f"`checkpoint_path` {str(path)!r} is not a readable SiT checkpoint ({_first_sentence(err)}); "
+            "pass the .pt state dict of github.com/willisma/SiT (or a .safetensors of it)."
+        ) from err
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("ema"), dict):
         checkpoint = checkpoint["ema"]  # SiT's train.py checkpoints: use the EMA weights, like find_model
     if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
@@ -203,6 +225,27 @@ def sit_transformer_from_state_dict(
     return model.eval()
 
 
+def official_guidance_channels(in_channels: int) -> int | None:
+    """``guidance_channels`` reproducing the official ``forward_with_cfg`` for ``in_channels``
+    state channels: 3, or None (every channel) when the model has 3 channels or fewer."""
+    return SIT_OFFICIAL_GUIDANCE_CHANNELS if in_channels > SIT_OFFICIAL_GUIDANCE_CHANNELS else None
+
+
+def resolve_guidance_channels(guidance_channels: int | str | None, in_channels: int) -> int | None:
+    """``"official"`` -> :func:`official_guidance_channels`; ``"all"`` or None -> None; an integer as is."""
+    if guidance_channels == "official":
+        return official_guidance_channels(in_channels)
+    if guidance_channels is None or guidance_channels == "all":
+        return None
+    if isinstance(guidance_channels, str) and guidance_channels.strip().isdigit():
+        return int(guidance_channels)
+    if isinstance(guidance_channels, int) and not isinstance(guidance_channels, bool):
+        return guidance_channels
+    raise ValueError(
+        f"`guidance_channels` must be 'official', 'all' or a channel count; got {guidance_channels!r}."
+    )
+
+
 def convert_sit_checkpoint(
     checkpoint_path: str | os.PathLike,
     output_dir: str | os.PathLike | None = None,
@@ -211,18 +254,25 @@ def convert_sit_checkpoint(
     num_attention_heads: int | None = None,
     default_num_inference_steps: int = 50,
     torch_dtype: torch.dtype = torch.float32,
+    guidance_channels: int | str | None = "official",
 ):
     """Official SiT checkpoint -> :class:`~diffusers_am.pipelines.sit.SiTPipeline` (saved to
     ``output_dir`` when given).
 
     ``vae``: an ``AutoencoderKL``, a local folder / Hub id of one (SiT used
-    ``stabilityai/sd-vae-ft-ema`` or ``-mse``), or None for a pixel-space model."""
+    ``stabilityai/sd-vae-ft-ema`` or ``-mse``), or None for a pixel-space model.
+    ``guidance_channels``: the pipeline's CFG channel rule (:func:`resolve_guidance_channels`);
+    ``"official"`` (default) guides the first 3 of 4 latent channels like ``forward_with_cfg``."""
     from diffusers import AutoencoderKL
 
     from ..pipelines.sit import SiTPipeline
 
     state_dict = load_sit_checkpoint(checkpoint_path)
-    transformer = sit_transformer_from_state_dict(state_dict, num_attention_heads, torch_dtype)
+    try:
+        transformer = sit_transformer_from_state_dict(state_dict, num_attention_heads, torch_dtype)
+    except ValueError as err:
+        raise ValueError(f"`checkpoint_path` {str(checkpoint_path)!r}: {err}") from err
+    channels = resolve_guidance_channels(guidance_channels, transformer.config.in_channels)
     if isinstance(vae, (str, os.PathLike)):
         try:
             vae = AutoencoderKL.from_pretrained(str(vae), torch_dtype=torch_dtype)
@@ -231,7 +281,9 @@ def convert_sit_checkpoint(
                 f"`vae` {str(vae)!r} is neither a local AutoencoderKL folder nor reachable on the Hub "
                 f"({type(err).__name__}); offline, download it elsewhere and pass its folder."
             ) from err
-    pipeline = SiTPipeline(transformer, vae=vae, default_num_inference_steps=default_num_inference_steps)
+    pipeline = SiTPipeline(
+        transformer, vae=vae, default_num_inference_steps=default_num_inference_steps, guidance_channels=channels
+    )
     if output_dir is not None:
         pipeline.save_pretrained(str(output_dir))
     return pipeline

@@ -11,13 +11,23 @@ sigmas set from ``linspace(1, 1/N, N)`` plus the terminal 0, so its ``shift`` wa
 and shift 1 gives the uniform grid).
 States are fp32; the transformer runs in its own dtype.
 
+Step count vs the official SiT sampler (github.com/willisma/SiT, ``sample.py ODE``): its
+``--num-sampling-steps M`` is the number of *points* of ``linspace(0, 1, M)``, so
+``--sampling-method euler --num-sampling-steps M`` takes M - 1 Euler steps and equals
+``num_inference_steps = M - 1`` here (no scheduler). Its default, adaptive ``dopri5``, has no
+fixed-step counterpart here.
+
 Pixel-space models work on x in [-1, 1] (images = x / 2 + 1/2); latent models decode
 ``vae.decode(x / scaling_factor (+ shift_factor))`` and map [-1, 1] to [0, 1] the same way.
 
 CFG (``guidance_scale > 1``) runs the labels and the null class ``num_classes`` in one batch
-and returns ``v_null + s * (v_cond - v_null)`` on every channel. (SiT's reference
-``forward_with_cfg`` guides only the first 3 of the 4 latent channels "for exact
-reproducibility"; its own comment names all channels as the standard form, used here.)
+and returns ``v_null + s * (v_cond - v_null)`` on the first ``guidance_channels`` channels
+(config entry; None, the default: every channel, the standard form) and the conditional
+velocity ``v_cond`` on the others. SiT's official ``forward_with_cfg`` guides the first 3 of
+SD-VAE's 4 latent channels "for exact reproducibility": ``convert_sit_checkpoint`` writes
+``guidance_channels=3`` for such checkpoints, so a converted SiT-XL/2 samples as the official
+code does. The choice lives in ``model_index.json``; override it with
+``SiTPipeline.from_pretrained(folder, guidance_channels=None)``.
 
 With a LoRA loaded, ``control_scale`` and ``control_start`` sample with the control
 ``u = v_lora - v_base`` scaled and restricted to ``t >= control_start`` (base model before it):
@@ -60,6 +70,9 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
         scheduler: optional ``FlowMatchEulerDiscreteScheduler`` defining the time grid.
         default_num_inference_steps: steps used when ``__call__`` gets none (stored in
             ``model_index.json``; 50 for SiT-XL/2).
+        guidance_channels: CFG guides the first this many state channels and keeps the
+            conditional velocity on the rest (stored in ``model_index.json``); None (default):
+            all channels; 3 reproduces the official SiT ``forward_with_cfg`` on 4-channel latents.
     """
 
     model_cpu_offload_seq = "transformer->vae"
@@ -71,6 +84,7 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
         vae: Any = None,
         scheduler: Any = None,
         default_num_inference_steps: int = 50,
+        guidance_channels: int | None = None,
     ):
         super().__init__()
         if not isinstance(transformer, SiTTransformer2DModel):
@@ -88,8 +102,21 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
                 f"a fixed shift (use_dynamic_shifting=False); got {type(scheduler).__name__}."
             )
         _check_steps(default_num_inference_steps, "default_num_inference_steps")
+        channels = transformer.config.in_channels
+        if guidance_channels is not None and (
+            isinstance(guidance_channels, bool)
+            or not isinstance(guidance_channels, (int, np.integer))
+            or not 1 <= int(guidance_channels) <= channels
+        ):
+            raise ValueError(
+                f"`guidance_channels` must be None (guide every channel) or an integer in [1, {channels}] "
+                f"(the transformer's in_channels); got {guidance_channels!r}."
+            )
         self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler)
-        self.register_to_config(default_num_inference_steps=int(default_num_inference_steps))
+        self.register_to_config(
+            default_num_inference_steps=int(default_num_inference_steps),
+            guidance_channels=None if guidance_channels is None else int(guidance_channels),
+        )
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     # -- geometry -------------------------------------------------------------------------
@@ -161,9 +188,9 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
     ) -> torch.Tensor:
         """Paper-time velocity [B, C, h, w] fp32 at states x [B, C, h, w] and time t (0-dim or float).
 
-        ``guidance_scale > 1`` batches the null class and returns
-        ``v_null + s * (v_cond - v_null)`` on all channels. ``model`` defaults to
-        ``self.transformer`` (pass a wrapped one, e.g. DDP, to train through it)."""
+        ``guidance_scale > 1`` batches the null class and returns :meth:`guide` of the two
+        velocities. ``model`` defaults to ``self.transformer`` (pass a wrapped one, e.g. DDP, to
+        train through it)."""
         model = model if model is not None else self.transformer
         dtype = self.transformer.dtype
         t = torch.as_tensor(t, device=x.device, dtype=torch.float32)
@@ -173,9 +200,18 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
                 torch.cat([x, x]).to(dtype), timestep=t, class_labels=torch.cat([class_labels, null]), return_dict=False
             )[0]
             v_cond, v_null = self.transformer.velocity_from_output(out).float().chunk(2)
-            return v_null + guidance_scale * (v_cond - v_null)
+            return self.guide(v_cond, v_null, guidance_scale)
         out = model(x.to(dtype), timestep=t, class_labels=class_labels, return_dict=False)[0]
         return self.transformer.velocity_from_output(out).float()
+
+    def guide(self, v_cond: torch.Tensor, v_null: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+        """CFG of velocities [B, C, h, w]: ``v_null + s * (v_cond - v_null)`` on the first
+        ``config.guidance_channels`` channels (all when None), ``v_cond`` on the others."""
+        guided = v_null + guidance_scale * (v_cond - v_null)
+        k = self.config.get("guidance_channels")
+        if k is None or k >= guided.shape[1]:
+            return guided
+        return torch.cat([guided[:, :k], v_cond[:, k:]], dim=1)
 
     @property
     def has_lora(self) -> bool:
@@ -244,8 +280,10 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
 
         Args:
             class_labels: integers in [0, num_classes).
-            num_inference_steps: Euler steps (default: ``config.default_num_inference_steps``).
-            guidance_scale: CFG scale; 1 (default) runs the conditional model only.
+            num_inference_steps: Euler steps (default: ``config.default_num_inference_steps``);
+                the official SiT ``--sampling-method euler --num-sampling-steps M`` is M - 1 steps.
+            guidance_scale: CFG scale; 1 (default) runs the conditional model only; guides the
+                first ``config.guidance_channels`` channels (all when None).
             generator: for the initial noise.
             latents: optional initial states X_0 [B, C, h, w] (default: fresh noise).
             height, width: must equal :attr:`resolution` when given.

@@ -94,7 +94,8 @@ class ClipEmbedder(torch.nn.Module):
         return emb / emb.norm(dim=-1, keepdim=True)
 
     def text_embeds(self, prompts: Sequence[str]) -> torch.Tensor:
-        """prompts (B strings) -> [B, D] unit-norm fp32."""
+        """prompts (B strings) -> [B, D] unit-norm fp32; a prompt over ``max_length`` tokens is cut to
+        its first ``max_length - 2`` (start and end tokens kept), silently."""
         tokens = self.tokenizer(
             list(prompts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
         ).to(self.device)
@@ -116,15 +117,16 @@ def build_clip_embedder(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     rule: str = "shortest",
+    crop: str = "floor",
     argument: str = "path",
     need_tokenizer: bool = True,
 ) -> ClipEmbedder:
     """A frozen ClipEmbedder from a transformers CLIP folder or Hub id (tokenizer from
-    ``tokenizer_path``, default the same place)."""
+    ``tokenizer_path``, default the same place); ``rule`` and ``crop`` as in :class:`ClipPreprocess`."""
     path = str(path)
     model = load_clip_model(path, dtype=dtype, argument=argument)
     tok_source = str(tokenizer_path) if tokenizer_path is not None else path
     tokenizer = load_clip_tokenizer(tok_source) if need_tokenizer else None
     mean, std = _processor_stats(tok_source if tokenizer_path is not None else path)
-    preprocess = ClipPreprocess(size=model.config.vision_config.image_size, rule=rule, mean=mean, std=std)
+    preprocess = ClipPreprocess(size=model.config.vision_config.image_size, rule=rule, mean=mean, std=std, crop=crop)
     return place(ClipEmbedder(model, tokenizer, preprocess), device, dtype)

@@ -3,7 +3,8 @@ CLIP ViT-L/14 image embedding, trained on SAC + LAION-logos + AVA ratings (score
 
 Files: the MLP ``sac+logos+ava1-l14-linearMSE.pth`` (a state dict with keys ``layers.{0,2,4,6,7}``;
 on the Hub in ``camenduru/improved-aesthetic-predictor``) and the CLIP ``openai/clip-vit-large-patch14``.
-Preprocessing: shortest side to 224 bicubic, center crop, OpenAI mean/std. Prompts are not used
+Preprocessing (OpenAI ``clip.load``'s, as the predictor's inference script): shortest side to 224
+bicubic, center crop (torchvision's offset rounding), OpenAI mean/std. Prompts are not used
 (their count is still checked).
 """
 
@@ -65,7 +66,8 @@ def load_aesthetic(
     file = resolve_file(path, default_repo=AESTHETIC_REPO, filename=AESTHETIC_FILE)
     state = unwrap_state_dict(torch_load(file), file)
     embedder = build_clip_embedder(
-        AESTHETIC_CLIP_REPO if clip_path is None else str(clip_path), argument="clip_path", need_tokenizer=False
+        AESTHETIC_CLIP_REPO if clip_path is None else str(clip_path), argument="clip_path", need_tokenizer=False,
+        crop="round",  # the predictor embeds with OpenAI CLIP's preprocess: torchvision Resize + CenterCrop on PIL
     )
     width = embedder.model.config.projection_dim
     mlp = AestheticMLP(width)

@@ -1,9 +1,14 @@
 """CLIPScore (Hessel et al., 2021), torchmetrics' convention: ``max(100 * cos(image, prompt), 0)``.
 
 Default checkpoint ``openai/clip-vit-large-patch14`` (ViT-L/14; ``openai/clip-vit-base-patch32``
-also works); any transformers CLIP folder or Hub id. Preprocessing: shortest side to the model's
-image size bicubic, center crop, the model's mean/std; prompts 77 tokens. Gradients vanish where
-the score is clamped at 0.
+also works); any transformers CLIP folder or Hub id. Preprocessing (its ``CLIPImageProcessor``):
+shortest side to the model's image size bicubic, center crop (offset rounded down), the model's
+mean/std. Gradients vanish where the score is clamped at 0.
+
+Prompts: CLIP's text encoder has 77 positions. A longer prompt (over 75 BPE tokens plus the start
+and end tokens) is truncated without error or warning to its first 75 tokens, the end token kept
+(the tokenizer's ``truncation=True``): words past that point do not change the score
+(tests/test_rewards_clip.py::test_clipscore_truncates_prompts_over_77_tokens).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ def load_clipscore(
     dtype: torch.dtype | None = None,
     tokenizer_path: str | os.PathLike | None = None,
 ) -> CLIPScore:
-    """CLIPScore on a local transformers CLIP folder or Hub id (default ``openai/clip-vit-large-patch14``)."""
+    """CLIPScore on a local transformers CLIP folder or Hub id (default ``openai/clip-vit-large-patch14``);
+    prompts over 77 tokens are truncated (see the module docstring)."""
     source = CLIPSCORE_REPO if path is None else str(path)
     return CLIPScore(build_clip_embedder(source, tokenizer_path=tokenizer_path, device=device, dtype=dtype))

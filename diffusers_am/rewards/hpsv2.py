@@ -4,8 +4,9 @@ open_clip ViT-H-14 fine-tuned on human preferences (values about 0.2-0.35).
 Checkpoints: ``xswu/HPSv2`` -> ``HPS_v2_compressed.pt`` (v2.0) and ``HPS_v2.1_compressed.pt``
 (v2.1), open_clip state dicts (``{'state_dict': ...}``) converted here into a transformers
 ``CLIPModel`` (no open_clip, no torchvision, no LAION download). Tokenizer: the OpenAI CLIP BPE,
-from ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``. Preprocessing: longest side to 224 bicubic,
-zero pad to square, OpenAI mean/std.
+from ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``. Preprocessing (hpsv2's
+``image_transform(resize_longest_max=True)``): ``ToTensor`` first, then longest side to 224 bicubic
+on the float tensor (antialiased, no clamp to [0, 1]), zero pad to square, OpenAI mean/std.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def load_hpsv2(
         has_tok = any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json"))
         tokenizer_path = str(folder) if has_tok and path is not None and Path(str(path)).exists() else HPS_TOKENIZER_REPO
     tokenizer = load_clip_tokenizer(str(tokenizer_path))
-    preprocess = ClipPreprocess(size=cfg["vision_cfg"]["image_size"], rule="longest")
+    # hpsv2's transform: ToTensor, then torchvision's resize of the float tensor (no clamp), zero pad
+    preprocess = ClipPreprocess(size=cfg["vision_cfg"]["image_size"], rule="longest", clamp=False)
     embedder = ClipEmbedder(model, tokenizer, preprocess, max_length=cfg["text_cfg"].get("context_length", 77))
     return place(HPSv2(embedder, version), device, dtype)
 

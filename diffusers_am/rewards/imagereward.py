@@ -5,7 +5,8 @@ cross-attention to the image tokens (``med_config.json``; transformers' ``BlipTe
 keeps BLIP's ``med.py`` layout) -> the text's first token -> MLP 768-1024-128-64-16-1 without
 activations -> ``(r - 0.16717362830052426) / 1.0333394966054072``. Prompts: BERT uncased
 WordPiece with BLIP's two extra tokens (``[DEC]``, ``[ENC]``; vocab 30524), padded to 35 tokens.
-Preprocessing: shortest side to 224 bicubic, center crop, OpenAI mean/std.
+Preprocessing (its BLIP transform: torchvision ``Resize(224, BICUBIC)`` and ``CenterCrop`` on the PIL
+image): shortest side to 224 bicubic, center crop (torchvision's offset rounding), OpenAI mean/std.
 
 Files: ``THUDM/ImageReward`` -> ``ImageReward.pt`` (state dict) and ``med_config.json``; the
 tokenizer from ``google-bert/bert-base-uncased`` (or a folder with ``vocab.txt``). The state dict
@@ -219,5 +220,6 @@ def load_imagereward(
     tokenizer = load_blip_tokenizer(str(tokenizer_path))
     if len(tokenizer) > text_cfg.vocab_size:
         raise ValueError(f"tokenizer {str(tokenizer_path)!r} has {len(tokenizer)} tokens but the text encoder only {text_cfg.vocab_size}.")
-    preprocess = ClipPreprocess(size=vision_cfg.image_size, rule="shortest")
+    # BLIP's transform: torchvision Resize + CenterCrop on the PIL image (crop offset rounded to nearest)
+    preprocess = ClipPreprocess(size=vision_cfg.image_size, rule="shortest", crop="round")
     return place(ImageReward(model, tokenizer, preprocess), device, dtype)

@@ -2,8 +2,9 @@
 fine-tuned on Pick-a-Pic. Typical values 18-23.
 
 Checkpoint: ``yuvalkirstain/PickScore_v1`` (a transformers CLIP folder); its tokenizer and image
-statistics come from ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``. Preprocessing: shortest side to
-224 bicubic, center crop, OpenAI mean/std; prompts 77 tokens.
+statistics come from ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``. Preprocessing (its
+``CLIPImageProcessor``): shortest side to 224 bicubic, center crop (offset rounded down), OpenAI
+mean/std; prompts 77 tokens (longer ones truncated, as in ``CLIPScore``).
 """
 
 from __future__ import annotations
