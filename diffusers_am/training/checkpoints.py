@@ -19,6 +19,8 @@ from typing import Any, Callable
 
 import torch
 
+from ..jsonio import write_json
+
 CHECKPOINT_PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-checkpoint-"
 STATE_FILE = "trainer_state.json"
@@ -150,7 +152,7 @@ class CheckpointManager:
         acc.save_state(str(tmp))
         acc.wait_for_everyone()
         if acc.is_main_process:
-            (tmp / STATE_FILE).write_text(json.dumps({"step": int(step), **(extra or {})}, indent=2))
+            write_json(tmp / STATE_FILE, {"step": int(step), **(extra or {})})
             if final.exists():  # re-saving a step after a resume: swap, never leave no checkpoint
                 old = self.output_dir / f"{TMP_PREFIX}{step}-old"
                 final.rename(old)

@@ -3,12 +3,12 @@ and the Hub upload, written by the main process into ``output_dir``."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..jsonio import write_json
 from ..models import EMBEDDED_DIGITS_BASE
 from .context import RunContext
 from .validation import eval_reward, validation_grid
@@ -45,7 +45,7 @@ def write_outputs(ctx: RunContext, result: TrainResult, last: dict[str, Any], re
             "num_processes": accelerator.num_processes,
             "num_eval_samples": len(ctx.eval_set[0]),
         }
-        (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2))
+        write_json(out / SUMMARY_NAME, summary)
         write_model_card(ctx, result, last, repo_id)
         if accelerator.trackers:
             accelerator.log(

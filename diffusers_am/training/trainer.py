@@ -12,7 +12,6 @@ finished run.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 
 from ..flow import check_truncation
+from ..jsonio import write_json
 from ..models import EMBEDDED_DIGITS_BASE, FlowModelAdapter, LoraSettings, load_model_adapter
 from ..rewards import load_reward
 from .checkpoints import CheckpointManager, list_checkpoints, resolve_checkpoint
@@ -177,7 +177,7 @@ class AdjointMatchingTrainer:
             for name in (LOG_NAME, SUMMARY_NAME, VALIDATION_LOG_NAME):
                 (self.output_dir / name).unlink(missing_ok=True)
             shutil.rmtree(self.output_dir / "validation", ignore_errors=True)
-        (self.output_dir / CONFIG_NAME).write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+        write_json(self.output_dir / CONFIG_NAME, cfg.to_dict())
 
     def _setup(self, accelerator) -> RunContext:
         """Load the model and reward, add the LoRA, build the optimizer and LR schedule, prepare them;
