@@ -181,7 +181,10 @@ class TrainingConfig:
 
     # -- validation -----------------------------------------------------------------------------
     def validate(self) -> None:
-        """Raise ValueError naming the first bad field and how to fix it."""
+        """Coerce YAML / JSON spellings to each field's type (strictly), then raise ValueError naming the
+        first bad field and how to fix it."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f, getattr(self, f.name)))
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
@@ -197,8 +200,10 @@ class TrainingConfig:
             "num_validation_images",
         ):
             _check_int(self, name, minimum=1)
-        for name in ("lr_warmup_steps", "validation_steps", "checkpointing_steps", "num_eval_samples"):
+        for name in ("lr_warmup_steps", "validation_steps", "checkpointing_steps", "num_eval_samples", "seed"):
             _check_int(self, name, minimum=0)
+        if self.seed >= 2**32:
+            raise ValueError(f"`--seed` must be below 2**32 (numpy's limit); got {self.seed}.")
         for name in ("num_inference_steps", "resolution", "checkpoints_total_limit", "cpu_threads"):
             if getattr(self, name) is not None:
                 _check_int(self, name, minimum=1)
@@ -215,6 +220,10 @@ class TrainingConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ValueError(f"`--{name}` must be in [0, 1); got {value!r}.")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise ValueError(f"`--lora_alpha` must be > 0 (the LoRA update is scaled by alpha / rank); got {self.lora_alpha!r}.")
+        if self.adam_weight_decay < 0:
+            raise ValueError(f"`--adam_weight_decay` must be >= 0; got {self.adam_weight_decay!r}.")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"`--lora_dropout` must be in [0, 1); got {self.lora_dropout!r}.")
         if not 0.0 < self.sde_t_min < 1.0:
@@ -258,6 +267,71 @@ class TrainingConfig:
         return cls(**values)
 
 
+BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+"""The spellings a boolean option accepts (any case), on the command line and in ``--config`` files."""
+
+
+def parse_bool(value: Any, name: str) -> bool:
+    """``value`` as a bool: a bool, 0 / 1, or one of :data:`BOOL_WORDS` (any case); else ValueError."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in BOOL_WORDS:
+        return BOOL_WORDS[value.strip().lower()]
+    raise ValueError(f"`--{name}` must be true or false (also yes/no, 1/0); got {value!r}.")
+
+
+def _kind(f: dataclasses.Field) -> tuple[str, bool]:
+    """(bool | int | float | str | list, whether None is allowed) from a field's annotation."""
+    ann = str(f.type).replace(" ", "")
+    optional = ann.endswith("|None")
+    for kind in ("bool", "int", "float", "list"):
+        if ann.startswith(kind):
+            return kind, optional
+    return "str", optional
+
+
+def _coerce(f: dataclasses.Field, value: Any) -> Any:
+    """``value`` of field ``f`` converted strictly to its type: booleans from :data:`BOOL_WORDS`, integers
+    from ints or integer strings (never 1.5 or True), finite floats from numbers or numeric strings,
+    strings from strings, lists from lists (or one string); ValueError naming the flag otherwise."""
+    kind, optional = _kind(f)
+    name = f.name
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"`--{name}` must be set (it has no 'none' value).")
+    if kind == "bool":
+        return parse_bool(value, name)
+    if kind == "int":
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            return int(value.strip())
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"`--{name}` must be an integer; got {value!r}.")
+        return value
+    if kind == "float":
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value.strip())
+            except ValueError:
+                raise ValueError(f"`--{name}` must be a number; got {value!r}.") from None
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            raise ValueError(f"`--{name}` must be a number; got {value!r}.")
+        if not math.isfinite(number):
+            raise ValueError(f"`--{name}` must be a finite number; got {value!r}.")
+        return float(number)
+    if kind == "list":
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(v, (str, int)) for v in items):
+            raise ValueError(f"`--{name}` must be a list of strings; got {value!r}.")
+        return list(items)
+    if not isinstance(value, str):
+        raise ValueError(f"`--{name}` must be a string; got {value!r}.")
+    return value
+
+
 def _check_int(cfg: TrainingConfig, name: str, minimum: int) -> None:
     value = getattr(cfg, name)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -280,7 +354,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"`--config` {str(path)!r} is not a file.")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"`--config` {str(path)!r} is not a UTF-8 text file (YAML or JSON).") from None
     try:
         if path.suffix.lower() == ".json":
             values = json.loads(text)
@@ -301,25 +378,37 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             f"`--config` {str(path)!r} has unknown option(s) {', '.join(unknown)}; "
             f"run `train_adjoint_matching.py --help` for the list."
         )
-    fields = {f.name: f for f in dataclasses.fields(TrainingConfig)}
-    for name, value in values.items():
-        if _type_of(fields[name]) is float and isinstance(value, (str, int)) and not isinstance(value, bool):
-            try:
-                values[name] = float(value)  # YAML reads `1e-3` (no dot) as a string
-            except ValueError:
-                raise ValueError(f"`--config` {str(path)!r}: `{name}` must be a number; got {value!r}.") from None
-    return values
+    return values  # TrainingConfig coerces YAML spellings (`1e-3` is a string to YAML, `"no"` a bool to us)
 
 
-def _type_of(f: dataclasses.Field) -> Any:
-    ann = str(f.type)
-    if ann.startswith("bool"):
-        return bool
-    if ann.startswith("int"):
-        return int
-    if ann.startswith("float"):
-        return float
-    return str
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line (``error: ...``, exit code 2), not the usage
+    of every flag followed by the message."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+class BoolFlag(argparse.Action):
+    """A boolean flag: ``--name`` (true), ``--name VALUE`` (any of :data:`BOOL_WORDS`) or ``--no-name``."""
+
+    def __init__(self, option_strings: list[str], dest: str, default: Any = None, help: str | None = None):
+        negated = [f"--no-{s[2:]}" for s in option_strings if s.startswith("--")]
+        super().__init__(option_strings + negated, dest, nargs="?", default=default, help=help, metavar="BOOL")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string.startswith("--no-"):
+            if values is not None:
+                parser.error(f"argument {option_string} takes no value; got {values!r}")
+            setattr(namespace, self.dest, False)
+            return
+        try:
+            setattr(namespace, self.dest, True if values is None else parse_bool(values, self.dest))
+        except ValueError as err:
+            parser.error(str(err))
+
+
+_PARSERS = {"bool": str, "int": int, "float": float, "str": str, "list": str}
 
 
 def _optional(parse):
@@ -332,7 +421,7 @@ def _optional(parse):
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI: ``--config`` plus one flag per :class:`TrainingConfig` field."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="train_adjoint_matching.py",
         description="Fine-tune a flow-matching pipeline toward a reward with truncated adjoint matching "
         "(or DRaFT-K / ReFL-K) and save a diffusers LoRA adapter.",
@@ -344,15 +433,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="YAML or JSON file setting any of the options below; " "command-line flags override it.",
     )
     for f in dataclasses.fields(TrainingConfig):
-        kind = _type_of(f)
+        kind, optional = _kind(f)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": f.metadata["help"]}
-        if kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
+        if kind == "bool":
+            kwargs["action"] = BoolFlag
         else:
-            kwargs["type"] = _optional(kind) if "None" in str(f.type) else kind
+            kwargs["type"] = _optional(_PARSERS[kind]) if optional else _PARSERS[kind]
             if "choices" in f.metadata:
-                kwargs["choices"] = list(f.metadata["choices"]) + ([None] if "None" in str(f.type) else [])
+                kwargs["choices"] = list(f.metadata["choices"]) + ([None] if optional else [])
             if "nargs" in f.metadata:
                 kwargs["nargs"] = f.metadata["nargs"]
         parser.add_argument(f"--{f.name}", **kwargs)
