@@ -89,8 +89,11 @@ def test_tiny_run_writes_adapter_grids_card_log(tiny_base, tmp_path, monkeypatch
     from diffusers_am.training import hub
 
     pushed = {}
+    monkeypatch.setattr(hub, "prepare_repo", lambda repo, token=None: pushed.update(created=repo) or f"me/{repo[3:]}")
     monkeypatch.setattr(
-        hub, "push_output_dir", lambda out, repo, token=None: pushed.update(out=out, repo=repo, token=token) or "url"
+        hub,
+        "upload_output_dir",
+        lambda out, repo, files, token=None: pushed.update(out=out, repo=repo, files=files, token=token) or "url",
     )
     out = tmp_path / "run"
     rc = run(
@@ -143,7 +146,8 @@ def test_tiny_run_writes_adapter_grids_card_log(tiny_base, tmp_path, monkeypatch
     card = (out / "README.md").read_text()
     assert "ode-am" in card and "2 of 4" in card and 'pipe.load_lora_weights("me/tiny-am")' in card
     assert f"{summary['reward_after']:.4g}" in card and "samples.png" in card and "validation/base.png" in card
-    assert pushed == {"out": out, "repo": "me/tiny-am", "token": "hf_SECRET_token_123"}
+    assert pushed.pop("files")[0] == "pytorch_lora_weights.safetensors"
+    assert pushed == {"created": "me/tiny-am", "out": out, "repo": "me/tiny-am", "token": "hf_SECRET_token_123"}
     for path in out.rglob("*"):
         if path.is_file():
             assert b"hf_SECRET_token_123" not in path.read_bytes(), path
@@ -242,8 +246,7 @@ def test_interrupted_checkpoint_leaves_previous_usable(tiny_base, tmp_path, monk
 
     monkeypatch.setattr(CheckpointManager, "_save_hook", failing_hook)
     out = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
-        run(tiny_base, out, "--max_train_steps", "3", "--checkpointing_steps", "1")
+    assert run(tiny_base, out, "--max_train_steps", "3", "--checkpointing_steps", "1") == 130
     assert (out / ".tmp-checkpoint-2").is_dir()
     assert [step for step, _ in list_checkpoints(out)] == [1]
     monkeypatch.setattr(CheckpointManager, "_save_hook", original)
@@ -317,9 +320,8 @@ def test_nan_reward_skips_the_update_and_is_counted(tiny_base, tmp_path):
 
 def test_bad_inputs_are_clear_and_keep_output_dir(tiny_base, tmp_path, capsys):
     out = tmp_path / "previous"
-    out.mkdir()
-    (out / "train_log.jsonl").write_text('{"step": 1}\n')
-    (out / "pytorch_lora_weights.safetensors").write_bytes(b"an earlier adapter")
+    assert run(tiny_base, out, "--max_train_steps", "1", "--num_eval_samples", "0") == 0  # an earlier run
+    capsys.readouterr()
     before = snapshot(out)
     not_a_pipeline = tmp_path / "folder"
     not_a_pipeline.mkdir()

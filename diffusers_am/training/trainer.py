@@ -4,16 +4,19 @@ It reaches the model only through :func:`diffusers_am.models.load_model_adapter`
 :class:`~diffusers_am.models.base.FlowModelAdapter` interface, the reward only through
 :func:`diffusers_am.rewards.load_reward`, and the math only through :mod:`diffusers_am.objectives`.
 
-Set-up builds a :class:`~.context.RunContext` once. The loop runs one :func:`.update.run_update` per
-update (micro-batches, the NaN skip, the single gradient all-reduce, the optimizer step), logs it,
-checkpoints (:mod:`.checkpoints`) and validates (:mod:`.validation`); :mod:`.outputs` writes the
-finished run.
+The main process first claims the output folder (:mod:`.run_folder`: an empty, new or own-run folder,
+locked against a second trainer), checks the resume checkpoint (:mod:`.resume_policy`) and the Hub repo.
+Set-up then builds a :class:`~.context.RunContext` once, checking every input (the reward's contract, the
+free space) before the first write. The loop runs one :func:`.update.run_update` per update (micro-batches,
+the NaN skip, the single gradient all-reduce, the optimizer step), logs it, checkpoints (:mod:`.checkpoints`)
+and validates (:mod:`.validation`); SIGINT / SIGTERM stop it after the current update with a checkpoint
+(:mod:`.interrupts`); :mod:`.outputs` writes the finished run.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
+import signal
 import time
 import warnings
 from dataclasses import dataclass
@@ -25,17 +28,23 @@ import torch
 from ..flow import check_truncation
 from ..jsonio import write_json
 from ..models import EMBEDDED_DIGITS_BASE, FlowModelAdapter, LoraSettings, load_model_adapter
-from ..rewards import load_reward
-from .checkpoints import CheckpointManager, list_checkpoints, resolve_checkpoint
+from ..rewards import load_reward, probe_reward
+from .checkpoints import CheckpointManager, list_checkpoints, read_trainer_state, resolve_checkpoint
 from .config import TrainingConfig
 from .context import RunContext
-from .data import PromptSampler, _as_condition, check_class_labels, load_prompts
+from .data import PromptSampler, _as_condition, check_class_labels, derive_seed, load_prompts
+from .disk import WRITE_ERRNOS, check_free_space, checkpoint_bytes_estimate, tensor_bytes
+from .errors import MainProcessError, RunStopped
+from .interrupts import Interrupted, StopSignals, agree_to_stop, signal_name
 from .logs import LOG_NAME, JsonlLog, finite_scalars, peak_memory_bytes
-from .outputs import ADAPTER_NAME, CARD_NAME, GRID_NAME, SUMMARY_NAME, write_outputs
+from .outputs import ADAPTER_NAME, CARD_NAME, CONFIG_NAME, GRID_NAME, OUTPUT_NAMES, SUMMARY_NAME, save_adapter
+from .outputs import write_outputs
+from .resume_policy import apply_learning_rate, check_resume_config
+from .run_folder import RunFolder
 from .update import STEP_FUNCTIONS, check_in_sync, run_update
 from .validation import VALIDATION_LOG_NAME, ValidationMetrics, eval_reward, eval_set, validation_grid
 
-CONFIG_NAME = "training_config.json"
+RESUME_HINT = "run the same command with `--resume_from_checkpoint latest`"
 
 
 @dataclass
@@ -63,6 +72,15 @@ def previous_run_files(output_dir: Path) -> list[str]:
     return found + [p.name for _, p in list_checkpoints(output_dir)]
 
 
+def run_entries(config: TrainingConfig) -> list[str]:
+    """Top-level entries of output_dir a run writes (listed in the run's marker before they are written)."""
+    names = [CONFIG_NAME, LOG_NAME, f"{LOG_NAME}.tmp", VALIDATION_LOG_NAME, "validation", *OUTPUT_NAMES]
+    logging_dir = Path(config.logging_dir)
+    if not logging_dir.is_absolute() and logging_dir.parts and logging_dir.parts[0] != "..":
+        names.append(logging_dir.parts[0])
+    return names
+
+
 def _check_tracker(report_to: str) -> None:
     """ValueError with the install command when the chosen tracker's package is missing."""
     import importlib.util
@@ -82,27 +100,73 @@ class AdjointMatchingTrainer:
         self.config = config
         self.output_dir = Path(config.output_dir)
         self.resume_path: Path | None = None
-        self._check_output_dir()
+        self.hub_repo: str | None = None
+        self.lr_history: list[tuple[int, float]] = [(1, config.learning_rate)]
+        self._phase = "set-up"  # set-up, training, final outputs: what an interrupt or a write error stops
+        self._step = 0
+        self._saved_at = -1  # the update whose checkpoint this run saved (or resumed from in output_dir) last
+        self._ckpt: CheckpointManager | None = None
 
     def hub_repo_id(self) -> str:
-        """``--hub_model_id``, or the output folder's name (as diffusers' examples do)."""
-        return self.config.hub_model_id or self.output_dir.resolve().name
+        """The Hub repo: as ``create_repo`` resolved it at set-up, else ``--hub_model_id`` or the output
+        folder's name (as diffusers' examples do)."""
+        return self.hub_repo or self.config.hub_model_id or self.output_dir.resolve().name
+
+    # -- the output folder (main process) ---------------------------------------------------------
+    def _claim(self, accelerator) -> RunFolder | None:
+        """Claim and lock output_dir, resolve and check the resume checkpoint, check the Hub repo (main
+        process; the others learn the outcome). Nothing is written but the lock."""
+        folder, error, resume = None, None, None
+        if accelerator.is_main_process:
+            try:
+                folder = RunFolder.claim(self.output_dir)
+                resume = self._check_previous_run()
+                if self.config.push_to_hub:
+                    from .hub import prepare_repo
+
+                    self.hub_repo = prepare_repo(self.hub_repo_id(), token=self.config.hub_token)
+            except ValueError as err:
+                if folder is not None:
+                    folder.release()
+                    folder = None
+                error = err
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            shared = broadcast_object_list([str(error) if error else None, str(resume) if resume else None])
+            if shared[0] and error is None:
+                raise MainProcessError(shared[0])
+            resume = Path(shared[1]) if shared[1] else None
+        if error is not None:
+            raise error
+        self.resume_path = resume
+        return folder
+
+    def _check_previous_run(self) -> Path | None:
+        """The checkpoint to resume from (checked against this config), or None for a new run; ValueError
+        when output_dir holds a run and neither ``--resume_from_checkpoint`` nor ``--overwrite_output_dir`` is given."""
+        cfg = self.config
+        previous = previous_run_files(self.output_dir)
+        if cfg.resume_from_checkpoint:
+            path = resolve_checkpoint(cfg.resume_from_checkpoint, self.output_dir, holds_run=bool(previous))
+            state = read_trainer_state(path)
+            check_resume_config(state.get("config"), cfg, str(path), int(state["step"]))
+            return path
+        if previous and not cfg.overwrite_output_dir:
+            found = list_checkpoints(self.output_dir)
+            resume = (
+                f"pass `--resume_from_checkpoint latest` to continue it (from {found[-1][1].name}), "
+                if found
+                else "it has no checkpoint to resume from; "
+            )
+            raise ValueError(
+                f"`--output_dir` {str(self.output_dir)!r} already holds a run ({', '.join(previous[:4])}); {resume}"
+                "pass `--overwrite_output_dir` to start over (it removes only this trainer's files), or another "
+                "`--output_dir`."
+            )
+        return None
 
     # -- set-up ---------------------------------------------------------------------------------
-    def _check_output_dir(self) -> None:
-        """Refuse to clobber an earlier run; resolve the resume checkpoint (before anything is written)."""
-        cfg = self.config
-        if cfg.resume_from_checkpoint:
-            self.resume_path = resolve_checkpoint(cfg.resume_from_checkpoint, self.output_dir)
-            return
-        previous = previous_run_files(self.output_dir)
-        if previous and not cfg.overwrite_output_dir:
-            raise ValueError(
-                f"`--output_dir` {str(self.output_dir)!r} already holds a run ({', '.join(previous[:4])}); pass "
-                "`--resume_from_checkpoint latest` to continue it, `--overwrite_output_dir` to start over, "
-                "or another `--output_dir`."
-            )
-
     def _accelerator(self):
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
@@ -166,20 +230,32 @@ class AdjointMatchingTrainer:
             return bnb.optim.AdamW8bit(params, **kwargs)
         return torch.optim.AdamW(params, **kwargs)
 
-    def _prepare_dirs(self, accelerator) -> None:
-        cfg = self.config
+    def _prepare_dirs(self, accelerator, folder: RunFolder | None) -> None:
+        """The first write into output_dir (main process): a new run removes the files the previous run
+        there owned (``--overwrite_output_dir``), then the marker lists this run's entries and the config
+        is written."""
         if not accelerator.is_main_process:
             return
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.overwrite_output_dir and not cfg.resume_from_checkpoint:
-            for _, path in list_checkpoints(self.output_dir):
-                shutil.rmtree(path)
-            for name in (LOG_NAME, SUMMARY_NAME, VALIDATION_LOG_NAME):
-                (self.output_dir / name).unlink(missing_ok=True)
-            shutil.rmtree(self.output_dir / "validation", ignore_errors=True)
-        write_json(self.output_dir / CONFIG_NAME, cfg.to_dict())
+        folder.start(run_entries(self.config), fresh=self.resume_path is None)
+        write_json(self.output_dir / CONFIG_NAME, self.config.to_dict())
 
-    def _setup(self, accelerator) -> RunContext:
+    def _check_reward(self, adapter: FlowModelAdapter, reward, prompts: list, resolution: int, device) -> None:
+        """Call the reward (and the held-out one) on two decoded noise samples: one value per image, and
+        differentiable (ValueError naming the reward otherwise) before anything is written."""
+        cfg = self.config
+        gen = torch.Generator(device=adapter.device).manual_seed(derive_seed(cfg.seed, "reward-probe"))
+        with torch.no_grad():
+            images = adapter.decode(adapter.initial_noise(2, resolution, gen)).float()
+        conditions = [prompts[i % len(prompts)] for i in range(2)]
+        probe_reward(reward, images, conditions, cfg.reward)
+
+    def _check_free_space(self, accelerator, params: list[torch.nn.Parameter]) -> None:
+        """ValueError when output_dir's disk cannot take a checkpoint and the adapter (main process)."""
+        if accelerator.is_main_process:
+            needed = checkpoint_bytes_estimate(params, self.config.use_ema) + tensor_bytes(params)
+            check_free_space(self.output_dir, needed, "this run (a checkpoint, the adapter, grids and logs)")
+
+    def _setup(self, accelerator, folder: RunFolder | None) -> RunContext:
         """Load the model and reward, add the LoRA, build the optimizer and LR schedule, prepare them;
         every input is checked before the first write into output_dir."""
         cfg = self.config
@@ -194,11 +270,13 @@ class AdjointMatchingTrainer:
         validation = ValidationMetrics(cfg, accelerator)  # before anything is written: a bad name fails here
         prompts, val_prompts = self._conditions(adapter)
 
+        times = adapter.time_grid(n_steps, resolution)  # validates --resolution for the family
+        self._check_reward(adapter, reward, prompts, resolution, accelerator.device)
         params, named = self._add_lora(adapter)
         optimizer = self._optimizer(params)
-        times = adapter.time_grid(n_steps, resolution)  # validates --resolution for the family
         evals = eval_set(adapter, prompts, resolution, cfg.num_eval_samples, cfg.seed)
-        self._prepare_dirs(accelerator)  # first write into output_dir: every input is valid by now
+        self._check_free_space(accelerator, params)
+        self._prepare_dirs(accelerator, folder)  # first write into output_dir: every input is valid by now
         lr_scheduler = self._lr_scheduler(optimizer, accelerator.num_processes)
         train_module, optimizer, lr_scheduler = accelerator.prepare(adapter.transformer, optimizer, lr_scheduler)
 
@@ -213,6 +291,7 @@ class AdjointMatchingTrainer:
             params=params, named_params=named, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
             times=times, resolution=resolution, n_steps=n_steps, k_steps=k_steps, output_dir=self.output_dir,
             prompts=prompts, val_prompts=val_prompts, eval_set=evals, validation=validation,
+            lr_history=self.lr_history,
         )
 
     def _add_lora(self, adapter: FlowModelAdapter) -> tuple[list[torch.nn.Parameter], dict[str, torch.nn.Parameter]]:
@@ -264,24 +343,51 @@ class AdjointMatchingTrainer:
         torch.set_num_threads(self.config.cpu_threads or (int(env) if env.isdigit() and int(env) > 0 else 1))
 
     def _train(self) -> TrainResult:
-        from accelerate.utils import set_seed
-
         cfg = self.config
         accelerator = self._accelerator()
         self.accelerator = accelerator
         self._cpu_threads(accelerator.device)
+        with StopSignals() as signals:
+            folder = None
+            try:
+                folder = self._claim(accelerator)
+                return self._run(accelerator, folder, signals)
+            except Interrupted as sig:  # outside the updates: nothing to finish
+                raise RunStopped(self._interrupted_message(sig.signum), 128 + sig.signum) from None
+            except KeyboardInterrupt:  # a second Ctrl-C while stopping
+                raise RunStopped(self._interrupted_message(signal.SIGINT, aborted=True), 130) from None
+            except OSError as err:
+                if err.errno not in WRITE_ERRNOS or self._phase == "set-up":
+                    raise
+                raise RunStopped(self._write_failed_message(err), 1) from None
+            finally:
+                if folder is not None:
+                    folder.release()
+                if cfg.report_to != "none" and accelerator.trackers:
+                    accelerator.end_training()
+
+    def _run(self, accelerator, folder: RunFolder | None, signals: StopSignals) -> TrainResult:
+        from accelerate.utils import set_seed
+
+        cfg = self.config
         set_seed(cfg.seed)  # identical LoRA init on every process
-        ctx = self._setup(accelerator)
+        ctx = self._setup(accelerator, folder)
         ckpt = CheckpointManager(
-            accelerator, self.output_dir, ctx.named_params, ctx.adapter.save_lora, cfg.checkpoints_total_limit
+            accelerator, self.output_dir, ctx.named_params, ctx.adapter.save_lora, cfg.checkpoints_total_limit,
+            record=folder.record if folder is not None else None, ema=cfg.use_ema,
         )
+        self._ckpt = ckpt
         log = JsonlLog(self.output_dir / LOG_NAME)
         set_seed(cfg.seed, device_specific=True)  # per-process RNG (LoRA dropout); a resume restores it
-        global_step, nonfinite = self._resume(ckpt, log)
+        global_step, nonfinite = self._resume(ctx, ckpt, log)
+        self._step = global_step
         if accelerator.is_main_process and accelerator.trackers == [] and cfg.report_to != "none":
             accelerator.init_trackers(cfg.tracker_project_name, config=cfg.tracker_config())
         reward_before = self._base_model_outputs(ctx)
-        global_step, nonfinite, durations, last = self._loop(ctx, ckpt, log, global_step, nonfinite)
+        self._phase = "training"
+        with signals.deferred():
+            global_step, nonfinite, durations, last = self._loop(ctx, ckpt, log, global_step, nonfinite, signals)
+        self._phase = "final outputs"
         check_in_sync(accelerator, ctx.params)
         out = self.output_dir
         result = TrainResult(
@@ -297,20 +403,33 @@ class AdjointMatchingTrainer:
             sum(durations) / len(durations) if durations else None,
         )
         write_outputs(ctx, result, last, self.hub_repo_id())
-        accelerator.end_training()
         return result
 
-    def _resume(self, ckpt: CheckpointManager, log: JsonlLog) -> tuple[int, int]:
-        """(update, skipped updates) to start from: the resume checkpoint's, restored, or (0, 0)."""
+    def _resume(self, ctx: RunContext, ckpt: CheckpointManager, log: JsonlLog) -> tuple[int, int]:
+        """(update, skipped updates) to start from: the resume checkpoint's, restored, or (0, 0). A changed
+        ``--learning_rate`` is applied from the next update on and added to the run's LR history."""
         if self.resume_path is None:
             return 0, 0
-        accelerator = self.accelerator
+        accelerator, cfg = self.accelerator, self.config
         state = ckpt.load(self.resume_path)
         global_step, nonfinite = int(state["step"]), int(state.get("nonfinite_count", 0))
+        changes = check_resume_config(state.get("config"), cfg, str(self.resume_path), global_step)
+        history = [tuple(item) for item in state.get("lr_history") or []] or [(1, cfg.learning_rate)]
+        if "learning_rate" in changes:
+            apply_learning_rate(ctx.optimizer, ctx.lr_scheduler, cfg.learning_rate)
+            history.append((global_step + 1, cfg.learning_rate))
+        self.lr_history[:] = history
         if accelerator.is_main_process:
             log.truncate_after(global_step)
-        accelerator.print(f"Resumed from {self.resume_path} at update {global_step}.")
+        if self.resume_path.parent.resolve() == self.output_dir.resolve():
+            self._saved_at = global_step
+        changed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items() if k != "resume_from_checkpoint")
+        accelerator.print(f"Resumed from {self.resume_path} at update {global_step}." + (f" Changed: {changed}." if changed else ""))
         return global_step, nonfinite
+
+    def _state(self, nonfinite: int) -> dict[str, Any]:
+        """What a checkpoint records besides the step: skipped updates, the config and the LR history."""
+        return {"nonfinite_count": nonfinite, "config": self.config.to_dict(), "lr_history": self.lr_history}
 
     def _base_model_outputs(self, ctx: RunContext) -> float | None:
         """The base model's reward on the eval set (printed; None when off) and its validation grid."""
@@ -327,9 +446,16 @@ class AdjointMatchingTrainer:
         return reward_before
 
     def _loop(
-        self, ctx: RunContext, ckpt: CheckpointManager, log: JsonlLog, global_step: int, nonfinite: int
+        self,
+        ctx: RunContext,
+        ckpt: CheckpointManager,
+        log: JsonlLog,
+        global_step: int,
+        nonfinite: int,
+        signals: StopSignals,
     ) -> tuple[int, int, list[float], dict[str, Any]]:
-        """Updates up to ``max_train_steps``, each logged, checkpointed and validated as configured.
+        """Updates up to ``max_train_steps``, each logged, checkpointed and validated as configured; a stop
+        signal ends the loop after the current update (every process agrees) with :meth:`_stop`.
 
         Returns (updates done, skipped updates, seconds of each update run here, the last log record)."""
         from tqdm.auto import tqdm
@@ -345,11 +471,18 @@ class AdjointMatchingTrainer:
         )
         durations: list[float] = []
         record: dict[str, Any] = {}
-        while global_step < cfg.max_train_steps:
+        while True:
+            stop = agree_to_stop(accelerator, signals.requested)
+            if stop:
+                progress.close()
+                self._stop(ctx, ckpt, global_step, nonfinite, stop)
+            if global_step >= cfg.max_train_steps:
+                break
             start = time.perf_counter()
             adapter.transformer.train()
             record = run_update(ctx, sampler, step_fn, global_step)
             global_step += 1
+            self._step = global_step
             nonfinite += int(record["skipped"])
             seconds = time.perf_counter() - start
             durations.append(seconds)
@@ -370,7 +503,8 @@ class AdjointMatchingTrainer:
                 loss=f"{record['loss']:.3g}" if record["loss"] is not None else "nan",
             )
             if cfg.checkpointing_steps and global_step % cfg.checkpointing_steps == 0:
-                ckpt.save(global_step, {"nonfinite_count": nonfinite})
+                ckpt.save(global_step, self._state(nonfinite))
+                self._saved_at = global_step
             if cfg.validation_steps and global_step % cfg.validation_steps == 0 and global_step < cfg.max_train_steps:
                 if accelerator.is_main_process:
                     with ctx.ema_weights():
@@ -382,3 +516,53 @@ class AdjointMatchingTrainer:
                 f"{nonfinite} of {global_step} updates were skipped: the reward or the gradient was NaN or inf."
             )
         return global_step, nonfinite, durations, record
+
+    # -- stopping early ---------------------------------------------------------------------------------
+    def _stop(self, ctx: RunContext, ckpt: CheckpointManager, step: int, nonfinite: int, signum: int) -> None:
+        """After a stop signal (every process): write the checkpoint of ``step`` (unless it exists) and the
+        adapter so far, then raise RunStopped (exit 128 + signal) with the line that says how to resume."""
+        accelerator, out, name = ctx.accelerator, self.output_dir, signal_name(signum)
+        if step == 0:
+            raise RunStopped(self._interrupted_message(signum), 128 + signum)
+        if self._saved_at == step:  # just saved (or resumed from): every process skips the save alike
+            path = dict(list_checkpoints(out)).get(step) if accelerator.is_main_process else None
+        else:
+            path = ckpt.save(step, self._state(nonfinite))
+        adapter_note = ""
+        if accelerator.is_main_process:
+            try:
+                adapter_note = f" and the adapter so far ({save_adapter(ctx)})"
+            except OSError as err:
+                adapter_note = f" (the adapter so far could not be written: {err.strerror or err})"
+        accelerator.wait_for_everyone()
+        where = f"after update {step} of {self.config.max_train_steps}"
+        if path is not None:
+            message = f"stopped by {name} {where}: saved {path}{adapter_note}; to continue, {RESUME_HINT}."
+        else:
+            message = f"stopped by {name} {where}, but its checkpoint could not be saved{adapter_note}; " + (
+                self._last_checkpoint_advice()
+            )
+        raise RunStopped(message, 128 + signum)
+
+    def _last_checkpoint_advice(self) -> str:
+        """Where the run can continue from: the last complete checkpoint, or nowhere."""
+        last = self._ckpt.last_good() if self._ckpt is not None else None
+        if last is None:
+            return "there is no checkpoint to resume from: start over with `--overwrite_output_dir`."
+        return f"the last complete checkpoint is {last}: to continue from it, {RESUME_HINT}."
+
+    def _interrupted_message(self, signum: int, aborted: bool = False) -> str:
+        """The line for a stop outside the updates (set-up, final outputs) or an abort (a second Ctrl-C)."""
+        name = "Ctrl-C (abort)" if aborted else signal_name(signum)
+        if self._step == 0 and self.resume_path is None:
+            return f"stopped by {name} during {self._phase}, before the first update: nothing was trained."
+        return f"stopped by {name} during {self._phase} at update {self._step}; " + self._last_checkpoint_advice()
+
+    def _write_failed_message(self, err: OSError) -> str:
+        """The line for an output that could not be written (a full disk, a read-only folder) mid-run."""
+        where = f"{err.filename!r}" if err.filename else f"{str(self.output_dir)!r}"
+        return (
+            f"could not write {where} during {self._phase} at update {self._step} ({err.strerror or err}); free "
+            f"some space, then: " + self._last_checkpoint_advice()
+            + " Each checkpoint also holds the adapter so far (pytorch_lora_weights.safetensors)."
+        )

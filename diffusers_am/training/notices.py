@@ -1,0 +1,14 @@
+"""One-line notices on stderr for the person running the trainer (``warning: ...``).
+
+Python's ``warnings`` print the warning's source line too; these are single lines, printed by the calling
+process (the trainer calls them on the main process only).
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def warn(message: str) -> None:
+    """Print ``warning: <message>`` as one line on stderr."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
