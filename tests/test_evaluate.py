@@ -139,8 +139,9 @@ def test_cli_defaults_on_embedded_digits_base(tmp_path, capsys):
             if "lora_B" in name:
                 p.normal_(0, 0.05)
     adapter.save_lora(str(tmp_path / "digits-lora"))
-    res = main(["--adapters", str(tmp_path / "digits-lora"), "--prompts", "0", "4", "--num_images_per_prompt", "4",
-                "--num_inference_steps", "4", "--output_dir", str(tmp_path / "eval")])
+    assert main(["--adapters", str(tmp_path / "digits-lora"), "--prompts", "0", "4", "--num_images_per_prompt", "4",
+                 "--num_inference_steps", "4", "--output_dir", str(tmp_path / "eval")]) == 0
+    res = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert res["config"]["rewards"] == ["digits", "digits-heldout"] and res["config"]["feature_extractor"] == "digits-heldout"
     assert res["config"]["diversity"] == ["ssim", "feature_distance"]
     assert set(res["models"]) == {"base", "digits-lora"} and "coverage" in res["models"]["digits-lora"]
