@@ -218,7 +218,9 @@ def _adapter_names(adapters: Sequence[str | os.PathLike]) -> list[str]:
 
 
 # -- evaluation --------------------------------------------------------------------------------
-def _score(reward: Callable, images: torch.Tensor, conditions: Sequence[Any], batch_size: int, name: str) -> torch.Tensor:
+def _score(
+    reward: Callable, images: torch.Tensor, conditions: Sequence[Any], batch_size: int, name: str
+) -> torch.Tensor:
     out = []
     with torch.no_grad():
         for s in range(0, images.shape[0], batch_size):
@@ -260,7 +262,9 @@ def evaluate(
     rewards, CLIP ViT-L/14 features, LPIPS and 1 - MS-SSIM (images above 160 px).
     ``pipeline_call_kwargs``: extra arguments for the pipeline's ``__call__`` (``sampler="pipeline"``);
     ``adapter_kwargs``: for the model adapter's ``from_pretrained`` (e.g. ``max_sequence_length``)."""
-    _check_arguments(num_images_per_prompt, batch_size, k, seed, num_inference_steps, resolution, guidance_scale, device)
+    _check_arguments(
+        num_images_per_prompt, batch_size, k, seed, num_inference_steps, resolution, guidance_scale, device
+    )
     lora_files = [resolve_adapter(a) for a in adapters]
     if output_dir is not None:
         from .training.disk import check_writable

@@ -15,14 +15,14 @@ written (a full disk: one line names the last good checkpoint).
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Sequence
 
 
 def _prints_errors() -> bool:
-    """Only the local main process prints (under ``accelerate launch`` every rank fails alike)."""
-    return os.environ.get("LOCAL_RANK", "0") == "0"
+    from diffusers_am.training.notices import prints_here
+
+    return prints_here()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -340,7 +340,8 @@ def test_push_to_hub_creates_repo_then_uploads_only_run_files(tmp_path, monkeypa
     url = upload_output_dir(tmp_path, "user/adapter", ["pytorch_lora_weights.safetensors", "validation/*"], "hf_tok")
     upload = calls["upload"]
     assert url == "https://huggingface.co/user/adapter"
-    assert upload["repo_id"] == "user/adapter" and upload["folder_path"] == str(tmp_path) and upload["token"] == "hf_tok"
+    assert upload["repo_id"] == "user/adapter" and upload["folder_path"] == str(tmp_path)
+    assert upload["token"] == "hf_tok"
     assert upload["allow_patterns"] == ["pytorch_lora_weights.safetensors", "validation/*"]  # never checkpoints
     with pytest.raises(ValueError, match="hub_model_id"):
         prepare_repo(" ")
@@ -349,7 +350,7 @@ def test_push_to_hub_creates_repo_then_uploads_only_run_files(tmp_path, monkeypa
         raise ConnectionError("[Errno -3] Temporary failure in name resolution\nmore frames")
 
     monkeypatch.setattr(huggingface_hub, "create_repo", unreachable)
-    with pytest.raises(ValueError, match=r"cannot create or reach the Hub repo 'user/adapter' \(ConnectionError: \[Errno -3\]"):
+    with pytest.raises(ValueError, match=r"or reach the Hub repo 'user/adapter' \(ConnectionError: \[Errno -3\]"):
         prepare_repo("user/adapter")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ValueError, match="offline"):

@@ -109,6 +109,6 @@ def load_reward(
 
 
 __all__ = [
-    "REWARDS", "RewardModel", "WeightedReward", "available_rewards", "check_images", "check_reward_output", "load_reward",
-    "probe_reward", "register_reward",
+    "REWARDS", "RewardModel", "WeightedReward", "available_rewards", "check_images", "check_reward_output",
+    "load_reward", "probe_reward", "register_reward",
 ]

@@ -39,7 +39,8 @@ def check_reward_output(rewards: Any, batch: int, name: str) -> torch.Tensor:
         )
     if tuple(rewards.shape) != (batch,):
         raise ValueError(
-            f"reward {name!r} must return one value per image, shape [{batch}]; it returned shape {list(rewards.shape)}."
+            f"reward {name!r} must return one value per image, shape [{batch}]; "
+            f"it returned shape {list(rewards.shape)}."
         )
     if not rewards.is_floating_point():
         raise ValueError(f"reward {name!r} must return floating-point values; it returned {rewards.dtype}.")

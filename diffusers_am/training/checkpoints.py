@@ -25,7 +25,7 @@ import torch
 from ..jsonio import write_json
 from .checksums import folder_checksums, verify_checksums
 from .collectives import any_process
-from .disk import SMALL_FILES_BYTES, checkpoint_bytes_estimate, folder_bytes, format_bytes, free_bytes
+from .disk import bytes_to_save, checkpoint_bytes_estimate, folder_bytes, format_bytes, free_bytes, write_failure
 from .notices import warn
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -215,10 +215,9 @@ class CheckpointManager:
             warn(f"checkpoint-{step} was not saved ({problem}); {keep}; training goes on.")
 
     def _space_problem(self) -> str | None:
-        needed = int(self.estimate * 1.1) + SMALL_FILES_BYTES
-        free = free_bytes(self.output_dir)
+        needed, free = bytes_to_save(self.estimate), free_bytes(self.output_dir)
         if free < needed:
-            return f"only {format_bytes(free)} free on the disk of {str(self.output_dir)!r}, about {format_bytes(needed)} needed"
+            return f"{format_bytes(free)} free on the disk of {str(self.output_dir)!r}, {format_bytes(needed)} needed"
         return None
 
     def save(self, step: int, extra: dict[str, Any] | None = None) -> Path | None:
@@ -246,8 +245,10 @@ class CheckpointManager:
             return None
         try:
             acc.save_state(str(tmp))
-        except OSError as err:
-            problem = err.strerror or str(err)
+        except Exception as err:  # a full disk: OSError, safetensors' or torch.save's own errors
+            problem = write_failure(err, self.output_dir, any_os_error=True)
+            if problem is None:
+                raise
         if any_process(acc, problem is not None):
             if acc.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -258,7 +259,7 @@ class CheckpointManager:
                 self._seal(tmp, final, step, extra)
             except OSError as err:
                 shutil.rmtree(tmp, ignore_errors=True)
-                self._not_saved(step, err.strerror or str(err))
+                self._not_saved(step, write_failure(err, self.output_dir, any_os_error=True))
                 final = None
         acc.wait_for_everyone()
         return final

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -221,7 +222,9 @@ class TrainingConfig:
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ValueError(f"`--{name}` must be in [0, 1); got {value!r}.")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
-            raise ValueError(f"`--lora_alpha` must be > 0 (the LoRA update is scaled by alpha / rank); got {self.lora_alpha!r}.")
+            raise ValueError(
+                f"`--lora_alpha` must be > 0 (the LoRA update is scaled by alpha / rank); got {self.lora_alpha!r}."
+            )
         if self.adam_weight_decay < 0:
             raise ValueError(f"`--adam_weight_decay` must be >= 0; got {self.adam_weight_decay!r}.")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -448,12 +451,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_UNSET = object()
+
+
 def parse_args(argv: Sequence[str] | None = None) -> TrainingConfig:
-    """Parse the command line (``--config`` first, flags override it) into a validated config."""
+    """Parse the command line (``--config`` first, flags override it) into a validated config.
+
+    Values from the ``--config`` file are validated by :class:`TrainingConfig` itself (argparse would
+    convert them as if typed on the command line); an error in one names the file."""
     parser = build_parser()
     pre, _ = parser.parse_known_args(argv)
-    if pre.config:
-        parser.set_defaults(**load_config_file(pre.config))
-    args = vars(parser.parse_args(argv))
-    args.pop("config")
-    return TrainingConfig(**args)
+    from_file = load_config_file(pre.config) if pre.config else {}
+    parser.set_defaults(**{name: _UNSET for name in FIELD_NAMES})
+    given = vars(parser.parse_args(argv))
+    given.pop("config")
+    values = {name: value for name, value in given.items() if value is not _UNSET}
+    for name, value in from_file.items():
+        values.setdefault(name, value)
+    try:
+        return TrainingConfig(**values)
+    except ValueError as err:
+        match = re.match(r"`--(\w+)`", str(err))
+        if match and match.group(1) in from_file and given.get(match.group(1)) is _UNSET:
+            raise ValueError(f"{str(err).rstrip('.')} (in `--config` {pre.config!r}).") from None
+        raise

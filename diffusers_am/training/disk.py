@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,12 +17,28 @@ from typing import Iterable
 
 import torch
 
-DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}
-WRITE_ERRNOS = DISK_FULL_ERRNOS | {errno.EROFS, errno.EACCES, errno.EPERM}
+WRITE_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG, errno.EROFS, errno.EACCES,
+                errno.EPERM, errno.EIO}
 """OSError numbers that mean "the output folder cannot take this write" (not a bug in the trainer)."""
 
-SMALL_FILES_BYTES = 1 << 20
+SMALL_FILES_BYTES = 256 << 10
 """Room for the small files of a save (optimizer hyper-parameters, RNG states, JSON, a grid)."""
+
+
+def write_failure(err: BaseException, folder: str | Path, any_os_error: bool = False) -> str | None:
+    """Why a write into ``folder`` failed, as a short phrase, when ``err`` is a failed write: an OSError of
+    :data:`WRITE_ERRNOS` (any OSError with ``any_os_error``), a safetensors I/O error (``os error 28``), or
+    PyTorch's zip writer giving up (``torch.save`` on a full disk raises an opaque RuntimeError from
+    ``inline_container.cc``); None for any other error (a bug)."""
+    if isinstance(err, OSError):
+        return err.strerror or str(err) if any_os_error or err.errno in WRITE_ERRNOS else None
+    text = str(err)
+    match = re.search(r"os error (\d+)", text)
+    if match:
+        return os.strerror(int(match.group(1)))
+    if "inline_container" in text or "file write failed" in text:
+        return f"the file write failed with {format_bytes(free_bytes(folder))} free on its disk"
+    return None
 
 
 def existing_parent(path: str | Path) -> Path:
@@ -82,6 +99,11 @@ def checkpoint_bytes_estimate(params: Iterable[torch.Tensor], ema: bool) -> int:
     (+ the EMA copy) + small files."""
     size = tensor_bytes(params)
     return size * (4 + int(ema)) + SMALL_FILES_BYTES
+
+
+def bytes_to_save(estimate: int) -> int:
+    """Free bytes required before writing something ``estimate`` bytes large (10% and the small files spare)."""
+    return int(estimate * 1.1) + SMALL_FILES_BYTES
 
 
 def folder_bytes(folder: str | Path) -> int:

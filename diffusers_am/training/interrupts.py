@@ -4,8 +4,13 @@ While updates run, :class:`StopSignals` only records the signal: the trainer fin
 agrees with the other processes to stop after that same update (:func:`agree_to_stop`), writes a
 checkpoint and the adapter so far, and exits with ``128 + signal number`` (130 for SIGINT, 143 for
 SIGTERM) after one line saying how to resume. A second Ctrl-C aborts at once (the last complete
-checkpoint stays). Outside the updates (set-up, final outputs) there is nothing to finish, and a signal
-raises :class:`Interrupted` right away.
+checkpoint stays); a SIGINT within :data:`DUPLICATE_WINDOW_S` of the first is the same Ctrl-C delivered
+twice (a terminal signals the launcher's whole process group, and ``accelerate launch`` / torchrun forwards
+it to the workers again) and is ignored. Outside the updates (set-up, final outputs) there is nothing to
+finish, and a signal raises :class:`Interrupted` right away.
+
+Under ``accelerate launch`` the launcher kills its workers ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` seconds
+(default 30) after forwarding the signal: raise it when one update and a checkpoint take longer.
 """
 
 from __future__ import annotations
@@ -13,12 +18,15 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import time
 from typing import Iterator
 
 from .collectives import max_over_processes
-from .notices import warn
+from .notices import prints_here, warn
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+DUPLICATE_WINDOW_S = 1.0
+"""A SIGINT this soon after the first is the same Ctrl-C (forwarded by a launcher), not a second one."""
 
 
 class Interrupted(Exception):
@@ -36,6 +44,7 @@ class StopSignals:
 
     def __init__(self) -> None:
         self.requested = 0
+        self._requested_at = 0.0
         self._deferring = False
         self._previous: dict[int, object] = {}
 
@@ -54,14 +63,15 @@ class StopSignals:
         if not self._deferring:
             raise Interrupted(signum)
         if self.requested:
-            if signum == signal.SIGINT:
+            if signum == signal.SIGINT and time.monotonic() - self._requested_at > DUPLICATE_WINDOW_S:
                 raise KeyboardInterrupt  # a second Ctrl-C: abort now
             return
-        self.requested = signum
-        warn(
-            f"{signal.Signals(signum).name} received: stopping after the current update, then writing a checkpoint "
-            "and the adapter (Ctrl-C again aborts at once)."
-        )
+        self.requested, self._requested_at = signum, time.monotonic()
+        if prints_here():
+            warn(
+                f"{signal.Signals(signum).name} received: stopping after the current update, then writing a "
+                "checkpoint and the adapter (Ctrl-C again aborts at once)."
+            )
 
     @contextlib.contextmanager
     def deferred(self) -> Iterator[None]:

@@ -89,7 +89,8 @@ def push(ctx: RunContext, repo_id: str) -> None:
     from .hub import upload_output_dir
 
     cfg, out = ctx.config, ctx.output_dir
-    files = [ADAPTER_NAME, CARD_NAME, GRID_NAME, SUMMARY_NAME, CONFIG_NAME, LOG_NAME, VALIDATION_LOG_NAME, "validation/*"]
+    files = [ADAPTER_NAME, CARD_NAME, GRID_NAME, SUMMARY_NAME, CONFIG_NAME, LOG_NAME, VALIDATION_LOG_NAME]
+    files.append("validation/*")
     try:
         url = upload_output_dir(out, repo_id, files, token=cfg.hub_token)
     except Exception as err:  # network and HTTP errors of huggingface_hub

@@ -28,12 +28,12 @@ import torch
 from ..flow import check_truncation
 from ..jsonio import write_json
 from ..models import EMBEDDED_DIGITS_BASE, FlowModelAdapter, LoraSettings, load_model_adapter
-from ..rewards import load_reward, probe_reward
+from ..rewards import check_reward_output, load_reward, probe_reward
 from .checkpoints import CheckpointManager, list_checkpoints, read_trainer_state, resolve_checkpoint
 from .config import TrainingConfig
 from .context import RunContext
 from .data import PromptSampler, _as_condition, check_class_labels, derive_seed, load_prompts
-from .disk import WRITE_ERRNOS, check_free_space, checkpoint_bytes_estimate, tensor_bytes
+from .disk import bytes_to_save, check_free_space, checkpoint_bytes_estimate, tensor_bytes, write_failure
 from .errors import MainProcessError, RunStopped
 from .interrupts import Interrupted, StopSignals, agree_to_stop, signal_name
 from .logs import LOG_NAME, JsonlLog, finite_scalars, peak_memory_bytes
@@ -239,20 +239,26 @@ class AdjointMatchingTrainer:
         folder.start(run_entries(self.config), fresh=self.resume_path is None)
         write_json(self.output_dir / CONFIG_NAME, self.config.to_dict())
 
-    def _check_reward(self, adapter: FlowModelAdapter, reward, prompts: list, resolution: int, device) -> None:
-        """Call the reward (and the held-out one) on two decoded noise samples: one value per image, and
-        differentiable (ValueError naming the reward otherwise) before anything is written."""
+    def _check_rewards(
+        self, adapter: FlowModelAdapter, reward, validation: ValidationMetrics, prompts: list, resolution: int
+    ) -> None:
+        """Call the reward on two decoded noise samples before anything is written: one value per image and
+        differentiable, else ValueError naming it; the held-out ``--validation_reward`` must give one value
+        per image too."""
         cfg = self.config
         gen = torch.Generator(device=adapter.device).manual_seed(derive_seed(cfg.seed, "reward-probe"))
         with torch.no_grad():
             images = adapter.decode(adapter.initial_noise(2, resolution, gen)).float()
         conditions = [prompts[i % len(prompts)] for i in range(2)]
         probe_reward(reward, images, conditions, cfg.reward)
+        if validation.reward is not None:
+            with torch.no_grad():
+                check_reward_output(validation.reward(images, conditions), 2, cfg.validation_reward)
 
     def _check_free_space(self, accelerator, params: list[torch.nn.Parameter]) -> None:
         """ValueError when output_dir's disk cannot take a checkpoint and the adapter (main process)."""
         if accelerator.is_main_process:
-            needed = checkpoint_bytes_estimate(params, self.config.use_ema) + tensor_bytes(params)
+            needed = bytes_to_save(checkpoint_bytes_estimate(params, self.config.use_ema) + tensor_bytes(params))
             check_free_space(self.output_dir, needed, "this run (a checkpoint, the adapter, grids and logs)")
 
     def _setup(self, accelerator, folder: RunFolder | None) -> RunContext:
@@ -271,7 +277,7 @@ class AdjointMatchingTrainer:
         prompts, val_prompts = self._conditions(adapter)
 
         times = adapter.time_grid(n_steps, resolution)  # validates --resolution for the family
-        self._check_reward(adapter, reward, prompts, resolution, accelerator.device)
+        self._check_rewards(adapter, reward, validation, prompts, resolution)
         params, named = self._add_lora(adapter)
         optimizer = self._optimizer(params)
         evals = eval_set(adapter, prompts, resolution, cfg.num_eval_samples, cfg.seed)
@@ -356,10 +362,11 @@ class AdjointMatchingTrainer:
                 raise RunStopped(self._interrupted_message(sig.signum), 128 + sig.signum) from None
             except KeyboardInterrupt:  # a second Ctrl-C while stopping
                 raise RunStopped(self._interrupted_message(signal.SIGINT, aborted=True), 130) from None
-            except OSError as err:
-                if err.errno not in WRITE_ERRNOS or self._phase == "set-up":
+            except Exception as err:  # a full disk mid-run (after set-up's checks)
+                reason = write_failure(err, self.output_dir) if self._phase != "set-up" else None
+                if reason is None:
                     raise
-                raise RunStopped(self._write_failed_message(err), 1) from None
+                raise RunStopped(self._write_failed_message(reason), 1) from None
             finally:
                 if folder is not None:
                     folder.release()
@@ -423,8 +430,10 @@ class AdjointMatchingTrainer:
             log.truncate_after(global_step)
         if self.resume_path.parent.resolve() == self.output_dir.resolve():
             self._saved_at = global_step
-        changed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items() if k != "resume_from_checkpoint")
-        accelerator.print(f"Resumed from {self.resume_path} at update {global_step}." + (f" Changed: {changed}." if changed else ""))
+        changed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items() if k != "resume_from_checkpoint")
+        accelerator.print(
+            f"Resumed from {self.resume_path} at update {global_step}." + (f" Changed: {changed}." if changed else "")
+        )
         return global_step, nonfinite
 
     def _state(self, nonfinite: int) -> dict[str, Any]:
@@ -532,8 +541,11 @@ class AdjointMatchingTrainer:
         if accelerator.is_main_process:
             try:
                 adapter_note = f" and the adapter so far ({save_adapter(ctx)})"
-            except OSError as err:
-                adapter_note = f" (the adapter so far could not be written: {err.strerror or err})"
+            except Exception as err:
+                reason = write_failure(err, out)
+                if reason is None:
+                    raise
+                adapter_note = f" (the adapter so far could not be written: {reason})"
         accelerator.wait_for_everyone()
         where = f"after update {step} of {self.config.max_train_steps}"
         if path is not None:
@@ -558,11 +570,10 @@ class AdjointMatchingTrainer:
             return f"stopped by {name} during {self._phase}, before the first update: nothing was trained."
         return f"stopped by {name} during {self._phase} at update {self._step}; " + self._last_checkpoint_advice()
 
-    def _write_failed_message(self, err: OSError) -> str:
-        """The line for an output that could not be written (a full disk, a read-only folder) mid-run."""
-        where = f"{err.filename!r}" if err.filename else f"{str(self.output_dir)!r}"
+    def _write_failed_message(self, reason: str) -> str:
+        """The line for an output that could not be written (a full disk) after set-up."""
         return (
-            f"could not write {where} during {self._phase} at update {self._step} ({err.strerror or err}); free "
-            f"some space, then: " + self._last_checkpoint_advice()
-            + " Each checkpoint also holds the adapter so far (pytorch_lora_weights.safetensors)."
+            f"could not write into {str(self.output_dir)!r} during {self._phase} at update {self._step} ({reason}); "
+            "free some space, then: " + self._last_checkpoint_advice()
+            + f" Each checkpoint also holds its adapter ({ADAPTER_NAME})."
         )
