@@ -158,11 +158,15 @@ class TrainingConfig:
     # -- checkpoints and outputs --------------------------------------------------------------
     output_dir: str = _f("outputs/adjoint-matching", "Where the adapter, grids, card, log and checkpoints go.")
     overwrite_output_dir: bool = _f(
-        False, "Start a new run in an output_dir that holds a previous one (its " "checkpoints and log are removed)."
+        False,
+        "Start a new run in an output_dir that holds a previous run of this trainer (the files that run wrote are "
+        "removed at set-up; other files stay). A folder that is not a run is never written into.",
     )
     checkpointing_steps: int = _f(0, "Save a resumable checkpoint every this many updates (0: never).")
     checkpoints_total_limit: int | None = _f(None, "Keep at most this many checkpoints (oldest removed first).")
-    resume_from_checkpoint: str | None = _f(None, "A checkpoint folder, or 'latest' (the newest in output_dir).")
+    resume_from_checkpoint: str | None = _f(
+        None, "A checkpoint folder, or 'latest' (the newest intact one in output_dir; damaged ones are skipped)."
+    )
     report_to: str = _f("tensorboard", "Tracker for accelerate: tensorboard, wandb, all or none.", choices=TRACKERS)
     logging_dir: str = _f("logs", "Tracker folder, relative to output_dir.")
     tracker_project_name: str = _f("adjoint-matching", "Project name for the tracker.")

@@ -36,8 +36,8 @@ def _pid_running(pid: int) -> bool:
 
 
 def describe_holder(info: dict[str, Any]) -> str:
-    """``pid 123 on host h (since 2024-01-01 12:00:00)`` from a lock file's content."""
-    since = f" (since {info['started']})" if info.get("started") else ""
+    """``pid 123 on host h, since 2024-01-01 12:00:00`` from a lock file's content."""
+    since = f", since {info['started']}" if info.get("started") else ""
     return f"pid {info.get('pid', '?')} on host {info.get('host', '?')}{since}"
 
 
