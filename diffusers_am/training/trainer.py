@@ -29,23 +29,21 @@ from ..flow import check_truncation
 from ..jsonio import write_json
 from ..models import EMBEDDED_DIGITS_BASE, FlowModelAdapter, LoraSettings, load_model_adapter
 from ..rewards import check_reward_output, load_reward, probe_reward
-from .checkpoints import CheckpointManager, list_checkpoints, read_trainer_state, resolve_checkpoint
+from .checkpoints import CheckpointManager, list_checkpoints
+from .claim import claim_run, run_entries
 from .config import TrainingConfig
 from .context import RunContext
 from .data import PromptSampler, _as_condition, check_class_labels, derive_seed, load_prompts
 from .disk import bytes_to_save, check_free_space, checkpoint_bytes_estimate, tensor_bytes, write_failure
-from .errors import MainProcessError, RunStopped
-from .interrupts import Interrupted, StopSignals, agree_to_stop, signal_name
+from .errors import RunStopped
+from .interrupts import Interrupted, StopSignals, agree_to_stop
 from .logs import LOG_NAME, JsonlLog, finite_scalars, peak_memory_bytes
-from .outputs import ADAPTER_NAME, CARD_NAME, CONFIG_NAME, GRID_NAME, OUTPUT_NAMES, SUMMARY_NAME, save_adapter
-from .outputs import write_outputs
+from .outputs import ADAPTER_NAME, CARD_NAME, CONFIG_NAME, GRID_NAME, save_adapter, write_outputs
+from .progress import RunProgress
 from .resume_policy import apply_learning_rate, check_resume_config
 from .run_folder import RunFolder
 from .update import STEP_FUNCTIONS, check_in_sync, run_update
-from .validation import VALIDATION_LOG_NAME, ValidationMetrics, eval_reward, eval_set, validation_grid
-
-RESUME_HINT = "run the same command with `--resume_from_checkpoint latest`"
-
+from .validation import ValidationMetrics, eval_reward, eval_set, validation_grid
 
 @dataclass
 class TrainResult:
@@ -61,24 +59,6 @@ class TrainResult:
     steps: int
     skipped_updates: int
     seconds_per_update: float | None
-
-
-def previous_run_files(output_dir: Path) -> list[str]:
-    """Names in ``output_dir`` that belong to an earlier run (log, adapter, checkpoints)."""
-    if not output_dir.is_dir():
-        return []
-    names = [LOG_NAME, ADAPTER_NAME, SUMMARY_NAME]
-    found = [n for n in names if (output_dir / n).exists()]
-    return found + [p.name for _, p in list_checkpoints(output_dir)]
-
-
-def run_entries(config: TrainingConfig) -> list[str]:
-    """Top-level entries of output_dir a run writes (listed in the run's marker before they are written)."""
-    names = [CONFIG_NAME, LOG_NAME, f"{LOG_NAME}.tmp", VALIDATION_LOG_NAME, "validation", *OUTPUT_NAMES]
-    logging_dir = Path(config.logging_dir)
-    if not logging_dir.is_absolute() and logging_dir.parts and logging_dir.parts[0] != "..":
-        names.append(logging_dir.parts[0])
-    return names
 
 
 def _check_tracker(report_to: str) -> None:
@@ -102,69 +82,12 @@ class AdjointMatchingTrainer:
         self.resume_path: Path | None = None
         self.hub_repo: str | None = None
         self.lr_history: list[tuple[int, float]] = [(1, config.learning_rate)]
-        self._phase = "set-up"  # set-up, training, final outputs: what an interrupt or a write error stops
-        self._step = 0
-        self._saved_at = -1  # the update whose checkpoint this run saved (or resumed from in output_dir) last
-        self._ckpt: CheckpointManager | None = None
+        self.progress = RunProgress(self.output_dir)
 
     def hub_repo_id(self) -> str:
         """The Hub repo: as ``create_repo`` resolved it at set-up, else ``--hub_model_id`` or the output
         folder's name (as diffusers' examples do)."""
         return self.hub_repo or self.config.hub_model_id or self.output_dir.resolve().name
-
-    # -- the output folder (main process) ---------------------------------------------------------
-    def _claim(self, accelerator) -> RunFolder | None:
-        """Claim and lock output_dir, resolve and check the resume checkpoint, check the Hub repo (main
-        process; the others learn the outcome). Nothing is written but the lock."""
-        folder, error, resume = None, None, None
-        if accelerator.is_main_process:
-            try:
-                folder = RunFolder.claim(self.output_dir)
-                resume = self._check_previous_run()
-                if self.config.push_to_hub:
-                    from .hub import prepare_repo
-
-                    self.hub_repo = prepare_repo(self.hub_repo_id(), token=self.config.hub_token)
-            except ValueError as err:
-                if folder is not None:
-                    folder.release()
-                    folder = None
-                error = err
-        if accelerator.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
-
-            shared = broadcast_object_list([str(error) if error else None, str(resume) if resume else None])
-            if shared[0] and error is None:
-                raise MainProcessError(shared[0])
-            resume = Path(shared[1]) if shared[1] else None
-        if error is not None:
-            raise error
-        self.resume_path = resume
-        return folder
-
-    def _check_previous_run(self) -> Path | None:
-        """The checkpoint to resume from (checked against this config), or None for a new run; ValueError
-        when output_dir holds a run and neither ``--resume_from_checkpoint`` nor ``--overwrite_output_dir`` is given."""
-        cfg = self.config
-        previous = previous_run_files(self.output_dir)
-        if cfg.resume_from_checkpoint:
-            path = resolve_checkpoint(cfg.resume_from_checkpoint, self.output_dir, holds_run=bool(previous))
-            state = read_trainer_state(path)
-            check_resume_config(state.get("config"), cfg, str(path), int(state["step"]))
-            return path
-        if previous and not cfg.overwrite_output_dir:
-            found = list_checkpoints(self.output_dir)
-            resume = (
-                f"pass `--resume_from_checkpoint latest` to continue it (from {found[-1][1].name}), "
-                if found
-                else "it has no checkpoint to resume from; "
-            )
-            raise ValueError(
-                f"`--output_dir` {str(self.output_dir)!r} already holds a run ({', '.join(previous[:4])}); {resume}"
-                "pass `--overwrite_output_dir` to start over (it removes only this trainer's files), or another "
-                "`--output_dir`."
-            )
-        return None
 
     # -- set-up ---------------------------------------------------------------------------------
     def _accelerator(self):
@@ -353,20 +276,23 @@ class AdjointMatchingTrainer:
         accelerator = self._accelerator()
         self.accelerator = accelerator
         self._cpu_threads(accelerator.device)
+        progress = self.progress
         with StopSignals() as signals:
             folder = None
             try:
-                folder = self._claim(accelerator)
+                claim = claim_run(cfg, accelerator, self.hub_repo_id())
+                folder, self.resume_path, self.hub_repo = claim.folder, claim.resume_path, claim.hub_repo
+                progress.resumed = self.resume_path is not None
                 return self._run(accelerator, folder, signals)
             except Interrupted as sig:  # outside the updates: nothing to finish
-                raise RunStopped(self._interrupted_message(sig.signum), 128 + sig.signum) from None
+                raise RunStopped(progress.interrupted(sig.signum), 128 + sig.signum) from None
             except KeyboardInterrupt:  # a second Ctrl-C while stopping
-                raise RunStopped(self._interrupted_message(signal.SIGINT, aborted=True), 130) from None
+                raise RunStopped(progress.interrupted(signal.SIGINT, aborted=True), 130) from None
             except Exception as err:  # a full disk mid-run (after set-up's checks)
-                reason = write_failure(err, self.output_dir) if self._phase != "set-up" else None
+                reason = write_failure(err, self.output_dir) if progress.phase != "set-up" else None
                 if reason is None:
                     raise
-                raise RunStopped(self._write_failed_message(reason), 1) from None
+                raise RunStopped(progress.write_failed(reason), 1) from None
             finally:
                 if folder is not None:
                     folder.release()
@@ -379,22 +305,23 @@ class AdjointMatchingTrainer:
         cfg = self.config
         set_seed(cfg.seed)  # identical LoRA init on every process
         ctx = self._setup(accelerator, folder)
+        self.progress.phase = "the base model's evaluation"  # output_dir is written from here on
         ckpt = CheckpointManager(
             accelerator, self.output_dir, ctx.named_params, ctx.adapter.save_lora, cfg.checkpoints_total_limit,
             record=folder.record if folder is not None else None, ema=cfg.use_ema,
         )
-        self._ckpt = ckpt
+        self.progress.checkpoints = ckpt
         log = JsonlLog(self.output_dir / LOG_NAME)
         set_seed(cfg.seed, device_specific=True)  # per-process RNG (LoRA dropout); a resume restores it
         global_step, nonfinite = self._resume(ctx, ckpt, log)
-        self._step = global_step
+        self.progress.step = global_step
         if accelerator.is_main_process and accelerator.trackers == [] and cfg.report_to != "none":
             accelerator.init_trackers(cfg.tracker_project_name, config=cfg.tracker_config())
         reward_before = self._base_model_outputs(ctx)
-        self._phase = "training"
+        self.progress.phase = "training"
         with signals.deferred():
             global_step, nonfinite, durations, last = self._loop(ctx, ckpt, log, global_step, nonfinite, signals)
-        self._phase = "final outputs"
+        self.progress.phase = "final outputs"
         check_in_sync(accelerator, ctx.params)
         out = self.output_dir
         result = TrainResult(
@@ -429,7 +356,7 @@ class AdjointMatchingTrainer:
         if accelerator.is_main_process:
             log.truncate_after(global_step)
         if self.resume_path.parent.resolve() == self.output_dir.resolve():
-            self._saved_at = global_step
+            self.progress.saved_at = global_step
         changed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items() if k != "resume_from_checkpoint")
         accelerator.print(
             f"Resumed from {self.resume_path} at update {global_step}." + (f" Changed: {changed}." if changed else "")
@@ -491,7 +418,7 @@ class AdjointMatchingTrainer:
             adapter.transformer.train()
             record = run_update(ctx, sampler, step_fn, global_step)
             global_step += 1
-            self._step = global_step
+            self.progress.step = global_step
             nonfinite += int(record["skipped"])
             seconds = time.perf_counter() - start
             durations.append(seconds)
@@ -513,7 +440,7 @@ class AdjointMatchingTrainer:
             )
             if cfg.checkpointing_steps and global_step % cfg.checkpointing_steps == 0:
                 ckpt.save(global_step, self._state(nonfinite))
-                self._saved_at = global_step
+                self.progress.saved_at = global_step
             if cfg.validation_steps and global_step % cfg.validation_steps == 0 and global_step < cfg.max_train_steps:
                 if accelerator.is_main_process:
                     with ctx.ema_weights():
@@ -530,10 +457,10 @@ class AdjointMatchingTrainer:
     def _stop(self, ctx: RunContext, ckpt: CheckpointManager, step: int, nonfinite: int, signum: int) -> None:
         """After a stop signal (every process): write the checkpoint of ``step`` (unless it exists) and the
         adapter so far, then raise RunStopped (exit 128 + signal) with the line that says how to resume."""
-        accelerator, out, name = ctx.accelerator, self.output_dir, signal_name(signum)
+        accelerator, out = ctx.accelerator, self.output_dir
         if step == 0:
-            raise RunStopped(self._interrupted_message(signum), 128 + signum)
-        if self._saved_at == step:  # just saved (or resumed from): every process skips the save alike
+            raise RunStopped(self.progress.interrupted(signum), 128 + signum)
+        if self.progress.saved_at == step:  # just saved (or resumed from): every process skips the save alike
             path = dict(list_checkpoints(out)).get(step) if accelerator.is_main_process else None
         else:
             path = ckpt.save(step, self._state(nonfinite))
@@ -547,33 +474,4 @@ class AdjointMatchingTrainer:
                     raise
                 adapter_note = f" (the adapter so far could not be written: {reason})"
         accelerator.wait_for_everyone()
-        where = f"after update {step} of {self.config.max_train_steps}"
-        if path is not None:
-            message = f"stopped by {name} {where}: saved {path}{adapter_note}; to continue, {RESUME_HINT}."
-        else:
-            message = f"stopped by {name} {where}, but its checkpoint could not be saved{adapter_note}; " + (
-                self._last_checkpoint_advice()
-            )
-        raise RunStopped(message, 128 + signum)
-
-    def _last_checkpoint_advice(self) -> str:
-        """Where the run can continue from: the last complete checkpoint, or nowhere."""
-        last = self._ckpt.last_good() if self._ckpt is not None else None
-        if last is None:
-            return "there is no checkpoint to resume from: start over with `--overwrite_output_dir`."
-        return f"the last complete checkpoint is {last}: to continue from it, {RESUME_HINT}."
-
-    def _interrupted_message(self, signum: int, aborted: bool = False) -> str:
-        """The line for a stop outside the updates (set-up, final outputs) or an abort (a second Ctrl-C)."""
-        name = "Ctrl-C (abort)" if aborted else signal_name(signum)
-        if self._step == 0 and self.resume_path is None:
-            return f"stopped by {name} during {self._phase}, before the first update: nothing was trained."
-        return f"stopped by {name} during {self._phase} at update {self._step}; " + self._last_checkpoint_advice()
-
-    def _write_failed_message(self, reason: str) -> str:
-        """The line for an output that could not be written (a full disk) after set-up."""
-        return (
-            f"could not write into {str(self.output_dir)!r} during {self._phase} at update {self._step} ({reason}); "
-            "free some space, then: " + self._last_checkpoint_advice()
-            + f" Each checkpoint also holds its adapter ({ADAPTER_NAME})."
-        )
+        raise RunStopped(self.progress.stopped(signum, self.config.max_train_steps, path, adapter_note), 128 + signum)
