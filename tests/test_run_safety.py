@@ -526,6 +526,7 @@ def test_config_file_values_are_strict(tmp_path, suffix):
     assert config(use_ema="no").use_ema is False and config(use_ema="YES").use_ema is True
     assert config(use_ema=1).use_ema is True and config(gradient_checkpointing="False").gradient_checkpointing is False
     assert config(learning_rate="1e-3").learning_rate == 1e-3 and config(rank="4").rank == 4
+    assert config(mixed_precision=False).mixed_precision == "no"  # YAML's reading of `mixed_precision: no`
     for values, line in (
         ({"use_ema": "nope"}, "`--use_ema` must be true or false"),
         ({"use_ema": 2}, "`--use_ema` must be true or false"),

@@ -334,6 +334,8 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
         if not isinstance(items, (list, tuple)) or not all(isinstance(v, (str, int)) for v in items):
             raise ValueError(f"`--{name}` must be a list of strings; got {value!r}.")
         return list(items)
+    if value is False and "no" in f.metadata.get("choices", ()):
+        return "no"  # YAML reads an unquoted `mixed_precision: no` as false
     if not isinstance(value, str):
         raise ValueError(f"`--{name}` must be a string; got {value!r}.")
     return value
