@@ -310,7 +310,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
            "torch": torch.__version__, "cpu_count": os.cpu_count()}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2, default=str))
+        from diffusers_am.jsonio import dumps
+        Path(args.json).write_text(dumps(out, indent=2))
     if tmp is not None:
         tmp.cleanup()
     return out

@@ -252,7 +252,8 @@ def main(argv=None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text + "\n")
         raw = {"args": vars(args), "floor": floor, "rows": [{"method": m.method, "seconds": m.seconds, "peak_gib": m.peak_gib, "floor_s": f} for m, f in rows]}
-        out.with_suffix(".json").write_text(json.dumps(raw, indent=1))
+        from diffusers_am.jsonio import dumps
+        out.with_suffix(".json").write_text(dumps(raw, indent=1))
     return 0
 
 

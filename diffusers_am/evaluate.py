@@ -39,7 +39,7 @@ from .models import (
     short_names_help,
 )
 from .models.base import FlowModelAdapter
-from .rewards import load_reward
+from .rewards import check_reward_output, load_reward
 
 TEXT_REWARDS = ("hpsv2", "pickscore", "imagereward", "clipscore", "aesthetic")
 DIGITS_REWARDS = ("digits", "digits-heldout")
@@ -143,7 +143,11 @@ def read_prompts(prompts: str | os.PathLike | Sequence[Any] | None, sampler: Any
             return list(range(int(num_classes)))
         raise ValueError("`prompts` is required for a text-to-image pipeline: pass a list or a .txt file (one prompt a line).")
     if isinstance(prompts, (str, os.PathLike)) and Path(prompts).is_file():
-        lines = [line.strip() for line in Path(prompts).read_text().splitlines()]
+        try:
+            text = Path(prompts).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"`--prompts` file {str(prompts)!r} is not UTF-8 text (one prompt a line).") from None
+        lines = [line.strip() for line in text.splitlines()]
         prompts = [line for line in lines if line and not line.startswith("#")]
     elif isinstance(prompts, str):
         prompts = [prompts]
@@ -162,6 +166,54 @@ def _is_digits_base(path: Any) -> bool:
         return False
 
 
+LORA_FILE_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
+"""The diffusers LoRA file names an adapter folder is searched for (never any other weight file in it)."""
+
+
+def resolve_adapter(adapter: str | os.PathLike) -> tuple[str, str]:
+    """(folder, weight file name) of an adapter: a folder holding ``pytorch_lora_weights.safetensors`` (or
+    ``.bin``), or a ``.safetensors`` file. ValueError naming the path otherwise."""
+    path = Path(adapter)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ValueError(f"adapter {str(path)!r} is not a .safetensors LoRA file; pass the run's output folder.")
+        return str(path.parent), path.name
+    if not path.is_dir():
+        raise ValueError(
+            f"adapter {str(path)!r} does not exist: pass folders holding pytorch_lora_weights.safetensors."
+        )
+    for name in LORA_FILE_NAMES:
+        if (path / name).is_file():
+            return str(path), name
+    raise ValueError(
+        f"adapter folder {str(path)!r} holds no {LORA_FILE_NAMES[0]} (the file the trainer writes); pass a "
+        "training run's output folder, or the adapter's .safetensors file."
+    )
+
+
+def _check_arguments(num_images_per_prompt: int, batch_size: int, k: int, seed: int, num_inference_steps: int | None,
+                     resolution: int | None, guidance_scale: float | None, device: Any) -> None:
+    """ValueError naming the first bad argument of :func:`evaluate` (before any model is loaded)."""
+    import math
+
+    for name, value, minimum in (("num_images_per_prompt", num_images_per_prompt, 1), ("batch_size", batch_size, 1),
+                                 ("k", k, 1), ("seed", seed, 0), ("num_inference_steps", num_inference_steps, 1),
+                                 ("resolution", resolution, 1)):
+        if value is None and name in ("num_inference_steps", "resolution"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"`{name}` must be an integer >= {minimum}; got {value!r}.")
+    if guidance_scale is not None and not math.isfinite(guidance_scale):
+        raise ValueError(f"`guidance_scale` must be a finite number; got {guidance_scale!r}.")
+    if device is not None:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"`device` {device!r} is not a torch device ({err}); e.g. cpu, cuda, cuda:1.") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"`device` {device!r}: CUDA is not available here; pass `--device cpu`.")
+
+
 def _adapter_names(adapters: Sequence[str | os.PathLike]) -> list[str]:
     names: list[str] = []
     for a in adapters:
@@ -175,11 +227,15 @@ def _adapter_names(adapters: Sequence[str | os.PathLike]) -> list[str]:
 
 
 # -- evaluation --------------------------------------------------------------------------------
-def _score(reward: Callable, images: torch.Tensor, conditions: Sequence[Any], batch_size: int) -> torch.Tensor:
+def _score(
+    reward: Callable, images: torch.Tensor, conditions: Sequence[Any], batch_size: int, name: str
+) -> torch.Tensor:
     out = []
     with torch.no_grad():
         for s in range(0, images.shape[0], batch_size):
-            out.append(reward(images[s : s + batch_size], list(conditions[s : s + batch_size])).float().cpu())
+            chunk = images[s : s + batch_size]
+            value = reward(chunk, list(conditions[s : s + batch_size]))
+            out.append(check_reward_output(value, chunk.shape[0], name).float().cpu())
     return torch.cat(out)
 
 
@@ -215,13 +271,16 @@ def evaluate(
     rewards, CLIP ViT-L/14 features, LPIPS and 1 - MS-SSIM (images above 160 px).
     ``pipeline_call_kwargs``: extra arguments for the pipeline's ``__call__`` (``sampler="pipeline"``);
     ``adapter_kwargs``: for the model adapter's ``from_pretrained`` (e.g. ``max_sequence_length``)."""
-    if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-        raise ValueError(f"`num_images_per_prompt` must be a positive integer; got {num_images_per_prompt!r}.")
-    if batch_size < 1:
-        raise ValueError(f"`batch_size` must be >= 1; got {batch_size}.")
-    for a in adapters:
-        if not Path(a).exists():
-            raise ValueError(f"adapter {str(a)!r} does not exist: pass folders holding pytorch_lora_weights.safetensors.")
+    _check_arguments(
+        num_images_per_prompt, batch_size, k, seed, num_inference_steps, resolution, guidance_scale, device
+    )
+    lora_files = [resolve_adapter(a) for a in adapters]
+    if output_dir is not None:
+        from .training.disk import check_writable
+
+        if Path(output_dir).exists() and not Path(output_dir).is_dir():
+            raise ValueError(f"`--output_dir` {str(output_dir)!r} is a file; pass a folder.")
+        check_writable(output_dir)
     smp = build_sampler(pipeline_or_path, sampler=sampler, torch_dtype=torch_dtype, device=device,
                         num_inference_steps=num_inference_steps, resolution=resolution, guidance_scale=guidance_scale,
                         pipeline_call_kwargs=pipeline_call_kwargs, adapter_kwargs=adapter_kwargs)
@@ -244,9 +303,9 @@ def evaluate(
     noise = smp.noise(n, seed)
     samples: dict[str, torch.Tensor] = {}
     bar = tqdm(total=len(names) * len(chunks), desc="generating", disable=not progress)
-    for name, lora in zip(names, [None, *adapters]):
+    for name, lora in zip(names, [None, *lora_files]):
         if lora is not None:
-            smp.pipeline.load_lora_weights(str(lora), adapter_name=name)
+            smp.pipeline.load_lora_weights(lora[0], weight_name=lora[1], adapter_name=name)
         try:
             imgs = []
             for ci, (s, e) in enumerate(chunks):
@@ -268,7 +327,7 @@ def evaluate(
     for name in tqdm(names, desc="measuring", disable=not progress):
         imgs, m = samples[name], {}
         for spec, fn in reward_fns.items():
-            r = _score(fn, imgs, conditions, batch_size)
+            r = _score(fn, imgs, conditions, batch_size, spec)
             m[f"reward/{spec}"] = r.mean().item()
             m[f"reward/{spec}/sem"] = (r.std(unbiased=True) / n**0.5).item() if n > 1 else 0.0
         if num_images_per_prompt >= 2:
@@ -307,8 +366,10 @@ def _parse_paths(items: Sequence[str] | None) -> dict[str, str]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m diffusers_am.evaluate", description=__doc__.split("\n\n")[0],
-                                allow_abbrev=False)
+    from .training.config import OneLineErrorParser
+
+    p = OneLineErrorParser(prog="python -m diffusers_am.evaluate", description=__doc__.split("\n\n")[0],
+                           allow_abbrev=False)
     p.add_argument("--pretrained_model_name_or_path", "--pretrained", default=str(EMBEDDED_DIGITS_BASE),
                    help=f"pipeline folder, Hub id or short name: {short_names_help()} "
                    "(default: the embedded digits base)")
@@ -333,34 +394,35 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI: prints the table and where the report went; returns the exit code (2 and one ``error:``
+    line for a bad argument, nothing written)."""
+    import sys
+
     args = parse_args(argv)
     prompts: Any = args.prompts
     if prompts is not None and len(prompts) == 1 and Path(prompts[0]).is_file():
         prompts = prompts[0]
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
     seq = {} if args.max_sequence_length is None else {"max_sequence_length": args.max_sequence_length}
-    results = evaluate(
-        args.pretrained_model_name_or_path, args.adapters, prompts, args.num_images_per_prompt,
-        args.rewards, _parse_paths(args.reward_paths), args.feature_extractor, args.diversity, args.output_dir,
-        num_inference_steps=args.num_inference_steps, resolution=args.resolution, guidance_scale=args.guidance_scale,
-        seed=args.seed, batch_size=args.batch_size, k=args.k, sampler=args.sampler, device=args.device, torch_dtype=dtype,
-        pipeline_call_kwargs=seq, adapter_kwargs=seq,
-    )
-    print(markdown_table(results))
-    print(f"wrote {results['files']['json']} and {results['files']['markdown']}")
-    return results
-
-
-def cli(argv: Sequence[str] | None = None) -> int:
-    """``python -m diffusers_am.evaluate``: exit status 0, or 2 with a one-line ``error:`` for bad input."""
     try:
-        main(argv)
+        results = evaluate(
+            args.pretrained_model_name_or_path, args.adapters, prompts, args.num_images_per_prompt,
+            args.rewards, _parse_paths(args.reward_paths), args.feature_extractor, args.diversity, args.output_dir,
+            num_inference_steps=args.num_inference_steps, resolution=args.resolution,
+            guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size, k=args.k,
+            sampler=args.sampler, device=args.device, torch_dtype=dtype, pipeline_call_kwargs=seq, adapter_kwargs=seq,
+        )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written.", file=sys.stderr)
+        return 130
+    print(markdown_table(results))
+    print(f"wrote {results['files']['json']} and {results['files']['markdown']}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    raise SystemExit(main())

@@ -60,8 +60,9 @@ def _default_backward(loss: torch.Tensor) -> None:
 
 
 def _check_reward(reward: torch.Tensor, batch: int) -> None:
-    if reward.shape != (batch,):
-        raise ValueError(f"the reward must return one value per sample, shape [{batch}]; got {tuple(reward.shape)}.")
+    if not isinstance(reward, torch.Tensor) or tuple(reward.shape) != (batch,):
+        shape = tuple(reward.shape) if isinstance(reward, torch.Tensor) else type(reward).__name__
+        raise ValueError(f"the reward must return one value per sample, shape [{batch}]; got {shape}.")
     if not torch.isfinite(reward).all():
         raise NonFiniteRewardError(f"reward is NaN or inf for {int((~torch.isfinite(reward)).sum())} sample(s)")
 

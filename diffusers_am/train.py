@@ -7,6 +7,10 @@ Every flag is a field of ``diffusers_am.training.TrainingConfig`` (``--help`` li
 takes a YAML or JSON file of the same names. Writes a diffusers LoRA adapter
 (``pytorch_lora_weights.safetensors``), validation grids, a model card and ``train_log.jsonl``
 into ``--output_dir``.
+
+Exit codes: 0 done; 2 a bad input (one ``error: ...`` line, nothing written); 130 / 143 stopped by
+SIGINT / SIGTERM after writing a checkpoint (one line says how to resume); 1 an output could not be
+written (a full disk: one line names the last good checkpoint).
 """
 
 from __future__ import annotations
@@ -15,16 +19,32 @@ import sys
 from typing import Sequence
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from diffusers_am.training.config import parse_args
-    from diffusers_am.training.trainer import AdjointMatchingTrainer
+def _prints_errors() -> bool:
+    from diffusers_am.training.notices import prints_here
 
+    return prints_here()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     try:
+        from diffusers_am.training.config import parse_args
+        from diffusers_am.training.errors import MainProcessError, RunStopped
+        from diffusers_am.training.trainer import AdjointMatchingTrainer
+
         config = parse_args(argv)
         trainer = AdjointMatchingTrainer(config)
         result = trainer.train()
+    except KeyboardInterrupt:  # before the trainer's handlers are installed (imports, parsing)
+        if _prints_errors():
+            print("error: interrupted before training started; nothing was written.", file=sys.stderr)
+        return 130
+    except RunStopped as stop:
+        if _prints_errors():
+            print(f"{'' if stop.exit_code >= 128 else 'error: '}{stop}", file=sys.stderr)
+        return stop.exit_code
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if _prints_errors() and not isinstance(err, MainProcessError):
+            print(f"error: {err}", file=sys.stderr)
         return 2
     if trainer.accelerator.is_main_process:
         fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731

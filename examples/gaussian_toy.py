@@ -14,7 +14,6 @@ Exit status 1 if an acceptance check fails. Run: ``python examples/gaussian_toy.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from diffusers_am.adjoint import lean_adjoint
 from diffusers_am.control import optimal_control, per_sample_norm
 from diffusers_am.flow import sample_euler
+from diffusers_am.jsonio import dumps
 from diffusers_am.toy.gaussian import GaussianToy
 from diffusers_am.toy.gaussian_fit import control_error, simulated_mean_shift, train_toy_control, uniform_grid
 
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         "plot": args.plot or None,
         "seconds": time.perf_counter() - start,
     }
-    print(json.dumps(result) if args.json else format_table(result, args))
+    print(dumps(result) if args.json else format_table(result, args))
     return 0 if result["passed"] else 1
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from diffusers_am.jsonio import write_json
 from diffusers_am.models import EMBEDDED_DIGITS_BASE
 from diffusers_am.models.sit_transformer import SiTTransformer2DModel
 from diffusers_am.toy.digits import NUM_CLASSES, digits_split, to_flow_space
@@ -125,7 +126,7 @@ def save(model: SiTTransformer2DModel, folder: Path, args: argparse.Namespace) -
     pipe = SiTPipeline(transformer=model, vae=None, default_num_inference_steps=args.num_inference_steps)
     pipe.save_pretrained(folder)
     defaults = {"num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale, "resolution": 8}
-    (folder / DEFAULTS_NAME).write_text(json.dumps(defaults, indent=2) + "\n")
+    write_json(folder / DEFAULTS_NAME, defaults)
 
 
 def nearest_distance(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -288,10 +289,10 @@ def main(argv: list[str] | None = None) -> None:
     else:
         model, record = train(args)
         save(model, folder, args)
-        (folder / "training_record.json").write_text(json.dumps(record, indent=2) + "\n")
+        write_json(folder / "training_record.json", record)
         print(f"saved {folder} ({record['train_seconds']} s of training)")
     results = measure(folder, args)
-    (folder / "quality.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(folder / "quality.json", results)
     write_card(folder, args, record, results)
 
 

@@ -77,6 +77,43 @@ def test_cli_on_sit_and_bad_inputs(sit_base_and_lora, tmp_path, capsys):
         evaluate(str(base), prompts=[1], rewards=["nope"], output_dir=None, progress=False)
 
 
+def test_cli_bad_arguments_are_one_line_and_write_nothing(sit_base_and_lora, tmp_path, capsys):
+    base, lora = sit_base_and_lora
+    stray = tmp_path / "not-an-adapter"
+    stray.mkdir()
+    torch.save({"lora_A": torch.ones(2)}, stray / "x.bin")  # a random weight file must never be loaded
+    binary = tmp_path / "prompts.txt"
+    binary.write_bytes(bytes(range(256)))
+    (tmp_path / "a-file").write_text("x")
+    scalar = tmp_path / "scalar_reward.py"
+    scalar.write_text("def reward(images, prompts):\n    return images.mean()\n")
+    out = tmp_path / "eval"
+    common = ["--pretrained_model_name_or_path", str(base), "--num_inference_steps", "2", "--output_dir", str(out),
+              "--rewards", "digits", "--feature_extractor", "digits"]
+    cases = [
+        (["--adapters", str(tmp_path / "missing")], f"adapter {str(tmp_path / 'missing')!r} does not exist"),
+        (["--adapters", str(stray)], f"adapter folder {str(stray)!r} holds no pytorch_lora_weights.safetensors"),
+        (["--adapters", str(stray / "x.bin")], "is not a .safetensors LoRA file"),
+        (["--num_images_per_prompt", "0"], "`num_images_per_prompt` must be an integer >= 1; got 0."),
+        (["--adapters", str(lora), "--prompts", "1", "--num_images_per_prompt", "2"], "Recall/Coverage with k = 5"),
+        (["--k", "0"], "`k` must be an integer >= 1; got 0."),
+        (["--prompts", str(binary)], f"`--prompts` file {str(binary)!r} is not UTF-8 text"),
+        (["--output_dir", str(tmp_path / "a-file")], "is a file; pass a folder"),
+        (["--device", "nonsense"], "`device` 'nonsense' is not a torch device"),
+        (["--prompts", "1", "--rewards", f"{scalar}:reward"], "must return one value per image, shape [6]"),
+        (["--pretrained_model_name_or_path", str(tmp_path / "nope")], "nope"),
+    ]
+    for extra, line in cases:
+        assert main(common + extra) == 2, extra
+        captured = capsys.readouterr()
+        err = [x for x in captured.err.replace("\r", "\n").splitlines() if x.strip() and "it/s" not in x]
+        assert len(err) == 1 and err[0].startswith("error: ") and line in err[0], (extra, captured.err)
+        assert not out.exists() and "Traceback" not in captured.err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--num_images_per_prompt", "many"])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.startswith("error: argument --num_images_per_prompt")
+
+
 @pytest.fixture(scope="module")
 def klein_folder(tmp_path_factory):
     from _tiny_pipelines import save_tiny_flux2_klein
@@ -139,8 +176,9 @@ def test_cli_defaults_on_embedded_digits_base(tmp_path, capsys):
             if "lora_B" in name:
                 p.normal_(0, 0.05)
     adapter.save_lora(str(tmp_path / "digits-lora"))
-    res = main(["--adapters", str(tmp_path / "digits-lora"), "--prompts", "0", "4", "--num_images_per_prompt", "4",
-                "--num_inference_steps", "4", "--output_dir", str(tmp_path / "eval")])
+    assert main(["--adapters", str(tmp_path / "digits-lora"), "--prompts", "0", "4", "--num_images_per_prompt", "4",
+                 "--num_inference_steps", "4", "--output_dir", str(tmp_path / "eval")]) == 0
+    res = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert res["config"]["rewards"] == ["digits", "digits-heldout"] and res["config"]["feature_extractor"] == "digits-heldout"
     assert res["config"]["diversity"] == ["ssim", "feature_distance"]
     assert set(res["models"]) == {"base", "digits-lora"} and "coverage" in res["models"]["digits-lora"]

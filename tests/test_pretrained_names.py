@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from diffusers_am.evaluate import cli as evaluate_cli
+from diffusers_am.evaluate import main as evaluate_cli
 from diffusers_am.models import SHORT_NAMES, read_model_index, resolve_pretrained
 from diffusers_am.train import main as train_main
 from diffusers_am.training.config import build_parser, parse_args

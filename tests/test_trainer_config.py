@@ -320,28 +320,41 @@ def test_model_card_renders_run_facts():
     assert "SiTPipeline.from_pretrained(EMBEDDED_DIGITS_BASE" in embedded
 
 
-def test_push_to_hub_uploads_folder_without_checkpoints(tmp_path, monkeypatch):
+def test_push_to_hub_creates_repo_then_uploads_only_run_files(tmp_path, monkeypatch):
     import huggingface_hub
+    from huggingface_hub import constants
 
-    from diffusers_am.training.hub import push_output_dir
+    from diffusers_am.training.hub import prepare_repo, upload_output_dir
 
     calls = {}
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(
         huggingface_hub,
         "create_repo",
         lambda repo_id, exist_ok, token: calls.setdefault("create", (repo_id, exist_ok, token))
-        and f"https://hf.co/{repo_id}",
+        and huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}"),
     )
     monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.setdefault("upload", kw))
-    url = push_output_dir(tmp_path, "user/adapter", token="hf_tok")
-    assert url == "https://hf.co/user/adapter" and calls["create"] == ("user/adapter", True, "hf_tok")
+    assert prepare_repo("user/adapter", token="hf_tok") == "user/adapter"
+    assert calls["create"] == ("user/adapter", True, "hf_tok")
+    url = upload_output_dir(tmp_path, "user/adapter", ["pytorch_lora_weights.safetensors", "validation/*"], "hf_tok")
     upload = calls["upload"]
-    assert (
-        upload["repo_id"] == "user/adapter" and upload["folder_path"] == str(tmp_path) and upload["token"] == "hf_tok"
-    )
-    assert "checkpoint-*" in upload["ignore_patterns"]
+    assert url == "https://huggingface.co/user/adapter"
+    assert upload["repo_id"] == "user/adapter" and upload["folder_path"] == str(tmp_path)
+    assert upload["token"] == "hf_tok"
+    assert upload["allow_patterns"] == ["pytorch_lora_weights.safetensors", "validation/*"]  # never checkpoints
     with pytest.raises(ValueError, match="hub_model_id"):
-        push_output_dir(tmp_path, " ")
+        prepare_repo(" ")
+
+    def unreachable(*args, **kwargs):  # what the HTTP client raises without a network
+        raise ConnectionError("[Errno -3] Temporary failure in name resolution\nmore frames")
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", unreachable)
+    with pytest.raises(ValueError, match=r"or reach the Hub repo 'user/adapter' \(ConnectionError: \[Errno -3\]"):
+        prepare_repo("user/adapter")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match="offline"):
+        prepare_repo("user/adapter")
 
 
 def test_cpu_threads_flag():

@@ -1,6 +1,5 @@
 """The real trainer end to end on a tiny random SiT pipeline saved with ``save_pretrained``."""
 
-import hashlib
 import json
 import os
 import subprocess
@@ -11,76 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import train_adjoint_matching as script
-from diffusers_am.training.checkpoints import CheckpointManager, list_checkpoints
-from diffusers_am.training.logs import REQUIRED_FIELDS
-
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import train_adjoint_matching as script  # noqa: E402
+from _run_helpers import _fresh_accelerate_state, read_log, run, snapshot, tiny_args, tiny_base  # noqa: E402,F401
+from diffusers_am.training.checkpoints import CheckpointManager, list_checkpoints  # noqa: E402
+from diffusers_am.training.logs import REQUIRED_FIELDS  # noqa: E402
 
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    from _tiny_sit import tiny_pixel_pipeline
-
-    path = tmp_path_factory.mktemp("tiny-sit")
-    tiny_pixel_pipeline().save_pretrained(str(path))
-    return path
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-def tiny_args(base, out, *extra):
-    return [
-        "--pretrained_model_name_or_path",
-        str(base),
-        "--output_dir",
-        str(out),
-        "--num_inference_steps",
-        "4",
-        "--truncate_steps",
-        "2",
-        "--train_batch_size",
-        "3",
-        "--max_train_steps",
-        "2",
-        "--num_eval_samples",
-        "4",
-        "--num_validation_images",
-        "2",
-        "--validation_prompts",
-        "1",
-        "7",
-        "--validation_steps",
-        "0",
-        "--report_to",
-        "none",
-        "--rank",
-        "2",
-        *extra,
-    ]
-
-
-def run(base, out, *extra):
-    return script.main(tiny_args(base, out, *extra))
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
-
-
-def read_log(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # -- a tiny run writes everything ------------------------------------------------------------------
@@ -89,8 +26,11 @@ def test_tiny_run_writes_adapter_grids_card_log(tiny_base, tmp_path, monkeypatch
     from diffusers_am.training import hub
 
     pushed = {}
+    monkeypatch.setattr(hub, "prepare_repo", lambda repo, token=None: pushed.update(created=repo) or f"me/{repo[3:]}")
     monkeypatch.setattr(
-        hub, "push_output_dir", lambda out, repo, token=None: pushed.update(out=out, repo=repo, token=token) or "url"
+        hub,
+        "upload_output_dir",
+        lambda out, repo, files, token=None: pushed.update(out=out, repo=repo, files=files, token=token) or "url",
     )
     out = tmp_path / "run"
     rc = run(
@@ -143,7 +83,8 @@ def test_tiny_run_writes_adapter_grids_card_log(tiny_base, tmp_path, monkeypatch
     card = (out / "README.md").read_text()
     assert "ode-am" in card and "2 of 4" in card and 'pipe.load_lora_weights("me/tiny-am")' in card
     assert f"{summary['reward_after']:.4g}" in card and "samples.png" in card and "validation/base.png" in card
-    assert pushed == {"out": out, "repo": "me/tiny-am", "token": "hf_SECRET_token_123"}
+    assert pushed.pop("files")[0] == "pytorch_lora_weights.safetensors"
+    assert pushed == {"created": "me/tiny-am", "out": out, "repo": "me/tiny-am", "token": "hf_SECRET_token_123"}
     for path in out.rglob("*"):
         if path.is_file():
             assert b"hf_SECRET_token_123" not in path.read_bytes(), path
@@ -242,8 +183,7 @@ def test_interrupted_checkpoint_leaves_previous_usable(tiny_base, tmp_path, monk
 
     monkeypatch.setattr(CheckpointManager, "_save_hook", failing_hook)
     out = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
-        run(tiny_base, out, "--max_train_steps", "3", "--checkpointing_steps", "1")
+    assert run(tiny_base, out, "--max_train_steps", "3", "--checkpointing_steps", "1") == 130
     assert (out / ".tmp-checkpoint-2").is_dir()
     assert [step for step, _ in list_checkpoints(out)] == [1]
     monkeypatch.setattr(CheckpointManager, "_save_hook", original)
@@ -277,7 +217,7 @@ def test_missing_or_corrupt_checkpoint_is_a_clear_error(tiny_base, tmp_path, cap
     (out / "checkpoint-1" / "trainable_params.safetensors").write_bytes(b"not a safetensors file")
     before = snapshot(out)
     assert run(tiny_base, out, "--resume_from_checkpoint", "latest") == 2
-    assert "corrupt" in capsys.readouterr().err
+    assert "every checkpoint in" in capsys.readouterr().err  # checkpoint-1's checksums no longer match
     (out / "checkpoint-1" / "trainer_state.json").unlink()
     before = snapshot(out)
     assert run(tiny_base, out, "--resume_from_checkpoint", str(out / "checkpoint-1")) == 2
@@ -317,9 +257,8 @@ def test_nan_reward_skips_the_update_and_is_counted(tiny_base, tmp_path):
 
 def test_bad_inputs_are_clear_and_keep_output_dir(tiny_base, tmp_path, capsys):
     out = tmp_path / "previous"
-    out.mkdir()
-    (out / "train_log.jsonl").write_text('{"step": 1}\n')
-    (out / "pytorch_lora_weights.safetensors").write_bytes(b"an earlier adapter")
+    assert run(tiny_base, out, "--max_train_steps", "1", "--num_eval_samples", "0") == 0  # an earlier run
+    capsys.readouterr()
     before = snapshot(out)
     not_a_pipeline = tmp_path / "folder"
     not_a_pipeline.mkdir()

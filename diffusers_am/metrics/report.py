@@ -7,12 +7,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..jsonio import write_json
 
 
 def _fmt(value: Any, sem: Any = None) -> str:
@@ -71,7 +72,7 @@ def write_report(results: dict[str, Any], output_dir: str | Path, samples: dict[
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     written["json"] = out / "metrics.json"
-    written["json"].write_text(json.dumps(results, indent=2, default=str))
+    write_json(written["json"], results)
     written["markdown"] = out / "metrics.md"
     written["markdown"].write_text(markdown_table(results))
     models = results["models"]

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from .base import RewardModel, WeightedReward, check_images
+from .base import RewardModel, WeightedReward, check_images, check_reward_output, probe_reward
 
 # name -> "module:factory", imported lazily
 REWARDS: dict[str, str] = {
@@ -108,4 +108,7 @@ def load_reward(
     )
 
 
-__all__ = ["REWARDS", "RewardModel", "WeightedReward", "available_rewards", "check_images", "load_reward", "register_reward"]
+__all__ = [
+    "REWARDS", "RewardModel", "WeightedReward", "available_rewards", "check_images", "check_reward_output",
+    "load_reward", "probe_reward", "register_reward",
+]

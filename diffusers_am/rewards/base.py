@@ -30,6 +30,39 @@ def check_images(images: torch.Tensor, channels: Sequence[int] = (1, 3), name: s
         raise ValueError(f"`{name}` must be floats in [0, 1] (decode with x * 0.5 + 0.5); got range [{lo:.3f}, {hi:.3f}].")
 
 
+def check_reward_output(rewards: Any, batch: int, name: str) -> torch.Tensor:
+    """``rewards`` if it is a float Tensor [batch] (one value per image); ValueError naming ``name`` else."""
+    if not isinstance(rewards, torch.Tensor):
+        raise ValueError(
+            f"reward {name!r} must return a torch.Tensor of shape [{batch}] (one value per image); "
+            f"it returned a {type(rewards).__name__}."
+        )
+    if tuple(rewards.shape) != (batch,):
+        raise ValueError(
+            f"reward {name!r} must return one value per image, shape [{batch}]; "
+            f"it returned shape {list(rewards.shape)}."
+        )
+    if not rewards.is_floating_point():
+        raise ValueError(f"reward {name!r} must return floating-point values; it returned {rewards.dtype}.")
+    return rewards
+
+
+def probe_reward(reward: Callable, images: torch.Tensor, prompts: Sequence[Any], name: str) -> None:
+    """Call ``reward`` once on ``images`` [B, C, H, W] (B >= 2) and check its contract before training:
+    a float Tensor [B], differentiable with respect to the images. ValueError naming ``name`` otherwise."""
+    x = images.detach().float().clone().requires_grad_(True)
+    with torch.enable_grad():
+        out = check_reward_output(reward(x, list(prompts)), x.shape[0], name)
+        grad = None
+        if out.requires_grad:
+            (grad,) = torch.autograd.grad(out.float().sum(), x, allow_unused=True)
+    if grad is None:
+        raise ValueError(
+            f"reward {name!r} is not differentiable in the images (its output is detached from them, e.g. computed "
+            "under no_grad, with numpy or .item()); the trained methods need grad r(x): compute it with torch ops."
+        )
+
+
 class WeightedReward(torch.nn.Module):
     """sum_i w_i * r_i(images, prompts)."""
 

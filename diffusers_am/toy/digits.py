@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..jsonio import dumps
+
 NUM_CLASSES = 10
 IMAGE_SIZE = 8
 WEIGHTS_NAME = "model.safetensors"
@@ -162,7 +164,7 @@ class DigitsClassifier(nn.Module):
         config = {"architecture": type(self).__name__, **asdict(self.config)}
         if extra_config:
             config["training"] = extra_config
-        (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (out / CONFIG_NAME).write_text(dumps(config, indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: torch.device | str | None = None) -> "DigitsClassifier":

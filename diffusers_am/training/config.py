@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -160,11 +161,15 @@ class TrainingConfig:
     # -- checkpoints and outputs --------------------------------------------------------------
     output_dir: str = _f("outputs/adjoint-matching", "Where the adapter, grids, card, log and checkpoints go.")
     overwrite_output_dir: bool = _f(
-        False, "Start a new run in an output_dir that holds a previous one (its " "checkpoints and log are removed)."
+        False,
+        "Start a new run in an output_dir that holds a previous run of this trainer (the files that run wrote are "
+        "removed at set-up; other files stay). A folder that is not a run is never written into.",
     )
     checkpointing_steps: int = _f(0, "Save a resumable checkpoint every this many updates (0: never).")
     checkpoints_total_limit: int | None = _f(None, "Keep at most this many checkpoints (oldest removed first).")
-    resume_from_checkpoint: str | None = _f(None, "A checkpoint folder, or 'latest' (the newest in output_dir).")
+    resume_from_checkpoint: str | None = _f(
+        None, "A checkpoint folder, or 'latest' (the newest intact one in output_dir; damaged ones are skipped)."
+    )
     report_to: str = _f("tensorboard", "Tracker for accelerate: tensorboard, wandb, all or none.", choices=TRACKERS)
     logging_dir: str = _f("logs", "Tracker folder, relative to output_dir.")
     tracker_project_name: str = _f("adjoint-matching", "Project name for the tracker.")
@@ -184,7 +189,10 @@ class TrainingConfig:
 
     # -- validation -----------------------------------------------------------------------------
     def validate(self) -> None:
-        """Raise ValueError naming the first bad field and how to fix it."""
+        """Coerce YAML / JSON spellings to each field's type (strictly), then raise ValueError naming the
+        first bad field and how to fix it."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f, getattr(self, f.name)))
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
@@ -200,8 +208,10 @@ class TrainingConfig:
             "num_validation_images",
         ):
             _check_int(self, name, minimum=1)
-        for name in ("lr_warmup_steps", "validation_steps", "checkpointing_steps", "num_eval_samples"):
+        for name in ("lr_warmup_steps", "validation_steps", "checkpointing_steps", "num_eval_samples", "seed"):
             _check_int(self, name, minimum=0)
+        if self.seed >= 2**32:
+            raise ValueError(f"`--seed` must be below 2**32 (numpy's limit); got {self.seed}.")
         for name in ("num_inference_steps", "resolution", "checkpoints_total_limit", "cpu_threads"):
             if getattr(self, name) is not None:
                 _check_int(self, name, minimum=1)
@@ -218,6 +228,12 @@ class TrainingConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ValueError(f"`--{name}` must be in [0, 1); got {value!r}.")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise ValueError(
+                f"`--lora_alpha` must be > 0 (the LoRA update is scaled by alpha / rank); got {self.lora_alpha!r}."
+            )
+        if self.adam_weight_decay < 0:
+            raise ValueError(f"`--adam_weight_decay` must be >= 0; got {self.adam_weight_decay!r}.")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"`--lora_dropout` must be in [0, 1); got {self.lora_dropout!r}.")
         if not 0.0 < self.sde_t_min < 1.0:
@@ -263,6 +279,73 @@ class TrainingConfig:
         return cls(**values)
 
 
+BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+"""The spellings a boolean option accepts (any case), on the command line and in ``--config`` files."""
+
+
+def parse_bool(value: Any, name: str) -> bool:
+    """``value`` as a bool: a bool, 0 / 1, or one of :data:`BOOL_WORDS` (any case); else ValueError."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in BOOL_WORDS:
+        return BOOL_WORDS[value.strip().lower()]
+    raise ValueError(f"`--{name}` must be true or false (also yes/no, 1/0); got {value!r}.")
+
+
+def _kind(f: dataclasses.Field) -> tuple[str, bool]:
+    """(bool | int | float | str | list, whether None is allowed) from a field's annotation."""
+    ann = str(f.type).replace(" ", "")
+    optional = ann.endswith("|None")
+    for kind in ("bool", "int", "float", "list"):
+        if ann.startswith(kind):
+            return kind, optional
+    return "str", optional
+
+
+def _coerce(f: dataclasses.Field, value: Any) -> Any:
+    """``value`` of field ``f`` converted strictly to its type: booleans from :data:`BOOL_WORDS`, integers
+    from ints or integer strings (never 1.5 or True), finite floats from numbers or numeric strings,
+    strings from strings, lists from lists (or one string); ValueError naming the flag otherwise."""
+    kind, optional = _kind(f)
+    name = f.name
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"`--{name}` must be set (it has no 'none' value).")
+    if kind == "bool":
+        return parse_bool(value, name)
+    if kind == "int":
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            return int(value.strip())
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"`--{name}` must be an integer; got {value!r}.")
+        return value
+    if kind == "float":
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value.strip())
+            except ValueError:
+                raise ValueError(f"`--{name}` must be a number; got {value!r}.") from None
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            raise ValueError(f"`--{name}` must be a number; got {value!r}.")
+        if not math.isfinite(number):
+            raise ValueError(f"`--{name}` must be a finite number; got {value!r}.")
+        return float(number)
+    if kind == "list":
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(v, (str, int)) for v in items):
+            raise ValueError(f"`--{name}` must be a list of strings; got {value!r}.")
+        return list(items)
+    if value is False and "no" in f.metadata.get("choices", ()):
+        return "no"  # YAML reads an unquoted `mixed_precision: no` as false
+    if not isinstance(value, str):
+        raise ValueError(f"`--{name}` must be a string; got {value!r}.")
+    return value
+
+
 def _check_int(cfg: TrainingConfig, name: str, minimum: int) -> None:
     value = getattr(cfg, name)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -285,7 +368,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"`--config` {str(path)!r} is not a file.")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"`--config` {str(path)!r} is not a UTF-8 text file (YAML or JSON).") from None
     try:
         if path.suffix.lower() == ".json":
             values = json.loads(text)
@@ -306,25 +392,37 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             f"`--config` {str(path)!r} has unknown option(s) {', '.join(unknown)}; "
             f"run `train_adjoint_matching.py --help` for the list."
         )
-    fields = {f.name: f for f in dataclasses.fields(TrainingConfig)}
-    for name, value in values.items():
-        if _type_of(fields[name]) is float and isinstance(value, (str, int)) and not isinstance(value, bool):
-            try:
-                values[name] = float(value)  # YAML reads `1e-3` (no dot) as a string
-            except ValueError:
-                raise ValueError(f"`--config` {str(path)!r}: `{name}` must be a number; got {value!r}.") from None
-    return values
+    return values  # TrainingConfig coerces YAML spellings (`1e-3` is a string to YAML, `"no"` a bool to us)
 
 
-def _type_of(f: dataclasses.Field) -> Any:
-    ann = str(f.type)
-    if ann.startswith("bool"):
-        return bool
-    if ann.startswith("int"):
-        return int
-    if ann.startswith("float"):
-        return float
-    return str
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line (``error: ...``, exit code 2), not the usage
+    of every flag followed by the message."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+class BoolFlag(argparse.Action):
+    """A boolean flag: ``--name`` (true), ``--name VALUE`` (any of :data:`BOOL_WORDS`) or ``--no-name``."""
+
+    def __init__(self, option_strings: list[str], dest: str, default: Any = None, help: str | None = None):
+        negated = [f"--no-{s[2:]}" for s in option_strings if s.startswith("--")]
+        super().__init__(option_strings + negated, dest, nargs="?", default=default, help=help, metavar="BOOL")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string.startswith("--no-"):
+            if values is not None:
+                parser.error(f"argument {option_string} takes no value; got {values!r}")
+            setattr(namespace, self.dest, False)
+            return
+        try:
+            setattr(namespace, self.dest, True if values is None else parse_bool(values, self.dest))
+        except ValueError as err:
+            parser.error(str(err))
+
+
+_PARSERS = {"bool": str, "int": int, "float": float, "str": str, "list": str}
 
 
 def _optional(parse):
@@ -337,7 +435,7 @@ def _optional(parse):
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI: ``--config`` plus one flag per :class:`TrainingConfig` field."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="train_adjoint_matching.py",
         description="Fine-tune a flow-matching pipeline toward a reward with truncated adjoint matching "
         "(or DRaFT-K / ReFL-K) and save a diffusers LoRA adapter.",
@@ -350,27 +448,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="YAML or JSON file setting any of the options below; " "command-line flags override it.",
     )
     for f in dataclasses.fields(TrainingConfig):
-        kind = _type_of(f)
+        kind, optional = _kind(f)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": f.metadata["help"]}
-        if kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
+        if kind == "bool":
+            kwargs["action"] = BoolFlag
         else:
-            kwargs["type"] = _optional(kind) if "None" in str(f.type) else kind
+            kwargs["type"] = _optional(_PARSERS[kind]) if optional else _PARSERS[kind]
             if "choices" in f.metadata:
-                kwargs["choices"] = list(f.metadata["choices"]) + ([None] if "None" in str(f.type) else [])
+                kwargs["choices"] = list(f.metadata["choices"]) + ([None] if optional else [])
             if "nargs" in f.metadata:
                 kwargs["nargs"] = f.metadata["nargs"]
         parser.add_argument(f"--{f.name}", *f.metadata.get("aliases", ()), **kwargs)
     return parser
 
 
+_UNSET = object()
+
+
 def parse_args(argv: Sequence[str] | None = None) -> TrainingConfig:
-    """Parse the command line (``--config`` first, flags override it) into a validated config."""
+    """Parse the command line (``--config`` first, flags override it) into a validated config.
+
+    Values from the ``--config`` file are validated by :class:`TrainingConfig` itself (argparse would
+    convert them as if typed on the command line); an error in one names the file."""
     parser = build_parser()
     pre, _ = parser.parse_known_args(argv)
-    if pre.config:
-        parser.set_defaults(**load_config_file(pre.config))
-    args = vars(parser.parse_args(argv))
-    args.pop("config")
-    return TrainingConfig(**args)
+    from_file = load_config_file(pre.config) if pre.config else {}
+    parser.set_defaults(**{name: _UNSET for name in FIELD_NAMES})
+    given = vars(parser.parse_args(argv))
+    given.pop("config")
+    values = {name: value for name, value in given.items() if value is not _UNSET}
+    for name, value in from_file.items():
+        values.setdefault(name, value)
+    try:
+        return TrainingConfig(**values)
+    except ValueError as err:
+        match = re.match(r"`--(\w+)`", str(err))
+        if match and match.group(1) in from_file and given.get(match.group(1)) is _UNSET:
+            raise ValueError(f"{str(err).rstrip('.')} (in `--config` {pre.config!r}).") from None
+        raise

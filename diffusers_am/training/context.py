@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -43,6 +43,8 @@ class RunContext:
     val_prompts: list
     eval_set: tuple[list, torch.Tensor]
     validation: ValidationMetrics
+    lr_history: list[tuple[int, float]] = field(default_factory=list)
+    """(first update, learning rate) pairs: one, or more when a resume changed ``--learning_rate``."""
 
     @contextlib.contextmanager
     def ema_weights(self) -> Iterator[None]:

@@ -122,12 +122,17 @@ def load_prompts(
     path = Path(source)
     suffix = path.suffix.lower()
     if path.is_file():
-        if suffix == ".csv":
-            out = _from_csv(path, conditioning, column)
-        elif suffix in (".jsonl", ".json"):
-            out = _from_jsonl(path, conditioning, column)
-        else:
-            out = _from_txt(path, conditioning)
+        try:
+            if suffix == ".csv":
+                out = _from_csv(path, conditioning, column)
+            elif suffix in (".jsonl", ".json"):
+                out = _from_jsonl(path, conditioning, column)
+            else:
+                out = _from_txt(path, conditioning)
+        except UnicodeDecodeError:
+            raise ValueError(
+                f"`--prompts` file {str(path)!r} is not UTF-8 text (one prompt a line, or .csv / .jsonl)."
+            ) from None
     elif suffix in (".txt", ".csv", ".jsonl", ".json"):
         raise ValueError(f"`--prompts` file {str(path)!r} does not exist.")
     else:

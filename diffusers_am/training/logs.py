@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from ..jsonio import dumps
+
 LOG_NAME = "train_log.jsonl"
 REQUIRED_FIELDS = (
     "step",
@@ -41,19 +43,6 @@ def peak_memory_bytes(device: torch.device | str | None = None) -> int:
         return int(psutil.Process().memory_info().peak_wset)
 
 
-def _plain(value: Any) -> Any:
-    """JSON-safe: tensors to lists / floats, NaN and inf to None."""
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().tolist()
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
 def finite_scalars(record: dict[str, Any]) -> dict[str, int | float]:
     """The finite int / float fields of a record (what a tracker logs)."""
     return {k: v for k, v in record.items() if isinstance(v, (int, float)) and v is not None and math.isfinite(v)}
@@ -68,7 +57,7 @@ class JsonlLog:
     def append(self, record: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(_plain(record)) + "\n")
+            handle.write(dumps(record) + "\n")
 
     def read(self) -> list[dict[str, Any]]:
         if not self.path.is_file():
@@ -79,5 +68,5 @@ class JsonlLog:
         """Drop records of updates after ``step`` (a resumed run rewrites them)."""
         kept = [r for r in self.read() if int(r.get("step", 0)) <= step]
         tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        tmp.write_text("".join(dumps(r) + "\n" for r in kept), encoding="utf-8")
         tmp.replace(self.path)

@@ -1,25 +1,53 @@
 """The end of a run: the adapter (EMA weights when kept), final grid, reward after, summary, model card
-and the Hub upload, written by the main process into ``output_dir``."""
+and the Hub upload, written by the main process into ``output_dir``.
+
+The adapter is written to ``.tmp-adapter/`` and moved into place, so an interrupted or failed write (a
+full disk) never leaves a truncated ``pytorch_lora_weights.safetensors``."""
 
 from __future__ import annotations
 
-import json
+import os
 import shutil
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..jsonio import write_json
 from ..models import EMBEDDED_DIGITS_BASE
 from .context import RunContext
-from .validation import eval_reward, validation_grid
+from .logs import LOG_NAME
+from .validation import VALIDATION_LOG_NAME, eval_reward, validation_grid
 
 if TYPE_CHECKING:
     from .trainer import TrainResult
 
+CONFIG_NAME = "training_config.json"
 ADAPTER_NAME = "pytorch_lora_weights.safetensors"
 CARD_NAME = "README.md"
 GRID_NAME = "samples.png"
 SUMMARY_NAME = "train_summary.json"
+ADAPTER_TMP = ".tmp-adapter"
+OUTPUT_NAMES = (ADAPTER_NAME, ADAPTER_TMP, CARD_NAME, GRID_NAME, SUMMARY_NAME)
+"""Top-level entries of output_dir written here."""
+
+
+def save_adapter(ctx: RunContext) -> Path:
+    """Write the adapter (the EMA weights with ``--use_ema``) to ``output_dir`` atomically; returns its path.
+
+    Raises RuntimeError (nothing written) when the weights are not finite."""
+    out = ctx.output_dir
+    with ctx.ema_weights():
+        if not all(torch.isfinite(p).all() for p in ctx.params):
+            raise RuntimeError("the LoRA weights are not finite; the adapter was not written.")
+        tmp = out / ADAPTER_TMP
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            ctx.adapter.save_lora(str(tmp))
+            os.replace(tmp / ADAPTER_NAME, out / ADAPTER_NAME)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out / ADAPTER_NAME
 
 
 def write_outputs(ctx: RunContext, result: TrainResult, last: dict[str, Any], repo_id: str) -> None:
@@ -28,10 +56,8 @@ def write_outputs(ctx: RunContext, result: TrainResult, last: dict[str, Any], re
     ``last`` is the last update's log record (the card's final metrics); ``repo_id`` the Hub repo."""
     cfg, accelerator, out = ctx.config, ctx.accelerator, ctx.output_dir
     if accelerator.is_main_process:
+        save_adapter(ctx)
         with ctx.ema_weights():
-            if not all(torch.isfinite(p).all() for p in ctx.params):
-                raise RuntimeError("the LoRA weights are not finite; the adapter was not written.")
-            ctx.adapter.save_lora(str(out))
             validation_grid(ctx, "validation/final.png", step=result.steps)
             shutil.copyfile(out / "validation/final.png", out / GRID_NAME)
             if cfg.num_eval_samples:
@@ -45,23 +71,42 @@ def write_outputs(ctx: RunContext, result: TrainResult, last: dict[str, Any], re
             "num_processes": accelerator.num_processes,
             "num_eval_samples": len(ctx.eval_set[0]),
         }
-        (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2))
+        write_json(out / SUMMARY_NAME, summary)
         write_model_card(ctx, result, last, repo_id)
         if accelerator.trackers:
             accelerator.log(
                 {"reward_before": result.reward_before, "reward_after": result.reward_after}, step=result.steps
             )
         if cfg.push_to_hub:
-            from .hub import push_output_dir
-
-            url = push_output_dir(out, repo_id, token=cfg.hub_token)
-            accelerator.print(f"pushed to {url}")
+            push(ctx, repo_id)
     accelerator.wait_for_everyone()
+
+
+def push(ctx: RunContext, repo_id: str) -> None:
+    """Upload the finished run (adapter, card, grids, config, logs; no checkpoints) to ``repo_id``;
+    RunStopped (exit 1) with one line when the upload fails: the run itself is complete on disk."""
+    from .errors import RunStopped
+    from .hub import upload_output_dir
+
+    cfg, out = ctx.config, ctx.output_dir
+    files = [ADAPTER_NAME, CARD_NAME, GRID_NAME, SUMMARY_NAME, CONFIG_NAME, LOG_NAME, VALIDATION_LOG_NAME]
+    files.append("validation/*")
+    try:
+        url = upload_output_dir(out, repo_id, files, token=cfg.hub_token)
+    except Exception as err:  # network and HTTP errors of huggingface_hub
+        reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        raise RunStopped(
+            f"the run is complete in {str(out)!r}, but the upload to {repo_id!r} failed ({reason}); upload it later "
+            f"with `hf upload {repo_id} {out} --exclude 'checkpoint-*' --exclude '.*'`.",
+            exit_code=1,
+        ) from None
+    ctx.accelerator.print(f"pushed to {url}")
 
 
 def write_model_card(ctx: RunContext, result: TrainResult, last: dict[str, Any], repo_id: str) -> None:
     """``README.md``: the model card of the adapter (``model_card_template.md``)."""
     from .model_card import render_model_card
+    from .resume_policy import learning_rate_text
 
     cfg, adapter = ctx.config, ctx.adapter
     base = cfg.pretrained_model_name_or_path or str(EMBEDDED_DIGITS_BASE)
@@ -86,7 +131,7 @@ def write_model_card(ctx: RunContext, result: TrainResult, last: dict[str, Any],
         conditioning=adapter.conditioning,
         num_eval_samples=cfg.num_eval_samples,
         batch_size=f"{cfg.train_batch_size} x {ctx.accelerator.num_processes} x {cfg.gradient_accumulation_steps}",
-        learning_rate=cfg.learning_rate,
+        learning_rate=learning_rate_text(ctx.lr_history, result.steps) if ctx.lr_history else cfg.learning_rate,
         lr_scheduler=cfg.lr_scheduler,
         rank=cfg.rank,
         lora_alpha=cfg.lora_alpha if cfg.lora_alpha is not None else cfg.rank,

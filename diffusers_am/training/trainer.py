@@ -4,17 +4,19 @@ It reaches the model only through :func:`diffusers_am.models.load_model_adapter`
 :class:`~diffusers_am.models.base.FlowModelAdapter` interface, the reward only through
 :func:`diffusers_am.rewards.load_reward`, and the math only through :mod:`diffusers_am.objectives`.
 
-Set-up builds a :class:`~.context.RunContext` once. The loop runs one :func:`.update.run_update` per
-update (micro-batches, the NaN skip, the single gradient all-reduce, the optimizer step), logs it,
-checkpoints (:mod:`.checkpoints`) and validates (:mod:`.validation`); :mod:`.outputs` writes the
-finished run.
+The main process first claims the output folder (:mod:`.run_folder`: an empty, new or own-run folder,
+locked against a second trainer), checks the resume checkpoint (:mod:`.resume_policy`) and the Hub repo.
+Set-up then builds a :class:`~.context.RunContext` once, checking every input (the reward's contract, the
+free space) before the first write. The loop runs one :func:`.update.run_update` per update (micro-batches,
+the NaN skip, the single gradient all-reduce, the optimizer step), logs it, checkpoints (:mod:`.checkpoints`)
+and validates (:mod:`.validation`); SIGINT / SIGTERM stop it after the current update with a checkpoint
+(:mod:`.interrupts`); :mod:`.outputs` writes the finished run.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
+import signal
 import time
 import warnings
 from dataclasses import dataclass
@@ -24,19 +26,24 @@ from typing import Any
 import torch
 
 from ..flow import check_truncation
+from ..jsonio import write_json
 from ..models import EMBEDDED_DIGITS_BASE, FlowModelAdapter, LoraSettings, load_model_adapter
-from ..rewards import load_reward
-from .checkpoints import CheckpointManager, list_checkpoints, resolve_checkpoint
+from ..rewards import check_reward_output, load_reward, probe_reward
+from .checkpoints import CheckpointManager, list_checkpoints
+from .claim import claim_run, run_entries
 from .config import TrainingConfig
 from .context import RunContext
-from .data import PromptSampler, _as_condition, check_class_labels, load_prompts
+from .data import PromptSampler, _as_condition, check_class_labels, derive_seed, load_prompts
+from .disk import bytes_to_save, check_free_space, checkpoint_bytes_estimate, tensor_bytes, write_failure
+from .errors import RunStopped
+from .interrupts import Interrupted, StopSignals, agree_to_stop
 from .logs import LOG_NAME, JsonlLog, finite_scalars, peak_memory_bytes
-from .outputs import ADAPTER_NAME, CARD_NAME, GRID_NAME, SUMMARY_NAME, write_outputs
+from .outputs import ADAPTER_NAME, CARD_NAME, CONFIG_NAME, GRID_NAME, save_adapter, write_outputs
+from .progress import RunProgress
+from .resume_policy import apply_learning_rate, check_resume_config
+from .run_folder import RunFolder
 from .update import STEP_FUNCTIONS, check_in_sync, run_update
-from .validation import VALIDATION_LOG_NAME, ValidationMetrics, eval_reward, eval_set, validation_grid
-
-CONFIG_NAME = "training_config.json"
-
+from .validation import ValidationMetrics, eval_reward, eval_set, validation_grid
 
 @dataclass
 class TrainResult:
@@ -52,15 +59,6 @@ class TrainResult:
     steps: int
     skipped_updates: int
     seconds_per_update: float | None
-
-
-def previous_run_files(output_dir: Path) -> list[str]:
-    """Names in ``output_dir`` that belong to an earlier run (log, adapter, checkpoints)."""
-    if not output_dir.is_dir():
-        return []
-    names = [LOG_NAME, ADAPTER_NAME, SUMMARY_NAME]
-    found = [n for n in names if (output_dir / n).exists()]
-    return found + [p.name for _, p in list_checkpoints(output_dir)]
 
 
 def _check_tracker(report_to: str) -> None:
@@ -82,27 +80,16 @@ class AdjointMatchingTrainer:
         self.config = config
         self.output_dir = Path(config.output_dir)
         self.resume_path: Path | None = None
-        self._check_output_dir()
+        self.hub_repo: str | None = None
+        self.lr_history: list[tuple[int, float]] = [(1, config.learning_rate)]
+        self.progress = RunProgress(self.output_dir)
 
     def hub_repo_id(self) -> str:
-        """``--hub_model_id``, or the output folder's name (as diffusers' examples do)."""
-        return self.config.hub_model_id or self.output_dir.resolve().name
+        """The Hub repo: as ``create_repo`` resolved it at set-up, else ``--hub_model_id`` or the output
+        folder's name (as diffusers' examples do)."""
+        return self.hub_repo or self.config.hub_model_id or self.output_dir.resolve().name
 
     # -- set-up ---------------------------------------------------------------------------------
-    def _check_output_dir(self) -> None:
-        """Refuse to clobber an earlier run; resolve the resume checkpoint (before anything is written)."""
-        cfg = self.config
-        if cfg.resume_from_checkpoint:
-            self.resume_path = resolve_checkpoint(cfg.resume_from_checkpoint, self.output_dir)
-            return
-        previous = previous_run_files(self.output_dir)
-        if previous and not cfg.overwrite_output_dir:
-            raise ValueError(
-                f"`--output_dir` {str(self.output_dir)!r} already holds a run ({', '.join(previous[:4])}); pass "
-                "`--resume_from_checkpoint latest` to continue it, `--overwrite_output_dir` to start over, "
-                "or another `--output_dir`."
-            )
-
     def _accelerator(self):
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
@@ -166,20 +153,38 @@ class AdjointMatchingTrainer:
             return bnb.optim.AdamW8bit(params, **kwargs)
         return torch.optim.AdamW(params, **kwargs)
 
-    def _prepare_dirs(self, accelerator) -> None:
-        cfg = self.config
+    def _prepare_dirs(self, accelerator, folder: RunFolder | None) -> None:
+        """The first write into output_dir (main process): a new run removes the files the previous run
+        there owned (``--overwrite_output_dir``), then the marker lists this run's entries and the config
+        is written."""
         if not accelerator.is_main_process:
             return
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.overwrite_output_dir and not cfg.resume_from_checkpoint:
-            for _, path in list_checkpoints(self.output_dir):
-                shutil.rmtree(path)
-            for name in (LOG_NAME, SUMMARY_NAME, VALIDATION_LOG_NAME):
-                (self.output_dir / name).unlink(missing_ok=True)
-            shutil.rmtree(self.output_dir / "validation", ignore_errors=True)
-        (self.output_dir / CONFIG_NAME).write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+        folder.start(run_entries(self.config), fresh=self.resume_path is None)
+        write_json(self.output_dir / CONFIG_NAME, self.config.to_dict())
 
-    def _setup(self, accelerator) -> RunContext:
+    def _check_rewards(
+        self, adapter: FlowModelAdapter, reward, validation: ValidationMetrics, prompts: list, resolution: int
+    ) -> None:
+        """Call the reward on two decoded noise samples before anything is written: one value per image and
+        differentiable, else ValueError naming it; the held-out ``--validation_reward`` must give one value
+        per image too."""
+        cfg = self.config
+        gen = torch.Generator(device=adapter.device).manual_seed(derive_seed(cfg.seed, "reward-probe"))
+        with torch.no_grad():
+            images = adapter.decode(adapter.initial_noise(2, resolution, gen)).float()
+        conditions = [prompts[i % len(prompts)] for i in range(2)]
+        probe_reward(reward, images, conditions, cfg.reward)
+        if validation.reward is not None:
+            with torch.no_grad():
+                check_reward_output(validation.reward(images, conditions), 2, cfg.validation_reward)
+
+    def _check_free_space(self, accelerator, params: list[torch.nn.Parameter]) -> None:
+        """ValueError when output_dir's disk cannot take a checkpoint and the adapter (main process)."""
+        if accelerator.is_main_process:
+            needed = bytes_to_save(checkpoint_bytes_estimate(params, self.config.use_ema) + tensor_bytes(params))
+            check_free_space(self.output_dir, needed, "this run (a checkpoint, the adapter, grids and logs)")
+
+    def _setup(self, accelerator, folder: RunFolder | None) -> RunContext:
         """Load the model and reward, add the LoRA, build the optimizer and LR schedule, prepare them;
         every input is checked before the first write into output_dir."""
         cfg = self.config
@@ -194,11 +199,13 @@ class AdjointMatchingTrainer:
         validation = ValidationMetrics(cfg, accelerator)  # before anything is written: a bad name fails here
         prompts, val_prompts = self._conditions(adapter)
 
+        times = adapter.time_grid(n_steps, resolution)  # validates --resolution for the family
+        self._check_rewards(adapter, reward, validation, prompts, resolution)
         params, named = self._add_lora(adapter)
         optimizer = self._optimizer(params)
-        times = adapter.time_grid(n_steps, resolution)  # validates --resolution for the family
         evals = eval_set(adapter, prompts, resolution, cfg.num_eval_samples, cfg.seed)
-        self._prepare_dirs(accelerator)  # first write into output_dir: every input is valid by now
+        self._check_free_space(accelerator, params)
+        self._prepare_dirs(accelerator, folder)  # first write into output_dir: every input is valid by now
         lr_scheduler = self._lr_scheduler(optimizer, accelerator.num_processes)
         train_module, optimizer, lr_scheduler = accelerator.prepare(adapter.transformer, optimizer, lr_scheduler)
 
@@ -213,6 +220,7 @@ class AdjointMatchingTrainer:
             params=params, named_params=named, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
             times=times, resolution=resolution, n_steps=n_steps, k_steps=k_steps, output_dir=self.output_dir,
             prompts=prompts, val_prompts=val_prompts, eval_set=evals, validation=validation,
+            lr_history=self.lr_history,
         )
 
     def _add_lora(self, adapter: FlowModelAdapter) -> tuple[list[torch.nn.Parameter], dict[str, torch.nn.Parameter]]:
@@ -264,24 +272,56 @@ class AdjointMatchingTrainer:
         torch.set_num_threads(self.config.cpu_threads or (int(env) if env.isdigit() and int(env) > 0 else 1))
 
     def _train(self) -> TrainResult:
-        from accelerate.utils import set_seed
-
         cfg = self.config
         accelerator = self._accelerator()
         self.accelerator = accelerator
         self._cpu_threads(accelerator.device)
+        progress = self.progress
+        with StopSignals() as signals:
+            folder = None
+            try:
+                claim = claim_run(cfg, accelerator, self.hub_repo_id())
+                folder, self.resume_path, self.hub_repo = claim.folder, claim.resume_path, claim.hub_repo
+                progress.resumed = self.resume_path is not None
+                return self._run(accelerator, folder, signals)
+            except Interrupted as sig:  # outside the updates: nothing to finish
+                raise RunStopped(progress.interrupted(sig.signum), 128 + sig.signum) from None
+            except KeyboardInterrupt:  # a second Ctrl-C while stopping
+                raise RunStopped(progress.interrupted(signal.SIGINT, aborted=True), 130) from None
+            except Exception as err:  # a full disk mid-run (after set-up's checks)
+                reason = write_failure(err, self.output_dir) if progress.phase != "set-up" else None
+                if reason is None:
+                    raise
+                raise RunStopped(progress.write_failed(reason), 1) from None
+            finally:
+                if folder is not None:
+                    folder.release()
+                if cfg.report_to != "none" and accelerator.trackers:
+                    accelerator.end_training()
+
+    def _run(self, accelerator, folder: RunFolder | None, signals: StopSignals) -> TrainResult:
+        from accelerate.utils import set_seed
+
+        cfg = self.config
         set_seed(cfg.seed)  # identical LoRA init on every process
-        ctx = self._setup(accelerator)
+        ctx = self._setup(accelerator, folder)
+        self.progress.phase = "the base model's evaluation"  # output_dir is written from here on
         ckpt = CheckpointManager(
-            accelerator, self.output_dir, ctx.named_params, ctx.adapter.save_lora, cfg.checkpoints_total_limit
+            accelerator, self.output_dir, ctx.named_params, ctx.adapter.save_lora, cfg.checkpoints_total_limit,
+            record=folder.record if folder is not None else None, ema=cfg.use_ema,
         )
+        self.progress.checkpoints = ckpt
         log = JsonlLog(self.output_dir / LOG_NAME)
         set_seed(cfg.seed, device_specific=True)  # per-process RNG (LoRA dropout); a resume restores it
-        global_step, nonfinite = self._resume(ckpt, log)
+        global_step, nonfinite = self._resume(ctx, ckpt, log)
+        self.progress.step = global_step
         if accelerator.is_main_process and accelerator.trackers == [] and cfg.report_to != "none":
             accelerator.init_trackers(cfg.tracker_project_name, config=cfg.tracker_config())
         reward_before = self._base_model_outputs(ctx)
-        global_step, nonfinite, durations, last = self._loop(ctx, ckpt, log, global_step, nonfinite)
+        self.progress.phase = "training"
+        with signals.deferred():
+            global_step, nonfinite, durations, last = self._loop(ctx, ckpt, log, global_step, nonfinite, signals)
+        self.progress.phase = "final outputs"
         check_in_sync(accelerator, ctx.params)
         out = self.output_dir
         result = TrainResult(
@@ -297,20 +337,35 @@ class AdjointMatchingTrainer:
             sum(durations) / len(durations) if durations else None,
         )
         write_outputs(ctx, result, last, self.hub_repo_id())
-        accelerator.end_training()
         return result
 
-    def _resume(self, ckpt: CheckpointManager, log: JsonlLog) -> tuple[int, int]:
-        """(update, skipped updates) to start from: the resume checkpoint's, restored, or (0, 0)."""
+    def _resume(self, ctx: RunContext, ckpt: CheckpointManager, log: JsonlLog) -> tuple[int, int]:
+        """(update, skipped updates) to start from: the resume checkpoint's, restored, or (0, 0). A changed
+        ``--learning_rate`` is applied from the next update on and added to the run's LR history."""
         if self.resume_path is None:
             return 0, 0
-        accelerator = self.accelerator
+        accelerator, cfg = self.accelerator, self.config
         state = ckpt.load(self.resume_path)
         global_step, nonfinite = int(state["step"]), int(state.get("nonfinite_count", 0))
+        changes = check_resume_config(state.get("config"), cfg, str(self.resume_path), global_step)
+        history = [tuple(item) for item in state.get("lr_history") or []] or [(1, cfg.learning_rate)]
+        if "learning_rate" in changes:
+            apply_learning_rate(ctx.optimizer, ctx.lr_scheduler, cfg.learning_rate)
+            history.append((global_step + 1, cfg.learning_rate))
+        self.lr_history[:] = history
         if accelerator.is_main_process:
             log.truncate_after(global_step)
-        accelerator.print(f"Resumed from {self.resume_path} at update {global_step}.")
+        if self.resume_path.parent.resolve() == self.output_dir.resolve():
+            self.progress.saved_at = global_step
+        changed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items() if k != "resume_from_checkpoint")
+        accelerator.print(
+            f"Resumed from {self.resume_path} at update {global_step}." + (f" Changed: {changed}." if changed else "")
+        )
         return global_step, nonfinite
+
+    def _state(self, nonfinite: int) -> dict[str, Any]:
+        """What a checkpoint records besides the step: skipped updates, the config and the LR history."""
+        return {"nonfinite_count": nonfinite, "config": self.config.to_dict(), "lr_history": self.lr_history}
 
     def _base_model_outputs(self, ctx: RunContext) -> float | None:
         """The base model's reward on the eval set (printed; None when off) and its validation grid."""
@@ -327,9 +382,16 @@ class AdjointMatchingTrainer:
         return reward_before
 
     def _loop(
-        self, ctx: RunContext, ckpt: CheckpointManager, log: JsonlLog, global_step: int, nonfinite: int
+        self,
+        ctx: RunContext,
+        ckpt: CheckpointManager,
+        log: JsonlLog,
+        global_step: int,
+        nonfinite: int,
+        signals: StopSignals,
     ) -> tuple[int, int, list[float], dict[str, Any]]:
-        """Updates up to ``max_train_steps``, each logged, checkpointed and validated as configured.
+        """Updates up to ``max_train_steps``, each logged, checkpointed and validated as configured; a stop
+        signal ends the loop after the current update (every process agrees) with :meth:`_stop`.
 
         Returns (updates done, skipped updates, seconds of each update run here, the last log record)."""
         from tqdm.auto import tqdm
@@ -345,11 +407,18 @@ class AdjointMatchingTrainer:
         )
         durations: list[float] = []
         record: dict[str, Any] = {}
-        while global_step < cfg.max_train_steps:
+        while True:
+            stop = agree_to_stop(accelerator, signals.requested)
+            if stop:
+                progress.close()
+                self._stop(ctx, ckpt, global_step, nonfinite, stop)
+            if global_step >= cfg.max_train_steps:
+                break
             start = time.perf_counter()
             adapter.transformer.train()
             record = run_update(ctx, sampler, step_fn, global_step)
             global_step += 1
+            self.progress.step = global_step
             nonfinite += int(record["skipped"])
             seconds = time.perf_counter() - start
             durations.append(seconds)
@@ -370,7 +439,8 @@ class AdjointMatchingTrainer:
                 loss=f"{record['loss']:.3g}" if record["loss"] is not None else "nan",
             )
             if cfg.checkpointing_steps and global_step % cfg.checkpointing_steps == 0:
-                ckpt.save(global_step, {"nonfinite_count": nonfinite})
+                ckpt.save(global_step, self._state(nonfinite))
+                self.progress.saved_at = global_step
             if cfg.validation_steps and global_step % cfg.validation_steps == 0 and global_step < cfg.max_train_steps:
                 if accelerator.is_main_process:
                     with ctx.ema_weights():
@@ -382,3 +452,26 @@ class AdjointMatchingTrainer:
                 f"{nonfinite} of {global_step} updates were skipped: the reward or the gradient was NaN or inf."
             )
         return global_step, nonfinite, durations, record
+
+    # -- stopping early ---------------------------------------------------------------------------------
+    def _stop(self, ctx: RunContext, ckpt: CheckpointManager, step: int, nonfinite: int, signum: int) -> None:
+        """After a stop signal (every process): write the checkpoint of ``step`` (unless it exists) and the
+        adapter so far, then raise RunStopped (exit 128 + signal) with the line that says how to resume."""
+        accelerator, out = ctx.accelerator, self.output_dir
+        if step == 0:
+            raise RunStopped(self.progress.interrupted(signum), 128 + signum)
+        if self.progress.saved_at == step:  # just saved (or resumed from): every process skips the save alike
+            path = dict(list_checkpoints(out)).get(step) if accelerator.is_main_process else None
+        else:
+            path = ckpt.save(step, self._state(nonfinite))
+        adapter_note = ""
+        if accelerator.is_main_process:
+            try:
+                adapter_note = f" and the adapter so far ({save_adapter(ctx)})"
+            except Exception as err:
+                reason = write_failure(err, out)
+                if reason is None:
+                    raise
+                adapter_note = f" (the adapter so far could not be written: {reason})"
+        accelerator.wait_for_everyone()
+        raise RunStopped(self.progress.stopped(signum, self.config.max_train_steps, path, adapter_note), 128 + signum)

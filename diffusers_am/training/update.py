@@ -17,6 +17,7 @@ import torch
 
 from ..objectives import NonFiniteRewardError, draft_step, ode_am_step, refl_step, sde_am_step
 from ..schedules import get_schedule
+from .collectives import any_process
 from .config import TrainingConfig
 from .context import RunContext
 from .data import PromptSampler, derive_seed
@@ -34,7 +35,7 @@ def run_update(ctx: RunContext, sampler: PromptSampler, step_fn: Callable, step:
     rewards, losses, norms, skipped = _accumulate(ctx, sampler, step_fn, step)
     accelerator = ctx.accelerator
     # every process agrees on skipping, then one all-reduce of the gradients
-    skipped = bool(accelerator.reduce(torch.tensor([float(skipped)], device=accelerator.device), "sum").item() > 0)
+    skipped = any_process(accelerator, skipped)
     skipped, grad_norm = _apply(ctx, skipped, step)
     return _record(ctx, rewards, losses, norms, skipped, grad_norm)
 

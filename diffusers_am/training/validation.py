@@ -12,7 +12,7 @@ import torch
 
 from ..flow import sample_euler
 from ..models.base import FlowModelAdapter
-from ..rewards import load_reward
+from ..rewards import check_reward_output, load_reward
 from .config import TrainingConfig
 from .data import derive_seed
 from .logs import JsonlLog
@@ -59,10 +59,11 @@ def mean_reward(
     reward: Callable, images: torch.Tensor, conditions: Sequence[Any], chunk_size: int = 32
 ) -> torch.Tensor:
     """Rewards [B] of images [B, C, H, W] (fp32, on CPU)."""
-    out = [
-        reward(images[i : i + chunk_size], list(conditions[i : i + chunk_size])).float().cpu()
-        for i in range(0, len(conditions), chunk_size)
-    ]
+    out = []
+    for i in range(0, len(conditions), chunk_size):
+        chunk = images[i : i + chunk_size]
+        value = check_reward_output(reward(chunk, list(conditions[i : i + chunk_size])), chunk.shape[0], "reward")
+        out.append(value.float().cpu())
     return torch.cat(out)
 
 
