@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -340,5 +341,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return results
 
 
+def cli(argv: Sequence[str] | None = None) -> int:
+    """``python -m diffusers_am.evaluate``: exit status 0, or 2 with a one-line ``error:`` for bad input."""
+    try:
+        main(argv)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())
