@@ -1,10 +1,11 @@
-# `make test` installs what it needs (idempotent) into .venv and runs pytest.
+# `make train` and `make test` install what they need (idempotent) into .venv, then train / run pytest.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+ARGS ?=
 
-.PHONY: install test toy clean
+.PHONY: install train test toy clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +20,10 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+# The default job (ODE-AM on the embedded digits base); more flags: make train ARGS="--max_train_steps 10".
+train: install
+	$(PY) -m diffusers_am.train $(ARGS)
+
 test: install
 	$(PY) -m pytest tests
 
@@ -26,4 +31,4 @@ toy: install
 	$(PY) examples/gaussian_toy.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info

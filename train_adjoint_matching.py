@@ -5,7 +5,8 @@
     python train_adjoint_matching.py --config examples/digits_default.yaml --max_train_steps 100
 
 A thin wrapper kept at the top level for ``accelerate launch train_adjoint_matching.py``; the entry
-point itself is :func:`diffusers_am.train.main` (also ``python -m diffusers_am.train``).
+point itself is :func:`diffusers_am.train.main` (also ``python -m diffusers_am.train`` and the
+console script ``diffusers-am-train`` of an installed package).
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
     accelerate launch train_adjoint_matching.py            # the default: ODE-AM on the embedded digits base
     python -m diffusers_am.train --config examples/digits_default.yaml --max_train_steps 100
+    accelerate launch -m diffusers_am.train ...            # or the console script: diffusers-am-train ...
 
 Every flag is a field of ``diffusers_am.training.TrainingConfig`` (``--help`` lists them); ``--config``
 takes a YAML or JSON file of the same names. Writes a diffusers LoRA adapter

@@ -1,4 +1,8 @@
-"""The adapter's model card: ``model_card_template.md`` rendered with ``huggingface_hub.ModelCard``."""
+"""The adapter's model card: ``model_card_template.md`` rendered with ``huggingface_hub.ModelCard``.
+
+The template is package data beside this module (an installed wheel carries it); the top-level
+``model_card_template.md`` of the repository is a symlink to it.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ METHOD_NAMES = {
     "draft": "DRaFT-K",
     "refl": "ReFL-K",
 }
-TEMPLATE = Path(__file__).resolve().parents[2] / "model_card_template.md"
+TEMPLATE = Path(__file__).resolve().with_name("model_card_template.md")
 
 
 def _fmt(value: Any) -> str:
