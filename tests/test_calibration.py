@@ -68,7 +68,8 @@ def test_sde_matched_lambda_equals_the_closed_form():
     schedule = MemorylessSchedule()
     t_s, ref_lambda = 0.8, 5.0
     k = round(N * (1 - t_s))
-    lam = matched_reward_scale(_probe(toy), _probe(toy, schedule=schedule), reference_scale=ref_lambda, truncate_steps=k)
+    sde = _probe(toy, schedule=schedule)
+    lam = matched_reward_scale(_probe(toy), sde, reference_scale=ref_lambda, truncate_steps=k)
     ref = _rms(lambda t: GaussianToy(1.0, 0.5, 0.8, ref_lambda).optimal_control(t, 2.0), t_s)
     unit = _rms(lambda t: schedule.sigma(t) * toy.sde_optimal_control(t, schedule) / 2, t_s)
     assert lam == pytest.approx(ref / unit, rel=1e-2)

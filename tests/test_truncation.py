@@ -30,7 +30,7 @@ def test_window_for_share_on_simple_profiles():
     uniform = torch.ones(10)
     assert [window_for_share(uniform, q) for q in (0.1, 0.5, 0.8, 0.81, 1.0)] == [1, 5, 8, 9, 10]
     early = torch.tensor([5.0, 1.0, 1.0, 1.0])  # most energy in the first step
-    assert window_for_share(early, 0.5) == 4 and window_for_share(early, 0.3) == 3 and window_for_share(early, 0.25) == 2
+    assert [window_for_share(early, q) for q in (0.5, 0.3, 0.25)] == [4, 3, 2]
     assert window_for_share(torch.tensor([0.0, 1.0, 1.0]), 1.0) == 2  # from the first step with energy
     assert window_for_share(uniform * 1e6, 0.5) == window_for_share(uniform, 0.5)  # scale-free
     # bounds clip, an all-zero profile takes the cheapest window
@@ -42,7 +42,8 @@ def test_window_for_share_on_simple_profiles():
     "kwargs, match",
     [
         ({"share": 0.0}, "share"), ({"share": 1.5}, "share"), ({"share": "x"}, "share"),
-        ({"min_steps": 0}, "min_steps"), ({"max_steps": 11}, "max_steps"), ({"min_steps": 5, "max_steps": 4}, "min_steps"),
+        ({"min_steps": 0}, "min_steps"), ({"max_steps": 11}, "max_steps"),
+        ({"min_steps": 5, "max_steps": 4}, "min_steps"),
     ],
 )
 def test_window_for_share_rejects_bad_arguments(kwargs, match):
@@ -59,7 +60,7 @@ def test_window_for_share_rejects_bad_energy(energy):
 @pytest.mark.parametrize("std", [0.5, 0.8])
 @pytest.mark.parametrize("share", [0.5, 0.8, 0.9])
 def test_toy_window_matches_the_closed_form(std, share):
-    # p = 2: e(t) = lambda^2 c^2 s^2 / D(t), D = (1 - t)^2 + t^2 s^2, whose primitive is arctan(((1 + s^2) t - 1) / s) / s;
+    # p = 2: e(t) = lambda^2 c^2 s^2 / D(t), D = (1 - t)^2 + t^2 s^2, with primitive arctan(((1 + s^2) t - 1) / s) / s;
     # the window [t_s, 1] holds the share q where F(t_s) = F(1) - q (F(1) - F(0)).
     toy = GaussianToy(mean=1.0, std=std, reward_slope=0.7)
     n = 1000
@@ -89,7 +90,8 @@ def test_adaptive_truncation_refresh_schedule_and_smoothing():
     assert state.update(torch.zeros(4), 6) == 2 and state.last_probe == 6
     fresh = AdaptiveTruncation(4, share=0.5, smoothing=0.0)
     fresh.update(torch.tensor([0.0, 0.0, 1.0, 1.0]), 0)
-    assert fresh.update(torch.tensor([4.0, 0.0, 0.0, 0.0]), 10) == 4 and fresh.update(torch.tensor([0, 0, 0, 1.0]), 20) == 1
+    assert fresh.update(torch.tensor([4.0, 0.0, 0.0, 0.0]), 10) == 4
+    assert fresh.update(torch.tensor([0.0, 0.0, 0.0, 1.0]), 20) == 1
 
 
 def test_adaptive_truncation_state_round_trips_through_json():
