@@ -6,14 +6,18 @@ velocity by sigma^2 |a~| / 2 = (1 - t) / t |a~|, small near t = 1 where truncate
 ``lambda`` as "the lambda of 2nd-order ODE-AM" and rescaling it per method makes a sweep compare methods
 at the same strength.
 
-The size of a method's target over its training window (the last K sampling steps, paper time) is one of
+The size of one sample's target over the training window (the last K sampling steps, paper time) is one of
 
 * ``"velocity"``: the dt-weighted RMS of the target velocity change |v*_theta - b| (what the LoRA must learn),
-  sqrt( sum_k dt_k E_b |dv*_k|^2 / sum_k dt_k );
-* ``"reward_gain"``: the first-order reward gain of the target control, sum_k E_b e_k / lambda
-  (e_k = :meth:`~diffusers_am.probe.ControlProfile.energy`).
+  sqrt( sum_k dt_k |dv*_k|^2 / sum_k dt_k );
+* ``"reward_gain"``: the first-order reward gain of the target control, sum_k e_k / lambda
+  (e_k = :meth:`~diffusers_am.probe.ControlProfile.energy`);
 
-Both grow as lambda^q (q = 1 / (p - 1) for ODE-AM, 1 for SDE-AM), so the matching lambda is closed form in a
+and the batch's size is the ``median`` (default), ``mean`` or ``rms`` over its samples. Reward gradients are
+heavy-tailed across samples (a confidently classified sample has almost none, a misclassified one a large one),
+and the matched lambda of order p moves with the (p - 2)-th power of the adjoint's size, so a batch RMS is
+dominated by a sample or two; the median is the typical sample. Every choice is positively homogeneous, so the
+size grows as lambda^q (q = 1 / (p - 1) for ODE-AM, 1 for SDE-AM) and the matching lambda is closed form in a
 probe's adjoint norms:  lambda = (S_ref / S_target(lambda = 1))^(1/q).
 """
 
@@ -24,6 +28,7 @@ import torch
 from .probe import ControlProfile, _positive
 
 STATISTICS = ("velocity", "reward_gain")
+REDUCTIONS = ("median", "mean", "rms")
 
 
 def _window_mask(profile: ControlProfile, truncate_steps: int) -> torch.Tensor:
@@ -33,16 +38,30 @@ def _window_mask(profile: ControlProfile, truncate_steps: int) -> torch.Tensor:
     return profile.step_index >= n - truncate_steps
 
 
-def control_size(profile: ControlProfile, truncate_steps: int, statistic: str = "velocity") -> float:
-    """The size of ``profile``'s target over its last ``truncate_steps`` sampling steps (module docstring)."""
+def sample_sizes(profile: ControlProfile, truncate_steps: int, statistic: str = "velocity") -> torch.Tensor:
+    """[B] each sample's target size over the last ``truncate_steps`` sampling steps (module docstring)."""
     mask = _window_mask(profile, truncate_steps)
     dt = profile.dt[mask]
     if statistic == "velocity":
-        sq = profile.velocity_change()[mask].pow(2).mean(1)
-        return float(((dt * sq).sum() / dt.sum()).sqrt())
+        sq = profile.velocity_change()[mask].pow(2)
+        return ((dt[:, None] * sq).sum(0) / dt.sum()).sqrt()
     if statistic == "reward_gain":
-        return float(profile.energy()[mask].mean(1).sum() / profile.reward_scale)
+        return profile.energy()[mask].sum(0) / profile.reward_scale
     raise ValueError(f"`statistic` must be one of {', '.join(STATISTICS)}; got {statistic!r}.")
+
+
+def control_size(
+    profile: ControlProfile, truncate_steps: int, statistic: str = "velocity", reduction: str = "median"
+) -> float:
+    """The batch's target size: ``reduction`` over :func:`sample_sizes`."""
+    sizes = sample_sizes(profile, truncate_steps, statistic)
+    if reduction == "median":
+        return float(sizes.median())
+    if reduction == "mean":
+        return float(sizes.mean())
+    if reduction == "rms":
+        return float(sizes.pow(2).mean().sqrt())
+    raise ValueError(f"`reduction` must be one of {', '.join(REDUCTIONS)}; got {reduction!r}.")
 
 
 def matched_reward_scale(
@@ -53,6 +72,7 @@ def matched_reward_scale(
     truncate_steps: int,
     reference_steps: int | None = None,
     statistic: str = "velocity",
+    reduction: str = "median",
 ) -> float:
     """The lambda at which ``target``'s method asks for the control size ``reference`` asks for at
     ``reference_scale``.
@@ -64,14 +84,15 @@ def matched_reward_scale(
         reference_scale: the reference lambda (the user's ``--reward_scale``).
         truncate_steps: K of the target's window.
         reference_steps: K of the reference window (default: ``truncate_steps``).
-        statistic: ``"velocity"`` or ``"reward_gain"`` (module docstring).
+        statistic: ``"velocity"`` or ``"reward_gain"``; reduction: ``"median"``, ``"mean"`` or ``"rms"``
+            over the batch (module docstring).
     Returns:
         the matched lambda (> 0). For an ODE-AM p = 2 target measured on the reference's batch, it is
         ``reference_scale`` itself.
     """
     lam = _positive(reference_scale, "reference_scale")
-    ref_size = control_size(reference.at(lam), reference_steps or truncate_steps, statistic)
-    unit_size = control_size(target.at(1.0), truncate_steps, statistic)
+    ref_size = control_size(reference.at(lam), reference_steps or truncate_steps, statistic, reduction)
+    unit_size = control_size(target.at(1.0), truncate_steps, statistic, reduction)
     if not (ref_size > 0 and unit_size > 0):
         raise ValueError(
             "cannot match lambda: the probe's reward gradient is zero over the window (the control it asks for "

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffusers_am.calibration import control_size, matched_reward_scale
-from diffusers_am.probe import probe_control_profile
+from diffusers_am.calibration import control_size, matched_reward_scale, sample_sizes
+from diffusers_am.probe import ControlProfile, probe_control_profile
 from diffusers_am.schedules import MemorylessSchedule
 from diffusers_am.toy.gaussian import GaussianToy, ToyControlledFlow
 from diffusers_am.toy.gaussian_fit import control_error, train_toy_control, uniform_grid
@@ -104,12 +104,40 @@ def test_training_at_the_matched_lambda_learns_controls_of_the_same_size():
     assert sizes[1] == pytest.approx(sizes[0], rel=0.03), sizes
 
 
+def _heavy_tailed(scales):
+    """An ODE profile over 4 steps whose samples have time-constant adjoint norms ``scales`` (at lambda = 1)."""
+    scales = torch.tensor(scales, dtype=torch.float64)
+    return ControlProfile(
+        times=torch.linspace(0, 1, 5, dtype=torch.float64), step_index=torch.arange(4), num_steps=4,
+        adjoint_norms=scales[None].expand(4, -1).clone(), reward_scale=1.0,
+    )
+
+
+@pytest.mark.parametrize("reduction", ["median", "mean", "rms"])
+@pytest.mark.parametrize("statistic", ["velocity", "reward_gain"])
+def test_every_reduction_matches_exactly_and_the_median_ignores_outliers(reduction, statistic):
+    prof = _heavy_tailed([0.01, 0.1, 1.0, 3.0, 100.0])
+    kw = dict(reference_scale=10.0, truncate_steps=2, statistic=statistic, reduction=reduction)
+    lam = matched_reward_scale(prof, prof.with_order(4), **kw)
+    ref = control_size(prof.at(10.0), 2, statistic, reduction)
+    assert control_size(prof.with_order(4).at(lam), 2, statistic, reduction) == pytest.approx(ref, rel=1e-9)
+    torch.testing.assert_close(sample_sizes(prof.at(10.0), 2, statistic), sample_sizes(prof, 2, statistic) * 10)
+    wild = _heavy_tailed([0.01, 0.1, 1.0, 3.0, 1e4])
+    outlier = matched_reward_scale(wild, wild.with_order(4), **kw)
+    if reduction == "median":  # constant per-sample sizes: lambda_4 = lambda_ref^3 median(|a|)^2, the outlier ignored
+        assert lam == pytest.approx(1000.0) and outlier == pytest.approx(lam)
+    else:  # the largest sample sets the scale: (p - 2) = 2 powers of it
+        assert outlier > 100 * lam
+
+
 def test_matching_rejects_bad_input():
     prof = _probe(GaussianToy(), n=10)
     with pytest.raises(ValueError, match="truncate_steps"):
         matched_reward_scale(prof, prof, reference_scale=1.0, truncate_steps=11)
     with pytest.raises(ValueError, match="statistic"):
         control_size(prof, 3, "energy")
+    with pytest.raises(ValueError, match="reduction"):
+        control_size(prof, 3, "velocity", "max")
     with pytest.raises(ValueError, match="reference_scale"):
         matched_reward_scale(prof, prof, reference_scale=-1.0, truncate_steps=3)
     flat = probe_control_profile(
