@@ -11,6 +11,8 @@ adjoint norm |a~_k| per step. Everything else is a closed form of those norms:
 * energy e_k = dt_k <-a~_k, drift change> = dt_k |u*_k|^p (ODE) or dt_k |u*_k|^2 (SDE): the first-order
   decrease of the terminal cost g = -lambda r that the optimal control earns at step k (its reward gain
   times lambda). Its share over the last K steps is what truncation to K keeps.
+* residual r_k = dt_k |u_theta(X_k) - u*_k|^2 (ODE-AM): what the matching loss of AM-Full still has to fit at
+  step k, given the control learned so far (r_k = dt_k |u*_k|^2 before training).
 
 The lean adjoint is linear in lambda (a~_N = -lambda grad r), so one probe at any lambda gives the profile
 at every lambda (:meth:`ControlProfile.at`), and for ODE-AM at every order p (:meth:`ControlProfile.with_order`).
@@ -45,8 +47,10 @@ class ControlProfile:
     reward_scale: lambda of the probe.
     order: p of the control cost (2 for SDE-AM).
     sigma, velocity_gain: [M] the SDE schedule at t_k (None for ODE-AM).
-    current_control: [M] batch mean of |v_theta - b| along the probe's trajectory, the control the model
-        has learned so far (ODE-AM only; None for SDE-AM).
+    learned_norms: [M, B] per-sample |u_theta| = |v_theta - b| along the probe's trajectory, the control the
+        model has learned so far (ODE-AM only; None for SDE-AM).
+    learned_dot_adjoint: [M, B] per-sample <u_theta, a~_k> at ``reward_scale`` (ODE-AM only), which with the
+        norms gives |u_theta - phi_p(a~)| for every lambda and p.
     reward: [B] rewards of the probe's terminal states.
     """
 
@@ -58,7 +62,8 @@ class ControlProfile:
     order: float = 2.0
     sigma: torch.Tensor | None = None
     velocity_gain: torch.Tensor | None = None
-    current_control: torch.Tensor | None = None
+    learned_norms: torch.Tensor | None = None
+    learned_dot_adjoint: torch.Tensor | None = None
     reward: torch.Tensor | None = None
 
     # -- views --------------------------------------------------------------------------------
@@ -79,8 +84,10 @@ class ControlProfile:
     def at(self, reward_scale: float) -> "ControlProfile":
         """The same profile at another lambda (the lean adjoint is linear in lambda)."""
         lam = _positive(reward_scale, "reward_scale")
+        ratio = lam / self.reward_scale
+        dot = None if self.learned_dot_adjoint is None else self.learned_dot_adjoint * ratio
         return dataclasses.replace(
-            self, adjoint_norms=self.adjoint_norms * (lam / self.reward_scale), reward_scale=lam
+            self, adjoint_norms=self.adjoint_norms * ratio, reward_scale=lam, learned_dot_adjoint=dot
         )
 
     def with_order(self, order: float) -> "ControlProfile":
@@ -113,9 +120,29 @@ class ControlProfile:
 
     def energy_share(self) -> torch.Tensor:
         """[N] :meth:`energy_per_step` normalised to sum 1 (all zeros when the energy is zero)."""
-        energy = self.energy_per_step()
-        total = energy.sum()
-        return energy / total if total > 0 else energy
+        return _share(self.energy_per_step())
+
+    def current_control(self) -> torch.Tensor | None:
+        """[M] batch mean of |u_theta| (ODE-AM; None for SDE-AM)."""
+        return None if self.learned_norms is None else self.learned_norms.mean(1)
+
+    def residual(self) -> torch.Tensor | None:
+        """[M, B] |u_theta - u*| per sample (ODE-AM; None for SDE-AM):
+        |u|^2 - 2 <u, phi_p(a~)> + |phi_p(a~)|^2 with phi_p(a~) = -|a~|^((2-p)/(p-1)) a~."""
+        if self.learned_norms is None:
+            return None
+        a = self.adjoint_norms
+        scale = torch.where(a > 0, a, torch.ones_like(a)).pow((2.0 - self.order) / (self.order - 1.0))
+        sq = self.learned_norms.pow(2) + 2.0 * scale * self.learned_dot_adjoint + self.control_norms().pow(2)
+        return sq.clamp_min(0.0).sqrt()
+
+    def residual_per_step(self) -> torch.Tensor | None:
+        """[N] batch mean of dt_k |u_theta - u*_k|^2 summed onto the sampling steps (ODE-AM; None for SDE-AM)."""
+        residual = self.residual()
+        if residual is None:
+            return None
+        out = torch.zeros(self.num_steps, dtype=residual.dtype)
+        return out.index_add_(0, self.step_index, self.dt * residual.pow(2).mean(1))
 
     def first_steps(self) -> torch.Tensor:
         """[N] index of the probe step that starts each sampling step (its own time t_k)."""
@@ -138,11 +165,17 @@ class ControlProfile:
             "probe_reward_scale": self.reward_scale,
             "probe_order": self.order,
         }
-        if self.current_control is not None:
-            out["probe_current_control"] = self.current_control[self.first_steps()].tolist()
+        if self.learned_norms is not None:
+            out["probe_current_control"] = self.current_control()[self.first_steps()].tolist()
+            out["probe_residual_share"] = _share(self.residual_per_step()).tolist()
         if self.reward is not None:
             out["probe_reward_mean"] = float(self.reward.mean())
         return out
+
+
+def _share(values: torch.Tensor) -> torch.Tensor:
+    total = values.sum()
+    return values / total if total > 0 else values
 
 
 def _positive(value: float, name: str) -> float:
@@ -204,12 +237,13 @@ def probe_control_profile(
     adjoint_norms = per_sample_norm(adj.reshape((-1,) + adj.shape[2:])).reshape(m, -1)
     grid_cpu = grid.detach().cpu().to(adjoint_norms.dtype)
     step_index = torch.searchsorted(times.detach().cpu().to(grid_cpu.dtype), grid_cpu[:-1], right=True) - 1
-    sigma = gain = current = None
+    sigma = gain = learned = dot = None
     if schedule is None:  # Euler: v_theta(X_k) = (X_{k+1} - X_k) / dt_k, so the learned control is free
         dt = (grid[1:] - grid[:-1]).to(states.dtype).reshape((-1,) + (1,) * (states.dim() - 1))
         v_ft = (states[1:] - states[:-1]) / dt
-        u = v_ft - window.base_velocities.to(v_ft.dtype)
-        current = per_sample_norm(u.reshape((-1,) + u.shape[2:])).reshape(m, -1).mean(1).cpu()
+        u = (v_ft - window.base_velocities.to(v_ft.dtype)).to(adj.dtype).reshape(m, adj.shape[1], -1)
+        learned = torch.linalg.vector_norm(u, dim=2).cpu()
+        dot = (u * adj.reshape(m, adj.shape[1], -1)).sum(2).cpu()
     else:
         t = grid[:-1].detach()
         sigma = torch.stack([schedule.sigma(tk) for tk in t]).cpu().to(adjoint_norms.dtype)
@@ -223,6 +257,7 @@ def probe_control_profile(
         order=order,
         sigma=sigma,
         velocity_gain=gain,
-        current_control=current,
+        learned_norms=learned,
+        learned_dot_adjoint=dot,
         reward=reward.detach().cpu(),
     )

@@ -40,7 +40,8 @@ def test_ode_probe_is_the_exact_euler_adjoint_of_the_toy():
     exact = (2.0 / toy.reward_scale) * toy.euler_lean_adjoint(times)[:-1].abs() * math.sqrt(DIMS)
     torch.testing.assert_close(prof.adjoint_norms, exact[:, None].expand(20, 6), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(prof.intensity_per_step(), exact)  # p = 2: |u*| = |a~|
-    assert float(prof.current_control.abs().max()) < 1e-12  # the base flow has no control yet
+    assert float(prof.current_control().abs().max()) < 1e-12  # the base flow has no control yet
+    torch.testing.assert_close(prof.residual(), prof.control_norms())  # ... so all of u* is left to fit
     # energy: dt |u*|^2; its share sums to 1 and peaks at the step holding t* = 1 / (1 + s^2) = 0.8
     torch.testing.assert_close(prof.energy_per_step(), exact.pow(2) * (times[1:] - times[:-1]))
     assert float(prof.energy_share().sum()) == pytest.approx(1.0)
@@ -53,11 +54,30 @@ def test_ode_probe_reads_the_learned_control_off_the_trajectory(order):
     times = uniform_grid(10).double()
     prof = _toy_probe(toy, times, control=ClosedFormControl(toy, order), order=order)
     expected = toy.optimal_control(times[:-1], order).abs() * math.sqrt(DIMS)  # |u*(t_k)| on every coordinate
-    torch.testing.assert_close(prof.current_control, expected, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(prof.current_control(), expected, rtol=1e-9, atol=1e-12)
     # the adjoint does not see the control (lean: base Jacobians only), so it is still the exact Euler adjoint
     exact = toy.euler_lean_adjoint(times)[:-1].abs() * math.sqrt(DIMS)
     torch.testing.assert_close(prof.adjoint_norms.mean(1), exact, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(prof.control_norms(), prof.adjoint_norms.pow(1 / (order - 1)))
+
+
+@pytest.mark.parametrize("order", [2.0, 4.0])
+def test_residual_is_what_the_learned_control_still_misses(order):
+    # 1-D toy (phi_p of the one coordinate is u*(t)'s Euler analogue): a flow whose control is u*(t) leaves
+    # |u*(t_k) - phi_p(a~_k)| per step, the Euler discretisation of the target; rescaling lambda or p is exact
+    toy = GaussianToy(mean=1.0, std=0.6, reward_slope=0.5, reward_scale=2.0)
+    times = uniform_grid(10).double()
+    flow = ToyControlledFlow(toy, ClosedFormControl(toy, order))
+    noise = torch.randn(4, 1, dtype=torch.float64)
+    prof = probe_control_profile(flow, noise, times, toy.reward, order=order, reward_scale=2.0)
+    a_k = toy.euler_lean_adjoint(times)[:-1]
+    target = -a_k.sign() * a_k.abs().pow(1 / (order - 1))
+    gap = (toy.optimal_control(times[:-1], order) - target).abs()
+    torch.testing.assert_close(prof.residual(), gap[:, None].expand(10, 4), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(prof.residual_per_step(), gap.pow(2) * prof.dt)
+    for lam, p in ((5.0, order), (2.0, 6.0)):
+        again = probe_control_profile(flow, noise, times, toy.reward, order=p, reward_scale=lam)
+        torch.testing.assert_close(prof.at(lam).with_order(p).residual(), again.residual(), rtol=1e-6, atol=1e-9)
 
 
 def test_profiles_rescale_exactly_in_lambda_and_order():
@@ -106,7 +126,7 @@ def test_sde_probe_is_the_exact_adjoint_of_the_memoryless_drift_on_the_refined_g
     )
     # the refined sub-steps of step 0 all add into energy_per_step[0]
     torch.testing.assert_close(prof.energy_per_step().sum(), prof.energy().mean(1).sum())
-    assert prof.current_control is None
+    assert prof.current_control() is None and prof.residual() is None and prof.residual_per_step() is None
 
 
 def test_sde_probe_converges_to_the_continuous_closed_form_at_first_order():
@@ -129,7 +149,7 @@ def test_probe_log_record_is_plain_numbers():
     log = prof.to_log()
     assert set(log) == {
         "probe_times", "probe_intensity", "probe_energy_share", "probe_reward_scale", "probe_order",
-        "probe_current_control", "probe_reward_mean",
+        "probe_current_control", "probe_residual_share", "probe_reward_mean",
     }
     assert len(log["probe_intensity"]) == 5 and all(isinstance(v, float) for v in log["probe_energy_share"])
     assert log["probe_reward_scale"] == 2.0 and log["probe_order"] == 4.0
@@ -161,7 +181,7 @@ def test_probe_on_a_tiny_sit_with_lora_matches_the_adjoint_by_hand():
 
     prof = probe_control_profile(flow, noise, times, reward_fn, reward_scale=4.0)
     assert prof.adjoint_norms.shape == (5, 3) and torch.isfinite(prof.adjoint_norms).all()
-    assert float(prof.current_control.abs().max()) < 1e-5  # LoRA B starts at zero: v_theta = b
+    assert float(prof.current_control().abs().max()) < 1e-5  # LoRA B starts at zero: v_theta = b
     assert all(p.grad is None for p in params)  # the probe trains nothing
     # by hand: Euler with the base, then a~_k = a~_{k+1} + dt J_b^T a~_{k+1} with autograd
     states = [noise]
