@@ -58,7 +58,7 @@ def test_window_for_share_rejects_bad_energy(energy):
 
 
 @pytest.mark.parametrize("std", [0.5, 0.8])
-@pytest.mark.parametrize("share", [0.5, 0.8, 0.9])
+@pytest.mark.parametrize("share", [0.3, 0.5, 0.8, 0.9])
 def test_toy_window_matches_the_closed_form(std, share):
     # p = 2: e(t) = lambda^2 c^2 s^2 / D(t), D = (1 - t)^2 + t^2 s^2, with primitive arctan(((1 + s^2) t - 1) / s) / s;
     # the window [t_s, 1] holds the share q where F(t_s) = F(1) - q (F(1) - F(0)).
@@ -72,6 +72,7 @@ def test_toy_window_matches_the_closed_form(std, share):
 
 def test_toy_window_grows_with_the_order_and_not_with_lambda():
     toy = GaussianToy(mean=1.0, std=0.5)
+    assert abs(window_for_share(_toy_energy(toy, 200)) - 40) <= 1  # the default share 0.3: the last 20% of N
     ks = [window_for_share(_toy_energy(toy, 200, order=p), 0.8) for p in (2, 4, 6)]
     assert ks[0] < ks[1] < ks[2]  # higher p: flatter energy |a~|^(p/(p-1)) dt, a wider window for the same share
     assert window_for_share(_toy_energy(toy, 200, order=4, reward_scale=100.0), 0.8) == ks[1]
