@@ -24,6 +24,9 @@ from ..objectives import METHODS
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear", "cosine_with_restarts", "polynomial")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 TRACKERS = ("tensorboard", "wandb", "all", "none")
+MATCH_STATISTICS = ("none", "velocity", "reward_gain")
+ADAPTIVE_METHODS = ("ode-am", "sde-am")
+"""Methods with a control to measure: ``--truncate_steps auto`` and ``--match_reward_scale`` need one."""
 SECRET_FIELDS = ("hub_token",)
 """Fields never written to the tracker, the config dump or the model card."""
 
@@ -59,7 +62,20 @@ class TrainingConfig:
         "(stochastic AM, memoryless schedule), draft (DRaFT-K) or refl (ReFL-K).",
         choices=METHODS,
     )
-    truncate_steps: int = _f(4, "K: train on the last K of the num_inference_steps sampling steps (K = N: full AM).")
+    truncate_steps: int | str = _f(
+        4,
+        "K: train on the last K of the num_inference_steps sampling steps (K = N: full AM), or 'auto' (ode-am, "
+        "sde-am): the smallest terminal window holding --truncate_share of the control energy, measured by a "
+        "full-trajectory probe every --truncate_refresh_steps updates.",
+        auto=True,
+    )
+    truncate_share: float = _f(0.3, "--truncate_steps auto: share q in (0, 1] of the control energy the window holds.")
+    truncate_min_steps: int = _f(1, "--truncate_steps auto: the smallest window K it may pick.")
+    truncate_max_steps: int | None = _f(None, "--truncate_steps auto: the largest window K (None: N).")
+    truncate_refresh_steps: int = _f(10, "--truncate_steps auto: probe again (and re-pick K) every this many updates.")
+    truncate_smoothing: float = _f(
+        0.5, "--truncate_steps auto: weight in [0, 1) of the previous energy profile when a new probe arrives."
+    )
     reg_order: float = _f(2.0, "p > 1: order of the control cost |u|^p / p (ode-am only; 2 = quadratic, KL-like).")
     reward: str = _f(
         "digits",
@@ -71,6 +87,16 @@ class TrainingConfig:
     )
     reward_scale: float = _f(
         10.0, "lambda: terminal cost g(x) = -lambda * r(x); larger pulls harder toward the reward."
+    )
+    match_reward_scale: str = _f(
+        "none",
+        "Read --reward_scale as the lambda of 2nd-order ODE-AM and rescale it for this method (ode-am of order p, "
+        "sde-am) so that the target control has the same size at the start of training: 'velocity' (the "
+        "target velocity change over the window), 'reward_gain' (its first-order reward gain), or 'none'.",
+        choices=MATCH_STATISTICS,
+    )
+    match_probe_batches: int = _f(
+        4, "--match_reward_scale: batches (of train_batch_size) the set-up probe measures the control size on."
     )
     num_inference_steps: int | None = _f(
         None, "N sampling steps per trajectory (None: the pipeline's default, 20 for " "the digits base)."
@@ -199,8 +225,10 @@ class TrainingConfig:
             if choices is not None and value is not None and value not in choices:
                 raise ValueError(f"`--{f.name}` must be one of {', '.join(choices)}; got {value!r}.")
         self.reg_order = check_order(self.reg_order, "reg_order")
+        if self.truncate_steps != "auto":
+            _check_int(self, "truncate_steps", minimum=1)
+        self._validate_adaptive()
         for name in (
-            "truncate_steps",
             "train_batch_size",
             "gradient_accumulation_steps",
             "max_train_steps",
@@ -215,7 +243,9 @@ class TrainingConfig:
         for name in ("num_inference_steps", "resolution", "checkpoints_total_limit", "cpu_threads"):
             if getattr(self, name) is not None:
                 _check_int(self, name, minimum=1)
-        if self.num_inference_steps is not None and self.truncate_steps > self.num_inference_steps:
+        if self.num_inference_steps is not None and self.truncate_steps != "auto" and (
+            self.truncate_steps > self.num_inference_steps
+        ):
             raise ValueError(
                 f"`--truncate_steps` (K={self.truncate_steps}) must not exceed `--num_inference_steps` "
                 f"(N={self.num_inference_steps}): lower K, or raise N; K = N is full adjoint matching."
@@ -246,6 +276,36 @@ class TrainingConfig:
             self.pretrained_model_name_or_path = resolve_pretrained(self.pretrained_model_name_or_path)
         self.lora_target_modules = _split_list(self.lora_target_modules)
         self.reward_paths()  # validates the name=path pairs
+
+    def _validate_adaptive(self) -> None:
+        """The adaptive-truncation and matched-lambda knobs (one-line errors)."""
+        for name in ("truncate_min_steps", "truncate_refresh_steps", "match_probe_batches"):
+            _check_int(self, name, minimum=1)
+        if self.truncate_max_steps is not None:
+            _check_int(self, "truncate_max_steps", minimum=self.truncate_min_steps)
+            if self.num_inference_steps is not None and self.truncate_max_steps > self.num_inference_steps:
+                raise ValueError(
+                    f"`--truncate_max_steps` ({self.truncate_max_steps}) must not exceed `--num_inference_steps` "
+                    f"({self.num_inference_steps}); lower it or leave it unset (N)."
+                )
+        if not 0.0 < self.truncate_share <= 1.0:
+            raise ValueError(f"`--truncate_share` must be in (0, 1] (e.g. 0.3); got {self.truncate_share!r}.")
+        if not 0.0 <= self.truncate_smoothing < 1.0:
+            raise ValueError(f"`--truncate_smoothing` must be in [0, 1); got {self.truncate_smoothing!r}.")
+        for name, active, fix in (
+            ("--truncate_steps auto", self.truncate_steps == "auto", "pass an integer --truncate_steps"),
+            (f"--match_reward_scale {self.match_reward_scale}", self.match_reward_scale != "none", "drop the flag"),
+        ):
+            if active and self.method not in ADAPTIVE_METHODS:
+                raise ValueError(
+                    f"`{name}` needs a method with a control to measure ({', '.join(ADAPTIVE_METHODS)}); "
+                    f"--method {self.method} has none: {fix}."
+                )
+
+    @property
+    def adaptive_truncation(self) -> bool:
+        """Whether K is picked by the probe (``--truncate_steps auto``)."""
+        return self.truncate_steps == "auto"
 
     # -- derived views ------------------------------------------------------------------------
     def reward_paths(self) -> dict[str, str]:
@@ -310,6 +370,8 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
     strings from strings, lists from lists (or one string); ValueError naming the flag otherwise."""
     kind, optional = _kind(f)
     name = f.name
+    if f.metadata.get("auto") and isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
     if value is None:
         if optional:
             return None
@@ -320,7 +382,8 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
         if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
             return int(value.strip())
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"`--{name}` must be an integer; got {value!r}.")
+            also = " or 'auto'" if f.metadata.get("auto") else ""
+            raise ValueError(f"`--{name}` must be an integer{also}; got {value!r}.")
         return value
     if kind == "float":
         number = value
@@ -425,6 +488,14 @@ class BoolFlag(argparse.Action):
 _PARSERS = {"bool": str, "int": int, "float": float, "str": str, "list": str}
 
 
+def _int_or_auto(text: str) -> int | str:
+    """An integer, or the word 'auto' (any case)."""
+    return "auto" if text.strip().lower() == "auto" else int(text)
+
+
+_int_or_auto.__name__ = "integer or 'auto'"
+
+
 def _optional(parse):
     def convert(text: str):
         return None if text.lower() in ("none", "null") else parse(text)
@@ -455,6 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["action"] = BoolFlag
         else:
             kwargs["type"] = _optional(_PARSERS[kind]) if optional else _PARSERS[kind]
+            if f.metadata.get("auto"):
+                kwargs["type"] = _int_or_auto
             if "choices" in f.metadata:
                 kwargs["choices"] = list(f.metadata["choices"]) + ([None] if optional else [])
             if "nargs" in f.metadata:

@@ -20,7 +20,7 @@ class RunContext:
 
     ``train_module`` is ``adapter.transformer`` as ``accelerator.prepare`` wrapped it (e.g. DDP);
     ``params`` are the trainable LoRA parameters and ``named_params`` the same by name;
-    ``times`` [N+1] is the sampling grid, ``k_steps`` the truncation K of the method's step;
+    ``times`` [N+1] is the sampling grid, ``k_steps`` the truncation K of the method's next step;
     ``eval_set`` holds the fixed (conditions, noise) of the before / after reward, ``validation``
     the held-out validation metrics."""
 
@@ -45,6 +45,17 @@ class RunContext:
     validation: ValidationMetrics
     lr_history: list[tuple[int, float]] = field(default_factory=list)
     """(first update, learning rate) pairs: one, or more when a resume changed ``--learning_rate``."""
+    reward_scale: float | None = None
+    """lambda the updates use: ``--reward_scale``, or the matched lambda under ``--match_reward_scale``."""
+    truncation: Any | None = None
+    """The run's :class:`~diffusers_am.truncation.AdaptiveTruncation` under ``--truncate_steps auto`` (it
+    sets ``k_steps`` before each update), else None."""
+    reward_scale_match: dict[str, Any] | None = None
+    """What ``--match_reward_scale`` measured at set-up (None when off)."""
+
+    def __post_init__(self) -> None:
+        if self.reward_scale is None:
+            self.reward_scale = self.config.reward_scale
 
     @contextlib.contextmanager
     def ema_weights(self) -> Iterator[None]:

@@ -70,6 +70,10 @@ def write_outputs(ctx: RunContext, result: TrainResult, last: dict[str, Any], re
             "seconds_per_update": result.seconds_per_update,
             "num_processes": accelerator.num_processes,
             "num_eval_samples": len(ctx.eval_set[0]),
+            "reward_scale": ctx.reward_scale,
+            "reward_scale_match": ctx.reward_scale_match,
+            "truncate_steps": ctx.k_steps,
+            "truncate_steps_history": None if ctx.truncation is None else [list(h) for h in ctx.truncation.history],
         }
         write_json(out / SUMMARY_NAME, summary)
         write_model_card(ctx, result, last, repo_id)
@@ -114,11 +118,11 @@ def write_model_card(ctx: RunContext, result: TrainResult, last: dict[str, Any],
     card = render_model_card(
         base_model=base,
         method=cfg.method,
-        truncate_steps=cfg.truncate_steps,
+        truncate_steps=truncation_text(ctx),
         num_inference_steps=ctx.n_steps,
         reg_order=cfg.reg_order,
         reward=cfg.reward,
-        reward_scale=cfg.reward_scale,
+        reward_scale=reward_scale_text(ctx),
         steps=result.steps,
         reward_before=result.reward_before,
         reward_after=result.reward_after,
@@ -138,3 +142,23 @@ def write_model_card(ctx: RunContext, result: TrainResult, last: dict[str, Any],
         use_ema=cfg.use_ema,
     )
     card.save(str(result.card_path))
+
+
+def truncation_text(ctx: RunContext) -> str | int:
+    """K as the card shows it: the fixed K, or 'auto' with the windows the probes picked."""
+    if ctx.truncation is None:
+        return ctx.k_steps
+    ks = [k for _, k in ctx.truncation.history] or [ctx.k_steps]
+    spread = f"{min(ks)}-{max(ks)}" if min(ks) != max(ks) else f"{ks[0]}"
+    return f"{spread} (auto: the window holding {ctx.config.truncate_share:g} of the control energy)"
+
+
+def reward_scale_text(ctx: RunContext) -> str | float:
+    """lambda as the card shows it: the one used, and what it was matched to."""
+    match = ctx.reward_scale_match
+    if match is None:
+        return ctx.reward_scale
+    return (
+        f"{ctx.reward_scale:.4g} (matched by {match['statistic']} to 2nd-order ODE-AM at lambda = "
+        f"{match['reference_reward_scale']:g}, --match_reward_scale)"
+    )

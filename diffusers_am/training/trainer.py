@@ -33,6 +33,7 @@ from .checkpoints import CheckpointManager, list_checkpoints
 from .claim import claim_run, run_entries
 from .config import TrainingConfig
 from .context import RunContext
+from .control_probe import adaptive_truncation, match_reward_scale, refresh_window
 from .data import PromptSampler, _as_condition, check_class_labels, derive_seed, load_prompts
 from .disk import bytes_to_save, check_free_space, checkpoint_bytes_estimate, tensor_bytes, write_failure
 from .errors import RunStopped
@@ -191,7 +192,8 @@ class AdjointMatchingTrainer:
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
         adapter = self._load_model(weight_dtype).to(accelerator.device)
         n_steps = cfg.num_inference_steps or adapter.default_num_inference_steps
-        k_steps = check_truncation(cfg.truncate_steps, n_steps)
+        truncation = adaptive_truncation(cfg, n_steps)  # --truncate_steps auto: K comes from the probes
+        k_steps = check_truncation(cfg.truncate_steps, n_steps) if truncation is None else truncation.min_steps
         resolution = cfg.resolution or adapter.default_resolution
         reward = load_reward(cfg.reward, device=accelerator.device, paths=cfg.reward_paths())
         if isinstance(reward, torch.nn.Module):
@@ -220,7 +222,7 @@ class AdjointMatchingTrainer:
             params=params, named_params=named, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
             times=times, resolution=resolution, n_steps=n_steps, k_steps=k_steps, output_dir=self.output_dir,
             prompts=prompts, val_prompts=val_prompts, eval_set=evals, validation=validation,
-            lr_history=self.lr_history,
+            lr_history=self.lr_history, truncation=truncation,
         )
 
     def _add_lora(self, adapter: FlowModelAdapter) -> tuple[list[torch.nn.Parameter], dict[str, torch.nn.Parameter]]:
@@ -305,6 +307,7 @@ class AdjointMatchingTrainer:
         cfg = self.config
         set_seed(cfg.seed)  # identical LoRA init on every process
         ctx = self._setup(accelerator, folder)
+        self.ctx = ctx
         self.progress.phase = "the base model's evaluation"  # output_dir is written from here on
         ckpt = CheckpointManager(
             accelerator, self.output_dir, ctx.named_params, ctx.adapter.save_lora, cfg.checkpoints_total_limit,
@@ -318,6 +321,7 @@ class AdjointMatchingTrainer:
         if accelerator.is_main_process and accelerator.trackers == [] and cfg.report_to != "none":
             accelerator.init_trackers(cfg.tracker_project_name, config=cfg.tracker_config())
         reward_before = self._base_model_outputs(ctx)
+        self._probe_at_setup(ctx)
         self.progress.phase = "training"
         with signals.deferred():
             global_step, nonfinite, durations, last = self._loop(ctx, ckpt, log, global_step, nonfinite, signals)
@@ -353,6 +357,7 @@ class AdjointMatchingTrainer:
             apply_learning_rate(ctx.optimizer, ctx.lr_scheduler, cfg.learning_rate)
             history.append((global_step + 1, cfg.learning_rate))
         self.lr_history[:] = history
+        self._restore_probes(ctx, state)
         if accelerator.is_main_process:
             log.truncate_after(global_step)
         if self.resume_path.parent.resolve() == self.output_dir.resolve():
@@ -364,8 +369,43 @@ class AdjointMatchingTrainer:
         return global_step, nonfinite
 
     def _state(self, nonfinite: int) -> dict[str, Any]:
-        """What a checkpoint records besides the step: skipped updates, the config and the LR history."""
-        return {"nonfinite_count": nonfinite, "config": self.config.to_dict(), "lr_history": self.lr_history}
+        """What a checkpoint records besides the step: skipped updates, the config, the LR history, and the
+        lambda and adaptive window the run uses (so that a resume continues with them, not a new probe)."""
+        ctx = self.ctx
+        return {
+            "nonfinite_count": nonfinite,
+            "config": self.config.to_dict(),
+            "lr_history": self.lr_history,
+            "reward_scale": ctx.reward_scale,
+            "reward_scale_match": ctx.reward_scale_match,
+            "adaptive_truncation": None if ctx.truncation is None else ctx.truncation.state_dict(),
+        }
+
+    def _restore_probes(self, ctx: RunContext, state: dict[str, Any]) -> None:
+        """A resumed run's lambda and adaptive window: the checkpoint's (a straight run would have them)."""
+        if ctx.reward_scale_match is None and state.get("reward_scale_match"):
+            ctx.reward_scale_match = dict(state["reward_scale_match"])
+            ctx.reward_scale = float(state["reward_scale"])
+        if ctx.truncation is not None and state.get("adaptive_truncation"):
+            ctx.truncation.load_state_dict(state["adaptive_truncation"])
+            if ctx.truncation.steps is not None:
+                ctx.k_steps = ctx.truncation.steps
+
+    def _probe_at_setup(self, ctx: RunContext) -> None:
+        """``--match_reward_scale``: measure the matched lambda once (not again on resume), and print it."""
+        cfg = self.config
+        if cfg.match_reward_scale == "none" or ctx.reward_scale_match is not None:
+            return
+        self.progress.phase = "the control probe"
+        ctx.reward_scale, ctx.reward_scale_match = match_reward_scale(ctx, ctx.truncation)
+        if ctx.truncation is not None:
+            ctx.k_steps = ctx.truncation.steps
+        ctx.accelerator.print(
+            f"--match_reward_scale {cfg.match_reward_scale}: lambda = {ctx.reward_scale:.4g} for {cfg.method}"
+            + (f" (order {cfg.reg_order:g})" if cfg.method == "ode-am" else "")
+            + f" asks for the control 2nd-order ODE-AM asks for at lambda = {cfg.reward_scale:g} over the last "
+            f"{ctx.reward_scale_match['truncate_steps']} steps ({ctx.reward_scale_match['probe_samples']} samples)."
+        )
 
     def _base_model_outputs(self, ctx: RunContext) -> float | None:
         """The base model's reward on the eval set (printed; None when off) and its validation grid."""
@@ -414,9 +454,14 @@ class AdjointMatchingTrainer:
                 self._stop(ctx, ckpt, global_step, nonfinite, stop)
             if global_step >= cfg.max_train_steps:
                 break
-            start = time.perf_counter()
+            start = time.perf_counter()  # an adaptive window's probe counts in the update's time
+            probe = refresh_window(ctx, ctx.truncation, global_step) if ctx.truncation is not None else None
+            if probe is not None:
+                ctx.k_steps = probe["truncate_steps"]
             adapter.transformer.train()
             record = run_update(ctx, sampler, step_fn, global_step)
+            if probe is not None:
+                record["probe"] = probe
             global_step += 1
             self.progress.step = global_step
             nonfinite += int(record["skipped"])

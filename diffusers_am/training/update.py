@@ -62,7 +62,7 @@ def _accumulate(
         flow = adapter.flow(
             adapter.encode_conditions(batch), guidance_scale=cfg.guidance_scale, train_module=ctx.train_module
         )
-        kwargs = _step_kwargs(cfg, ctx.k_steps, step, slot, adapter.device, backward)
+        kwargs = _step_kwargs(cfg, ctx.k_steps, ctx.reward_scale, step, slot, adapter.device, backward)
 
         def reward_fn(x: torch.Tensor, batch=batch) -> torch.Tensor:
             return ctx.reward(adapter.decode(x), batch)
@@ -81,10 +81,17 @@ def _accumulate(
 
 
 def _step_kwargs(
-    cfg: TrainingConfig, k_steps: int, step: int, slot: int, device: torch.device, backward: Callable
+    cfg: TrainingConfig,
+    k_steps: int,
+    reward_scale: float,
+    step: int,
+    slot: int,
+    device: torch.device,
+    backward: Callable,
 ) -> dict[str, Any]:
-    """Keyword arguments of the configured method's step function for one micro-batch."""
-    kwargs: dict[str, Any] = {"truncate_steps": k_steps, "reward_scale": cfg.reward_scale, "backward": backward}
+    """Keyword arguments of the configured method's step function for one micro-batch (K and lambda as the
+    run uses them: adaptive / matched ones included)."""
+    kwargs: dict[str, Any] = {"truncate_steps": k_steps, "reward_scale": reward_scale, "backward": backward}
     if cfg.method == "ode-am":
         kwargs.update(order=cfg.reg_order, loss_reduction=cfg.loss_reduction)
     elif cfg.method == "sde-am":
@@ -151,6 +158,7 @@ def _record(
         "grad_norm": grad_norm if grad_norm is not None and math.isfinite(grad_norm) else None,
         "control_norm_per_step": [float(v) if math.isfinite(v) else None for v in profile.tolist()],
         "skipped": skipped,
+        "truncate_steps": ctx.k_steps,
     }
 
 
