@@ -72,6 +72,8 @@ class FlowModelAdapter(abc.ABC):
         """Add a trainable LoRA (``LoraSettings`` or a ``peft.LoraConfig``) to ``transformer``; freeze
         everything else; return the trainable parameters (fp32). ValueError naming a bad rank, a target
         that matches no module, or an existing LoRA."""
+        if self.has_lora:
+            raise ValueError("the transformer already has a LoRA adapter: load a fresh pipeline to add another.")
         config = _lora.lora_config(settings, self.default_lora_targets(), self.transformer)
         return _lora.add_lora(self.transformer, config)
 
