@@ -37,9 +37,10 @@ class FlowModelAdapter(abc.ABC):
     @classmethod
     @abc.abstractmethod
     def from_pretrained(
-        cls, pretrained_model_name_or_path: str, *, torch_dtype: torch.dtype = torch.float32, **kwargs: Any
+        cls, pretrained_model_name_or_path: str, *, dtype: torch.dtype | None = None, **kwargs: Any
     ) -> "FlowModelAdapter":
-        """Load through the pipeline's ``from_pretrained`` (a local folder or a Hub id)."""
+        """Load through the pipeline's ``from_pretrained`` (a local folder or a Hub id) in ``dtype``
+        (default fp32; ``torch_dtype=`` is the deprecated spelling)."""
 
     @property
     def transformer(self) -> torch.nn.Module:

@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 
 from ..adjoint import vjp_velocity
+from ..deprecation import resolve_dtype
 from .base import FlowModelAdapter
 from .lora import unmatched_lora_targets  # noqa: F401  (re-exported)
 
@@ -91,7 +92,7 @@ class FlowMatchAdapter(FlowModelAdapter):
         cls,
         pretrained_model_name_or_path: str,
         *,
-        torch_dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
         offload_text_encoder: bool = False,
         max_sequence_length: int | None = None,
         device: torch.device | str | None = None,
@@ -99,7 +100,7 @@ class FlowMatchAdapter(FlowModelAdapter):
     ) -> "FlowMatchAdapter":
         """Load with the stock pipeline's ``from_pretrained`` (folder or Hub id; extra kwargs such
         as ``revision`` / ``variant`` go to it); the VAE and text encoders are frozen."""
-        dtype = kwargs.pop("dtype", None) or torch_dtype
+        dtype = resolve_dtype(dtype, kwargs.pop("torch_dtype", None), torch.float32)
         pipeline = cls._pipeline_class().from_pretrained(pretrained_model_name_or_path, dtype=dtype, **kwargs)
         adapter = cls(pipeline, offload_text_encoder=offload_text_encoder, max_sequence_length=max_sequence_length)
         for module in adapter._frozen_modules():

@@ -27,6 +27,7 @@ import torch
 from ..adjoint import vjp_velocity
 from ..flow import ConditionedFlow
 from ..pipelines.sit import SiTPipeline
+from ..deprecation import resolve_dtype
 from .base import FlowModelAdapter
 
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
@@ -85,10 +86,12 @@ class SiTAdapter(FlowModelAdapter):
 
     @classmethod
     def from_pretrained(
-        cls, pretrained_model_name_or_path: str, *, torch_dtype: torch.dtype = torch.float32, **kwargs: Any
+        cls, pretrained_model_name_or_path: str, *, dtype: torch.dtype | None = None, **kwargs: Any
     ) -> "SiTAdapter":
-        """Load a SiTPipeline folder (or Hub id) written by ``save_pretrained``."""
-        pipeline = SiTPipeline.from_pretrained(pretrained_model_name_or_path, dtype=kwargs.pop("dtype", None) or torch_dtype, **kwargs)
+        """Load a SiTPipeline folder (or Hub id) written by ``save_pretrained``, in ``dtype`` (default
+        fp32; ``torch_dtype=`` is the deprecated spelling)."""
+        dtype = resolve_dtype(dtype, kwargs.pop("torch_dtype", None), torch.float32)
+        pipeline = SiTPipeline.from_pretrained(pretrained_model_name_or_path, dtype=dtype, **kwargs)
         pipeline.set_progress_bar_config(disable=True)
         return cls(pipeline)
 
