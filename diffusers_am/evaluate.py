@@ -25,9 +25,9 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .flow import sample_euler
+from .deprecation import resolve_dtype, warn_deprecated
 from .metrics import extract_features, recall_coverage, within_prompt_diversity
-from .metrics.diversity import default_diversity_metrics, get_diversity_metric
+from .metrics.diversity import resolve_diversity
 from .metrics.features import load_feature_extractor
 from .metrics.report import markdown_table, write_report
 from .models import (
@@ -39,7 +39,10 @@ from .models import (
     short_names_help,
 )
 from .models.base import FlowModelAdapter
-from .rewards import check_reward_output, load_reward
+from .prompts import load_prompts
+from .rewards import load_reward
+from .rewards.scoring import score_rewards
+from .sampling import sample_images
 
 TEXT_REWARDS = ("hpsv2", "pickscore", "imagereward", "clipscore", "aesthetic")
 DIGITS_REWARDS = ("digits", "digits-heldout")
@@ -65,9 +68,11 @@ class AdapterSampler:
     @torch.no_grad()
     def sample(self, conditions: Sequence[Any], noise: torch.Tensor, seed: int) -> torch.Tensor:
         times = self.adapter.time_grid(self.steps, self.resolution)
-        flow = self.adapter.flow(self.adapter.encode_conditions(list(conditions)), guidance_scale=self.guidance_scale)
-        x = sample_euler(flow.velocity, noise, times)[-1]
-        return self.adapter.decode(x).float().clamp(0, 1).cpu()
+        _, images = sample_images(
+            self.adapter, list(conditions), noise, times, guidance_scale=self.guidance_scale,
+            chunk_size=max(1, len(conditions)),
+        )
+        return images.cpu()
 
 
 class PipelineSampler:
@@ -100,14 +105,15 @@ class PipelineSampler:
         return images.float().clamp(0, 1).cpu()
 
 
-def build_sampler(pipeline_or_path: Any, *, sampler: str = "auto", torch_dtype: torch.dtype = torch.float32,
-                  device: str | torch.device | None = None, num_inference_steps: int | None = None,
+def build_sampler(pipeline_or_path: Any, *, sampler: str = "auto", dtype: torch.dtype | None = None,
+                  torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None, num_inference_steps: int | None = None,
                   resolution: int | None = None, guidance_scale: float | None = None,
                   pipeline_call_kwargs: dict[str, Any] | None = None, adapter_kwargs: dict[str, Any] | None = None):
     """An AdapterSampler when the pipeline family has a model adapter (or ``sampler="adapter"``),
     else a PipelineSampler over the pipeline's ``__call__``."""
     if sampler not in ("auto", "adapter", "pipeline"):
         raise ValueError(f"`sampler` must be 'auto', 'adapter' or 'pipeline'; got {sampler!r}.")
+    dtype = resolve_dtype(dtype, torch_dtype, torch.float32)
     kw = dict(num_inference_steps=num_inference_steps, resolution=resolution, guidance_scale=guidance_scale)
     if isinstance(pipeline_or_path, FlowModelAdapter):
         adapter = pipeline_or_path
@@ -117,10 +123,10 @@ def build_sampler(pipeline_or_path: Any, *, sampler: str = "auto", torch_dtype: 
         if sampler == "pipeline" or (sampler == "auto" and cls_name not in ADAPTERS):
             from diffusers import DiffusionPipeline
 
-            pipe = DiffusionPipeline.from_pretrained(str(pipeline_or_path), dtype=torch_dtype)
+            pipe = DiffusionPipeline.from_pretrained(str(pipeline_or_path), dtype=dtype)
             pipe.set_progress_bar_config(disable=True)
             return PipelineSampler(pipe.to(device) if device else pipe, call_kwargs=pipeline_call_kwargs, **kw)
-        adapter = load_model_adapter(pipeline_or_path, torch_dtype=torch_dtype, **(adapter_kwargs or {}))
+        adapter = load_model_adapter(pipeline_or_path, dtype=dtype, **(adapter_kwargs or {}))
     else:  # a loaded diffusers pipeline
         cls_name = type(pipeline_or_path).__name__
         if sampler == "pipeline" or (sampler == "auto" and cls_name not in ADAPTERS):
@@ -135,20 +141,16 @@ def build_sampler(pipeline_or_path: Any, *, sampler: str = "auto", torch_dtype: 
 
 # -- inputs ------------------------------------------------------------------------------------
 def read_prompts(prompts: str | os.PathLike | Sequence[Any] | None, sampler: Any) -> list[Any]:
-    """Prompts (or class labels) as a list: a list passes through; a ``.txt`` file gives one prompt a
-    line; None gives every class of a class-conditional model."""
+    """Prompts (or class labels) as a list: a list passes through; a file is read by
+    :func:`diffusers_am.prompts.load_prompts` (the trainer's loader: .txt one prompt a line with ``#`` lines
+    skipped, .csv, .jsonl); None gives every class of a class-conditional model."""
     if prompts is None:
         num_classes = getattr(sampler.pipeline, "num_classes", None)
         if sampler.conditioning == "class" and num_classes:
             return list(range(int(num_classes)))
         raise ValueError("`prompts` is required for a text-to-image pipeline: pass a list or a .txt file (one prompt a line).")
     if isinstance(prompts, (str, os.PathLike)) and Path(prompts).is_file():
-        try:
-            text = Path(prompts).read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise ValueError(f"`--prompts` file {str(prompts)!r} is not UTF-8 text (one prompt a line).") from None
-        lines = [line.strip() for line in text.splitlines()]
-        prompts = [line for line in lines if line and not line.startswith("#")]
+        prompts = load_prompts(prompts, conditioning=sampler.conditioning)
     elif isinstance(prompts, str):
         prompts = [prompts]
     prompts = list(prompts)
@@ -214,6 +216,12 @@ def _check_arguments(num_images_per_prompt: int, batch_size: int, k: int, seed: 
             raise ValueError(f"`device` {device!r}: CUDA is not available here; pass `--device cpu`.")
 
 
+def peft_adapter_name(name: str) -> str:
+    """``name`` as a PEFT adapter name: PEFT stores adapters as torch submodules, whose names cannot
+    contain '.', so every '.' becomes '_' (the report keeps ``name``)."""
+    return name.replace(".", "_")
+
+
 def _adapter_names(adapters: Sequence[str | os.PathLike]) -> list[str]:
     names: list[str] = []
     for a in adapters:
@@ -227,25 +235,13 @@ def _adapter_names(adapters: Sequence[str | os.PathLike]) -> list[str]:
 
 
 # -- evaluation --------------------------------------------------------------------------------
-def _score(
-    reward: Callable, images: torch.Tensor, conditions: Sequence[Any], batch_size: int, name: str
-) -> torch.Tensor:
-    out = []
-    with torch.no_grad():
-        for s in range(0, images.shape[0], batch_size):
-            chunk = images[s : s + batch_size]
-            value = reward(chunk, list(conditions[s : s + batch_size]))
-            out.append(check_reward_output(value, chunk.shape[0], name).float().cpu())
-    return torch.cat(out)
-
-
 def evaluate(
     pipeline_or_path: Any = EMBEDDED_DIGITS_BASE,
     adapters: Sequence[str | os.PathLike] = (),
     prompts: str | os.PathLike | Sequence[Any] | None = None,
     num_images_per_prompt: int = 6,
     rewards: Sequence[str] | None = None,
-    reward_paths: dict[str, str] | None = None,
+    reward_model_paths: dict[str, str] | None = None,
     feature_extractor: str | Callable | None = None,
     diversity: str | Sequence[str] | None = "auto",
     output_dir: str | os.PathLike | None = "eval",
@@ -258,10 +254,12 @@ def evaluate(
     k: int = 5,
     sampler: str = "auto",
     device: str | torch.device | None = None,
-    torch_dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     pipeline_call_kwargs: dict[str, Any] | None = None,
     adapter_kwargs: dict[str, Any] | None = None,
     progress: bool = True,
+    torch_dtype: torch.dtype | None = None,
+    reward_paths: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Generate with the base model and each adapter, then measure; returns the results dict (see
     :mod:`diffusers_am.metrics.report`) and writes the report when ``output_dir`` is set.
@@ -270,7 +268,15 @@ def evaluate(
     digits classifier, diversity 1 - SSIM and feature distance. On text pipelines: the paper's five
     rewards, CLIP ViT-L/14 features, LPIPS and 1 - MS-SSIM (images above 160 px).
     ``pipeline_call_kwargs``: extra arguments for the pipeline's ``__call__`` (``sampler="pipeline"``);
-    ``adapter_kwargs``: for the model adapter's ``from_pretrained`` (e.g. ``max_sequence_length``)."""
+    ``adapter_kwargs``: for the model adapter's ``from_pretrained`` (e.g. ``max_sequence_length``).
+    ``dtype``: weights' dtype (default fp32). Deprecated spellings: ``torch_dtype`` (for ``dtype``) and
+    ``reward_paths`` (for ``reward_model_paths``), each with a FutureWarning."""
+    dtype = resolve_dtype(dtype, torch_dtype, torch.float32)
+    if reward_paths is not None:
+        if reward_model_paths is not None:
+            raise ValueError("pass either `reward_model_paths` or `reward_paths` (deprecated), not both.")
+        warn_deprecated("reward_paths", "reward_model_paths")
+        reward_model_paths = reward_paths
     _check_arguments(
         num_images_per_prompt, batch_size, k, seed, num_inference_steps, resolution, guidance_scale, device
     )
@@ -281,7 +287,7 @@ def evaluate(
         if Path(output_dir).exists() and not Path(output_dir).is_dir():
             raise ValueError(f"`--output_dir` {str(output_dir)!r} is a file; pass a folder.")
         check_writable(output_dir)
-    smp = build_sampler(pipeline_or_path, sampler=sampler, torch_dtype=torch_dtype, device=device,
+    smp = build_sampler(pipeline_or_path, sampler=sampler, dtype=dtype, device=device,
                         num_inference_steps=num_inference_steps, resolution=resolution, guidance_scale=guidance_scale,
                         pipeline_call_kwargs=pipeline_call_kwargs, adapter_kwargs=adapter_kwargs)
     prompt_list = read_prompts(prompts, smp)
@@ -294,7 +300,7 @@ def evaluate(
         rewards = list(DIGITS_REWARDS) if digits else list(TEXT_REWARDS) if smp.conditioning == "text" else []
     if feature_extractor is None:
         feature_extractor = "digits-heldout" if digits else "clip"
-    reward_fns = {spec: load_reward(spec, device=device, paths=reward_paths) for spec in rewards}
+    reward_fns = {spec: load_reward(spec, device=device, paths=reward_model_paths) for spec in rewards}
     features = load_feature_extractor(feature_extractor, device=device)
 
     # generation: shared noise per (condition, image index) across models
@@ -305,7 +311,7 @@ def evaluate(
     bar = tqdm(total=len(names) * len(chunks), desc="generating", disable=not progress)
     for name, lora in zip(names, [None, *lora_files]):
         if lora is not None:
-            smp.pipeline.load_lora_weights(lora[0], weight_name=lora[1], adapter_name=name)
+            smp.pipeline.load_lora_weights(lora[0], weight_name=lora[1], adapter_name=peft_adapter_name(name))
         try:
             imgs = []
             for ci, (s, e) in enumerate(chunks):
@@ -318,18 +324,15 @@ def evaluate(
     bar.close()
 
     # metrics
-    size = min(samples["base"].shape[-2:])
-    div_names = default_diversity_metrics(size) if diversity in (None, "auto") else (
-        [d.strip() for d in diversity.split(",")] if isinstance(diversity, str) else list(diversity))
-    div_fns = {d: get_diversity_metric(d, features=features) for d in div_names if d}
+    div_fns = resolve_diversity(diversity, min(samples["base"].shape[-2:]), features)
     base_feats = extract_features(features, samples["base"], batch_size)
     models: dict[str, dict[str, float]] = {}
     for name in tqdm(names, desc="measuring", disable=not progress):
         imgs, m = samples[name], {}
         for spec, fn in reward_fns.items():
-            r = _score(fn, imgs, conditions, batch_size, spec)
-            m[f"reward/{spec}"] = r.mean().item()
-            m[f"reward/{spec}/sem"] = (r.std(unbiased=True) / n**0.5).item() if n > 1 else 0.0
+            for key, r in score_rewards(fn, imgs, conditions, batch_size=batch_size, name=spec).items():
+                m[f"reward/{key}"] = r.mean().item()  # a weighted spec adds reward/<spec>/<component>
+                m[f"reward/{key}/sem"] = (r.std(unbiased=True) / n**0.5).item() if n > 1 else 0.0
         if num_images_per_prompt >= 2:
             for d, fn in div_fns.items():
                 m[f"diversity/{d}"] = within_prompt_diversity(imgs, conditions, fn)
@@ -360,7 +363,7 @@ def _parse_paths(items: Sequence[str] | None) -> dict[str, str]:
     for item in items or []:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise ValueError(f"`--reward_paths` entries are NAME=PATH (e.g. hpsv2=/ckpt/HPS_v2_compressed.pt); got {item!r}.")
+            raise ValueError(f"`--reward_model_paths` entries are NAME=PATH (e.g. hpsv2=/ckpt/HPS_v2_compressed.pt); got {item!r}.")
         out[name] = path
     return out
 
@@ -377,7 +380,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompts", nargs="*", default=None, help="prompts (or class labels), or one .txt file with a prompt a line (default: every class of a class-conditional model)")
     p.add_argument("--num_images_per_prompt", type=int, default=6)
     p.add_argument("--rewards", nargs="*", default=None, help=f"reward names/specs (default: {' '.join(DIGITS_REWARDS)} on the digits base, {' '.join(TEXT_REWARDS)} on text pipelines)")
-    p.add_argument("--reward_paths", nargs="*", default=None, metavar="NAME=PATH", help="local checkpoint (file, folder or Hub id) per reward")
+    p.add_argument("--reward_model_paths", nargs="*", default=None, metavar="NAME=PATH",
+                   help="local checkpoint (file, folder or Hub id) per reward (the trainer's flag)")
+    p.add_argument("--reward_paths", nargs="*", default=None, metavar="NAME=PATH",
+                   help="deprecated spelling of --reward_model_paths")
     p.add_argument("--feature_extractor", default=None, help="'clip', 'clip:<folder>', 'digits', 'digits-heldout' or 'module:callable'")
     p.add_argument("--diversity", default="auto", help="comma list of lpips, ms_ssim, ssim, feature_distance (default: by image size)")
     p.add_argument("--output_dir", default="eval")
@@ -400,6 +406,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     import sys
 
     args = parse_args(argv)
+    if args.reward_paths is not None:
+        warn_deprecated("--reward_paths", "--reward_model_paths")
+        if args.reward_model_paths is not None:
+            print("error: pass either --reward_model_paths or --reward_paths (deprecated), not both.", file=sys.stderr)
+            return 2
+        args.reward_model_paths = args.reward_paths
     prompts: Any = args.prompts
     if prompts is not None and len(prompts) == 1 and Path(prompts[0]).is_file():
         prompts = prompts[0]
@@ -408,10 +420,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         results = evaluate(
             args.pretrained_model_name_or_path, args.adapters, prompts, args.num_images_per_prompt,
-            args.rewards, _parse_paths(args.reward_paths), args.feature_extractor, args.diversity, args.output_dir,
+            args.rewards, _parse_paths(args.reward_model_paths), args.feature_extractor, args.diversity, args.output_dir,
             num_inference_steps=args.num_inference_steps, resolution=args.resolution,
             guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size, k=args.k,
-            sampler=args.sampler, device=args.device, torch_dtype=dtype, pipeline_call_kwargs=seq, adapter_kwargs=seq,
+            sampler=args.sampler, device=args.device, dtype=dtype, pipeline_call_kwargs=seq, adapter_kwargs=seq,
         )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             vae=vae,
             num_attention_heads=args.num_attention_heads,
             default_num_inference_steps=args.default_num_inference_steps,
-            torch_dtype=DTYPES[args.dtype],
+            dtype=DTYPES[args.dtype],
             guidance_channels=args.guidance_channels,
         )
     except ValueError as err:

@@ -587,3 +587,55 @@ def test_gradient_checkpointing_gives_the_same_lora_gradients():
         grads.append(torch.cat([p.grad.flatten() for p in params]))
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[1], grads[0])
+
+
+def test_pipeline_control_window_matches_control_start_and_callbacks():
+    import warnings
+
+    from diffusers_am import deprecation
+    from diffusers_am.pipelines import SiTPipeline as Exported
+
+    assert Exported is SiTPipeline
+    deprecation._WARNED.clear()  # warned once per process: start fresh
+    adapter = SiTAdapter(tiny_pixel_pipeline())
+    adapter.add_lora(LoraSettings(rank=2))
+    _perturb_lora(adapter.transformer)
+    pipe = adapter.pipeline
+    x0, labels = torch.randn(2, 1, 8, 8), torch.tensor([3, 7])
+
+    def run(**kw):
+        return pipe(labels, num_inference_steps=4, latents=x0, output_type="latent", **kw).images
+
+    tuned = run()
+    with adapter.adapters_disabled():
+        base = run()
+    for k in (1, 2, 3):  # uniform grid t_j = j / 4: the last K steps start at t = (4 - K) / 4
+        with pytest.warns(FutureWarning, match="control_window") if k == 1 else warnings.catch_warnings():
+            old = run(control_scale=2.0, control_start=(4 - k) / 4)
+        new = run(control_scale=2.0, control_window=k)
+        torch.testing.assert_close(new, old, rtol=0, atol=0)
+        assert not torch.allclose(new, base)
+    torch.testing.assert_close(run(control_window=4), tuned, rtol=0, atol=0)
+    torch.testing.assert_close(run(control_window="all"), tuned, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="larger than num_inference_steps"):
+        run(control_window=5)
+    with pytest.raises(ValueError, match="not both"):
+        run(control_window=2, control_start=0.5)
+    with pytest.raises(ValueError, match="need a LoRA"):
+        tiny_pixel_pipeline()([1], control_window=1)
+
+    seen = []
+
+    def record(p, step, t, kwargs):
+        assert p is pipe and set(kwargs) == {"latents"}
+        seen.append((step, float(t), kwargs["latents"].clone()))
+        return {}
+
+    torch.testing.assert_close(run(callback_on_step_end=record), tuned, rtol=0, atol=0)
+    assert [s for s, _, _ in seen] == [0, 1, 2, 3] and [t for _, t, _ in seen] == [0.0, 0.25, 0.5, 0.75]
+    torch.testing.assert_close(seen[-1][2], tuned)
+    # a returned "latents" replaces the state: zeroing it after the last step gives zeros
+    out = run(callback_on_step_end=lambda p, s, t, kw: {"latents": torch.zeros_like(kw["latents"])} if s == 3 else {})
+    assert torch.count_nonzero(out) == 0
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
+        run(callback_on_step_end=record, callback_on_step_end_tensor_inputs=["prompt_embeds"])

@@ -17,23 +17,10 @@ from .diversity import (
     group_indices,
     one_minus_ms_ssim,
     one_minus_ssim,
+    resolve_diversity,
     within_prompt_diversity,
 )
 from .features import ClipImageFeatures, extract_features, load_feature_extractor
-
-
-def resolve_diversity(
-    diversity: str | Sequence[str] | Mapping[str, Callable] | None, image_size: int, features: Callable | None
-) -> dict[str, Callable]:
-    """name -> pair distance. None/"auto": 1 - MS-SSIM above 160 px, else 1 - SSIM, plus the
-    feature distance when ``features`` is given (LPIPS only when named: it needs weight files)."""
-    if isinstance(diversity, Mapping):
-        return dict(diversity)
-    if diversity is None or diversity == "auto":
-        names = ["ms_ssim" if image_size > 160 else "ssim"] + (["feature_distance"] if features is not None else [])
-    else:
-        names = [n.strip() for n in diversity.split(",")] if isinstance(diversity, str) else list(diversity)
-    return {n: get_diversity_metric(n, features=features) for n in names if n}
 
 
 @torch.no_grad()
@@ -60,7 +47,10 @@ def validation_metrics(
     """
     out: dict[str, float] = {}
     if held_out_reward is not None:
-        out["heldout_reward"] = held_out_reward(images, list(conditions)).float().mean().item()
+        from ..rewards.scoring import score_rewards
+
+        scores = score_rewards(held_out_reward, images, list(conditions), batch_size=max(1, images.shape[0]))
+        out["heldout_reward"] = scores["reward"].mean().item()
     for name, metric in resolve_diversity(diversity, min(images.shape[-2:]), features).items():
         out[f"diversity/{name}"] = within_prompt_diversity(images, conditions, metric)
     if base_images is not None and features is not None:

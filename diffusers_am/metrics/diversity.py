@@ -12,7 +12,7 @@ A diversity metric is a pair distance ``d(x [P, C, H, W], y [P, C, H, W]) -> [P]
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -77,10 +77,29 @@ def get_diversity_metric(name: str, *, features: Callable | None = None, lpips_k
     raise ValueError(f"unknown diversity metric {name!r}; known: {', '.join(DIVERSITY_METRICS)}.")
 
 
-def default_diversity_metrics(image_size: int) -> tuple[str, ...]:
-    """What the evaluation runs by default: LPIPS and 1 - MS-SSIM (the paper's) on images above
-    160 px; on small images (e.g. the 8x8 digits) 1 - SSIM and the feature distance."""
-    return ("lpips", "ms_ssim") if image_size > 160 else ("ssim", "feature_distance")
+def default_diversity_metrics(image_size: int, features: bool = True) -> tuple[str, ...]:
+    """The one default rule (validation and evaluation): LPIPS and 1 - MS-SSIM (the paper's) on images
+    above 160 px; on small images (e.g. the 8x8 digits) 1 - SSIM, plus the feature distance when a
+    feature extractor is given."""
+    if image_size > 160:
+        return ("lpips", "ms_ssim")
+    return ("ssim", "feature_distance") if features else ("ssim",)
+
+
+def resolve_diversity(
+    diversity: str | Sequence[str] | Mapping[str, Callable] | None, image_size: int, features: Callable | None
+) -> dict[str, Callable]:
+    """name -> pair distance. None / "auto": :func:`default_diversity_metrics`; "none" (or an empty
+    list): no diversity at all; else a comma-separated string or a list of names."""
+    if isinstance(diversity, Mapping):
+        return dict(diversity)
+    if diversity is None or diversity == "auto":
+        names = list(default_diversity_metrics(image_size, features is not None))
+    elif isinstance(diversity, str):
+        names = [] if diversity.strip() == "none" else [n.strip() for n in diversity.split(",")]
+    else:
+        names = list(diversity)
+    return {n: get_diversity_metric(n, features=features) for n in names if n}
 
 
 def group_indices(conditions: Sequence[Any]) -> list[list[int]]:

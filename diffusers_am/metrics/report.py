@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..jsonio import write_json
+from .grid import image_grid
 
 
 def _fmt(value: Any, sem: Any = None) -> str:
@@ -43,22 +44,6 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def image_grid(images: torch.Tensor, nrow: int) -> torch.Tensor:
-    """[N, C, H, W] in [0, 1] -> [H', W', 3] uint8 grid with 1 px white gutters."""
-    if images.shape[-1] < 64:  # small images (e.g. 8x8 digits): nearest upscale so the grid is readable
-        scale = math.ceil(64 / images.shape[-1])
-        images = torch.nn.functional.interpolate(images.float(), scale_factor=scale, mode="nearest")
-    n, c, h, w = images.shape
-    imgs = images.expand(-1, 3, -1, -1) if c == 1 else images
-    ncol = max(1, nrow)
-    rows = math.ceil(n / ncol)
-    grid = torch.ones(3, rows * (h + 1) + 1, ncol * (w + 1) + 1)
-    for i in range(n):
-        r, col = divmod(i, ncol)
-        grid[:, 1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + col * (w + 1) : 1 + col * (w + 1) + w] = imgs[i].float().clamp(0, 1)
-    return (grid.permute(1, 2, 0) * 255).round().to(torch.uint8)
-
-
 def write_report(results: dict[str, Any], output_dir: str | Path, samples: dict[str, torch.Tensor] | None = None, nrow: int = 6) -> dict[str, Path]:
     """Write ``metrics.json``, ``metrics.md``, ``plot_<metric>.png`` (one bar chart per metric),
     ``reward_vs_diversity.png`` and ``samples_<model>.png``; returns the written paths by kind."""
@@ -66,7 +51,6 @@ def write_report(results: dict[str, Any], output_dir: str | Path, samples: dict[
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from PIL import Image
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -106,6 +90,6 @@ def write_report(results: dict[str, Any], output_dir: str | Path, samples: dict[
         plt.close(fig)
     for name, imgs in (samples or {}).items():
         path = out / f"samples_{name}.png"
-        Image.fromarray(image_grid(imgs.cpu(), nrow).numpy()).save(path)
+        image_grid(imgs.cpu(), nrow).save(path)
         written[f"samples:{name}"] = path
     return written

@@ -10,25 +10,13 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
 from ..flow import ConditionedFlow
-
-
-@dataclass
-class LoraSettings:
-    """LoRA on the adapter's ``transformer`` through PEFT (``transformer.add_adapter``).
-
-    ``target_modules=None`` takes the family's default targets."""
-
-    rank: int = 16
-    alpha: float | None = None
-    target_modules: Sequence[str] | None = None
-    dropout: float = 0.0
-    init_lora_weights: bool | str = True
+from . import lora as _lora
+from .lora import LoraSettings
 
 
 class FlowModelAdapter(abc.ABC):
@@ -49,9 +37,10 @@ class FlowModelAdapter(abc.ABC):
     @classmethod
     @abc.abstractmethod
     def from_pretrained(
-        cls, pretrained_model_name_or_path: str, *, torch_dtype: torch.dtype = torch.float32, **kwargs: Any
+        cls, pretrained_model_name_or_path: str, *, dtype: torch.dtype | None = None, **kwargs: Any
     ) -> "FlowModelAdapter":
-        """Load through the pipeline's ``from_pretrained`` (a local folder or a Hub id)."""
+        """Load through the pipeline's ``from_pretrained`` (a local folder or a Hub id) in ``dtype``
+        (default fp32; ``torch_dtype=`` is the deprecated spelling)."""
 
     @property
     def transformer(self) -> torch.nn.Module:
@@ -65,20 +54,42 @@ class FlowModelAdapter(abc.ABC):
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
 
-    # -- LoRA -----------------------------------------------------------------------------
+    # -- LoRA (the "adapter"; written once in :mod:`diffusers_am.models.lora`) ----------------
     @abc.abstractmethod
-    def add_lora(self, settings: LoraSettings) -> list[torch.nn.Parameter]:
-        """Add a trainable LoRA adapter to ``transformer``; freeze everything else; return the
-        trainable parameters (kept in fp32). Raises ValueError naming a target that matches no module."""
+    def default_lora_targets(self) -> list[str]:
+        """The family's default LoRA target module names (PEFT suffix semantics)."""
 
+    @classmethod
     @abc.abstractmethod
+    def lora_pipeline_class(cls) -> type:
+        """The pipeline class whose ``save_lora_weights`` / ``load_lora_weights`` this family uses."""
+
+    @property
+    def has_lora(self) -> bool:
+        """Whether the transformer holds a LoRA (added or loaded)."""
+        return _lora.has_lora(self.transformer)
+
+    def add_lora(self, settings: LoraSettings | Any) -> list[torch.nn.Parameter]:
+        """Add a trainable LoRA (``LoraSettings`` or a ``peft.LoraConfig``) to ``transformer``; freeze
+        everything else; return the trainable parameters (fp32). ValueError naming a bad rank, a target
+        that matches no module, or an existing LoRA."""
+        if self.has_lora:
+            raise ValueError("the transformer already has a LoRA adapter: load a fresh pipeline to add another.")
+        config = _lora.lora_config(settings, self.default_lora_targets(), self.transformer)
+        return _lora.add_lora(self.transformer, config)
+
     def save_lora(self, save_directory: str, **kwargs: Any) -> None:
         """Write ``pytorch_lora_weights.safetensors`` (diffusers format, adapter metadata) with the
         pipeline class's ``save_lora_weights``, loadable by ``pipe.load_lora_weights``."""
+        _lora.save_lora(self.lora_pipeline_class(), self.transformer, save_directory, **kwargs)
 
     @contextlib.contextmanager
     def adapters_disabled(self):
-        """Run the base model: LoRA off inside the block, back on (and trainable) after it."""
+        """Run the base model: LoRA off inside the block, back on (and trainable) after it; a no-op
+        while the transformer has no LoRA."""
+        if not self.has_lora:
+            yield
+            return
         model = self.transformer
         model.disable_adapters()
         try:

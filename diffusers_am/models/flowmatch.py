@@ -15,25 +15,15 @@ A family subclass implements :meth:`FlowMatchAdapter._sigmas` (the pipeline's ow
 from __future__ import annotations
 
 import abc
-import contextlib
 import warnings
 from typing import Any, ClassVar, Sequence
 
 import torch
 
 from ..adjoint import vjp_velocity
-from .base import FlowModelAdapter, LoraSettings
-
-
-def _is_lora_target(module: torch.nn.Module) -> bool:
-    return isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv1d, torch.nn.Embedding))
-
-
-def unmatched_lora_targets(model: torch.nn.Module, targets: Sequence[str]) -> list[str]:
-    """Targets (PEFT suffix semantics: ``name == target`` or ``name`` ends with ``.target``)
-    that match no LoRA-capable module of ``model``."""
-    names = [name for name, module in model.named_modules() if _is_lora_target(module)]
-    return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+from ..deprecation import resolve_dtype
+from .base import FlowModelAdapter
+from .lora import unmatched_lora_targets  # noqa: F401  (re-exported)
 
 
 class PaperTimeFlow:
@@ -89,7 +79,6 @@ class FlowMatchAdapter(FlowModelAdapter):
         self.pipeline = pipeline
         self.offload_text_encoder = bool(offload_text_encoder)
         self.max_sequence_length = max_sequence_length
-        self._lora_config = None
 
     # -- loading --------------------------------------------------------------------------
     @classmethod
@@ -103,7 +92,7 @@ class FlowMatchAdapter(FlowModelAdapter):
         cls,
         pretrained_model_name_or_path: str,
         *,
-        torch_dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
         offload_text_encoder: bool = False,
         max_sequence_length: int | None = None,
         device: torch.device | str | None = None,
@@ -111,7 +100,7 @@ class FlowMatchAdapter(FlowModelAdapter):
     ) -> "FlowMatchAdapter":
         """Load with the stock pipeline's ``from_pretrained`` (folder or Hub id; extra kwargs such
         as ``revision`` / ``variant`` go to it); the VAE and text encoders are frozen."""
-        dtype = kwargs.pop("dtype", None) or torch_dtype
+        dtype = resolve_dtype(dtype, kwargs.pop("torch_dtype", None), torch.float32)
         pipeline = cls._pipeline_class().from_pretrained(pretrained_model_name_or_path, dtype=dtype, **kwargs)
         adapter = cls(pipeline, offload_text_encoder=offload_text_encoder, max_sequence_length=max_sequence_length)
         for module in adapter._frozen_modules():
@@ -137,69 +126,9 @@ class FlowMatchAdapter(FlowModelAdapter):
         return self.transformer.dtype
 
     # -- LoRA -----------------------------------------------------------------------------
-    @abc.abstractmethod
-    def default_lora_targets(self) -> list[str]:
-        """The family's default LoRA target module names (PEFT suffix semantics)."""
-
-    @property
-    def has_lora(self) -> bool:
-        return bool(getattr(self.transformer, "_hf_peft_config_loaded", False))
-
-    @contextlib.contextmanager
-    def adapters_disabled(self):
-        """LoRA off inside the block (a no-op before any adapter is added)."""
-        if not self.has_lora:
-            yield
-            return
-        with super().adapters_disabled():
-            yield
-
-    def add_lora(self, settings: LoraSettings) -> list[torch.nn.Parameter]:
-        from peft import LoraConfig
-
-        if not isinstance(settings, LoraSettings):
-            raise ValueError(f"`settings` must be a LoraSettings; got {type(settings).__name__}.")
-        if isinstance(settings.rank, bool) or int(settings.rank) != settings.rank or settings.rank < 1:
-            raise ValueError(f"`rank` must be a positive integer; got {settings.rank!r}.")
-        if self.has_lora:
-            raise ValueError("the transformer already has a LoRA adapter: load a fresh pipeline to add another.")
-        targets = list(settings.target_modules) if settings.target_modules else self.default_lora_targets()
-        missing = unmatched_lora_targets(self.transformer, targets)
-        if missing:
-            raise ValueError(
-                f"LoRA target(s) {missing} match no Linear/Conv module of {type(self.transformer).__name__}; "
-                f"fix `target_modules` (default for this family: {self.default_lora_targets()})."
-            )
-        config = LoraConfig(
-            r=int(settings.rank),
-            lora_alpha=float(settings.alpha if settings.alpha is not None else settings.rank),
-            target_modules=targets,
-            lora_dropout=float(settings.dropout),
-            init_lora_weights=settings.init_lora_weights,
-        )
-        self.transformer.requires_grad_(False)
-        self.transformer.add_adapter(config)
-        self._lora_config = config
-        params = [p for n, p in self.transformer.named_parameters() if "lora_" in n]
-        for p in params:
-            p.data = p.data.float()
-            p.requires_grad_(True)
-        return params
-
-    def save_lora(self, save_directory: str, **kwargs: Any) -> None:
-        """``<Pipeline>.save_lora_weights`` with the PEFT state dict and the LoraConfig as metadata."""
-        from peft.utils import get_peft_model_state_dict
-
-        if not self.has_lora:
-            raise ValueError("no LoRA adapter to save: call `add_lora` first.")
-        config = self._lora_config or self.transformer.peft_config["default"]
-        layers = get_peft_model_state_dict(self.transformer)
-        self._pipeline_class().save_lora_weights(
-            save_directory,
-            transformer_lora_layers=layers,
-            transformer_lora_adapter_metadata=config.to_dict(),
-            **kwargs,
-        )
+    @classmethod
+    def lora_pipeline_class(cls) -> type:
+        return cls._pipeline_class()
 
     # -- time -----------------------------------------------------------------------------
     def check_resolution(self, resolution: int) -> int:

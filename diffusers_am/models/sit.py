@@ -19,18 +19,16 @@ Conventions (nothing to convert: SiT already lives in paper time):
 
 from __future__ import annotations
 
-import contextlib
 import numbers
 from typing import Any, Sequence
 
 import torch
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
 
 from ..adjoint import vjp_velocity
 from ..flow import ConditionedFlow
 from ..pipelines.sit import SiTPipeline
-from .base import FlowModelAdapter, LoraSettings
+from ..deprecation import resolve_dtype
+from .base import FlowModelAdapter
 
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
 """Attention projections and the MLP of every DiT block (diffusers' module names)."""
@@ -88,65 +86,23 @@ class SiTAdapter(FlowModelAdapter):
 
     @classmethod
     def from_pretrained(
-        cls, pretrained_model_name_or_path: str, *, torch_dtype: torch.dtype = torch.float32, **kwargs: Any
+        cls, pretrained_model_name_or_path: str, *, dtype: torch.dtype | None = None, **kwargs: Any
     ) -> "SiTAdapter":
-        """Load a SiTPipeline folder (or Hub id) written by ``save_pretrained``."""
-        pipeline = SiTPipeline.from_pretrained(pretrained_model_name_or_path, dtype=kwargs.pop("dtype", None) or torch_dtype, **kwargs)
+        """Load a SiTPipeline folder (or Hub id) written by ``save_pretrained``, in ``dtype`` (default
+        fp32; ``torch_dtype=`` is the deprecated spelling)."""
+        dtype = resolve_dtype(dtype, kwargs.pop("torch_dtype", None), torch.float32)
+        pipeline = SiTPipeline.from_pretrained(pretrained_model_name_or_path, dtype=dtype, **kwargs)
         pipeline.set_progress_bar_config(disable=True)
         return cls(pipeline)
 
     # -- LoRA -----------------------------------------------------------------------------
-    def add_lora(self, settings: LoraSettings) -> list[torch.nn.Parameter]:
-        """PEFT LoRA on the DiT blocks; everything else frozen; returns the fp32 LoRA params."""
-        if isinstance(settings.rank, bool) or not isinstance(settings.rank, int) or settings.rank < 1:
-            raise ValueError(f"LoRA `rank` must be a positive integer; got {settings.rank!r}.")
-        targets = list(settings.target_modules) if settings.target_modules else list(DEFAULT_LORA_TARGETS)
-        names = [name for name, _ in self.transformer.named_modules()]
-        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
-        if missing:
-            raise ValueError(
-                f"LoRA target_modules {missing} match no module of SiTTransformer2DModel; "
-                f"use names such as {list(DEFAULT_LORA_TARGETS)}."
-            )
-        if getattr(self.transformer, "_hf_peft_config_loaded", False):
-            raise ValueError("the transformer already has a LoRA adapter; load a fresh pipeline to add one.")
-        config = LoraConfig(
-            r=settings.rank,
-            lora_alpha=settings.alpha if settings.alpha is not None else settings.rank,
-            target_modules=targets,
-            lora_dropout=settings.dropout,
-            init_lora_weights=settings.init_lora_weights,
-        )
-        self.transformer.requires_grad_(False)
-        self.transformer.add_adapter(config)
-        params = []
-        for name, param in self.transformer.named_parameters():
-            if "lora_" in name:
-                param.data = param.data.float()
-                param.requires_grad_(True)
-                params.append(param)
-        return params
+    def default_lora_targets(self) -> list[str]:
+        """Attention projections and the MLP of every DiT block."""
+        return list(DEFAULT_LORA_TARGETS)
 
-    def save_lora(self, save_directory: str, **kwargs: Any) -> None:
-        """``pytorch_lora_weights.safetensors`` via ``SiTPipeline.save_lora_weights`` (diffusers format)."""
-        if not getattr(self.transformer, "_hf_peft_config_loaded", False):
-            raise ValueError("no LoRA adapter to save: call add_lora first.")
-        config = self.transformer.peft_config["default"]
-        SiTPipeline.save_lora_weights(
-            save_directory,
-            transformer_lora_layers=get_peft_model_state_dict(self.transformer),
-            transformer_lora_adapter_metadata=config.to_dict(),
-            **kwargs,
-        )
-
-    @contextlib.contextmanager
-    def adapters_disabled(self):
-        """LoRA off inside the block (no-op while the transformer has no adapter)."""
-        if not getattr(self.transformer, "_hf_peft_config_loaded", False):
-            yield
-            return
-        with super().adapters_disabled():
-            yield
+    @classmethod
+    def lora_pipeline_class(cls) -> type:
+        return SiTPipeline
 
     # -- sampling geometry ----------------------------------------------------------------
     def _check_resolution(self, resolution: int) -> None:

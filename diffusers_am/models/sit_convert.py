@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from ..deprecation import resolve_dtype
 from .sit_transformer import SiTTransformer2DModel
 
 SIT_HEADS_BY_HIDDEN = {1152: 16, 1024: 16, 768: 12, 384: 6}
@@ -197,9 +198,13 @@ def convert_sit_state_dict(state_dict: dict[str, torch.Tensor], depth: int) -> d
 def sit_transformer_from_state_dict(
     state_dict: dict[str, torch.Tensor],
     num_attention_heads: int | None = None,
-    torch_dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
+    *,
+    torch_dtype: torch.dtype | None = None,
 ) -> SiTTransformer2DModel:
-    """Build a :class:`SiTTransformer2DModel` holding an official SiT state dict's weights."""
+    """Build a :class:`SiTTransformer2DModel` holding an official SiT state dict's weights, in ``dtype``
+    (default fp32; ``torch_dtype=`` is the deprecated spelling)."""
+    torch_dtype = resolve_dtype(dtype, torch_dtype, torch.float32)
     config = sit_config_from_state_dict(state_dict, num_attention_heads)
     model = SiTTransformer2DModel(**config)
     table = model.pos_embed.pos_embed
@@ -221,7 +226,7 @@ def sit_transformer_from_state_dict(
             f"SiT key map incomplete: missing {result.missing_keys}, unexpected {result.unexpected_keys}"
         )
     if torch_dtype != torch.float32:
-        model = model.to(torch_dtype)
+        model = model.to(torch_dtype)  # the resolved `dtype`
     return model.eval()
 
 
@@ -253,8 +258,9 @@ def convert_sit_checkpoint(
     vae: Any = None,
     num_attention_heads: int | None = None,
     default_num_inference_steps: int = 50,
-    torch_dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     guidance_channels: int | str | None = "official",
+    torch_dtype: torch.dtype | None = None,
 ):
     """Official SiT checkpoint -> :class:`~diffusers_am.pipelines.sit.SiTPipeline` (saved to
     ``output_dir`` when given).
@@ -267,15 +273,16 @@ def convert_sit_checkpoint(
 
     from ..pipelines.sit import SiTPipeline
 
+    dtype = resolve_dtype(dtype, torch_dtype, torch.float32)
     state_dict = load_sit_checkpoint(checkpoint_path)
     try:
-        transformer = sit_transformer_from_state_dict(state_dict, num_attention_heads, torch_dtype)
+        transformer = sit_transformer_from_state_dict(state_dict, num_attention_heads, dtype)
     except ValueError as err:
         raise ValueError(f"`checkpoint_path` {str(checkpoint_path)!r}: {err}") from err
     channels = resolve_guidance_channels(guidance_channels, transformer.config.in_channels)
     if isinstance(vae, (str, os.PathLike)):
         try:
-            vae = AutoencoderKL.from_pretrained(str(vae), torch_dtype=torch_dtype)
+            vae = AutoencoderKL.from_pretrained(str(vae), dtype=dtype)
         except Exception as err:  # missing folder, offline, unknown repo ... 
             raise ValueError(
                 f"`vae` {str(vae)!r} is neither a local AutoencoderKL folder nor reachable on the Hub "

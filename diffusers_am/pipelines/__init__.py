@@ -14,6 +14,7 @@ _EXPORTS = {
     "AdjointMatchingFluxPipeline": "diffusers_am.pipelines.flux",
     "AdjointMatchingStableDiffusion3Pipeline": "diffusers_am.pipelines.sd3",
     "ControlledVelocityMixin": "diffusers_am.pipelines.controlled",
+    "SiTPipeline": "diffusers_am.pipelines.sit",
 }
 
 __all__ = sorted(_EXPORTS)

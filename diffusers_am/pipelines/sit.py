@@ -36,7 +36,7 @@ the inference-time view of a control trained on a truncated window.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -46,7 +46,9 @@ from diffusers.loaders.lora_pipeline import SanaLoraLoaderMixin
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..deprecation import warn_deprecated
 from ..models.sit_transformer import SiTTransformer2DModel
+from .controlled import check_control_window
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -274,7 +276,10 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
         output_type: str = "pil",
         return_dict: bool = True,
         control_scale: float = 1.0,
-        control_start: float = 0.0,
+        control_window: int | str = "all",
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        control_start: float | None = None,
     ) -> ImagePipelineOutput | tuple:
         """Sample one image per class label.
 
@@ -289,25 +294,39 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
             height, width: must equal :attr:`resolution` when given.
             output_type: "pil", "np" ([B, H, W, C] in [0, 1]), "pt" ([B, C, H, W] in [0, 1]) or
                 "latent" (terminal states).
-            control_scale, control_start: with a LoRA loaded, scale the control v_lora - v_base
-                and apply it only from paper time ``control_start`` on (defaults: plain LoRA model).
+            control_scale, control_window: with a LoRA loaded, scale the control v_lora - v_base and
+                apply it only on the last ``control_window`` = K of the N steps ("all": every step), as
+                the FLUX / SD3 controlled pipelines (defaults: the plain LoRA model).
+            callback_on_step_end: ``f(pipe, step, t, callback_kwargs) -> dict`` after each step, as in
+                diffusers pipelines; ``callback_kwargs`` holds ``callback_on_step_end_tensor_inputs``
+                (default ``["latents"]``: the state after the step); a returned ``"latents"`` replaces it.
+            control_start: deprecated (FutureWarning): the paper time the control starts at; on the
+                uniform grid ``control_start = (N - K) / N`` is ``control_window = K``.
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}; got {output_type!r}.")
         if not isinstance(guidance_scale, (int, float)) or not np.isfinite(guidance_scale) or guidance_scale < 0:
             raise ValueError(f"`guidance_scale` must be a finite number >= 0; got {guidance_scale!r}.")
         self.check_resolution(height, width)
-        for name, value in (("control_scale", control_scale), ("control_start", control_start)):
+        if control_start is not None:
+            warn_deprecated("control_start", "control_window")
+            if control_window != "all":
+                raise ValueError("pass either `control_window` or `control_start` (deprecated), not both.")
+        for name, value in (("control_scale", control_scale), ("control_start", control_start or 0.0)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
                 raise ValueError(f"`{name}` must be a finite number; got {value!r}.")
-        if not 0.0 <= control_start <= 1.0:
+        if control_start is not None and not 0.0 <= control_start <= 1.0:
             raise ValueError(f"`control_start` is a paper time in [0, 1]; got {control_start}.")
-        if (control_scale != 1.0 or control_start > 0.0) and not self.has_lora:
-            raise ValueError("`control_scale` / `control_start` need a LoRA: call `load_lora_weights` first.")
+        tensor_inputs = self._check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         device = self._execution_device
         labels = self.check_class_labels(class_labels, device)
         if num_inference_steps is None:
             num_inference_steps = self.config.default_num_inference_steps
+        window = check_control_window(control_window, _check_steps(num_inference_steps, "num_inference_steps"))
+        if (control_scale != 1.0 or (control_start or 0.0) > 0.0 or window is not None) and not self.has_lora:
+            raise ValueError(
+                "`control_scale` / `control_window` / `control_start` need a LoRA: call `load_lora_weights` first."
+            )
         times = self.time_grid(num_inference_steps, device)
         if latents is None:
             x = self.prepare_latents(labels.shape[0], generator, device)
@@ -318,9 +337,15 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
                 raise ValueError(f"`latents` must have shape {tuple(expected)}; got {tuple(latents.shape)}.")
             x = latents.to(device=device, dtype=torch.float32)
 
-        for k in self.progress_bar(range(len(times) - 1)):
-            v = self.controlled_velocity(x, times[k], labels, guidance_scale, control_scale, control_start)
+        n = len(times) - 1
+        for k in self.progress_bar(range(n)):
+            active = (window is None or k >= n - window) and (control_start is None or float(times[k]) >= control_start)
+            v = self.controlled_velocity(x, times[k], labels, guidance_scale, control_scale if active else 0.0)
             x = x + (times[k + 1] - times[k]) * v
+            if callback_on_step_end is not None:
+                local = {"latents": x}
+                out = callback_on_step_end(self, k, times[k], {name: local[name] for name in tensor_inputs}) or {}
+                x = out.pop("latents", x)
 
         if output_type == "latent":
             image = x
@@ -331,6 +356,28 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)
+
+
+    _callback_tensor_inputs = ["latents"]
+
+    def _check_callback(self, callback: Callable | None, tensor_inputs: list[str] | None) -> list[str]:
+        """The tensor names handed to ``callback_on_step_end`` (a diffusers ``PipelineCallback`` brings
+        its own); ValueError naming an unknown one or a non-callable callback."""
+        from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
+        if callback is None:
+            return []
+        if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+            tensor_inputs = callback.tensor_inputs
+        elif not callable(callback):
+            raise ValueError(f"`callback_on_step_end` must be callable; got {type(callback).__name__}.")
+        names = list(tensor_inputs) if tensor_inputs is not None else ["latents"]
+        bad = [name for name in names if name not in self._callback_tensor_inputs]
+        if bad:
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` {bad} not among {self._callback_tensor_inputs}."
+            )
+        return names
 
 
 def _check_steps(value: Any, name: str) -> int:

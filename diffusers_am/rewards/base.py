@@ -76,9 +76,17 @@ class WeightedReward(torch.nn.Module):
     def component(self, name: str) -> Callable:
         return self.parts[name] if name in self.parts else self._callables[name]
 
-    def forward(self, images: torch.Tensor, prompts: Sequence[Any]) -> torch.Tensor:
+    def components(self, images: torch.Tensor, prompts: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """Each unweighted component r_i [B] (fp32), by name."""
+        return {name: self.component(name)(images, prompts).float() for name in self.names}
+
+    def combine(self, components: dict[str, torch.Tensor]) -> torch.Tensor:
+        """sum_i w_i * r_i [B] of :meth:`components`' output."""
         total = None
         for name in self.names:
-            r = self.weights[name] * self.component(name)(images, prompts).float()
+            r = self.weights[name] * components[name]
             total = r if total is None else total + r
         return total
+
+    def forward(self, images: torch.Tensor, prompts: Sequence[Any]) -> torch.Tensor:
+        return self.combine(self.components(images, prompts))

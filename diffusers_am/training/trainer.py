@@ -108,7 +108,7 @@ class AdjointMatchingTrainer:
 
     def _load_model(self, weight_dtype: torch.dtype) -> FlowModelAdapter:
         path = self.config.pretrained_model_name_or_path or str(EMBEDDED_DIGITS_BASE)
-        return load_model_adapter(path, torch_dtype=weight_dtype)
+        return load_model_adapter(path, dtype=weight_dtype)
 
     def _conditions(self, adapter: FlowModelAdapter) -> tuple[list, list]:
         """(training conditions, validation conditions) in the model's conditioning kind."""

@@ -1,18 +1,20 @@
-"""Sampling for validation grids and the before / after reward, through the adapter interface only,
-and the trainer's validation: the grid of the validation prompts and its held-out metrics."""
+"""The trainer's validation: the grid of the validation prompts and its held-out metrics, and the
+before / after reward. Sampling (:mod:`diffusers_am.sampling`), the grid (:mod:`diffusers_am.metrics.grid`),
+diversity (:mod:`diffusers_am.metrics.diversity`) and reward scoring (:mod:`diffusers_am.rewards.scoring`)
+are the same functions ``python -m diffusers_am.evaluate`` uses."""
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import numpy as np
 import torch
 
-from ..flow import sample_euler
+from ..metrics.grid import image_grid, save_grid  # noqa: F401  (re-exported)
 from ..models.base import FlowModelAdapter
-from ..rewards import check_reward_output, load_reward
+from ..rewards import load_reward
+from ..rewards.scoring import score_rewards
+from ..sampling import sample_images  # noqa: F401  (re-exported)
 from .config import TrainingConfig
 from .data import derive_seed
 from .logs import JsonlLog
@@ -24,77 +26,11 @@ VALIDATION_LOG_NAME = "validation_log.jsonl"
 
 
 @torch.no_grad()
-def sample_images(
-    adapter: FlowModelAdapter,
-    conditions: Sequence[Any],
-    noise: torch.Tensor,
-    times: torch.Tensor,
-    *,
-    guidance_scale: float | None = None,
-    base: bool = False,
-    chunk_size: int = 32,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Euler-sample ``noise`` [B, ...] along ``times`` [N+1] and decode.
-
-    ``base=True`` runs the base model (LoRA disabled). Returns (terminal states [B, ...], images
-    [B, C, H, W] in [0, 1]), both fp32 on the adapter's device."""
-    if len(conditions) != noise.shape[0]:
-        raise ValueError(
-            f"`conditions` ({len(conditions)}) and `noise` ({noise.shape[0]}) must have the same batch size."
-        )
-    states, images = [], []
-    ctx = adapter.adapters_disabled() if base else contextlib.nullcontext()
-    with ctx:
-        for start in range(0, len(conditions), chunk_size):
-            chunk = list(conditions[start : start + chunk_size])
-            flow = adapter.flow(adapter.encode_conditions(chunk), guidance_scale=guidance_scale)
-            x = sample_euler(flow.velocity, noise[start : start + chunk_size], times)[-1]
-            states.append(x)
-            images.append(adapter.decode(x).float().clamp(0, 1))
-    return torch.cat(states), torch.cat(images)
-
-
-@torch.no_grad()
 def mean_reward(
     reward: Callable, images: torch.Tensor, conditions: Sequence[Any], chunk_size: int = 32
 ) -> torch.Tensor:
-    """Rewards [B] of images [B, C, H, W] (fp32, on CPU)."""
-    out = []
-    for i in range(0, len(conditions), chunk_size):
-        chunk = images[i : i + chunk_size]
-        value = check_reward_output(reward(chunk, list(conditions[i : i + chunk_size])), chunk.shape[0], "reward")
-        out.append(value.float().cpu())
-    return torch.cat(out)
-
-
-def image_grid(images: torch.Tensor, nrow: int, pad: int = 2):
-    """A PIL image tiling ``images`` [B, C, H, W] in [0, 1] row-major, ``nrow`` images per row."""
-    from PIL import Image
-
-    if images.dim() != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"`images` must be [B, C, H, W] with C in (1, 3); got {tuple(images.shape)}.")
-    b, c, h, w = images.shape
-    cols = max(1, min(nrow, b))
-    rows = (b + cols - 1) // cols
-    canvas = np.ones((rows * (h + pad) + pad, cols * (w + pad) + pad, c), dtype=np.uint8) * 255
-    pixels = (images.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8).transpose(0, 2, 3, 1)
-    for i in range(b):
-        r, q = divmod(i, cols)
-        y, x = pad + r * (h + pad), pad + q * (w + pad)
-        canvas[y : y + h, x : x + w] = pixels[i]
-    image = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
-    if max(image.size) < 256:  # tiny images (digits are 8x8): upscale (nearest) so the grid is legible
-        scale = 512 // max(image.size)
-        image = image.resize((image.size[0] * scale, image.size[1] * scale), Image.NEAREST)
-    return image
-
-
-def save_grid(images: torch.Tensor, nrow: int, path: str | Path) -> Path:
-    """Write ``image_grid(images, nrow)`` as PNG to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(images, nrow).save(path)
-    return path
+    """Rewards [B] of images [B, C, H, W] (fp32, on CPU): the weighted sum of :func:`score_rewards`."""
+    return score_rewards(reward, images, conditions, batch_size=chunk_size)["reward"]
 
 
 def eval_set(
@@ -146,12 +82,10 @@ class ValidationMetrics:
         from ..metrics import validation_metrics
 
         cfg = self.config
-        diversity = None if cfg.validation_diversity == "none" else (
-            cfg.validation_diversity if cfg.validation_diversity == "auto" else cfg.validation_diversity.split(","))
-        with torch.no_grad():
+        with torch.no_grad():  # "auto" / "none" / names: the rule of metrics.diversity.resolve_diversity
             metrics = validation_metrics(
                 images, conditions, base_images=None if base else self.base_images,
-                held_out_reward=self.reward, features=self.features, diversity=diversity,
+                held_out_reward=self.reward, features=self.features, diversity=cfg.validation_diversity,
             )
         record = {"step": 0 if base else step, "model": "base" if base else "fine-tuned", **metrics}
         JsonlLog(ctx.output_dir / VALIDATION_LOG_NAME).append(record)
