@@ -217,6 +217,14 @@ def paired(diffs: Sequence[float]) -> dict[str, Any]:
     return {"mean": m, "se": se, "n": len(diffs), "verdict": verdict, "diffs": list(diffs)}
 
 
+def unanimous(per_seed: Sequence[bool]) -> str:
+    """A yes / no claim over seeds: holds when every seed says yes, does not hold when every seed says no
+    (two seeds at least), else inconclusive."""
+    if len(per_seed) < 2:
+        return "inconclusive"
+    return "holds" if all(per_seed) else "does not hold here" if not any(per_seed) else "inconclusive"
+
+
 def fmt(m: float, sd: float | None = None, digits: int = 4) -> str:
     if m is None or not math.isfinite(m):
         return "–"
@@ -302,8 +310,7 @@ def claim_c1(t: Table) -> tuple[str, dict]:
         top = max(gains.values())
         k90.append(min(k for k in ks if gains[k] >= 0.9 * top))
     out["k90"] = k90
-    sat = ("holds" if all(k / N_STEPS <= 0.3 for k in k90) else
-           "does not hold here" if all(k / N_STEPS > 0.3 for k in k90) else "inconclusive")
+    sat = unanimous([k / N_STEPS <= 0.3 for k in k90])
     out["verdict_most"] = share_test["verdict"]
     out["verdict_saturation"] = sat
     text.append(
@@ -382,8 +389,8 @@ def claim_c4(profiles: list[dict[str, Any]]) -> tuple[str, dict]:
     flatter = [prof["p2"]["flatness"] < prof["p4"]["flatness"] < prof["p6"]["flatness"] for prof in profiles]
     same_peak = [len({prof[f"p{p}"]["peak_time"] for p in (2, 4, 6)}) == 1 for prof in profiles]
     out = {
-        "late": "holds" if all(late) else "does not hold here" if not any(late) else "inconclusive",
-        "flatter": "holds" if all(flatter) else "does not hold here" if not any(flatter) else "inconclusive",
+        "late": unanimous(late),
+        "flatter": unanimous(flatter),
         "same_peak": all(same_peak),
         "peak_error": [prof["p2"]["peak_time"] - prof["predicted_peak"] for prof in profiles],
     }
