@@ -5,13 +5,15 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
 from ..models.base import FlowModelAdapter
 from .config import TrainingConfig
-from .validation import ValidationMetrics
+
+if TYPE_CHECKING:  # validation.py reads a RunContext: no runtime import either way
+    from .validation import ValidationMetrics
 
 
 @dataclass

@@ -6,6 +6,7 @@ full disk) never leaves a truncated ``pytorch_lora_weights.safetensors``."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -15,12 +16,12 @@ import torch
 
 from ..jsonio import write_json
 from ..models import EMBEDDED_DIGITS_BASE
-from .context import RunContext
 from .logs import LOG_NAME
+from .result import TrainResult
 from .validation import VALIDATION_LOG_NAME, eval_reward, validation_grid
 
 if TYPE_CHECKING:
-    from .trainer import TrainResult
+    from .context import RunContext
 
 CONFIG_NAME = "training_config.json"
 ADAPTER_NAME = "pytorch_lora_weights.safetensors"
@@ -50,8 +51,9 @@ def save_adapter(ctx: RunContext) -> Path:
     return out / ADAPTER_NAME
 
 
-def write_outputs(ctx: RunContext, result: TrainResult, last: dict[str, Any], repo_id: str) -> None:
-    """Write the finished run (main process; sets ``result.reward_after``), then wait for every process.
+def write_outputs(ctx: RunContext, result: TrainResult, last: dict[str, Any], repo_id: str) -> TrainResult:
+    """Write the finished run (main process), then wait for every process; returns ``result`` with the
+    fine-tuned model's ``reward_after`` (a new object: ``result`` is not changed).
 
     ``last`` is the last update's log record (the card's final metrics); ``repo_id`` the Hub repo."""
     cfg, accelerator, out = ctx.config, ctx.accelerator, ctx.output_dir
@@ -61,7 +63,7 @@ def write_outputs(ctx: RunContext, result: TrainResult, last: dict[str, Any], re
             validation_grid(ctx, "validation/final.png", step=result.steps)
             shutil.copyfile(out / "validation/final.png", out / GRID_NAME)
             if cfg.num_eval_samples:
-                result.reward_after = eval_reward(ctx, base=False)
+                result = dataclasses.replace(result, reward_after=eval_reward(ctx, base=False))
         summary = {
             "reward_before": result.reward_before,
             "reward_after": result.reward_after,
@@ -84,6 +86,7 @@ def write_outputs(ctx: RunContext, result: TrainResult, last: dict[str, Any], re
         if cfg.push_to_hub:
             push(ctx, repo_id)
     accelerator.wait_for_everyone()
+    return result
 
 
 def push(ctx: RunContext, repo_id: str) -> None:

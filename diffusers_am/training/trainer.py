@@ -19,7 +19,6 @@ import os
 import signal
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,26 +40,11 @@ from .interrupts import Interrupted, StopSignals, agree_to_stop
 from .logs import LOG_NAME, JsonlLog, finite_scalars, peak_memory_bytes
 from .outputs import ADAPTER_NAME, CARD_NAME, CONFIG_NAME, GRID_NAME, save_adapter, write_outputs
 from .progress import RunProgress
+from .result import TrainResult
 from .resume_policy import apply_learning_rate, check_resume_config
 from .run_folder import RunFolder
 from .update import STEP_FUNCTIONS, check_in_sync, run_update
 from .validation import ValidationMetrics, eval_reward, eval_set, validation_grid
-
-@dataclass
-class TrainResult:
-    """Where a finished run put things, and its headline numbers."""
-
-    output_dir: Path
-    adapter_path: Path
-    grid_path: Path
-    card_path: Path
-    log_path: Path
-    reward_before: float | None
-    reward_after: float | None
-    steps: int
-    skipped_updates: int
-    seconds_per_update: float | None
-
 
 def _check_tracker(report_to: str) -> None:
     """ValueError with the install command when the chosen tracker's package is missing."""
@@ -340,8 +324,7 @@ class AdjointMatchingTrainer:
             nonfinite,
             sum(durations) / len(durations) if durations else None,
         )
-        write_outputs(ctx, result, last, self.hub_repo_id())
-        return result
+        return write_outputs(ctx, result, last, self.hub_repo_id())
 
     def _resume(self, ctx: RunContext, ckpt: CheckpointManager, log: JsonlLog) -> tuple[int, int]:
         """(update, skipped updates) to start from: the resume checkpoint's, restored, or (0, 0). A changed
