@@ -19,16 +19,21 @@ from typing import Any, Sequence
 
 from ..control import check_order
 from ..models import resolve_pretrained, short_names_help
-from ..objectives import METHODS
+from .methods import method_names, methods_with_control
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear", "cosine_with_restarts", "polynomial")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 TRACKERS = ("tensorboard", "wandb", "all", "none")
 MATCH_STATISTICS = ("none", "velocity", "reward_gain")
-ADAPTIVE_METHODS = ("ode-am", "sde-am")
-"""Methods with a control to measure: ``--truncate_steps auto`` and ``--match_reward_scale`` need one."""
 SECRET_FIELDS = ("hub_token",)
 """Fields never written to the tracker, the config dump or the model card."""
+
+
+def _choices(f: dataclasses.Field) -> tuple | None:
+    """A field's allowed values: its ``choices`` (a tuple, or a function returning them: ``--method`` reads
+    the method registry when validated, so a method registered later is accepted), or None."""
+    choices = f.metadata.get("choices")
+    return tuple(choices()) if callable(choices) else choices
 
 
 def _f(default: Any, help: str, **extra: Any) -> Any:
@@ -59,8 +64,9 @@ class TrainingConfig:
     method: str = _f(
         "ode-am",
         "Update rule: ode-am (deterministic adjoint matching), sde-am "
-        "(stochastic AM, memoryless schedule), draft (DRaFT-K) or refl (ReFL-K).",
-        choices=METHODS,
+        "(stochastic AM, memoryless schedule), draft (DRaFT-K) or refl (ReFL-K); "
+        "diffusers_am.training.methods registers them (and any method you add).",
+        choices=method_names,
     )
     truncate_steps: int | str = _f(
         4,
@@ -220,7 +226,7 @@ class TrainingConfig:
         for f in dataclasses.fields(self):
             setattr(self, f.name, _coerce(f, getattr(self, f.name)))
         for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
+            choices = _choices(f)
             value = getattr(self, f.name)
             if choices is not None and value is not None and value not in choices:
                 raise ValueError(f"`--{f.name}` must be one of {', '.join(choices)}; got {value!r}.")
@@ -296,9 +302,9 @@ class TrainingConfig:
             ("--truncate_steps auto", self.truncate_steps == "auto", "pass an integer --truncate_steps"),
             (f"--match_reward_scale {self.match_reward_scale}", self.match_reward_scale != "none", "drop the flag"),
         ):
-            if active and self.method not in ADAPTIVE_METHODS:
+            if active and self.method not in methods_with_control():
                 raise ValueError(
-                    f"`{name}` needs a method with a control to measure ({', '.join(ADAPTIVE_METHODS)}); "
+                    f"`{name}` needs a method with a control to measure ({', '.join(methods_with_control())}); "
                     f"--method {self.method} has none: {fix}."
                 )
 
@@ -402,7 +408,7 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
         if not isinstance(items, (list, tuple)) or not all(isinstance(v, (str, int)) for v in items):
             raise ValueError(f"`--{name}` must be a list of strings; got {value!r}.")
         return list(items)
-    if value is False and "no" in f.metadata.get("choices", ()):
+    if value is False and "no" in (_choices(f) or ()):
         return "no"  # YAML reads an unquoted `mixed_precision: no` as false
     if not isinstance(value, str):
         raise ValueError(f"`--{name}` must be a string; got {value!r}.")
@@ -529,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
             if f.metadata.get("auto"):
                 kwargs["type"] = _int_or_auto
             if "choices" in f.metadata:
-                kwargs["choices"] = list(f.metadata["choices"]) + ([None] if optional else [])
+                kwargs["choices"] = list(_choices(f)) + ([None] if optional else [])
             if "nargs" in f.metadata:
                 kwargs["nargs"] = f.metadata["nargs"]
         parser.add_argument(f"--{f.name}", *f.metadata.get("aliases", ()), **kwargs)

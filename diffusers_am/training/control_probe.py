@@ -27,6 +27,7 @@ from ..schedules import get_schedule
 from ..truncation import AdaptiveTruncation
 from .context import RunContext
 from .data import PromptSampler, derive_seed
+from .methods import get_method
 
 _PER_SAMPLE = ("adjoint_norms", "learned_norms", "learned_dot_adjoint")
 
@@ -94,7 +95,7 @@ def refresh_window(ctx: RunContext, truncation: AdaptiveTruncation, step: int) -
     chosen, its energy share per step and the probe's intensity profile), None when no probe was due."""
     if not truncation.due(step):
         return None
-    profile = probe_batch(ctx, step, 0, sde=ctx.config.method == "sde-am", reward_scale=ctx.reward_scale)
+    profile = probe_batch(ctx, step, 0, sde=get_method(ctx.config.method).control == "sde", reward_scale=ctx.reward_scale)
     energy = _broadcast(ctx, profile.energy_per_step())
     k = truncation.update(energy, step)
     return {"truncate_steps": k, **profile.to_log()}
@@ -109,7 +110,7 @@ def match_reward_scale(ctx: RunContext, truncation: AdaptiveTruncation | None) -
     cfg = ctx.config
     batches = range(cfg.match_probe_batches)
     ode = concat_profiles([probe_batch(ctx, 0, i, sde=False, reward_scale=cfg.reward_scale) for i in batches])
-    if cfg.method == "sde-am":
+    if get_method(cfg.method).control == "sde":
         target = concat_profiles([probe_batch(ctx, 0, i, sde=True, reward_scale=cfg.reward_scale) for i in batches])
     else:
         target = ode.with_order(cfg.reg_order)

@@ -43,7 +43,8 @@ from .progress import RunProgress
 from .result import TrainResult
 from .resume_policy import apply_learning_rate, check_resume_config
 from .run_folder import RunFolder
-from .update import STEP_FUNCTIONS, check_in_sync, run_update
+from .methods import get_method
+from .update import check_in_sync, run_update
 from .validation import ValidationMetrics, eval_reward, eval_set, validation_grid
 
 def _check_tracker(report_to: str) -> None:
@@ -385,7 +386,7 @@ class AdjointMatchingTrainer:
             ctx.k_steps = ctx.truncation.steps
         ctx.accelerator.print(
             f"--match_reward_scale {cfg.match_reward_scale}: lambda = {ctx.reward_scale:.4g} for {cfg.method}"
-            + (f" (order {cfg.reg_order:g})" if cfg.method == "ode-am" else "")
+            + (f" (order {cfg.reg_order:g})" if get_method(cfg.method).uses_reg_order else "")
             + f" asks for the control 2nd-order ODE-AM asks for at lambda = {cfg.reward_scale:g} over the last "
             f"{ctx.reward_scale_match['truncate_steps']} steps ({ctx.reward_scale_match['probe_samples']} samples)."
         )
@@ -421,7 +422,7 @@ class AdjointMatchingTrainer:
 
         cfg, accelerator, adapter = self.config, ctx.accelerator, ctx.adapter
         sampler = PromptSampler(ctx.prompts, cfg.seed)
-        step_fn = STEP_FUNCTIONS[cfg.method]
+        step_fn = get_method(cfg.method).step
         progress = tqdm(
             total=cfg.max_train_steps,
             initial=global_step,

@@ -15,19 +15,12 @@ from typing import Any, Callable
 
 import torch
 
-from ..objectives import NonFiniteRewardError, draft_step, ode_am_step, refl_step, sde_am_step
-from ..schedules import get_schedule
+from ..objectives import NonFiniteRewardError
 from .collectives import any_process
 from .config import TrainingConfig
 from .context import RunContext
 from .data import PromptSampler, derive_seed
-
-STEP_FUNCTIONS: dict[str, Callable] = {
-    "ode-am": ode_am_step,
-    "sde-am": sde_am_step,
-    "draft": draft_step,
-    "refl": refl_step,
-}
+from .methods import get_method
 
 
 def run_update(ctx: RunContext, sampler: PromptSampler, step_fn: Callable, step: int) -> dict[str, Any]:
@@ -90,20 +83,8 @@ def _step_kwargs(
     backward: Callable,
 ) -> dict[str, Any]:
     """Keyword arguments of the configured method's step function for one micro-batch (K and lambda as the
-    run uses them: adaptive / matched ones included)."""
-    kwargs: dict[str, Any] = {"truncate_steps": k_steps, "reward_scale": reward_scale, "backward": backward}
-    if cfg.method == "ode-am":
-        kwargs.update(order=cfg.reg_order, loss_reduction=cfg.loss_reduction)
-    elif cfg.method == "sde-am":
-        sde_gen = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, "sde", step, slot))
-        kwargs.update(
-            schedule=get_schedule(cfg.sde_schedule, t_min=cfg.sde_t_min),
-            loss_reduction=cfg.loss_reduction,
-            generator=sde_gen,
-        )
-    elif cfg.method == "refl":  # one step index j per update, the same on every process
-        kwargs.update(generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "refl", step)))
-    return kwargs
+    run uses them: adaptive / matched ones included); the method's own :attr:`Method.step_kwargs` builds them."""
+    return get_method(cfg.method).step_kwargs(cfg, k_steps, reward_scale, step, slot, device, backward)
 
 
 def _apply(ctx: RunContext, skipped: bool, step: int) -> tuple[bool, float | None]:
@@ -148,7 +129,7 @@ def _record(
     profile = (
         torch.stack(norms).mean(0)
         if norms and not skipped
-        else torch.full((ctx.k_steps if ctx.config.method != "refl" else 1,), float("nan"))
+        else torch.full((get_method(ctx.config.method).profile_length(ctx.k_steps),), float("nan"))
     )
     profile = accelerator.reduce(profile.to(accelerator.device), "mean").cpu() if not skipped else profile
     return {
