@@ -60,6 +60,14 @@ class TrainingConfig:
         "(diffusers_am/assets/digits-sit). Alias: --pretrained.",
         aliases=("--pretrained",),
     )
+    offload_text_encoder: bool = _f(
+        False,
+        "Keep the text encoders on the CPU except while encoding a batch (text-to-image model adapters: FLUX, "
+        "FLUX.2, SD3; SiT has no text encoder).",
+    )
+    max_sequence_length: int | None = _f(
+        None, "Prompt length in tokens for the text encoder (None: the pipeline's default; text-to-image only)."
+    )
     # -- method -----------------------------------------------------------------------------
     method: str = _f(
         "ode-am",
@@ -246,7 +254,8 @@ class TrainingConfig:
             _check_int(self, name, minimum=0)
         if self.seed >= 2**32:
             raise ValueError(f"`--seed` must be below 2**32 (numpy's limit); got {self.seed}.")
-        for name in ("num_inference_steps", "resolution", "checkpoints_total_limit", "cpu_threads"):
+        optional_counts = ("num_inference_steps", "resolution", "checkpoints_total_limit", "cpu_threads")
+        for name in (*optional_counts, "max_sequence_length"):
             if getattr(self, name) is not None:
                 _check_int(self, name, minimum=1)
         if self.num_inference_steps is not None and self.truncate_steps != "auto" and (
@@ -337,6 +346,21 @@ class TrainingConfig:
         return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in self.to_dict().items()}
 
     # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainingConfig":
+        """Build from a dict of fields (any subset); ValueError naming unknown keys."""
+        if not isinstance(values, dict):
+            raise ValueError(
+                f"`config` must be a TrainingConfig or a dict of its fields; got {type(values).__name__}."
+            )
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(
+                f"unknown config field(s) {', '.join(unknown)}: see `python -m diffusers_am.train --help` "
+                "for the names."
+            )
+        return cls(**values)
+
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> "TrainingConfig":
         """Build from a YAML or JSON file (any subset of the fields), then ``overrides``."""

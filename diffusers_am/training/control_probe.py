@@ -95,7 +95,8 @@ def refresh_window(ctx: RunContext, truncation: AdaptiveTruncation, step: int) -
     chosen, its energy share per step and the probe's intensity profile), None when no probe was due."""
     if not truncation.due(step):
         return None
-    profile = probe_batch(ctx, step, 0, sde=get_method(ctx.config.method).control == "sde", reward_scale=ctx.reward_scale)
+    sde = get_method(ctx.config.method).control == "sde"
+    profile = probe_batch(ctx, step, 0, sde=sde, reward_scale=ctx.reward_scale)
     energy = _broadcast(ctx, profile.energy_per_step())
     k = truncation.update(energy, step)
     return {"truncate_steps": k, **profile.to_log()}

@@ -59,7 +59,8 @@ def _base_kwargs(k_steps: int, reward_scale: float, backward: Callable) -> dict[
 
 
 def _ode_am_kwargs(cfg: TrainingConfig, k_steps, reward_scale, step, slot, device, backward) -> dict[str, Any]:
-    return {**_base_kwargs(k_steps, reward_scale, backward), "order": cfg.reg_order, "loss_reduction": cfg.loss_reduction}
+    kwargs = _base_kwargs(k_steps, reward_scale, backward)
+    return {**kwargs, "order": cfg.reg_order, "loss_reduction": cfg.loss_reduction}
 
 
 def _sde_am_kwargs(cfg: TrainingConfig, k_steps, reward_scale, step, slot, device, backward) -> dict[str, Any]:

@@ -15,6 +15,7 @@ and validates (:mod:`.validation`); SIGINT / SIGTERM stop it after the current u
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import time
@@ -26,7 +27,7 @@ import torch
 
 from ..flow import check_truncation
 from ..jsonio import write_json
-from ..models import EMBEDDED_DIGITS_BASE, FlowModelAdapter, LoraSettings, load_model_adapter
+from ..models import EMBEDDED_DIGITS_BASE, FlowModelAdapter, LoraSettings, load_model_adapter, model_adapter_for
 from ..rewards import check_reward_output, load_reward, probe_reward
 from .checkpoints import CheckpointManager, list_checkpoints
 from .claim import claim_run, run_entries
@@ -38,6 +39,7 @@ from .disk import bytes_to_save, check_free_space, checkpoint_bytes_estimate, te
 from .errors import RunStopped
 from .interrupts import Interrupted, StopSignals, agree_to_stop
 from .logs import LOG_NAME, JsonlLog, finite_scalars, peak_memory_bytes
+from .objects import Callbacks, check_callbacks, check_lora_config, check_prompts, record_objects
 from .outputs import ADAPTER_NAME, CARD_NAME, CONFIG_NAME, GRID_NAME, save_adapter, write_outputs
 from .progress import RunProgress
 from .result import TrainResult
@@ -60,9 +62,52 @@ def _check_tracker(report_to: str) -> None:
 
 
 class AdjointMatchingTrainer:
-    """Fine-tunes a LoRA adapter with the configured method. ``train()`` runs the whole job."""
+    """Fine-tunes a LoRA adapter with the configured method. ``train()`` runs the whole job and returns the
+    :class:`~.result.TrainResult`.
 
-    def __init__(self, config: TrainingConfig):
+    Args:
+        config: a :class:`TrainingConfig`, or a dict of its fields.
+        pipeline: a loaded diffusers pipeline of a supported family (used as loaded: its dtype, quantization and
+            offloading stay; it is moved to the accelerator's device unless already there), or a model adapter
+            (:class:`~diffusers_am.models.FlowModelAdapter`). Wins over ``pretrained_model_name_or_path``.
+        reward: a differentiable callable ``(images [B, C, H, W] in [0, 1], prompts) -> [B]``. Wins over
+            ``config.reward``.
+        prompts: the training prompts (str) or class labels (int). Wins over ``config.prompts``.
+        lora_config: a ``peft.LoraConfig``. Wins over ``rank`` / ``lora_alpha`` / ``lora_target_modules`` /
+            ``lora_dropout``.
+        callbacks: objects with any of ``on_train_begin(trainer, ctx)``, ``on_update_end(trainer, step,
+            record)``, ``on_save(trainer, step, path)``, ``on_train_end(trainer, result)``
+            (:data:`~.objects.CALLBACK_METHODS` documents when each is called).
+
+    The config the run records (``training_config.json``, the tracker, the model card) names the objects
+    passed, e.g. reward ``"<callable my_module.my_reward>"``; ``self.config`` is that copy (the config passed
+    in is not changed).
+    """
+
+    def __init__(
+        self,
+        config: TrainingConfig | dict[str, Any],
+        *,
+        pipeline: Any = None,
+        reward: Any = None,
+        prompts: list | None = None,
+        lora_config: Any = None,
+        callbacks: list | None = None,
+    ):
+        if isinstance(config, dict):
+            config = TrainingConfig.from_dict(config)
+        if not isinstance(config, TrainingConfig):
+            raise ValueError(f"`config` must be a TrainingConfig or a dict of its fields; got {type(config).__name__}.")
+        if reward is not None and not callable(reward):
+            raise ValueError(f"`reward` must be a callable (images, prompts) -> [B]; got {type(reward).__name__}.")
+        self.pipeline = pipeline
+        self.reward = reward
+        self.prompt_list = check_prompts(prompts) if prompts is not None else None
+        self.lora_config = check_lora_config(lora_config) if lora_config is not None else None
+        self.callbacks = Callbacks(check_callbacks(callbacks))
+        config = record_objects(
+            config, pipeline=pipeline, reward=reward, prompts=self.prompt_list, lora_config=self.lora_config
+        )
         self.config = config
         self.output_dir = Path(config.output_dir)
         self.resume_path: Path | None = None
@@ -91,15 +136,36 @@ class AdjointMatchingTrainer:
             ),
         )
 
+    def _model_options(self) -> dict[str, Any]:
+        """The model adapter options the config sets (``--offload_text_encoder``, ``--max_sequence_length``)."""
+        cfg = self.config
+        options: dict[str, Any] = {}
+        if cfg.offload_text_encoder:
+            options["offload_text_encoder"] = True
+        if cfg.max_sequence_length is not None:
+            options["max_sequence_length"] = cfg.max_sequence_length
+        return options
+
     def _load_model(self, weight_dtype: torch.dtype) -> FlowModelAdapter:
+        """The model adapter: of the passed pipeline / model adapter (as loaded), else loaded in ``weight_dtype``."""
+        if self.pipeline is not None:
+            return model_adapter_for(self.pipeline, **self._model_options())
         path = self.config.pretrained_model_name_or_path or str(EMBEDDED_DIGITS_BASE)
-        return load_model_adapter(path, dtype=weight_dtype)
+        return load_model_adapter(path, dtype=weight_dtype, **self._model_options())
+
+    def _load_reward(self, accelerator) -> Any:
+        """The training reward: the passed callable, else ``--reward`` from the registry."""
+        if self.reward is not None:
+            return self.reward
+        return load_reward(self.config.reward, device=accelerator.device, paths=self.config.reward_paths())
 
     def _conditions(self, adapter: FlowModelAdapter) -> tuple[list, list]:
         """(training conditions, validation conditions) in the model's conditioning kind."""
         cfg = self.config
         num_classes = getattr(adapter.pipeline, "num_classes", None) if adapter.conditioning == "class" else None
-        if cfg.prompts:
+        if self.prompt_list is not None:
+            prompts = [_as_condition(p, adapter.conditioning, "`prompts`") for p in self.prompt_list]
+        elif cfg.prompts:
             prompts = load_prompts(
                 cfg.prompts, conditioning=adapter.conditioning, column=cfg.prompt_column, split=cfg.prompts_split
             )
@@ -175,12 +241,14 @@ class AdjointMatchingTrainer:
         every input is checked before the first write into output_dir."""
         cfg = self.config
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-        adapter = self._load_model(weight_dtype).to(accelerator.device)
+        adapter = self._load_model(weight_dtype)
+        if self.pipeline is None or adapter.device != accelerator.device:  # a passed one stays where it is
+            adapter = adapter.to(accelerator.device)
         n_steps = cfg.num_inference_steps or adapter.default_num_inference_steps
         truncation = adaptive_truncation(cfg, n_steps)  # --truncate_steps auto: K comes from the probes
         k_steps = check_truncation(cfg.truncate_steps, n_steps) if truncation is None else truncation.min_steps
         resolution = cfg.resolution or adapter.default_resolution
-        reward = load_reward(cfg.reward, device=accelerator.device, paths=cfg.reward_paths())
+        reward = self._load_reward(accelerator)
         if isinstance(reward, torch.nn.Module):
             reward.eval().requires_grad_(False)
         validation = ValidationMetrics(cfg, accelerator)  # before anything is written: a bad name fails here
@@ -213,11 +281,10 @@ class AdjointMatchingTrainer:
     def _add_lora(self, adapter: FlowModelAdapter) -> tuple[list[torch.nn.Parameter], dict[str, torch.nn.Parameter]]:
         """Add the LoRA (and gradient checkpointing); returns its trainable parameters, as a list and by name."""
         cfg = self.config
-        params = adapter.add_lora(
-            LoraSettings(
-                rank=cfg.rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_target_modules, dropout=cfg.lora_dropout
-            )
+        settings = self.lora_config or LoraSettings(
+            rank=cfg.rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_target_modules, dropout=cfg.lora_dropout
         )
+        params = adapter.add_lora(settings)
         params = [p for p in params if p.requires_grad]
         if not params:
             raise ValueError("the LoRA adapter has no trainable parameters; check `--lora_target_modules`.")
@@ -305,6 +372,7 @@ class AdjointMatchingTrainer:
         self.progress.step = global_step
         if accelerator.is_main_process and accelerator.trackers == [] and cfg.report_to != "none":
             accelerator.init_trackers(cfg.tracker_project_name, config=cfg.tracker_config())
+        self.callbacks("on_train_begin", self, ctx)
         reward_before = self._base_model_outputs(ctx)
         self._probe_at_setup(ctx)
         self.progress.phase = "training"
@@ -325,7 +393,10 @@ class AdjointMatchingTrainer:
             nonfinite,
             sum(durations) / len(durations) if durations else None,
         )
-        return write_outputs(ctx, result, last, self.hub_repo_id())
+        result = write_outputs(ctx, result, last, self.hub_repo_id())
+        self.callbacks("on_save", self, global_step, result.adapter_path if accelerator.is_main_process else None)
+        self.callbacks("on_train_end", self, result)
+        return result
 
     def _resume(self, ctx: RunContext, ckpt: CheckpointManager, log: JsonlLog) -> tuple[int, int]:
         """(update, skipped updates) to start from: the resume checkpoint's, restored, or (0, 0). A changed
@@ -461,6 +532,7 @@ class AdjointMatchingTrainer:
             if accelerator.is_main_process:
                 log.append(record)
                 accelerator.log(finite_scalars(record), step=global_step)
+            self.callbacks("on_update_end", self, global_step, copy.deepcopy(record))
             adapter.transformer.eval()
             progress.update(1)
             progress.set_postfix(
@@ -468,8 +540,10 @@ class AdjointMatchingTrainer:
                 loss=f"{record['loss']:.3g}" if record["loss"] is not None else "nan",
             )
             if cfg.checkpointing_steps and global_step % cfg.checkpointing_steps == 0:
-                ckpt.save(global_step, self._state(nonfinite))
+                path = ckpt.save(global_step, self._state(nonfinite))
                 self.progress.saved_at = global_step
+                if path is not None:  # None: the save was abandoned (a full disk), with a warning
+                    self.callbacks("on_save", self, global_step, path)
             if cfg.validation_steps and global_step % cfg.validation_steps == 0 and global_step < cfg.max_train_steps:
                 if accelerator.is_main_process:
                     with ctx.ema_weights():
