@@ -51,7 +51,8 @@ def render_model_card(
     template_path = Path(template_path or TEMPLATE)
     if not template_path.is_file():
         raise ValueError(f"model card template {str(template_path)!r} not found.")
-    hub_base = None if Path(base_model).exists() else base_model  # card metadata takes Hub ids only
+    object_record = str(base_model).startswith("<")  # "<pipeline object: ...>": passed from Python, no id known
+    hub_base = None if object_record or Path(base_model).exists() else base_model  # metadata takes Hub ids only
     data = ModelCardData(
         library_name="diffusers",
         base_model=hub_base,

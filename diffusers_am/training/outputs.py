@@ -17,6 +17,7 @@ import torch
 from ..jsonio import write_json
 from ..models import EMBEDDED_DIGITS_BASE
 from .logs import LOG_NAME
+from .objects import is_object_record
 from .result import TrainResult
 from .validation import VALIDATION_LOG_NAME, eval_reward, validation_grid
 
@@ -115,8 +116,10 @@ def write_model_card(ctx: RunContext, result: TrainResult, last: dict[str, Any],
     from .model_card import render_model_card
     from .resume_policy import learning_rate_text
 
-    cfg, adapter = ctx.config, ctx.adapter
+    cfg, model_adapter = ctx.config, ctx.adapter
     base = cfg.pretrained_model_name_or_path or str(EMBEDDED_DIGITS_BASE)
+    if is_object_record(base):  # a pipeline passed from Python: the folder or Hub id it was loaded from, if known
+        base = str(getattr(model_adapter.pipeline, "name_or_path", None) or base)
     final = {k: last.get(k) for k in ("reward_mean", "reward_std", "loss", "grad_norm")}
     card = render_model_card(
         base_model=base,
@@ -132,10 +135,10 @@ def write_model_card(ctx: RunContext, result: TrainResult, last: dict[str, Any],
         final_metrics=final,
         grid=GRID_NAME,
         base_grid="validation/base.png" if (ctx.output_dir / "validation/base.png").is_file() else None,
-        pipeline_class=type(adapter.pipeline).__name__,
-        pipeline_module=type(adapter.pipeline).__module__,
+        pipeline_class=type(model_adapter.pipeline).__name__,
+        pipeline_module=type(model_adapter.pipeline).__module__,
         adapter_location=repo_id if cfg.push_to_hub else str(ctx.output_dir),
-        conditioning=adapter.conditioning,
+        conditioning=model_adapter.conditioning,
         num_eval_samples=cfg.num_eval_samples,
         batch_size=f"{cfg.train_batch_size} x {ctx.accelerator.num_processes} x {cfg.gradient_accumulation_steps}",
         learning_rate=learning_rate_text(ctx.lr_history, result.steps) if ctx.lr_history else cfg.learning_rate,
