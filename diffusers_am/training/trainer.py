@@ -19,11 +19,11 @@ import copy
 import os
 import signal
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.logging import get_logger
 
 from ..flow import check_truncation
 from ..jsonio import write_json
@@ -48,6 +48,9 @@ from .run_folder import RunFolder
 from .methods import get_method
 from .update import check_in_sync, run_update
 from .validation import ValidationMetrics, eval_reward, eval_set, validation_grid
+
+logger = get_logger(__name__)  # main process only
+
 
 def _check_tracker(report_to: str) -> None:
     """ValueError with the install command when the chosen tracker's package is missing."""
@@ -551,7 +554,7 @@ class AdjointMatchingTrainer:
                 accelerator.wait_for_everyone()
         progress.close()
         if nonfinite:
-            warnings.warn(
+            logger.warning(
                 f"{nonfinite} of {global_step} updates were skipped: the reward or the gradient was NaN or inf."
             )
         return global_step, nonfinite, durations, record

@@ -18,6 +18,7 @@ from ..sampling import sample_images  # noqa: F401  (re-exported)
 from .config import TrainingConfig
 from .data import derive_seed
 from .logs import JsonlLog
+from .tracking import log_grid
 
 if TYPE_CHECKING:
     from .context import RunContext
@@ -112,4 +113,8 @@ def validation_grid(
     if metrics.enabled:
         metrics.log(ctx, images, conditions, base, step)
     path = ctx.output_dir / name
-    return save_grid(images, per, path) if write else path
+    if write:
+        save_grid(images, per, path)
+        if ctx.accelerator.trackers:  # one image series: the base grid at step 0, then each update's
+            log_grid(ctx.accelerator, "validation/grid", path, step=0 if base else int(step or 0))
+    return path
