@@ -50,17 +50,17 @@ def probe_batch(ctx: RunContext, step: int, index: int, *, sde: bool, reward_sca
     """Probe one batch of ``train_batch_size`` drawn for (``step``, ``index``) with the current flow.
 
     ``sde``: integrate the method's SDE (``--sde_schedule``, refined grid) instead of the ODE."""
-    cfg, adapter = ctx.config, ctx.adapter
+    cfg, model = ctx.config, ctx.adapter
     batch = PromptSampler(ctx.prompts, derive_seed(cfg.seed, "probe")).batch(step, cfg.train_batch_size, index)
-    noise_gen = torch.Generator(device=adapter.device).manual_seed(derive_seed(cfg.seed, "probe-noise", step, index))
-    noise = adapter.initial_noise(cfg.train_batch_size, ctx.resolution, noise_gen)
-    sde_gen = torch.Generator(device=adapter.device).manual_seed(derive_seed(cfg.seed, "probe-sde", step, index))
+    noise_gen = torch.Generator(device=model.device).manual_seed(derive_seed(cfg.seed, "probe-noise", step, index))
+    noise = model.initial_noise(cfg.train_batch_size, ctx.resolution, noise_gen)
+    sde_gen = torch.Generator(device=model.device).manual_seed(derive_seed(cfg.seed, "probe-sde", step, index))
     schedule = get_schedule(cfg.sde_schedule, t_min=cfg.sde_t_min) if sde else None
-    adapter.transformer.eval()  # no LoRA dropout in a measurement; the loop sets train() before an update
-    flow = adapter.flow(adapter.encode_conditions(batch), guidance_scale=cfg.guidance_scale, train_module=ctx.train_module)
+    model.transformer.eval()  # no LoRA dropout in a measurement; the loop sets train() before an update
+    flow = model.flow(model.encode_conditions(batch), guidance_scale=cfg.guidance_scale, train_module=ctx.train_module)
 
     def reward_fn(x: torch.Tensor) -> torch.Tensor:
-        return ctx.reward(adapter.decode(x), batch)
+        return ctx.reward(model.decode(x), batch)
 
     with ctx.accelerator.autocast():
         return probe_control_profile(

@@ -162,17 +162,17 @@ class AdjointMatchingTrainer:
             return self.reward
         return load_reward(self.config.reward, device=accelerator.device, paths=self.config.reward_paths())
 
-    def _conditions(self, adapter: FlowModelAdapter) -> tuple[list, list]:
+    def _conditions(self, model: FlowModelAdapter) -> tuple[list, list]:
         """(training conditions, validation conditions) in the model's conditioning kind."""
         cfg = self.config
-        num_classes = getattr(adapter.pipeline, "num_classes", None) if adapter.conditioning == "class" else None
+        num_classes = getattr(model.pipeline, "num_classes", None) if model.conditioning == "class" else None
         if self.prompt_list is not None:
-            prompts = [_as_condition(p, adapter.conditioning, "`prompts`") for p in self.prompt_list]
+            prompts = [_as_condition(p, model.conditioning, "`prompts`") for p in self.prompt_list]
         elif cfg.prompts:
             prompts = load_prompts(
-                cfg.prompts, conditioning=adapter.conditioning, column=cfg.prompt_column, split=cfg.prompts_split
+                cfg.prompts, conditioning=model.conditioning, column=cfg.prompt_column, split=cfg.prompts_split
             )
-        elif adapter.conditioning == "class":
+        elif model.conditioning == "class":
             if num_classes is None:
                 raise ValueError(
                     "this class-conditional model does not report `num_classes`; pass `--prompts` with its labels."
@@ -180,14 +180,14 @@ class AdjointMatchingTrainer:
             prompts = list(range(int(num_classes)))
         else:
             raise ValueError("this text-to-image model needs training prompts: pass `--prompts <file or dataset>`.")
-        if adapter.conditioning == "class":
+        if model.conditioning == "class":
             check_class_labels(prompts, num_classes)
         if cfg.validation_prompts:
-            val = [_as_condition(v, adapter.conditioning, "`--validation_prompts`") for v in cfg.validation_prompts]
-            if adapter.conditioning == "class":
+            val = [_as_condition(v, model.conditioning, "`--validation_prompts`") for v in cfg.validation_prompts]
+            if model.conditioning == "class":
                 check_class_labels(val, num_classes, "--validation_prompts")
         else:
-            val = list(dict.fromkeys(prompts))[: 10 if adapter.conditioning == "class" else 4]
+            val = list(dict.fromkeys(prompts))[: 10 if model.conditioning == "class" else 4]
         return prompts, val
 
     def _optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -218,15 +218,15 @@ class AdjointMatchingTrainer:
         write_json(self.output_dir / CONFIG_NAME, self.config.to_dict())
 
     def _check_rewards(
-        self, adapter: FlowModelAdapter, reward, validation: ValidationMetrics, prompts: list, resolution: int
+        self, model: FlowModelAdapter, reward, validation: ValidationMetrics, prompts: list, resolution: int
     ) -> None:
         """Call the reward on two decoded noise samples before anything is written: one value per image and
         differentiable, else ValueError naming it; the held-out ``--validation_reward`` must give one value
         per image too."""
         cfg = self.config
-        gen = torch.Generator(device=adapter.device).manual_seed(derive_seed(cfg.seed, "reward-probe"))
+        gen = torch.Generator(device=model.device).manual_seed(derive_seed(cfg.seed, "reward-probe"))
         with torch.no_grad():
-            images = adapter.decode(adapter.initial_noise(2, resolution, gen)).float()
+            images = model.decode(model.initial_noise(2, resolution, gen)).float()
         conditions = [prompts[i % len(prompts)] for i in range(2)]
         probe_reward(reward, images, conditions, cfg.reward)
         if validation.reward is not None:
@@ -281,24 +281,24 @@ class AdjointMatchingTrainer:
             lr_history=self.lr_history, truncation=truncation,
         )
 
-    def _add_lora(self, adapter: FlowModelAdapter) -> tuple[list[torch.nn.Parameter], dict[str, torch.nn.Parameter]]:
+    def _add_lora(self, model: FlowModelAdapter) -> tuple[list[torch.nn.Parameter], dict[str, torch.nn.Parameter]]:
         """Add the LoRA (and gradient checkpointing); returns its trainable parameters, as a list and by name."""
         cfg = self.config
         settings = self.lora_config or LoraSettings(
             rank=cfg.rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_target_modules, dropout=cfg.lora_dropout
         )
-        params = adapter.add_lora(settings)
+        params = model.add_lora(settings)
         params = [p for p in params if p.requires_grad]
         if not params:
             raise ValueError("the LoRA adapter has no trainable parameters; check `--lora_target_modules`.")
         ids = {id(p) for p in params}
-        named = {n: p for n, p in adapter.transformer.named_parameters() if id(p) in ids}
+        named = {n: p for n, p in model.transformer.named_parameters() if id(p) in ids}
         if cfg.gradient_checkpointing:
-            if not getattr(adapter.transformer, "_supports_gradient_checkpointing", False):
+            if not getattr(model.transformer, "_supports_gradient_checkpointing", False):
                 raise ValueError(
                     "`--gradient_checkpointing`: this transformer does not support gradient checkpointing."
                 )
-            adapter.transformer.enable_gradient_checkpointing()
+            model.transformer.enable_gradient_checkpointing()
         return params, named
 
     def _lr_scheduler(self, optimizer: torch.optim.Optimizer, procs: int):
@@ -494,7 +494,7 @@ class AdjointMatchingTrainer:
         Returns (updates done, skipped updates, seconds of each update run here, the last log record)."""
         from tqdm.auto import tqdm
 
-        cfg, accelerator, adapter = self.config, ctx.accelerator, ctx.adapter
+        cfg, accelerator, model = self.config, ctx.accelerator, ctx.adapter
         sampler = PromptSampler(ctx.prompts, cfg.seed)
         step_fn = get_method(cfg.method).step
         progress = tqdm(
@@ -516,7 +516,7 @@ class AdjointMatchingTrainer:
             probe = refresh_window(ctx, ctx.truncation, global_step) if ctx.truncation is not None else None
             if probe is not None:
                 ctx.k_steps = probe["truncate_steps"]
-            adapter.transformer.train()
+            model.transformer.train()
             record = run_update(ctx, sampler, step_fn, global_step)
             if probe is not None:
                 record["probe"] = probe
@@ -536,7 +536,7 @@ class AdjointMatchingTrainer:
                 log.append(record)
                 accelerator.log(finite_scalars(record), step=global_step)
             self.callbacks("on_update_end", self, global_step, copy.deepcopy(record))
-            adapter.transformer.eval()
+            model.transformer.eval()
             progress.update(1)
             progress.set_postfix(
                 reward=f"{record['reward_mean']:.3f}" if record["reward_mean"] is not None else "nan",
