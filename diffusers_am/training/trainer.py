@@ -1,8 +1,10 @@
 """``AdjointMatchingTrainer``: set-up and the update loop of ``train_adjoint_matching.py``.
 
-It reaches the model only through :func:`diffusers_am.models.load_model_adapter` and the
-:class:`~diffusers_am.models.base.FlowModelAdapter` interface, the reward only through
-:func:`diffusers_am.rewards.load_reward`, and the math only through :mod:`diffusers_am.objectives`.
+It reaches the model only through its model adapter (:func:`diffusers_am.models.load_model_adapter`, or
+:func:`~diffusers_am.models.model_adapter_for` of a pipeline passed from Python) and the
+:class:`~diffusers_am.models.base.FlowModelAdapter` interface, the reward through
+:func:`diffusers_am.rewards.load_reward` (or a passed callable), and the math only through the method registry
+(:mod:`.methods`, whose step functions live in :mod:`diffusers_am.objectives`).
 
 The main process first claims the output folder (:mod:`.run_folder`: an empty, new or own-run folder,
 locked against a second trainer), checks the resume checkpoint (:mod:`.resume_policy`) and the Hub repo.
