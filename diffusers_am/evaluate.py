@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import types
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -436,5 +437,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+class _CallableModule(types.ModuleType):
+    """Importing this module binds ``diffusers_am.evaluate`` to it (over the lazy top-level export of the
+    function of the same name): calling it calls :func:`evaluate`, so ``diffusers_am.evaluate(...)`` works
+    either way."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return evaluate(*args, **kwargs)
+
+
+if __name__ != "__main__":
+    sys.modules[__name__].__class__ = _CallableModule
+
+
 if __name__ == "__main__":
     raise SystemExit(main())
+

@@ -24,8 +24,6 @@ from .schedules import MemorylessSchedule, NoiseSchedule, refine_grid
 RewardFn = Callable[[torch.Tensor], torch.Tensor]
 Backward = Callable[[torch.Tensor], None]
 
-METHODS = ("ode-am", "sde-am", "draft", "refl")
-
 
 class NonFiniteRewardError(RuntimeError):
     """The reward or its gradient is NaN or inf: the update must be skipped."""

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from diffusers_am.models import LoraSettings
 from diffusers_am.models.sit import SiTAdapter
-from diffusers_am.objectives import METHODS
+from diffusers_am.training.methods import method_names
 from diffusers_am.train import main
 
 TOL = 1e-5
@@ -106,7 +106,7 @@ def test_base_vjp_under_checkpointing_is_the_base_models(lora, checkpoint_calls)
 
 
 # -- trainer: checkpointed == plain ---------------------------------------------------------------------
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", method_names())
 def test_checkpointing_gives_the_plain_adapter_on_digits(method, tmp_path, checkpoint_calls):
     plain = train(tmp_path / "plain", "--method", method, *DIGITS)
     assert checkpoint_calls["n"] == 0
@@ -117,7 +117,7 @@ def test_checkpointing_gives_the_plain_adapter_on_digits(method, tmp_path, check
     assert difference <= TOL
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", method_names())
 def test_checkpointing_bf16_and_ema_together_on_digits(method, tmp_path, checkpoint_calls):
     """Each method with checkpointing + bf16 mixed precision + EMA: same EMA adapter as without checkpointing."""
     common = ["--method", method, "--mixed_precision", "bf16", "--use_ema", "--ema_decay", "0.5", *DIGITS]

@@ -458,10 +458,11 @@ def test_resume_refuses_fixed_options_and_applies_a_new_learning_rate(tiny_base,
     assert state["lr_history"] == [[1, 0.003], [3, 0.01]] and state["config"]["learning_rate"] == 0.01
 
 
-def test_every_reward_nan_still_writes_strict_json(tiny_base, tmp_path, rewards_dir):
+def test_every_reward_nan_still_writes_strict_json(tiny_base, tmp_path, rewards_dir, caplog):
     out = tmp_path / "run"
-    with pytest.warns(UserWarning):
+    with caplog.at_level("WARNING", logger="diffusers_am"):
         assert run(tiny_base, out, "--reward", f"{rewards_dir / 'bad_rewards.py'}:always_nan") == 0
+    assert any("skipping this update" in r.getMessage() for r in caplog.records)
     summary = strict_json(out / "train_summary.json")
     assert summary["reward_before"] is None and summary["reward_after"] is None and summary["skipped_updates"] == 2
     for name in ("training_config.json", ".diffusers-am-run.json"):

@@ -240,13 +240,16 @@ def reward(images, prompts):
 """
 
 
-def test_nan_reward_skips_the_update_and_is_counted(tiny_base, tmp_path):
+def test_nan_reward_skips_the_update_and_is_counted(tiny_base, tmp_path, caplog):
     reward_file = tmp_path / "nan_reward.py"
     reward_file.write_text(NAN_REWARD)
     out = tmp_path / "run"
-    with pytest.warns(UserWarning, match="skipping this update"):
+    with caplog.at_level("WARNING", logger="diffusers_am"):  # accelerate's logger, main process only
         rc = run(tiny_base, out, "--reward", f"{reward_file}:reward", "--max_train_steps", "3")
     assert rc == 0
+    warned = [r.getMessage() for r in caplog.records if r.name.startswith("diffusers_am.training")]
+    assert any("update 2:" in m and "skipping this update" in m for m in warned)
+    assert any(m.endswith("1 of 3 updates were skipped: the reward or the gradient was NaN or inf.") for m in warned)
     records = read_log(out)
     assert [r["skipped"] for r in records] == [False, True, False]
     assert [r["nonfinite_count"] for r in records] == [0, 1, 1]

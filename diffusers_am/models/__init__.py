@@ -32,6 +32,10 @@ ADAPTERS: dict[str, str] = {
 }
 
 
+MODEL_OPTIONS = ("offload_text_encoder", "max_sequence_length")
+"""Model adapter options some families take (``FlowModelAdapter.options``), settable from the config."""
+
+
 def adapter_class(pipeline_class_name: str) -> type[FlowModelAdapter]:
     """The adapter class for a pipeline class name; ValueError listing the supported ones."""
     if pipeline_class_name not in ADAPTERS:
@@ -188,12 +192,34 @@ def read_model_index(pretrained_model_name_or_path: str | os.PathLike, **hub_kwa
 
 
 def load_model_adapter(pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> FlowModelAdapter:
-    """Load a pipeline (folder, Hub id or short name) and wrap it in its family's adapter (dispatch on
-    model_index.json)."""
+    """Load a pipeline (folder, Hub id or short name) and wrap it in its family's model adapter (dispatch on
+    model_index.json). ``kwargs`` go to its ``from_pretrained`` (``dtype``, and the family's
+    :data:`MODEL_OPTIONS`: ValueError in one line for one the family does not take)."""
     name = resolve_pretrained(pretrained_model_name_or_path)
     index = read_model_index(name)
     cls = adapter_class(index.get("_class_name", "<missing _class_name>"))
+    cls.check_options({k: v for k, v in kwargs.items() if k in MODEL_OPTIONS})
     return cls.from_pretrained(name, **kwargs)
+
+
+def model_adapter_for(pipeline: Any, **options: Any) -> FlowModelAdapter:
+    """Wrap a loaded diffusers pipeline (or a subclass of a supported one) in its family's model adapter
+    (:meth:`FlowModelAdapter.from_pipeline`); a model adapter is returned as is (then ``options`` must be
+    empty). ValueError naming the supported pipeline classes otherwise."""
+    if isinstance(pipeline, FlowModelAdapter):
+        if options:
+            raise ValueError(
+                f"{', '.join(sorted(options))}: pass them to the model adapter's constructor when you pass a "
+                "model adapter."
+            )
+        return pipeline
+    for klass in type(pipeline).__mro__:
+        if klass.__name__ in ADAPTERS:
+            return adapter_class(klass.__name__).from_pipeline(pipeline, **options)
+    raise ValueError(
+        f"`pipeline` is a {type(pipeline).__name__}, not a supported pipeline or a FlowModelAdapter; supported "
+        f"pipelines: {', '.join(sorted(ADAPTERS))}."
+    )
 
 
 __all__ = [
@@ -203,6 +229,7 @@ __all__ = [
     "LoraSettings",
     "adapter_class",
     "load_model_adapter",
+    "model_adapter_for",
     "read_model_index",
     "resolve_pretrained",
     "SHORT_NAMES",

@@ -29,6 +29,8 @@ class FlowModelAdapter(abc.ABC):
     """
 
     pipeline: Any
+    options: tuple[str, ...] = ()
+    """Keyword options of the constructor / ``from_pretrained`` (``offload_text_encoder``, ...)."""
     conditioning: str = "text"
     default_num_inference_steps: int = 20
     default_resolution: int = 256
@@ -41,6 +43,28 @@ class FlowModelAdapter(abc.ABC):
     ) -> "FlowModelAdapter":
         """Load through the pipeline's ``from_pretrained`` (a local folder or a Hub id) in ``dtype``
         (default fp32; ``torch_dtype=`` is the deprecated spelling)."""
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        """ValueError in one line when ``options`` names one this family does not take."""
+        unknown = sorted(set(options) - set(cls.options))
+        if unknown:
+            takes = f"it takes {', '.join(cls.options)}" if cls.options else "it takes none"
+            raise ValueError(
+                f"{', '.join(f'`--{name}`' for name in unknown)} does not apply to {cls.__name__} ({takes}): drop it."
+            )
+
+    @classmethod
+    def from_pipeline(cls, pipeline: Any, **options: Any) -> "FlowModelAdapter":
+        """Wrap an already loaded pipeline of this family (as is: its dtype, device, quantization and
+        offloading stay the user's); ``options`` are the family's constructor options
+        (:attr:`options`). Every pipeline module is frozen; ``add_lora`` makes the LoRA trainable."""
+        cls.check_options(options)
+        model = cls(pipeline, **options)
+        for module in getattr(pipeline, "components", {}).values():
+            if isinstance(module, torch.nn.Module):
+                module.requires_grad_(False)
+        return model
 
     @property
     def transformer(self) -> torch.nn.Module:

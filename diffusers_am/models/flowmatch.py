@@ -68,6 +68,7 @@ class FlowMatchAdapter(FlowModelAdapter):
     """
 
     pipeline_class_name: ClassVar[str]
+    options = ("offload_text_encoder", "max_sequence_length")
     conditioning = "text"
     default_num_inference_steps = 20
     default_resolution = 256

@@ -8,7 +8,8 @@ gradients reach the images.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+import contextlib
+from typing import Any, Callable, Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -72,6 +73,7 @@ class WeightedReward(torch.nn.Module):
         self.weights = dict(weights)
         self.parts = torch.nn.ModuleDict({n: r for n, r in rewards.items() if isinstance(r, torch.nn.Module)})
         self._callables = {n: r for n, r in rewards.items() if not isinstance(r, torch.nn.Module)}
+        self._recorded: list[dict[str, torch.Tensor]] | None = None
 
     def component(self, name: str) -> Callable:
         return self.parts[name] if name in self.parts else self._callables[name]
@@ -89,4 +91,17 @@ class WeightedReward(torch.nn.Module):
         return total
 
     def forward(self, images: torch.Tensor, prompts: Sequence[Any]) -> torch.Tensor:
-        return self.combine(self.components(images, prompts))
+        components = self.components(images, prompts)
+        if self._recorded is not None:
+            self._recorded.append({k: v.detach().float().cpu() for k, v in components.items()})
+        return self.combine(components)
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[list[dict[str, torch.Tensor]]]:
+        """For the duration, each call appends its unweighted components ``{name: r_i [B]}`` (detached, fp32,
+        CPU) to the yielded list (the trainer logs their means as ``reward/<name>``)."""
+        self._recorded = []
+        try:
+            yield self._recorded
+        finally:
+            self._recorded = None

@@ -2,6 +2,7 @@
 checkpoints, logs, the end-of-run outputs (card, Hub upload)."""
 
 from .config import TrainingConfig, build_parser, parse_args
-from .trainer import AdjointMatchingTrainer, TrainResult
+from .result import TrainResult
+from .trainer import AdjointMatchingTrainer
 
 __all__ = ["AdjointMatchingTrainer", "TrainResult", "TrainingConfig", "build_parser", "parse_args"]

@@ -19,16 +19,21 @@ from typing import Any, Sequence
 
 from ..control import check_order
 from ..models import resolve_pretrained, short_names_help
-from ..objectives import METHODS
+from .methods import method_names, methods_with_control
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear", "cosine_with_restarts", "polynomial")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 TRACKERS = ("tensorboard", "wandb", "all", "none")
 MATCH_STATISTICS = ("none", "velocity", "reward_gain")
-ADAPTIVE_METHODS = ("ode-am", "sde-am")
-"""Methods with a control to measure: ``--truncate_steps auto`` and ``--match_reward_scale`` need one."""
 SECRET_FIELDS = ("hub_token",)
 """Fields never written to the tracker, the config dump or the model card."""
+
+
+def _choices(f: dataclasses.Field) -> tuple | None:
+    """A field's allowed values: its ``choices`` (a tuple, or a function returning them: ``--method`` reads
+    the method registry when validated, so a method registered later is accepted), or None."""
+    choices = f.metadata.get("choices")
+    return tuple(choices()) if callable(choices) else choices
 
 
 def _f(default: Any, help: str, **extra: Any) -> Any:
@@ -55,12 +60,21 @@ class TrainingConfig:
         "(diffusers_am/assets/digits-sit). Alias: --pretrained.",
         aliases=("--pretrained",),
     )
+    offload_text_encoder: bool = _f(
+        False,
+        "Keep the text encoders on the CPU except while encoding a batch (text-to-image model adapters: FLUX, "
+        "FLUX.2, SD3; SiT has no text encoder).",
+    )
+    max_sequence_length: int | None = _f(
+        None, "Prompt length in tokens for the text encoder (None: the pipeline's default; text-to-image only)."
+    )
     # -- method -----------------------------------------------------------------------------
     method: str = _f(
         "ode-am",
         "Update rule: ode-am (deterministic adjoint matching), sde-am "
-        "(stochastic AM, memoryless schedule), draft (DRaFT-K) or refl (ReFL-K).",
-        choices=METHODS,
+        "(stochastic AM, memoryless schedule), draft (DRaFT-K) or refl (ReFL-K); "
+        "diffusers_am.training.methods registers them (and any method you add).",
+        choices=method_names,
     )
     truncate_steps: int | str = _f(
         4,
@@ -220,7 +234,7 @@ class TrainingConfig:
         for f in dataclasses.fields(self):
             setattr(self, f.name, _coerce(f, getattr(self, f.name)))
         for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
+            choices = _choices(f)
             value = getattr(self, f.name)
             if choices is not None and value is not None and value not in choices:
                 raise ValueError(f"`--{f.name}` must be one of {', '.join(choices)}; got {value!r}.")
@@ -240,7 +254,8 @@ class TrainingConfig:
             _check_int(self, name, minimum=0)
         if self.seed >= 2**32:
             raise ValueError(f"`--seed` must be below 2**32 (numpy's limit); got {self.seed}.")
-        for name in ("num_inference_steps", "resolution", "checkpoints_total_limit", "cpu_threads"):
+        optional_counts = ("num_inference_steps", "resolution", "checkpoints_total_limit", "cpu_threads")
+        for name in (*optional_counts, "max_sequence_length"):
             if getattr(self, name) is not None:
                 _check_int(self, name, minimum=1)
         if self.num_inference_steps is not None and self.truncate_steps != "auto" and (
@@ -296,9 +311,9 @@ class TrainingConfig:
             ("--truncate_steps auto", self.truncate_steps == "auto", "pass an integer --truncate_steps"),
             (f"--match_reward_scale {self.match_reward_scale}", self.match_reward_scale != "none", "drop the flag"),
         ):
-            if active and self.method not in ADAPTIVE_METHODS:
+            if active and self.method not in methods_with_control():
                 raise ValueError(
-                    f"`{name}` needs a method with a control to measure ({', '.join(ADAPTIVE_METHODS)}); "
+                    f"`{name}` needs a method with a control to measure ({', '.join(methods_with_control())}); "
                     f"--method {self.method} has none: {fix}."
                 )
 
@@ -331,6 +346,21 @@ class TrainingConfig:
         return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in self.to_dict().items()}
 
     # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainingConfig":
+        """Build from a dict of fields (any subset); ValueError naming unknown keys."""
+        if not isinstance(values, dict):
+            raise ValueError(
+                f"`config` must be a TrainingConfig or a dict of its fields; got {type(values).__name__}."
+            )
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(
+                f"unknown config field(s) {', '.join(unknown)}: see `python -m diffusers_am.train --help` "
+                "for the names."
+            )
+        return cls(**values)
+
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> "TrainingConfig":
         """Build from a YAML or JSON file (any subset of the fields), then ``overrides``."""
@@ -402,7 +432,7 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
         if not isinstance(items, (list, tuple)) or not all(isinstance(v, (str, int)) for v in items):
             raise ValueError(f"`--{name}` must be a list of strings; got {value!r}.")
         return list(items)
-    if value is False and "no" in f.metadata.get("choices", ()):
+    if value is False and "no" in (_choices(f) or ()):
         return "no"  # YAML reads an unquoted `mixed_precision: no` as false
     if not isinstance(value, str):
         raise ValueError(f"`--{name}` must be a string; got {value!r}.")
@@ -529,7 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
             if f.metadata.get("auto"):
                 kwargs["type"] = _int_or_auto
             if "choices" in f.metadata:
-                kwargs["choices"] = list(f.metadata["choices"]) + ([None] if optional else [])
+                kwargs["choices"] = list(_choices(f)) + ([None] if optional else [])
             if "nargs" in f.metadata:
                 kwargs["nargs"] = f.metadata["nargs"]
         parser.add_argument(f"--{f.name}", *f.metadata.get("aliases", ()), **kwargs)

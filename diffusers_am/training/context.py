@@ -5,20 +5,23 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
 from ..models.base import FlowModelAdapter
 from .config import TrainingConfig
-from .validation import ValidationMetrics
+
+if TYPE_CHECKING:  # validation.py reads a RunContext: no runtime import either way
+    from .validation import ValidationMetrics
 
 
 @dataclass
 class RunContext:
     """The prepared model, optimizer and fixed inputs of one run (built by ``AdjointMatchingTrainer``).
 
-    ``train_module`` is ``adapter.transformer`` as ``accelerator.prepare`` wrapped it (e.g. DDP);
+    ``adapter`` is the model adapter (the per-family wrapper; "adapter" alone means the LoRA elsewhere);
+    ``train_module`` is its transformer as ``accelerator.prepare`` wrapped it (e.g. DDP);
     ``params`` are the trainable LoRA parameters and ``named_params`` the same by name;
     ``times`` [N+1] is the sampling grid, ``k_steps`` the truncation K of the method's next step;
     ``eval_set`` holds the fixed (conditions, noise) of the before / after reward, ``validation``

@@ -27,6 +27,7 @@ from ..schedules import get_schedule
 from ..truncation import AdaptiveTruncation
 from .context import RunContext
 from .data import PromptSampler, derive_seed
+from .methods import get_method
 
 _PER_SAMPLE = ("adjoint_norms", "learned_norms", "learned_dot_adjoint")
 
@@ -49,17 +50,17 @@ def probe_batch(ctx: RunContext, step: int, index: int, *, sde: bool, reward_sca
     """Probe one batch of ``train_batch_size`` drawn for (``step``, ``index``) with the current flow.
 
     ``sde``: integrate the method's SDE (``--sde_schedule``, refined grid) instead of the ODE."""
-    cfg, adapter = ctx.config, ctx.adapter
+    cfg, model = ctx.config, ctx.adapter
     batch = PromptSampler(ctx.prompts, derive_seed(cfg.seed, "probe")).batch(step, cfg.train_batch_size, index)
-    noise_gen = torch.Generator(device=adapter.device).manual_seed(derive_seed(cfg.seed, "probe-noise", step, index))
-    noise = adapter.initial_noise(cfg.train_batch_size, ctx.resolution, noise_gen)
-    sde_gen = torch.Generator(device=adapter.device).manual_seed(derive_seed(cfg.seed, "probe-sde", step, index))
+    noise_gen = torch.Generator(device=model.device).manual_seed(derive_seed(cfg.seed, "probe-noise", step, index))
+    noise = model.initial_noise(cfg.train_batch_size, ctx.resolution, noise_gen)
+    sde_gen = torch.Generator(device=model.device).manual_seed(derive_seed(cfg.seed, "probe-sde", step, index))
     schedule = get_schedule(cfg.sde_schedule, t_min=cfg.sde_t_min) if sde else None
-    adapter.transformer.eval()  # no LoRA dropout in a measurement; the loop sets train() before an update
-    flow = adapter.flow(adapter.encode_conditions(batch), guidance_scale=cfg.guidance_scale, train_module=ctx.train_module)
+    model.transformer.eval()  # no LoRA dropout in a measurement; the loop sets train() before an update
+    flow = model.flow(model.encode_conditions(batch), guidance_scale=cfg.guidance_scale, train_module=ctx.train_module)
 
     def reward_fn(x: torch.Tensor) -> torch.Tensor:
-        return ctx.reward(adapter.decode(x), batch)
+        return ctx.reward(model.decode(x), batch)
 
     with ctx.accelerator.autocast():
         return probe_control_profile(
@@ -94,7 +95,8 @@ def refresh_window(ctx: RunContext, truncation: AdaptiveTruncation, step: int) -
     chosen, its energy share per step and the probe's intensity profile), None when no probe was due."""
     if not truncation.due(step):
         return None
-    profile = probe_batch(ctx, step, 0, sde=ctx.config.method == "sde-am", reward_scale=ctx.reward_scale)
+    sde = get_method(ctx.config.method).control == "sde"
+    profile = probe_batch(ctx, step, 0, sde=sde, reward_scale=ctx.reward_scale)
     energy = _broadcast(ctx, profile.energy_per_step())
     k = truncation.update(energy, step)
     return {"truncate_steps": k, **profile.to_log()}
@@ -109,7 +111,7 @@ def match_reward_scale(ctx: RunContext, truncation: AdaptiveTruncation | None) -
     cfg = ctx.config
     batches = range(cfg.match_probe_batches)
     ode = concat_profiles([probe_batch(ctx, 0, i, sde=False, reward_scale=cfg.reward_scale) for i in batches])
-    if cfg.method == "sde-am":
+    if get_method(cfg.method).control == "sde":
         target = concat_profiles([probe_batch(ctx, 0, i, sde=True, reward_scale=cfg.reward_scale) for i in batches])
     else:
         target = ode.with_order(cfg.reg_order)

@@ -10,12 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-METHOD_NAMES = {
-    "ode-am": "truncated deterministic adjoint matching",
-    "sde-am": "stochastic adjoint matching",
-    "draft": "DRaFT-K",
-    "refl": "ReFL-K",
-}
+from .methods import METHODS
+
 TEMPLATE = Path(__file__).resolve().with_name("model_card_template.md")
 
 
@@ -55,7 +51,8 @@ def render_model_card(
     template_path = Path(template_path or TEMPLATE)
     if not template_path.is_file():
         raise ValueError(f"model card template {str(template_path)!r} not found.")
-    hub_base = None if Path(base_model).exists() else base_model  # card metadata takes Hub ids only
+    object_record = str(base_model).startswith("<")  # "<pipeline object: ...>": passed from Python, no id known
+    hub_base = None if object_record or Path(base_model).exists() else base_model  # metadata takes Hub ids only
     data = ModelCardData(
         library_name="diffusers",
         base_model=hub_base,
@@ -66,21 +63,23 @@ def render_model_card(
     from ..models import EMBEDDED_DIGITS_BASE
 
     embedded = Path(base_model).resolve() == EMBEDDED_DIGITS_BASE.resolve()
+    known = METHODS.get(method)
+    method_name = known.display_name if known is not None else method
     base_ref = "EMBEDDED_DIGITS_BASE" if embedded else json.dumps(str(base_model))
     base_import = "from diffusers_am.models import EMBEDDED_DIGITS_BASE" if embedded else None
     return ModelCard.from_template(
         data,
         template_path=str(template_path),
-        title=f"{METHOD_NAMES.get(method, method)[0].upper()}{METHOD_NAMES.get(method, method)[1:]} LoRA for "
+        title=f"{method_name[0].upper()}{method_name[1:]} LoRA for "
         f"{'the embedded digits base' if embedded else Path(base_model).name}",
         base_model="the embedded digits base (diffusers_am/assets/digits-sit)" if embedded else base_model,
         base_model_ref=base_ref,
         base_import=base_import,
         method=method,
-        method_name=METHOD_NAMES.get(method, method),
+        method_name=method_name,
         truncate_steps=truncate_steps,
         num_inference_steps=num_inference_steps,
-        reg_order=_fmt(reg_order) if method == "ode-am" else f"{_fmt(reg_order)} (unused by {method})",
+        reg_order=_fmt(reg_order) if known and known.uses_reg_order else f"{_fmt(reg_order)} (unused by {method})",
         reward=reward,
         reward_scale=_fmt(reward_scale),
         steps=steps,

@@ -6,6 +6,7 @@ full disk) never leaves a truncated ``pytorch_lora_weights.safetensors``."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -15,12 +16,13 @@ import torch
 
 from ..jsonio import write_json
 from ..models import EMBEDDED_DIGITS_BASE
-from .context import RunContext
 from .logs import LOG_NAME
+from .objects import is_object_record
+from .result import TrainResult
 from .validation import VALIDATION_LOG_NAME, eval_reward, validation_grid
 
 if TYPE_CHECKING:
-    from .trainer import TrainResult
+    from .context import RunContext
 
 CONFIG_NAME = "training_config.json"
 ADAPTER_NAME = "pytorch_lora_weights.safetensors"
@@ -50,8 +52,9 @@ def save_adapter(ctx: RunContext) -> Path:
     return out / ADAPTER_NAME
 
 
-def write_outputs(ctx: RunContext, result: TrainResult, last: dict[str, Any], repo_id: str) -> None:
-    """Write the finished run (main process; sets ``result.reward_after``), then wait for every process.
+def write_outputs(ctx: RunContext, result: TrainResult, last: dict[str, Any], repo_id: str) -> TrainResult:
+    """Write the finished run (main process), then wait for every process; returns ``result`` with the
+    fine-tuned model's ``reward_after`` (a new object: ``result`` is not changed).
 
     ``last`` is the last update's log record (the card's final metrics); ``repo_id`` the Hub repo."""
     cfg, accelerator, out = ctx.config, ctx.accelerator, ctx.output_dir
@@ -61,7 +64,7 @@ def write_outputs(ctx: RunContext, result: TrainResult, last: dict[str, Any], re
             validation_grid(ctx, "validation/final.png", step=result.steps)
             shutil.copyfile(out / "validation/final.png", out / GRID_NAME)
             if cfg.num_eval_samples:
-                result.reward_after = eval_reward(ctx, base=False)
+                result = dataclasses.replace(result, reward_after=eval_reward(ctx, base=False))
         summary = {
             "reward_before": result.reward_before,
             "reward_after": result.reward_after,
@@ -84,6 +87,7 @@ def write_outputs(ctx: RunContext, result: TrainResult, last: dict[str, Any], re
         if cfg.push_to_hub:
             push(ctx, repo_id)
     accelerator.wait_for_everyone()
+    return result
 
 
 def push(ctx: RunContext, repo_id: str) -> None:
@@ -112,8 +116,10 @@ def write_model_card(ctx: RunContext, result: TrainResult, last: dict[str, Any],
     from .model_card import render_model_card
     from .resume_policy import learning_rate_text
 
-    cfg, adapter = ctx.config, ctx.adapter
+    cfg, model_adapter = ctx.config, ctx.adapter
     base = cfg.pretrained_model_name_or_path or str(EMBEDDED_DIGITS_BASE)
+    if is_object_record(base):  # a pipeline passed from Python: the folder or Hub id it was loaded from, if known
+        base = str(getattr(model_adapter.pipeline, "name_or_path", None) or base)
     final = {k: last.get(k) for k in ("reward_mean", "reward_std", "loss", "grad_norm")}
     card = render_model_card(
         base_model=base,
@@ -129,10 +135,10 @@ def write_model_card(ctx: RunContext, result: TrainResult, last: dict[str, Any],
         final_metrics=final,
         grid=GRID_NAME,
         base_grid="validation/base.png" if (ctx.output_dir / "validation/base.png").is_file() else None,
-        pipeline_class=type(adapter.pipeline).__name__,
-        pipeline_module=type(adapter.pipeline).__module__,
+        pipeline_class=type(model_adapter.pipeline).__name__,
+        pipeline_module=type(model_adapter.pipeline).__module__,
         adapter_location=repo_id if cfg.push_to_hub else str(ctx.output_dir),
-        conditioning=adapter.conditioning,
+        conditioning=model_adapter.conditioning,
         num_eval_samples=cfg.num_eval_samples,
         batch_size=f"{cfg.train_batch_size} x {ctx.accelerator.num_processes} x {cfg.gradient_accumulation_steps}",
         learning_rate=learning_rate_text(ctx.lr_history, result.steps) if ctx.lr_history else cfg.learning_rate,

@@ -1,8 +1,10 @@
 """``AdjointMatchingTrainer``: set-up and the update loop of ``train_adjoint_matching.py``.
 
-It reaches the model only through :func:`diffusers_am.models.load_model_adapter` and the
-:class:`~diffusers_am.models.base.FlowModelAdapter` interface, the reward only through
-:func:`diffusers_am.rewards.load_reward`, and the math only through :mod:`diffusers_am.objectives`.
+It reaches the model only through its model adapter (:func:`diffusers_am.models.load_model_adapter`, or
+:func:`~diffusers_am.models.model_adapter_for` of a pipeline passed from Python) and the
+:class:`~diffusers_am.models.base.FlowModelAdapter` interface, the reward through
+:func:`diffusers_am.rewards.load_reward` (or a passed callable), and the math only through the method registry
+(:mod:`.methods`, whose step functions live in :mod:`diffusers_am.objectives`).
 
 The main process first claims the output folder (:mod:`.run_folder`: an empty, new or own-run folder,
 locked against a second trainer), checks the resume checkpoint (:mod:`.resume_policy`) and the Hub repo.
@@ -15,19 +17,19 @@ and validates (:mod:`.validation`); SIGINT / SIGTERM stop it after the current u
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import time
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.logging import get_logger
 
 from ..flow import check_truncation
 from ..jsonio import write_json
-from ..models import EMBEDDED_DIGITS_BASE, FlowModelAdapter, LoraSettings, load_model_adapter
+from ..models import EMBEDDED_DIGITS_BASE, FlowModelAdapter, LoraSettings, load_model_adapter, model_adapter_for
 from ..rewards import check_reward_output, load_reward, probe_reward
 from .checkpoints import CheckpointManager, list_checkpoints
 from .claim import claim_run, run_entries
@@ -39,27 +41,17 @@ from .disk import bytes_to_save, check_free_space, checkpoint_bytes_estimate, te
 from .errors import RunStopped
 from .interrupts import Interrupted, StopSignals, agree_to_stop
 from .logs import LOG_NAME, JsonlLog, finite_scalars, peak_memory_bytes
+from .objects import Callbacks, check_callbacks, check_lora_config, check_prompts, record_objects
 from .outputs import ADAPTER_NAME, CARD_NAME, CONFIG_NAME, GRID_NAME, save_adapter, write_outputs
 from .progress import RunProgress
+from .result import TrainResult
 from .resume_policy import apply_learning_rate, check_resume_config
 from .run_folder import RunFolder
-from .update import STEP_FUNCTIONS, check_in_sync, run_update
+from .methods import get_method
+from .update import check_in_sync, run_update
 from .validation import ValidationMetrics, eval_reward, eval_set, validation_grid
 
-@dataclass
-class TrainResult:
-    """Where a finished run put things, and its headline numbers."""
-
-    output_dir: Path
-    adapter_path: Path
-    grid_path: Path
-    card_path: Path
-    log_path: Path
-    reward_before: float | None
-    reward_after: float | None
-    steps: int
-    skipped_updates: int
-    seconds_per_update: float | None
+logger = get_logger(__name__)  # main process only
 
 
 def _check_tracker(report_to: str) -> None:
@@ -75,9 +67,52 @@ def _check_tracker(report_to: str) -> None:
 
 
 class AdjointMatchingTrainer:
-    """Fine-tunes a LoRA adapter with the configured method. ``train()`` runs the whole job."""
+    """Fine-tunes a LoRA adapter with the configured method. ``train()`` runs the whole job and returns the
+    :class:`~.result.TrainResult`.
 
-    def __init__(self, config: TrainingConfig):
+    Args:
+        config: a :class:`TrainingConfig`, or a dict of its fields.
+        pipeline: a loaded diffusers pipeline of a supported family (used as loaded: its dtype, quantization and
+            offloading stay; it is moved to the accelerator's device unless already there), or a model adapter
+            (:class:`~diffusers_am.models.FlowModelAdapter`). Wins over ``pretrained_model_name_or_path``.
+        reward: a differentiable callable ``(images [B, C, H, W] in [0, 1], prompts) -> [B]``. Wins over
+            ``config.reward``.
+        prompts: the training prompts (str) or class labels (int). Wins over ``config.prompts``.
+        lora_config: a ``peft.LoraConfig``. Wins over ``rank`` / ``lora_alpha`` / ``lora_target_modules`` /
+            ``lora_dropout``.
+        callbacks: objects with any of ``on_train_begin(trainer, ctx)``, ``on_update_end(trainer, step,
+            record)``, ``on_save(trainer, step, path)``, ``on_train_end(trainer, result)``
+            (:data:`~.objects.CALLBACK_METHODS` documents when each is called).
+
+    The config the run records (``training_config.json``, the tracker, the model card) names the objects
+    passed, e.g. reward ``"<callable my_module.my_reward>"``; ``self.config`` is that copy (the config passed
+    in is not changed).
+    """
+
+    def __init__(
+        self,
+        config: TrainingConfig | dict[str, Any],
+        *,
+        pipeline: Any = None,
+        reward: Any = None,
+        prompts: list | None = None,
+        lora_config: Any = None,
+        callbacks: list | None = None,
+    ):
+        if isinstance(config, dict):
+            config = TrainingConfig.from_dict(config)
+        if not isinstance(config, TrainingConfig):
+            raise ValueError(f"`config` must be a TrainingConfig or a dict of its fields; got {type(config).__name__}.")
+        if reward is not None and not callable(reward):
+            raise ValueError(f"`reward` must be a callable (images, prompts) -> [B]; got {type(reward).__name__}.")
+        self.pipeline = pipeline
+        self.reward = reward
+        self.prompt_list = check_prompts(prompts) if prompts is not None else None
+        self.lora_config = check_lora_config(lora_config) if lora_config is not None else None
+        self.callbacks = Callbacks(check_callbacks(callbacks))
+        config = record_objects(
+            config, pipeline=pipeline, reward=reward, prompts=self.prompt_list, lora_config=self.lora_config
+        )
         self.config = config
         self.output_dir = Path(config.output_dir)
         self.resume_path: Path | None = None
@@ -106,19 +141,40 @@ class AdjointMatchingTrainer:
             ),
         )
 
-    def _load_model(self, weight_dtype: torch.dtype) -> FlowModelAdapter:
-        path = self.config.pretrained_model_name_or_path or str(EMBEDDED_DIGITS_BASE)
-        return load_model_adapter(path, dtype=weight_dtype)
+    def _model_options(self) -> dict[str, Any]:
+        """The model adapter options the config sets (``--offload_text_encoder``, ``--max_sequence_length``)."""
+        cfg = self.config
+        options: dict[str, Any] = {}
+        if cfg.offload_text_encoder:
+            options["offload_text_encoder"] = True
+        if cfg.max_sequence_length is not None:
+            options["max_sequence_length"] = cfg.max_sequence_length
+        return options
 
-    def _conditions(self, adapter: FlowModelAdapter) -> tuple[list, list]:
+    def _load_model(self, weight_dtype: torch.dtype) -> FlowModelAdapter:
+        """The model adapter: of the passed pipeline / model adapter (as loaded), else loaded in ``weight_dtype``."""
+        if self.pipeline is not None:
+            return model_adapter_for(self.pipeline, **self._model_options())
+        path = self.config.pretrained_model_name_or_path or str(EMBEDDED_DIGITS_BASE)
+        return load_model_adapter(path, dtype=weight_dtype, **self._model_options())
+
+    def _load_reward(self, accelerator) -> Any:
+        """The training reward: the passed callable, else ``--reward`` from the registry."""
+        if self.reward is not None:
+            return self.reward
+        return load_reward(self.config.reward, device=accelerator.device, paths=self.config.reward_paths())
+
+    def _conditions(self, model: FlowModelAdapter) -> tuple[list, list]:
         """(training conditions, validation conditions) in the model's conditioning kind."""
         cfg = self.config
-        num_classes = getattr(adapter.pipeline, "num_classes", None) if adapter.conditioning == "class" else None
-        if cfg.prompts:
+        num_classes = getattr(model.pipeline, "num_classes", None) if model.conditioning == "class" else None
+        if self.prompt_list is not None:
+            prompts = [_as_condition(p, model.conditioning, "`prompts`") for p in self.prompt_list]
+        elif cfg.prompts:
             prompts = load_prompts(
-                cfg.prompts, conditioning=adapter.conditioning, column=cfg.prompt_column, split=cfg.prompts_split
+                cfg.prompts, conditioning=model.conditioning, column=cfg.prompt_column, split=cfg.prompts_split
             )
-        elif adapter.conditioning == "class":
+        elif model.conditioning == "class":
             if num_classes is None:
                 raise ValueError(
                     "this class-conditional model does not report `num_classes`; pass `--prompts` with its labels."
@@ -126,14 +182,14 @@ class AdjointMatchingTrainer:
             prompts = list(range(int(num_classes)))
         else:
             raise ValueError("this text-to-image model needs training prompts: pass `--prompts <file or dataset>`.")
-        if adapter.conditioning == "class":
+        if model.conditioning == "class":
             check_class_labels(prompts, num_classes)
         if cfg.validation_prompts:
-            val = [_as_condition(v, adapter.conditioning, "`--validation_prompts`") for v in cfg.validation_prompts]
-            if adapter.conditioning == "class":
+            val = [_as_condition(v, model.conditioning, "`--validation_prompts`") for v in cfg.validation_prompts]
+            if model.conditioning == "class":
                 check_class_labels(val, num_classes, "--validation_prompts")
         else:
-            val = list(dict.fromkeys(prompts))[: 10 if adapter.conditioning == "class" else 4]
+            val = list(dict.fromkeys(prompts))[: 10 if model.conditioning == "class" else 4]
         return prompts, val
 
     def _optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -164,15 +220,15 @@ class AdjointMatchingTrainer:
         write_json(self.output_dir / CONFIG_NAME, self.config.to_dict())
 
     def _check_rewards(
-        self, adapter: FlowModelAdapter, reward, validation: ValidationMetrics, prompts: list, resolution: int
+        self, model: FlowModelAdapter, reward, validation: ValidationMetrics, prompts: list, resolution: int
     ) -> None:
         """Call the reward on two decoded noise samples before anything is written: one value per image and
         differentiable, else ValueError naming it; the held-out ``--validation_reward`` must give one value
         per image too."""
         cfg = self.config
-        gen = torch.Generator(device=adapter.device).manual_seed(derive_seed(cfg.seed, "reward-probe"))
+        gen = torch.Generator(device=model.device).manual_seed(derive_seed(cfg.seed, "reward-probe"))
         with torch.no_grad():
-            images = adapter.decode(adapter.initial_noise(2, resolution, gen)).float()
+            images = model.decode(model.initial_noise(2, resolution, gen)).float()
         conditions = [prompts[i % len(prompts)] for i in range(2)]
         probe_reward(reward, images, conditions, cfg.reward)
         if validation.reward is not None:
@@ -190,12 +246,14 @@ class AdjointMatchingTrainer:
         every input is checked before the first write into output_dir."""
         cfg = self.config
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-        adapter = self._load_model(weight_dtype).to(accelerator.device)
+        adapter = self._load_model(weight_dtype)
+        if self.pipeline is None or adapter.device != accelerator.device:  # a passed one stays where it is
+            adapter = adapter.to(accelerator.device)
         n_steps = cfg.num_inference_steps or adapter.default_num_inference_steps
         truncation = adaptive_truncation(cfg, n_steps)  # --truncate_steps auto: K comes from the probes
         k_steps = check_truncation(cfg.truncate_steps, n_steps) if truncation is None else truncation.min_steps
         resolution = cfg.resolution or adapter.default_resolution
-        reward = load_reward(cfg.reward, device=accelerator.device, paths=cfg.reward_paths())
+        reward = self._load_reward(accelerator)
         if isinstance(reward, torch.nn.Module):
             reward.eval().requires_grad_(False)
         validation = ValidationMetrics(cfg, accelerator)  # before anything is written: a bad name fails here
@@ -225,25 +283,24 @@ class AdjointMatchingTrainer:
             lr_history=self.lr_history, truncation=truncation,
         )
 
-    def _add_lora(self, adapter: FlowModelAdapter) -> tuple[list[torch.nn.Parameter], dict[str, torch.nn.Parameter]]:
+    def _add_lora(self, model: FlowModelAdapter) -> tuple[list[torch.nn.Parameter], dict[str, torch.nn.Parameter]]:
         """Add the LoRA (and gradient checkpointing); returns its trainable parameters, as a list and by name."""
         cfg = self.config
-        params = adapter.add_lora(
-            LoraSettings(
-                rank=cfg.rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_target_modules, dropout=cfg.lora_dropout
-            )
+        settings = self.lora_config or LoraSettings(
+            rank=cfg.rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_target_modules, dropout=cfg.lora_dropout
         )
+        params = model.add_lora(settings)
         params = [p for p in params if p.requires_grad]
         if not params:
             raise ValueError("the LoRA adapter has no trainable parameters; check `--lora_target_modules`.")
         ids = {id(p) for p in params}
-        named = {n: p for n, p in adapter.transformer.named_parameters() if id(p) in ids}
+        named = {n: p for n, p in model.transformer.named_parameters() if id(p) in ids}
         if cfg.gradient_checkpointing:
-            if not getattr(adapter.transformer, "_supports_gradient_checkpointing", False):
+            if not getattr(model.transformer, "_supports_gradient_checkpointing", False):
                 raise ValueError(
                     "`--gradient_checkpointing`: this transformer does not support gradient checkpointing."
                 )
-            adapter.transformer.enable_gradient_checkpointing()
+            model.transformer.enable_gradient_checkpointing()
         return params, named
 
     def _lr_scheduler(self, optimizer: torch.optim.Optimizer, procs: int):
@@ -320,6 +377,7 @@ class AdjointMatchingTrainer:
         self.progress.step = global_step
         if accelerator.is_main_process and accelerator.trackers == [] and cfg.report_to != "none":
             accelerator.init_trackers(cfg.tracker_project_name, config=cfg.tracker_config())
+        self.callbacks("on_train_begin", self, ctx)
         reward_before = self._base_model_outputs(ctx)
         self._probe_at_setup(ctx)
         self.progress.phase = "training"
@@ -340,7 +398,9 @@ class AdjointMatchingTrainer:
             nonfinite,
             sum(durations) / len(durations) if durations else None,
         )
-        write_outputs(ctx, result, last, self.hub_repo_id())
+        result = write_outputs(ctx, result, last, self.hub_repo_id())
+        self.callbacks("on_save", self, global_step, result.adapter_path if accelerator.is_main_process else None)
+        self.callbacks("on_train_end", self, result)
         return result
 
     def _resume(self, ctx: RunContext, ckpt: CheckpointManager, log: JsonlLog) -> tuple[int, int]:
@@ -402,7 +462,7 @@ class AdjointMatchingTrainer:
             ctx.k_steps = ctx.truncation.steps
         ctx.accelerator.print(
             f"--match_reward_scale {cfg.match_reward_scale}: lambda = {ctx.reward_scale:.4g} for {cfg.method}"
-            + (f" (order {cfg.reg_order:g})" if cfg.method == "ode-am" else "")
+            + (f" (order {cfg.reg_order:g})" if get_method(cfg.method).uses_reg_order else "")
             + f" asks for the control 2nd-order ODE-AM asks for at lambda = {cfg.reward_scale:g} over the last "
             f"{ctx.reward_scale_match['truncate_steps']} steps ({ctx.reward_scale_match['probe_samples']} samples)."
         )
@@ -436,9 +496,9 @@ class AdjointMatchingTrainer:
         Returns (updates done, skipped updates, seconds of each update run here, the last log record)."""
         from tqdm.auto import tqdm
 
-        cfg, accelerator, adapter = self.config, ctx.accelerator, ctx.adapter
+        cfg, accelerator, model = self.config, ctx.accelerator, ctx.adapter
         sampler = PromptSampler(ctx.prompts, cfg.seed)
-        step_fn = STEP_FUNCTIONS[cfg.method]
+        step_fn = get_method(cfg.method).step
         progress = tqdm(
             total=cfg.max_train_steps,
             initial=global_step,
@@ -458,7 +518,7 @@ class AdjointMatchingTrainer:
             probe = refresh_window(ctx, ctx.truncation, global_step) if ctx.truncation is not None else None
             if probe is not None:
                 ctx.k_steps = probe["truncate_steps"]
-            adapter.transformer.train()
+            model.transformer.train()
             record = run_update(ctx, sampler, step_fn, global_step)
             if probe is not None:
                 record["probe"] = probe
@@ -477,15 +537,18 @@ class AdjointMatchingTrainer:
             if accelerator.is_main_process:
                 log.append(record)
                 accelerator.log(finite_scalars(record), step=global_step)
-            adapter.transformer.eval()
+            self.callbacks("on_update_end", self, global_step, copy.deepcopy(record))
+            model.transformer.eval()
             progress.update(1)
             progress.set_postfix(
                 reward=f"{record['reward_mean']:.3f}" if record["reward_mean"] is not None else "nan",
                 loss=f"{record['loss']:.3g}" if record["loss"] is not None else "nan",
             )
             if cfg.checkpointing_steps and global_step % cfg.checkpointing_steps == 0:
-                ckpt.save(global_step, self._state(nonfinite))
+                path = ckpt.save(global_step, self._state(nonfinite))
                 self.progress.saved_at = global_step
+                if path is not None:  # None: the save was abandoned (a full disk), with a warning
+                    self.callbacks("on_save", self, global_step, path)
             if cfg.validation_steps and global_step % cfg.validation_steps == 0 and global_step < cfg.max_train_steps:
                 if accelerator.is_main_process:
                     with ctx.ema_weights():
@@ -493,7 +556,7 @@ class AdjointMatchingTrainer:
                 accelerator.wait_for_everyone()
         progress.close()
         if nonfinite:
-            warnings.warn(
+            logger.warning(
                 f"{nonfinite} of {global_step} updates were skipped: the reward or the gradient was NaN or inf."
             )
         return global_step, nonfinite, durations, record

@@ -9,35 +9,59 @@ inf reward or gradient on any process skips the update on every process.
 
 from __future__ import annotations
 
+import contextlib
 import math
-import warnings
 from typing import Any, Callable
 
 import torch
 
-from ..objectives import NonFiniteRewardError, draft_step, ode_am_step, refl_step, sde_am_step
-from ..schedules import get_schedule
+from accelerate.logging import get_logger
+
+from ..objectives import NonFiniteRewardError
+from ..rewards.base import WeightedReward
 from .collectives import any_process
 from .config import TrainingConfig
 from .context import RunContext
 from .data import PromptSampler, derive_seed
+from .methods import get_method
 
-STEP_FUNCTIONS: dict[str, Callable] = {
-    "ode-am": ode_am_step,
-    "sde-am": sde_am_step,
-    "draft": draft_step,
-    "refl": refl_step,
-}
+logger = get_logger(__name__)  # main process only
 
 
 def run_update(ctx: RunContext, sampler: PromptSampler, step_fn: Callable, step: int) -> dict[str, Any]:
     """Update ``step + 1``: accumulate, agree on skipping, all-reduce, clip and step; returns its log record."""
-    rewards, losses, norms, skipped = _accumulate(ctx, sampler, step_fn, step)
+    with _recording(ctx.reward) as components:
+        rewards, losses, norms, skipped = _accumulate(ctx, sampler, step_fn, step)
     accelerator = ctx.accelerator
     # every process agrees on skipping, then one all-reduce of the gradients
     skipped = any_process(accelerator, skipped)
     skipped, grad_norm = _apply(ctx, skipped, step)
-    return _record(ctx, rewards, losses, norms, skipped, grad_norm)
+    record = _record(ctx, rewards, losses, norms, skipped, grad_norm)
+    if components is not None:
+        record.update(component_means(accelerator, ctx.reward.names, components))
+    return record
+
+
+def _recording(reward: Any) -> contextlib.AbstractContextManager:
+    """A weighted reward's :meth:`WeightedReward.recording` (its components per call), else a no-op yielding None."""
+    return reward.recording() if isinstance(reward, WeightedReward) else contextlib.nullcontext()
+
+
+def component_means(accelerator, names: list[str], calls: list[dict[str, torch.Tensor]]) -> dict[str, float | None]:
+    """``{"reward/<name>": mean}`` of each weighted reward component over this update's reward calls on every
+    process (finite values only; None when there were none)."""
+    stats = torch.zeros(2 * len(names), dtype=torch.float64)
+    for values in calls:
+        for i, name in enumerate(names):
+            v = values[name].double()
+            v = v[torch.isfinite(v)]
+            stats[2 * i] += v.sum()
+            stats[2 * i + 1] += v.numel()
+    stats = accelerator.reduce(stats.to(accelerator.device), "sum").cpu()
+    return {
+        f"reward/{name}": float(stats[2 * i] / stats[2 * i + 1]) if stats[2 * i + 1] > 0 else None
+        for i, name in enumerate(names)
+    }
 
 
 def _accumulate(
@@ -71,7 +95,7 @@ def _accumulate(
             with accelerator.no_sync(ctx.train_module), accelerator.autocast():
                 out = step_fn(flow, noise, ctx.times, reward_fn, **kwargs)
         except NonFiniteRewardError as err:
-            warnings.warn(f"update {step + 1}: {err}; skipping this update (nothing is applied).")
+            logger.warning(f"update {step + 1}: {err}; skipping this update (nothing is applied).")
             skipped = True
             break
         rewards[micro * batch_size : (micro + 1) * batch_size] = out.reward.detach().float().cpu()
@@ -90,20 +114,8 @@ def _step_kwargs(
     backward: Callable,
 ) -> dict[str, Any]:
     """Keyword arguments of the configured method's step function for one micro-batch (K and lambda as the
-    run uses them: adaptive / matched ones included)."""
-    kwargs: dict[str, Any] = {"truncate_steps": k_steps, "reward_scale": reward_scale, "backward": backward}
-    if cfg.method == "ode-am":
-        kwargs.update(order=cfg.reg_order, loss_reduction=cfg.loss_reduction)
-    elif cfg.method == "sde-am":
-        sde_gen = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, "sde", step, slot))
-        kwargs.update(
-            schedule=get_schedule(cfg.sde_schedule, t_min=cfg.sde_t_min),
-            loss_reduction=cfg.loss_reduction,
-            generator=sde_gen,
-        )
-    elif cfg.method == "refl":  # one step index j per update, the same on every process
-        kwargs.update(generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "refl", step)))
-    return kwargs
+    run uses them: adaptive / matched ones included); the method's own :attr:`Method.step_kwargs` builds them."""
+    return get_method(cfg.method).step_kwargs(cfg, k_steps, reward_scale, step, slot, device, backward)
 
 
 def _apply(ctx: RunContext, skipped: bool, step: int) -> tuple[bool, float | None]:
@@ -114,7 +126,7 @@ def _apply(ctx: RunContext, skipped: bool, step: int) -> tuple[bool, float | Non
         all_reduce_grads(accelerator, ctx.params)
         grad_norm = float(accelerator.clip_grad_norm_(ctx.params, ctx.config.max_grad_norm))
         if not math.isfinite(grad_norm):
-            warnings.warn(f"update {step + 1}: the gradient norm is {grad_norm}; skipping this update.")
+            logger.warning(f"update {step + 1}: the gradient norm is {grad_norm}; skipping this update.")
             skipped = True
             if accelerator.scaler is not None:  # fp16: the GradScaler skips the step and lowers its scale
                 optimizer.step()
@@ -148,7 +160,7 @@ def _record(
     profile = (
         torch.stack(norms).mean(0)
         if norms and not skipped
-        else torch.full((ctx.k_steps if ctx.config.method != "refl" else 1,), float("nan"))
+        else torch.full((get_method(ctx.config.method).profile_length(ctx.k_steps),), float("nan"))
     )
     profile = accelerator.reduce(profile.to(accelerator.device), "mean").cpu() if not skipped else profile
     return {

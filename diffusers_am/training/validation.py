@@ -18,6 +18,7 @@ from ..sampling import sample_images  # noqa: F401  (re-exported)
 from .config import TrainingConfig
 from .data import derive_seed
 from .logs import JsonlLog
+from .tracking import log_grid
 
 if TYPE_CHECKING:
     from .context import RunContext
@@ -34,14 +35,14 @@ def mean_reward(
 
 
 def eval_set(
-    adapter: FlowModelAdapter, prompts: Sequence[Any], resolution: int, num_samples: int, seed: int
+    model: FlowModelAdapter, prompts: Sequence[Any], resolution: int, num_samples: int, seed: int
 ) -> tuple[list, torch.Tensor]:
     """Fixed conditions (cycling through the unique prompts) and noise for the before / after reward."""
     n = max(1, num_samples)
     unique = list(dict.fromkeys(prompts))
     conditions = [unique[i % len(unique)] for i in range(n)]
-    gen = torch.Generator(device=adapter.device).manual_seed(derive_seed(seed, "eval"))
-    return conditions, adapter.initial_noise(n, resolution, gen)
+    gen = torch.Generator(device=model.device).manual_seed(derive_seed(seed, "eval"))
+    return conditions, model.initial_noise(n, resolution, gen)
 
 
 def eval_reward(ctx: RunContext, base: bool) -> float:
@@ -101,15 +102,19 @@ def validation_grid(
 
     The base grid is kept for Recall / Coverage; every other grid is scored with
     ``validation_metrics`` when a held-out reward or features are configured."""
-    cfg, adapter, metrics = ctx.config, ctx.adapter, ctx.validation
+    cfg, model, metrics = ctx.config, ctx.adapter, ctx.validation
     per = cfg.num_validation_images
     conditions = [p for p in ctx.val_prompts for _ in range(per)]
-    gen = torch.Generator(device=adapter.device).manual_seed(derive_seed(cfg.seed, "validation"))
-    noise = adapter.initial_noise(len(conditions), ctx.resolution, gen)
-    _, images = sample_images(adapter, conditions, noise, ctx.times, guidance_scale=cfg.guidance_scale, base=base)
+    gen = torch.Generator(device=model.device).manual_seed(derive_seed(cfg.seed, "validation"))
+    noise = model.initial_noise(len(conditions), ctx.resolution, gen)
+    _, images = sample_images(model, conditions, noise, ctx.times, guidance_scale=cfg.guidance_scale, base=base)
     if base:
         metrics.base_images = images
     if metrics.enabled:
         metrics.log(ctx, images, conditions, base, step)
     path = ctx.output_dir / name
-    return save_grid(images, per, path) if write else path
+    if write:
+        save_grid(images, per, path)
+        if ctx.accelerator.trackers:  # one image series: the base grid at step 0, then each update's
+            log_grid(ctx.accelerator, "validation/grid", path, step=0 if base else int(step or 0))
+    return path

@@ -1,0 +1,89 @@
+"""The method registry: every step function is one registered ``Method``, the trainer reads only the
+registry, and a method registered from outside trains through the CLI and the card."""
+
+import inspect
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _run_helpers import _fresh_accelerate_state, read_log, run, tiny_base  # noqa: E402,F401
+
+from diffusers_am import objectives  # noqa: E402
+from diffusers_am.training.config import TrainingConfig, build_parser  # noqa: E402
+from diffusers_am.training.data import derive_seed  # noqa: E402
+from diffusers_am.training.methods import METHODS, Method, get_method, register_method, unregister_method  # noqa: E402
+from diffusers_am.training.update import _step_kwargs  # noqa: E402
+
+BUILT_IN = ("ode-am", "sde-am", "draft", "refl")
+
+
+def test_registry_covers_every_step_function():
+    steps = {fn for name, fn in vars(objectives).items() if name.endswith("_step") and callable(fn)}
+    assert steps == {m.step for m in METHODS.values() if m.name in BUILT_IN}
+    assert tuple(METHODS)[:4] == BUILT_IN
+    for method in METHODS.values():
+        assert method.display_name and method.name in build_parser().format_help()
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_step_kwargs_fit_the_step_function_and_seed_as_before(name):
+    cfg = TrainingConfig(method=name, seed=5)
+    method = get_method(name)
+    kwargs = _step_kwargs(cfg, 3, 7.0, step=2, slot=1, device=torch.device("cpu"), backward=print)
+    inspect.signature(method.step).bind(None, None, None, None, **kwargs)  # every kwarg is one it takes
+    assert (kwargs["truncate_steps"], kwargs["reward_scale"], kwargs["backward"]) == (3, 7.0, print)
+    if name == "sde-am":
+        expected = torch.Generator().manual_seed(derive_seed(5, "sde", 2, 1))
+        assert torch.equal(kwargs["generator"].get_state(), expected.get_state())
+    if name == "refl":  # one j per update: the same for every micro-batch slot
+        expected = torch.Generator().manual_seed(derive_seed(5, "refl", 2))
+        assert torch.equal(kwargs["generator"].get_state(), expected.get_state())
+    assert method.profile_length(3) == (1 if name == "refl" else 3)
+    assert (method.control is not None) == (name in ("ode-am", "sde-am"))
+
+
+CALLS = {"n": 0}
+
+
+def one_step_draft(flow, noise, times, reward_fn, *, truncate_steps, reward_scale, backward):
+    """A toy method: DRaFT through the last step only."""
+    CALLS["n"] += 1
+    return objectives.draft_step(flow, noise, times, reward_fn, truncate_steps=1, reward_scale=reward_scale,
+                                 backward=backward)
+
+
+def one_step_kwargs(cfg, k_steps, reward_scale, step, slot, device, backward):
+    return {"truncate_steps": k_steps, "reward_scale": reward_scale, "backward": backward}
+
+
+@pytest.fixture
+def toy_method():
+    method = register_method(Method("toy-last-step", "toy last-step DRaFT", one_step_draft, one_step_kwargs,
+                                    single_step_profile=True))
+    yield method
+    unregister_method(method.name)
+
+
+def test_a_registered_toy_method_trains_through_the_trainer(tiny_base, tmp_path, toy_method):
+    with pytest.raises(ValueError, match="already registered"):
+        register_method(toy_method)
+    CALLS["n"] = 0
+    out = tmp_path / "toy"
+    assert run(tiny_base, out, "--method", "toy-last-step", "--max_train_steps", "1") == 0
+    assert CALLS["n"] == 1
+    (record,) = read_log(out)
+    assert record["loss"] is not None and len(record["control_norm_per_step"]) == 1
+    assert "Toy last-step DRaFT LoRA" in (out / "README.md").read_text()
+    assert json.loads((out / "training_config.json").read_text())["method"] == "toy-last-step"
+    with pytest.raises(ValueError, match="needs a method with a control to measure"):
+        TrainingConfig(method="toy-last-step", truncate_steps="auto")
+
+
+def test_an_unknown_method_lists_the_registry():
+    with pytest.raises(ValueError, match="`--method` must be one of ode-am, sde-am, draft, refl; got 'nope'"):
+        TrainingConfig(method="nope")
