@@ -198,6 +198,8 @@ class AdjointMatchingTrainer:
             reward.eval().requires_grad_(False)
         validation = ValidationMetrics(cfg, accelerator)  # before anything is written: a bad name fails here
         prompts, val_prompts = self._conditions(adapter)
+        if cfg.cache_prompt_embeddings:
+            self._cache_prompts(accelerator, adapter, prompts + val_prompts)
 
         times = adapter.time_grid(n_steps, resolution)  # validates --resolution for the family
         self._check_rewards(adapter, reward, validation, prompts, resolution)
@@ -221,6 +223,22 @@ class AdjointMatchingTrainer:
             times=times, resolution=resolution, n_steps=n_steps, k_steps=k_steps, output_dir=self.output_dir,
             prompts=prompts, val_prompts=val_prompts, eval_set=evals, validation=validation,
             lr_history=self.lr_history,
+        )
+
+    def _cache_prompts(self, accelerator, adapter: FlowModelAdapter, prompts: list) -> None:
+        """``--cache_prompt_embeddings``: encode every prompt once, free the text encoders, print one line."""
+        cfg = self.config
+        if not hasattr(adapter, "cache_prompts"):
+            warnings.warn("`--cache_prompt_embeddings`: this model has no text encoder; nothing to cache.")
+            return
+        encoders = adapter._text_encoders()
+        where = next(encoders[0].parameters()).device if encoders else None
+        count, cached, freed = adapter.cache_prompts(
+            prompts, cache_dir=cfg.prompt_cache_dir, key=str(cfg.pretrained_model_name_or_path)
+        )
+        accelerator.print(
+            f"prompt cache: {count} prompts encoded once ({cached / 2**20:.1f} MiB); text encoders freed: "
+            f"{freed / 2**30:.3f} GiB ({freed} bytes) from {where}."
         )
 
     def _add_lora(self, adapter: FlowModelAdapter) -> tuple[list[torch.nn.Parameter], dict[str, torch.nn.Parameter]]:
