@@ -63,9 +63,7 @@ def _accumulate(
             adapter.encode_conditions(batch), guidance_scale=cfg.guidance_scale, train_module=ctx.train_module
         )
         kwargs = _step_kwargs(cfg, ctx.k_steps, step, slot, adapter.device, backward)
-
-        def reward_fn(x: torch.Tensor, batch=batch) -> torch.Tensor:
-            return ctx.reward(adapter.decode(x), batch)
+        reward_fn = BatchReward(ctx.reward, adapter.decode, batch)
 
         try:
             with accelerator.no_sync(ctx.train_module), accelerator.autocast():
@@ -80,11 +78,28 @@ def _accumulate(
     return rewards, losses, norms, skipped
 
 
+class BatchReward:
+    """``reward_fn(x) -> [B]`` of one batch: decode the states, score them against the batch's conditions.
+
+    ``rows(slice)`` gives the reward of part of the batch, so micro-batches decode and score only their rows."""
+
+    def __init__(self, reward: Callable, decode: Callable, conditions: list):
+        self.reward, self.decode, self.conditions = reward, decode, conditions
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reward(self.decode(x), self.conditions)
+
+    def rows(self, rows: slice) -> "BatchReward":
+        return BatchReward(self.reward, self.decode, self.conditions[rows])
+
+
 def _step_kwargs(
     cfg: TrainingConfig, k_steps: int, step: int, slot: int, device: torch.device, backward: Callable
 ) -> dict[str, Any]:
     """Keyword arguments of the configured method's step function for one micro-batch."""
     kwargs: dict[str, Any] = {"truncate_steps": k_steps, "reward_scale": cfg.reward_scale, "backward": backward}
+    if cfg.micro_batch_size is not None:
+        kwargs["micro_batch_size"] = cfg.micro_batch_size
     if cfg.method == "ode-am":
         kwargs.update(order=cfg.reg_order, loss_reduction=cfg.loss_reduction)
     elif cfg.method == "sde-am":
