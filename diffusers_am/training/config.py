@@ -131,6 +131,12 @@ class TrainingConfig:
         "Regional compilation: torch.compile each repeated transformer block (diffusers' compile_repeated_blocks "
         "where the model declares its blocks); the first update pays the compile time (logged).",
     )
+    compile_backend: str = _f(
+        "inductor",
+        "torch.compile backend of --compile: inductor (generated kernels; needs a C++ compiler on CPU) or "
+        "aot_eager / eager (graph capture only: a quick check, no speed-up).",
+        choices=("inductor", "aot_eager", "eager"),
+    )
     # -- LoRA -------------------------------------------------------------------------------
     rank: int = _f(8, "LoRA rank.")
     lora_alpha: float | None = _f(None, "LoRA alpha (None: equal to the rank).")

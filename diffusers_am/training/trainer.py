@@ -204,6 +204,13 @@ class AdjointMatchingTrainer:
         times = adapter.time_grid(n_steps, resolution)  # validates --resolution for the family
         self._check_rewards(adapter, reward, validation, prompts, resolution)
         params, named = self._add_lora(adapter)
+        if cfg.compile:
+            from .compile import compile_repeated_blocks
+
+            blocks = compile_repeated_blocks(adapter.transformer, backend=cfg.compile_backend)
+            accelerator.print(
+                f"--compile: {blocks} transformer blocks compiled ({cfg.compile_backend}) in the first update."
+            )
         optimizer = self._optimizer(params)
         evals = eval_set(adapter, prompts, resolution, cfg.num_eval_samples, cfg.seed)
         self._check_free_space(accelerator, params)
@@ -440,6 +447,11 @@ class AdjointMatchingTrainer:
             nonfinite += int(record["skipped"])
             seconds = time.perf_counter() - start
             durations.append(seconds)
+            if cfg.compile and len(durations) == 2:  # compile time ~ first update - second update
+                record["compile_seconds"] = durations[0] - durations[1]
+                accelerator.print(
+                    f"--compile: compilation took about {record['compile_seconds']:.1f} s (update 1 - update 2)."
+                )
             record.update(
                 step=global_step,
                 nonfinite_count=nonfinite,
