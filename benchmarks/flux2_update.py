@@ -263,7 +263,8 @@ def main(argv=None) -> int:
     header = (
         f"FLUX.2-klein-{'tiny' if args.tiny else '4B geometry'}, random weights, batch {args.batch_size}, "
         f"{args.resolution} px, {n} steps, LoRA rank {args.rank}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}"
-        f", micro-batch {args.micro_batch_size or args.batch_size}, prompt cache {'on' if args.cache_prompt_embeddings else 'off'}"
+        f", micro-batch {args.micro_batch_size or args.batch_size}"
+        f", prompt cache {'on' if args.cache_prompt_embeddings else 'off'}"
         f", compile {args.compile_backend if args.compile else 'off'}"
     )
     text = header + "\n\n" + table(rows, floor_peak_gib(floor, args.gradient_checkpointing) if floor else None, device_name)

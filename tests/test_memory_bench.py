@@ -24,7 +24,8 @@ def test_quick_run_writes_the_table_and_claims(memory, tmp_path):
     assert memory.main(["--quick", "--bases", "digits", "--output", str(out)]) == 0
     text = out.read_text()
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
-    assert {(r["sweep"], r["K"], r["micro"]) for r in rows} == {("K", 1, 2), ("K", 4, 2), ("micro", 4, 1), ("micro", 4, 2)}
+    points = {(r["sweep"], r["K"], r["micro"]) for r in rows}
+    assert points == {("K", 1, 2), ("K", 4, 2), ("micro", 4, 1), ("micro", 4, 2)}
     assert all(r["peak_bytes"] >= r["start_bytes"] > 0 for r in rows)
     assert "digits, batch 4: peak over K = [1, 4]" in text and "24 GiB recipe" in text
 
@@ -34,7 +35,8 @@ def test_claims_and_estimate_from_given_rows(memory):
         return {"base": "b", "sweep": sweep, "K": k, "N": 8, "batch": 16, "micro": micro, "device": "cpu",
                 "peak_bytes": peak, "start_bytes": peak - up, "update_bytes": up}
 
-    rows = [row("K", 1, 4, 100, 10), row("K", 8, 4, 130, 40)] + [row("micro", 4, m, 100 + 5 * m, 5 * m) for m in (1, 2, 4)]
+    rows = [row("K", 1, 4, 100, 10), row("K", 8, 4, 130, 40)]
+    rows += [row("micro", 4, m, 100 + 5 * m, 5 * m) for m in (1, 2, 4)]
     lines = memory.claims(rows)
     assert "NOT flat within 10%" in lines[0] and "R^2 = 1.000 (linear in micro-batch)" in lines[1]
     table, recipe = memory.klein_estimate(budget_gib=24.0)

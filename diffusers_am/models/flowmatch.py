@@ -73,7 +73,8 @@ class PaperTimeFlow:
         from ..batching import select_rows
 
         batch = self.adapter._encoded_batch(self.encoded)
-        return PaperTimeFlow(self.adapter, select_rows(self.encoded, rows, batch), self.guidance_scale, self.train_module)
+        encoded = select_rows(self.encoded, rows, batch)
+        return PaperTimeFlow(self.adapter, encoded, self.guidance_scale, self.train_module)
 
 
 class FlowMatchAdapter(FlowModelAdapter):

@@ -26,13 +26,8 @@ def module_bytes(module: torch.nn.Module) -> int:
 
 
 class PromptEmbeddingCache:
-    """Encoded rows per prompt.
-
-    Args:
-        encode: the adapter's uncached encoder, ``list[str] -> encoded batch`` (a dataclass of tensors).
-        prompts: every prompt the run will ask for (duplicates are encoded once).
-        chunk_size: prompts per encoder call.
-    """
+    """Encoded rows per prompt: ``rows[prompt][field]`` [1, ...], ``shared[field]`` (kept whole), and the
+    encoded batch's dataclass ``kind``. Build with :meth:`build`; read a batch with :meth:`encode`."""
 
     def __init__(self, rows: dict[str, dict[str, torch.Tensor]], shared: dict[str, torch.Tensor | None], kind: type):
         self.rows = rows
@@ -40,7 +35,11 @@ class PromptEmbeddingCache:
         self.kind = kind
 
     @classmethod
-    def build(cls, encode: Callable[[list[str]], Any], prompts: Sequence[str], chunk_size: int = 16):
+    def build(
+        cls, encode: Callable[[list[str]], Any], prompts: Sequence[str], chunk_size: int = 16
+    ) -> "PromptEmbeddingCache":
+        """Encode ``prompts`` (duplicates once) with ``encode`` (``list[str] -> encoded batch``, a dataclass of
+        tensors), ``chunk_size`` prompts per call."""
         unique = list(dict.fromkeys(prompts))
         if not unique:
             raise ValueError("the prompt cache needs at least one prompt.")
