@@ -34,6 +34,7 @@ from .claim import claim_run, run_entries
 from .config import TrainingConfig
 from .context import RunContext
 from .data import PromptSampler, _as_condition, check_class_labels, derive_seed, load_prompts
+from .engines import full_params, is_fsdp2, trainable
 from .disk import bytes_to_save, check_free_space, checkpoint_bytes_estimate, tensor_bytes, write_failure
 from .errors import RunStopped
 from .interrupts import Interrupted, StopSignals, agree_to_stop
@@ -217,6 +218,8 @@ class AdjointMatchingTrainer:
         self._prepare_dirs(accelerator, folder)  # first write into output_dir: every input is valid by now
         lr_scheduler = self._lr_scheduler(optimizer, accelerator.num_processes)
         train_module, optimizer, lr_scheduler = accelerator.prepare(adapter.transformer, optimizer, lr_scheduler)
+        if is_fsdp2(accelerator):  # prepare replaced the parameters by sharded ones
+            params, named = trainable(train_module)
 
         ema = None
         if cfg.use_ema:
@@ -347,7 +350,8 @@ class AdjointMatchingTrainer:
         with signals.deferred():
             global_step, nonfinite, durations, last = self._loop(ctx, ckpt, log, global_step, nonfinite, signals)
         self.progress.phase = "final outputs"
-        check_in_sync(accelerator, ctx.params)
+        with full_params(ctx):
+            check_in_sync(accelerator, ctx.params)
         out = self.output_dir
         result = TrainResult(
             out,
@@ -361,7 +365,8 @@ class AdjointMatchingTrainer:
             nonfinite,
             sum(durations) / len(durations) if durations else None,
         )
-        write_outputs(ctx, result, last, self.hub_repo_id())
+        with full_params(ctx):
+            write_outputs(ctx, result, last, self.hub_repo_id())
         return result
 
     def _resume(self, ctx: RunContext, ckpt: CheckpointManager, log: JsonlLog) -> tuple[int, int]:
@@ -394,6 +399,10 @@ class AdjointMatchingTrainer:
 
     def _base_model_outputs(self, ctx: RunContext) -> float | None:
         """The base model's reward on the eval set (printed; None when off) and its validation grid."""
+        with full_params(ctx):
+            return self._base_outputs_main(ctx)
+
+    def _base_outputs_main(self, ctx: RunContext) -> float | None:
         cfg, accelerator = self.config, ctx.accelerator
         reward_before = None
         if accelerator.is_main_process and cfg.num_eval_samples:
@@ -472,9 +481,10 @@ class AdjointMatchingTrainer:
                 ckpt.save(global_step, self._state(nonfinite))
                 self.progress.saved_at = global_step
             if cfg.validation_steps and global_step % cfg.validation_steps == 0 and global_step < cfg.max_train_steps:
-                if accelerator.is_main_process:
-                    with ctx.ema_weights():
-                        validation_grid(ctx, f"validation/step-{global_step:06d}.png", step=global_step)
+                with full_params(ctx):
+                    if accelerator.is_main_process:
+                        with ctx.ema_weights():
+                            validation_grid(ctx, f"validation/step-{global_step:06d}.png", step=global_step)
                 accelerator.wait_for_everyone()
         progress.close()
         if nonfinite:
@@ -495,13 +505,14 @@ class AdjointMatchingTrainer:
         else:
             path = ckpt.save(step, self._state(nonfinite))
         adapter_note = ""
-        if accelerator.is_main_process:
-            try:
-                adapter_note = f" and the adapter so far ({save_adapter(ctx)})"
-            except Exception as err:
-                reason = write_failure(err, out)
-                if reason is None:
-                    raise
-                adapter_note = f" (the adapter so far could not be written: {reason})"
+        with full_params(ctx):
+            if accelerator.is_main_process:
+                try:
+                    adapter_note = f" and the adapter so far ({save_adapter(ctx)})"
+                except Exception as err:
+                    reason = write_failure(err, out)
+                    if reason is None:
+                        raise
+                    adapter_note = f" (the adapter so far could not be written: {reason})"
         accelerator.wait_for_everyone()
         raise RunStopped(self.progress.stopped(signum, self.config.max_train_steps, path, adapter_note), 128 + signum)

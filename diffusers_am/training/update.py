@@ -9,6 +9,7 @@ inf reward or gradient on any process skips the update on every process.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import Any, Callable
@@ -21,6 +22,7 @@ from .collectives import any_process
 from .config import TrainingConfig
 from .context import RunContext
 from .data import PromptSampler, derive_seed
+from .engines import is_fsdp2
 
 STEP_FUNCTIONS: dict[str, Callable] = {
     "ode-am": ode_am_step,
@@ -65,8 +67,10 @@ def _accumulate(
         kwargs = _step_kwargs(cfg, ctx.k_steps, step, slot, adapter.device, backward)
         reward_fn = BatchReward(ctx.reward, adapter.decode, batch)
 
+        # FSDP2 reduce-scatters in every backward (its no_sync would keep the gradients off the shards)
+        sync = contextlib.nullcontext() if is_fsdp2(accelerator) else accelerator.no_sync(ctx.train_module)
         try:
-            with accelerator.no_sync(ctx.train_module), accelerator.autocast():
+            with sync, accelerator.autocast():
                 out = step_fn(flow, noise, ctx.times, reward_fn, **kwargs)
         except NonFiniteRewardError as err:
             warnings.warn(f"update {step + 1}: {err}; skipping this update (nothing is applied).")
@@ -119,7 +123,8 @@ def _apply(ctx: RunContext, skipped: bool, step: int) -> tuple[bool, float | Non
     accelerator, optimizer = ctx.accelerator, ctx.optimizer
     grad_norm = None
     if not skipped:
-        all_reduce_grads(accelerator, ctx.params)
+        if not is_fsdp2(accelerator):  # FSDP2's backward already averaged the gradients over processes
+            all_reduce_grads(accelerator, ctx.params)
         grad_norm = float(accelerator.clip_grad_norm_(ctx.params, ctx.config.max_grad_norm))
         if not math.isfinite(grad_norm):
             warnings.warn(f"update {step + 1}: the gradient norm is {grad_norm}; skipping this update.")
