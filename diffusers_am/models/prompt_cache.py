@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -106,7 +107,7 @@ class PromptEmbeddingCache:
             "shared_none": json.dumps([k for k, v in self.shared.items() if v is None]),
         }
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(str(path) + ".tmp")
+        tmp = Path(f"{path}.{os.getpid()}.tmp")  # one per process: several ranks may write the same cache
         save_file(tensors, str(tmp), metadata=meta)
         tmp.replace(path)
 
