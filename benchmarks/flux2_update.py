@@ -16,6 +16,8 @@ same job, and the table prints seconds / update and peak GiB with their ratios t
     python benchmarks/flux2_update.py --tiny                                  # CPU smoke test
 
 ``--tiny`` swaps in tiny components (same code path, seconds on a CPU) and skips the floor.
+``--cache_prompt_embeddings``, ``--micro_batch_size``, ``--compile`` and ``--gradient_checkpointing`` run the
+trainer's options of the same names (one setting per job; the floor runs in each job).
 """
 
 from __future__ import annotations
@@ -104,13 +106,18 @@ class Measurement:
     peak_gib: float | None
 
 
+def bench_prompts(batch_size: int) -> list[str]:
+    return [f"a photo of object {i}" for i in range(batch_size)]
+
+
 def run_method(adapter, reward, optimizer, params, method: str, k: int, args, device: torch.device) -> Measurement:
     """Time ``args.repeats`` updates (after one warm-up) of one method, as the trainer runs them."""
     from diffusers_am.objectives import draft_step, ode_am_step
+    from diffusers_am.training.update import BatchReward
 
     step_fn = draft_step if method.startswith("DRaFT") else ode_am_step
     times = adapter.time_grid(args.num_inference_steps, args.resolution)
-    prompts = [f"a photo of object {i}" for i in range(args.batch_size)]
+    prompts = bench_prompts(args.batch_size)
     cuda = device.type == "cuda"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
 
@@ -119,7 +126,8 @@ def run_method(adapter, reward, optimizer, params, method: str, k: int, args, de
         noise = adapter.initial_noise(args.batch_size, args.resolution, gen)
         with autocast:
             flow = adapter.flow(adapter.encode_conditions(prompts))
-            step_fn(flow, noise, times, lambda x: reward(adapter.decode(x), prompts), truncate_steps=k)
+            step_fn(flow, noise, times, BatchReward(reward, adapter.decode, prompts), truncate_steps=k,
+                    micro_batch_size=args.micro_batch_size)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -191,6 +199,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--max_sequence_length", type=int, default=512, help="text tokens (the pipeline's and the floor's 512)")
     p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--micro_batch_size", type=int, default=None, help="adjoint / loss micro-batch (None: the batch)")
+    p.add_argument("--cache_prompt_embeddings", action="store_true", help="encode once, free the text encoder")
+    p.add_argument("--compile", action="store_true", help="regional torch.compile of the transformer blocks")
+    p.add_argument("--compile_backend", default="inductor", choices=("inductor", "aot_eager", "eager"))
     p.add_argument("--methods", default="AM-1,AM-3,AM-Full,DRaFT-1")
     p.add_argument("--output", default=None, help="write the table (markdown) and raw numbers (JSON) next to this .md path")
     args = p.parse_args(argv)
@@ -220,13 +232,20 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     pipeline = build_pipeline(args.tiny, device, dtype)
     adapter = Flux2KleinAdapter(pipeline, max_sequence_length=args.max_sequence_length)
-    for module in (pipeline.vae, pipeline.text_encoder):
+    for module in (pipeline.vae, pipeline.text_encoder):  # (the cache below may drop the text encoder)
         module.requires_grad_(False)
     singles = len(pipeline.transformer.single_transformer_blocks)
     targets = LORA_TARGETS + [f"single_transformer_blocks.{i}.attn.to_out" for i in range(singles)]
     params = adapter.add_lora(LoraSettings(rank=args.rank, target_modules=targets, init_lora_weights="gaussian"))
     if args.gradient_checkpointing:
         pipeline.transformer.enable_gradient_checkpointing()
+    if args.cache_prompt_embeddings:
+        count, cached, freed = adapter.cache_prompts(bench_prompts(args.batch_size))
+        print(f"prompt cache: {count} prompts ({cached / 2**20:.1f} MiB); text encoder freed: {freed / 2**30:.2f} GiB")
+    if args.compile:
+        from diffusers_am.training.compile import compile_repeated_blocks
+
+        print(f"compiled {compile_repeated_blocks(pipeline.transformer, backend=args.compile_backend)} blocks")
     reward = ClipDirectionReward(args.tiny, device, dtype)
     optimizer = torch.optim.AdamW(params, lr=1e-5)
 
@@ -244,6 +263,9 @@ def main(argv=None) -> int:
     header = (
         f"FLUX.2-klein-{'tiny' if args.tiny else '4B geometry'}, random weights, batch {args.batch_size}, "
         f"{args.resolution} px, {n} steps, LoRA rank {args.rank}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}"
+        f", micro-batch {args.micro_batch_size or args.batch_size}"
+        f", prompt cache {'on' if args.cache_prompt_embeddings else 'off'}"
+        f", compile {args.compile_backend if args.compile else 'off'}"
     )
     text = header + "\n\n" + table(rows, floor_peak_gib(floor, args.gradient_checkpointing) if floor else None, device_name)
     print("\n" + text)

@@ -3,6 +3,9 @@
 Each ``*_step`` samples a batch with the current fine-tuned flow, computes its loss, and calls
 ``backward`` on it (per trained step for adjoint matching, so memory does not grow with K).
 The caller owns the optimizer: gradient accumulation, clipping and the step stay in the trainer.
+``micro_batch_size`` runs everything after the (no-grad, whole-batch) sampling in micro-batches, each
+loss scaled by its share of the batch, so the accumulated gradient is the whole batch's; the flow and
+``reward_fn`` must then offer ``rows(slice)`` (:func:`diffusers_am.batching.rows_of`).
 
 ``reward_fn(x) -> [B]`` maps terminal states X_N (the flow's state space) to rewards; it is
 differentiable in x (decode + reward model). ``reward_scale`` is lambda: g(x) = -lambda r(x).
@@ -17,6 +20,7 @@ from typing import Callable
 import torch
 
 from .adjoint import lean_adjoint_window
+from .batching import chunk_slices, rows_of
 from .control import check_order, optimal_control, per_sample_norm
 from .flow import ConditionedFlow, check_time_grid, check_truncation, sample_euler
 from .schedules import MemorylessSchedule, NoiseSchedule, refine_grid
@@ -51,6 +55,11 @@ class StepOutput:
 def _hp(x: torch.Tensor) -> torch.Tensor:
     """``x`` promoted to at least fp32 (bf16 -> fp32, fp64 stays)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _scaled(loss: torch.Tensor, share: float) -> torch.Tensor:
+    """A micro-batch's loss times its share of the batch (untouched for the whole batch)."""
+    return loss if share == 1.0 else loss * share
 
 
 def _default_backward(loss: torch.Tensor) -> None:
@@ -105,6 +114,7 @@ def ode_am_step(
     reward_scale: float = 1.0,
     loss_reduction: str = "sum",
     backward: Backward = _default_backward,
+    micro_batch_size: int | None = None,
 ) -> StepOutput:
     """Truncated deterministic adjoint matching of order p (method.md sections 2-3).
 
@@ -115,19 +125,24 @@ def ode_am_step(
     order = check_order(order, "order")
     n, k_steps = _prepare(noise, times, truncate_steps)
     states = sample_euler(flow.velocity, noise, times, record_last=k_steps + 1)
-    reward, grad_r = reward_and_grad(reward_fn, states[-1])
     window_times = times[n - k_steps :]
-    window = lean_adjoint_window(flow.base_vjp, states, window_times, -reward_scale * grad_r)
-    adj = window.adjoints[:-1]
-    targets = optimal_control(adj.reshape((-1,) + adj.shape[2:]), order).reshape(adj.shape)
-    total, norms = 0.0, []
-    for k in range(k_steps):
-        u = _hp(flow.velocity(states[k], window_times[k])) - _hp(window.base_velocities[k])
-        loss = matching_loss(u, targets[k], loss_reduction) / k_steps
-        backward(loss)
-        total += float(loss.detach())
-        norms.append(per_sample_norm(u.detach()).mean())
-    return StepOutput(total, reward, torch.stack(norms), states[-1])
+    batch = noise.shape[0]
+    rewards, total, norms = [], 0.0, torch.zeros(k_steps)
+    for rows in chunk_slices(batch, micro_batch_size):
+        part, share = rows_of(flow, rows, batch), (rows.stop - rows.start) / batch
+        xs = states[:, rows]
+        reward, grad_r = reward_and_grad(rows_of(reward_fn, rows, batch), xs[-1])
+        rewards.append(reward)
+        window = lean_adjoint_window(part.base_vjp, xs, window_times, -reward_scale * grad_r)
+        adj = window.adjoints[:-1]
+        targets = optimal_control(adj.reshape((-1,) + adj.shape[2:]), order).reshape(adj.shape)
+        for k in range(k_steps):
+            u = _hp(part.velocity(xs[k], window_times[k])) - _hp(window.base_velocities[k])
+            loss = _scaled(matching_loss(u, targets[k], loss_reduction) / k_steps, share)
+            backward(loss)
+            total += float(loss.detach())
+            norms[k] += float(per_sample_norm(u.detach()).mean()) * share
+    return StepOutput(total, torch.cat(rewards), norms, states[-1])
 
 
 def sde_am_step(
@@ -143,6 +158,7 @@ def sde_am_step(
     generator: torch.Generator | None = None,
     refine: bool = True,
     backward: Backward = _default_backward,
+    micro_batch_size: int | None = None,
 ) -> StepOutput:
     """Stochastic adjoint matching (quadratic cost; method.md section 4).
 
@@ -167,22 +183,27 @@ def sde_am_step(
         return schedule.drift(x, _hp(flow.velocity(x, t)), t)
 
     states = sample_euler(drift, noise, times, record_last=k_steps + 1, noise_std=schedule.sigma, generator=generator)
-    reward, grad_r = reward_and_grad(reward_fn, states[-1])
     window_times = times[n - k_steps :]
-    base_drift_vjp = partial(schedule.drift_vjp, flow.base_vjp)  # one base VJP per step, LoRA off throughout
-    window = lean_adjoint_window(base_drift_vjp, states, window_times, -reward_scale * grad_r)
-    total, norms = 0.0, []
-    for k in range(k_steps):
-        t = window_times[k]
-        gain, coeff = schedule.velocity_gain(t), schedule.state_coeff(t)
-        sigma = schedule.sigma(t).clamp_min(1e-6)
-        v_base = (_hp(window.base_velocities[k]) + coeff * states[k]) / gain
-        u = gain * (_hp(flow.velocity(states[k], t)) - v_base) / sigma
-        loss = matching_loss(u, -sigma * window.adjoints[k], loss_reduction) / k_steps
-        backward(loss)
-        total += float(loss.detach())
-        norms.append(per_sample_norm(u.detach()).mean())
-    return StepOutput(total, reward, torch.stack(norms), states[-1])
+    batch = noise.shape[0]
+    rewards, total, norms = [], 0.0, torch.zeros(k_steps)
+    for rows in chunk_slices(batch, micro_batch_size):
+        part, share = rows_of(flow, rows, batch), (rows.stop - rows.start) / batch
+        xs = states[:, rows]
+        reward, grad_r = reward_and_grad(rows_of(reward_fn, rows, batch), xs[-1])
+        rewards.append(reward)
+        base_drift_vjp = partial(schedule.drift_vjp, part.base_vjp)  # one base VJP per step, LoRA off throughout
+        window = lean_adjoint_window(base_drift_vjp, xs, window_times, -reward_scale * grad_r)
+        for k in range(k_steps):
+            t = window_times[k]
+            gain, coeff = schedule.velocity_gain(t), schedule.state_coeff(t)
+            sigma = schedule.sigma(t).clamp_min(1e-6)
+            v_base = (_hp(window.base_velocities[k]) + coeff * xs[k]) / gain
+            u = gain * (_hp(part.velocity(xs[k], t)) - v_base) / sigma
+            loss = _scaled(matching_loss(u, -sigma * window.adjoints[k], loss_reduction) / k_steps, share)
+            backward(loss)
+            total += float(loss.detach())
+            norms[k] += float(per_sample_norm(u.detach()).mean()) * share
+    return StepOutput(total, torch.cat(rewards), norms, states[-1])
 
 
 @torch.no_grad()
@@ -202,23 +223,34 @@ def draft_step(
     reward_scale: float = 1.0,
     track_control: bool = True,
     backward: Backward = _default_backward,
+    micro_batch_size: int | None = None,
 ) -> StepOutput:
     """DRaFT-K: autograd through the last K Euler steps only; loss -lambda * E r(X_N)."""
     n, k_steps = _prepare(noise, times, truncate_steps)
-    x = sample_euler(flow.velocity, noise, times, stop_at=n - k_steps)[-1]
-    visited, velocities = [], []
-    with torch.enable_grad():
-        for k in range(n - k_steps, n):
-            visited.append(x.detach())
-            v = flow.velocity(x, times[k])
-            velocities.append(v)
-            x = x + _hp(times[k + 1] - times[k]) * _hp(v)
-        reward = reward_fn(x)
-        _check_reward(reward, x.shape[0])
-        loss = -(reward_scale * _hp(reward)).mean()
-        backward(loss)
-    norms = _control_norms(flow, visited, times[n - k_steps : n], velocities) if track_control else torch.full((k_steps,), float("nan"))
-    return StepOutput(float(loss.detach()), _hp(reward.detach()), norms, x.detach())
+    start = sample_euler(flow.velocity, noise, times, stop_at=n - k_steps)[-1]
+    batch = noise.shape[0]
+    total, rewards, finals, norms = 0.0, [], [], []
+    for rows in chunk_slices(batch, micro_batch_size):
+        part, share = rows_of(flow, rows, batch), (rows.stop - rows.start) / batch
+        x = start[rows]
+        visited, velocities = [], []
+        with torch.enable_grad():
+            for k in range(n - k_steps, n):
+                visited.append(x.detach())
+                v = part.velocity(x, times[k])
+                velocities.append(v)
+                x = x + _hp(times[k + 1] - times[k]) * _hp(v)
+            reward = rows_of(reward_fn, rows, batch)(x)
+            _check_reward(reward, x.shape[0])
+            loss = _scaled(-(reward_scale * _hp(reward)).mean(), share)
+            backward(loss)
+        total += float(loss.detach())
+        rewards.append(_hp(reward.detach()))
+        finals.append(x.detach())
+        if track_control:
+            norms.append(_control_norms(part, visited, times[n - k_steps : n], velocities) * share)
+    norms = torch.stack(norms).sum(0) if track_control else torch.full((k_steps,), float("nan"))
+    return StepOutput(total, torch.cat(rewards), norms, torch.cat(finals))
 
 
 def refl_step(
@@ -232,20 +264,31 @@ def refl_step(
     generator: torch.Generator | None = None,
     track_control: bool = True,
     backward: Backward = _default_backward,
+    micro_batch_size: int | None = None,
 ) -> StepOutput:
     """ReFL-K: draw j uniformly among the last K steps, predict x_1 = x_j + (1 - t_j) v_theta(x_j, t_j)
     with autograd, loss -lambda * E r(x_1)."""
     n, k_steps = _prepare(noise, times, truncate_steps)
     offset = int(torch.randint(k_steps, (1,), generator=generator))
     j = n - k_steps + offset
-    x = sample_euler(flow.velocity, noise, times, stop_at=j)[-1]
+    start = sample_euler(flow.velocity, noise, times, stop_at=j)[-1]
     t = times[j]
-    with torch.enable_grad():
-        v = flow.velocity(x, t)
-        x1 = x + (1.0 - _hp(t)) * _hp(v)
-        reward = reward_fn(x1)
-        _check_reward(reward, x.shape[0])
-        loss = -(reward_scale * _hp(reward)).mean()
-        backward(loss)
-    norms = _control_norms(flow, [x], times[j : j + 1], [v]) if track_control else torch.full((1,), float("nan"))
-    return StepOutput(float(loss.detach()), _hp(reward.detach()), norms, x1.detach(), step_index=j)
+    batch = noise.shape[0]
+    total, rewards, finals, norms = 0.0, [], [], []
+    for rows in chunk_slices(batch, micro_batch_size):
+        part, share = rows_of(flow, rows, batch), (rows.stop - rows.start) / batch
+        x = start[rows]
+        with torch.enable_grad():
+            v = part.velocity(x, t)
+            x1 = x + (1.0 - _hp(t)) * _hp(v)
+            reward = rows_of(reward_fn, rows, batch)(x1)
+            _check_reward(reward, x.shape[0])
+            loss = _scaled(-(reward_scale * _hp(reward)).mean(), share)
+            backward(loss)
+        total += float(loss.detach())
+        rewards.append(_hp(reward.detach()))
+        finals.append(x1.detach())
+        if track_control:
+            norms.append(_control_norms(part, [x], times[j : j + 1], [v]) * share)
+    norms = torch.stack(norms).sum(0) if track_control else torch.full((1,), float("nan"))
+    return StepOutput(total, torch.cat(rewards), norms, torch.cat(finals), step_index=j)

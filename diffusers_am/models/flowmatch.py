@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import warnings
+from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import torch
@@ -56,6 +57,14 @@ class PaperTimeFlow:
     def velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """v_theta(x, t) [B, C, h, w] fp32 through ``train_module`` (or the transformer)."""
         return self._velocity(self.train_module or self.adapter.transformer, x, t)
+
+    def rows(self, rows: slice) -> "PaperTimeFlow":
+        """The same flow bound to ``rows`` of its encoded batch (micro-batching)."""
+        from ..batching import select_rows
+
+        batch = self.adapter._encoded_batch(self.encoded)
+        encoded = select_rows(self.encoded, rows, batch)
+        return PaperTimeFlow(self.adapter, encoded, self.guidance_scale, self.train_module)
 
 
 class FlowMatchAdapter(FlowModelAdapter):
@@ -167,10 +176,21 @@ class FlowMatchAdapter(FlowModelAdapter):
 
     def encode_conditions(self, conditions: Sequence[Any]) -> Any:
         """Encode a batch of prompts once; with ``offload_text_encoder`` the encoders visit the
-        transformer's device only for this call."""
+        transformer's device only for this call. Prompts held by :meth:`cache_prompts`' cache come from it."""
         prompts = [conditions] if isinstance(conditions, str) else list(conditions)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"`conditions` must be a non-empty list of prompt strings; got {conditions!r}.")
+        cache = getattr(self, "prompt_cache", None)
+        if cache is not None and all(p in cache for p in prompts):
+            return cache.encode(prompts)
+        if not self._text_encoders():
+            raise ValueError(
+                f"prompt(s) {[p for p in prompts if cache is None or p not in cache][:3]!r} are not in the prompt "
+                "cache and the text encoders were freed: add them to the prompts cached at set-up."
+            )
+        return self._encode_uncached(prompts)
+
+    def _encode_uncached(self, prompts: list[str]) -> Any:
         device = self.device
         encoders = self._text_encoders()
         if self.offload_text_encoder:
@@ -183,6 +203,54 @@ class FlowMatchAdapter(FlowModelAdapter):
             if self.offload_text_encoder:
                 for enc in encoders:
                     enc.to("cpu")
+
+    def cache_prompts(
+        self, prompts: Sequence[str], *, chunk_size: int = 16, cache_dir: str | None = None,
+        free_text_encoders: bool = True, key: str = "",
+    ) -> tuple[int, int, int]:
+        """Encode ``prompts`` once (in chunks of ``chunk_size``; read from / written to ``cache_dir`` as
+        safetensors when given) so :meth:`encode_conditions` never runs the text encoders again, then
+        (``free_text_encoders``) drop them from the pipeline. ``key`` names the model in the disk cache.
+
+        Returns (prompts cached, bytes of the cache, bytes of text encoders freed)."""
+        from .prompt_cache import PromptEmbeddingCache, cache_key, module_bytes
+
+        unique = list(dict.fromkeys(prompts))
+        cache, path = None, None
+        if cache_dir is not None:
+            digest = cache_key(key, type(self).__name__, self.dtype, self.max_sequence_length, unique)
+            path = Path(cache_dir) / f"prompt_embeddings-{digest}.safetensors"
+            cache = PromptEmbeddingCache.load(path, digest, self._encoded_type())
+            if cache is not None:
+                cache.to(self.device)
+        if cache is None:
+            cache = PromptEmbeddingCache.build(self._encode_uncached, unique, chunk_size)
+            if path is not None:
+                cache.save(path, digest)
+        self.prompt_cache = cache
+        freed = 0
+        if free_text_encoders:
+            for name, module in list(self.pipeline.components.items()):
+                if name.startswith("text_encoder") and isinstance(module, torch.nn.Module):
+                    freed += module_bytes(module)
+                    setattr(self.pipeline, name, None)
+            import gc
+
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        return len(cache), cache.nbytes, freed
+
+    @staticmethod
+    def _encoded_batch(encoded: Any) -> int:
+        """Prompts in an encoded batch (dim 0 of its ``prompt_embeds``)."""
+        return int(encoded.prompt_embeds.shape[0])
+
+    def _encoded_type(self) -> type:
+        """The dataclass :meth:`_encode` returns (from its return annotation)."""
+        import typing
+
+        return typing.get_type_hints(type(self)._encode)["return"]
 
     def resolve_guidance(self, guidance_scale: float | None) -> float:
         """The guidance scale to use (None: the family default)."""

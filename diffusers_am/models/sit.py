@@ -71,6 +71,10 @@ class SiTFlow:
             x, t, self.labels, self.guidance_scale, model=self.train_module
         )
 
+    def rows(self, rows: slice) -> "SiTFlow":
+        """The same flow bound to ``rows`` of its labels (micro-batching)."""
+        return SiTFlow(self.adapter, self.labels[rows], self.guidance_scale, self.train_module)
+
 
 class SiTAdapter(FlowModelAdapter):
     """Class-conditional SiT-style flows (the embedded digits base, converted SiT-XL/2)."""

@@ -149,6 +149,34 @@ class TrainingConfig:
     )
     gradient_checkpointing: bool = _f(False, "Recompute transformer activations in backward (less memory).")
     use_8bit_adam: bool = _f(False, "bitsandbytes AdamW8bit instead of torch AdamW (needs `pip install bitsandbytes`).")
+    micro_batch_size: int | None = _f(
+        None,
+        "Run the adjoint and loss steps (and the VAE decode and reward of them) in micro-batches of this many "
+        "trajectories; sampling still draws train_batch_size at once. Gradients accumulate with each micro-batch's "
+        "loss scaled by its share, so the update equals the full-batch one; peak memory follows this, not the "
+        "batch. None: the whole batch at once.",
+    )
+    cache_prompt_embeddings: bool = _f(
+        False,
+        "Encode every training and validation prompt once at set-up, then free the text encoders (text-to-image "
+        "models; the bytes freed are printed). Updates are identical to encoding per batch.",
+    )
+    prompt_cache_dir: str | None = _f(
+        None,
+        "With --cache_prompt_embeddings: keep the cache in this folder as a safetensors file, reused by a later "
+        "run with the same model, prompts and settings.",
+    )
+    compile: bool = _f(
+        False,
+        "Regional compilation: torch.compile each repeated transformer block (diffusers' compile_repeated_blocks "
+        "where the model declares its blocks); the first update pays the compile time (logged).",
+    )
+    compile_backend: str = _f(
+        "inductor",
+        "torch.compile backend of --compile: inductor (generated kernels; needs a C++ compiler on CPU) or "
+        "aot_eager / eager (graph capture only: a quick check, no speed-up).",
+        choices=("inductor", "aot_eager", "eager"),
+    )
     # -- LoRA -------------------------------------------------------------------------------
     rank: int = _f(8, "LoRA rank.")
     lora_alpha: float | None = _f(None, "LoRA alpha (None: equal to the rank).")
@@ -255,7 +283,7 @@ class TrainingConfig:
         if self.seed >= 2**32:
             raise ValueError(f"`--seed` must be below 2**32 (numpy's limit); got {self.seed}.")
         optional_counts = ("num_inference_steps", "resolution", "checkpoints_total_limit", "cpu_threads")
-        for name in (*optional_counts, "max_sequence_length"):
+        for name in (*optional_counts, "max_sequence_length", "micro_batch_size"):
             if getattr(self, name) is not None:
                 _check_int(self, name, minimum=1)
         if self.num_inference_steps is not None and self.truncate_steps != "auto" and (
@@ -283,6 +311,13 @@ class TrainingConfig:
             raise ValueError(f"`--lora_dropout` must be in [0, 1); got {self.lora_dropout!r}.")
         if not 0.0 < self.sde_t_min < 1.0:
             raise ValueError(f"`--sde_t_min` must be in (0, 1); got {self.sde_t_min!r}.")
+        if self.prompt_cache_dir is not None and not self.cache_prompt_embeddings:
+            raise ValueError("`--prompt_cache_dir` needs `--cache_prompt_embeddings`: add it, or drop the folder.")
+        if self.micro_batch_size is not None and self.micro_batch_size > self.train_batch_size:
+            raise ValueError(
+                f"`--micro_batch_size` ({self.micro_batch_size}) must not exceed `--train_batch_size` "
+                f"({self.train_batch_size}): lower it, or leave it unset for the whole batch."
+            )
         if not isinstance(self.reward, str) or not self.reward.strip():
             raise ValueError("`--reward` must be a non-empty reward spec, e.g. 'digits'.")
         if not self.output_dir:

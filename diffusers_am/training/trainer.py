@@ -37,6 +37,7 @@ from .config import TrainingConfig
 from .context import RunContext
 from .control_probe import adaptive_truncation, match_reward_scale, refresh_window
 from .data import PromptSampler, _as_condition, check_class_labels, derive_seed, load_prompts
+from .engines import full_params, is_fsdp2, trainable
 from .disk import bytes_to_save, check_free_space, checkpoint_bytes_estimate, tensor_bytes, write_failure
 from .errors import RunStopped
 from .interrupts import Interrupted, StopSignals, agree_to_stop
@@ -258,16 +259,27 @@ class AdjointMatchingTrainer:
             reward.eval().requires_grad_(False)
         validation = ValidationMetrics(cfg, accelerator)  # before anything is written: a bad name fails here
         prompts, val_prompts = self._conditions(adapter)
+        if cfg.cache_prompt_embeddings:
+            self._cache_prompts(accelerator, adapter, prompts + val_prompts)
 
         times = adapter.time_grid(n_steps, resolution)  # validates --resolution for the family
         self._check_rewards(adapter, reward, validation, prompts, resolution)
         params, named = self._add_lora(adapter)
+        if cfg.compile:
+            from .compile import compile_repeated_blocks
+
+            blocks = compile_repeated_blocks(adapter.transformer, backend=cfg.compile_backend)
+            accelerator.print(
+                f"--compile: {blocks} transformer blocks compiled ({cfg.compile_backend}) in the first update."
+            )
         optimizer = self._optimizer(params)
         evals = eval_set(adapter, prompts, resolution, cfg.num_eval_samples, cfg.seed)
         self._check_free_space(accelerator, params)
         self._prepare_dirs(accelerator, folder)  # first write into output_dir: every input is valid by now
         lr_scheduler = self._lr_scheduler(optimizer, accelerator.num_processes)
         train_module, optimizer, lr_scheduler = accelerator.prepare(adapter.transformer, optimizer, lr_scheduler)
+        if is_fsdp2(accelerator):  # prepare replaced the parameters by sharded ones
+            params, named = trainable(train_module)
 
         ema = None
         if cfg.use_ema:
@@ -281,6 +293,22 @@ class AdjointMatchingTrainer:
             times=times, resolution=resolution, n_steps=n_steps, k_steps=k_steps, output_dir=self.output_dir,
             prompts=prompts, val_prompts=val_prompts, eval_set=evals, validation=validation,
             lr_history=self.lr_history, truncation=truncation,
+        )
+
+    def _cache_prompts(self, accelerator, adapter: FlowModelAdapter, prompts: list) -> None:
+        """``--cache_prompt_embeddings``: encode every prompt once, free the text encoders, print one line."""
+        cfg = self.config
+        if not hasattr(adapter, "cache_prompts"):
+            logger.warning("`--cache_prompt_embeddings`: this model has no text encoder; nothing to cache.")
+            return
+        encoders = adapter._text_encoders()
+        where = next(encoders[0].parameters()).device if encoders else None
+        count, cached, freed = adapter.cache_prompts(
+            prompts, cache_dir=cfg.prompt_cache_dir, key=str(cfg.pretrained_model_name_or_path)
+        )
+        accelerator.print(
+            f"prompt cache: {count} prompts encoded once ({cached / 2**20:.1f} MiB); text encoders freed: "
+            f"{freed / 2**30:.3f} GiB ({freed} bytes) from {where}."
         )
 
     def _add_lora(self, model: FlowModelAdapter) -> tuple[list[torch.nn.Parameter], dict[str, torch.nn.Parameter]]:
@@ -384,7 +412,8 @@ class AdjointMatchingTrainer:
         with signals.deferred():
             global_step, nonfinite, durations, last = self._loop(ctx, ckpt, log, global_step, nonfinite, signals)
         self.progress.phase = "final outputs"
-        check_in_sync(accelerator, ctx.params)
+        with full_params(ctx):
+            check_in_sync(accelerator, ctx.params)
         out = self.output_dir
         result = TrainResult(
             out,
@@ -398,7 +427,8 @@ class AdjointMatchingTrainer:
             nonfinite,
             sum(durations) / len(durations) if durations else None,
         )
-        result = write_outputs(ctx, result, last, self.hub_repo_id())
+        with full_params(ctx):
+            result = write_outputs(ctx, result, last, self.hub_repo_id())
         self.callbacks("on_save", self, global_step, result.adapter_path if accelerator.is_main_process else None)
         self.callbacks("on_train_end", self, result)
         return result
@@ -469,6 +499,10 @@ class AdjointMatchingTrainer:
 
     def _base_model_outputs(self, ctx: RunContext) -> float | None:
         """The base model's reward on the eval set (printed; None when off) and its validation grid."""
+        with full_params(ctx):
+            return self._base_outputs_main(ctx)
+
+    def _base_outputs_main(self, ctx: RunContext) -> float | None:
         cfg, accelerator = self.config, ctx.accelerator
         reward_before = None
         if accelerator.is_main_process and cfg.num_eval_samples:
@@ -527,6 +561,11 @@ class AdjointMatchingTrainer:
             nonfinite += int(record["skipped"])
             seconds = time.perf_counter() - start
             durations.append(seconds)
+            if cfg.compile and len(durations) == 2:  # compile time ~ first update - second update
+                record["compile_seconds"] = durations[0] - durations[1]
+                accelerator.print(
+                    f"--compile: compilation took about {record['compile_seconds']:.1f} s (update 1 - update 2)."
+                )
             record.update(
                 step=global_step,
                 nonfinite_count=nonfinite,
@@ -550,9 +589,10 @@ class AdjointMatchingTrainer:
                 if path is not None:  # None: the save was abandoned (a full disk), with a warning
                     self.callbacks("on_save", self, global_step, path)
             if cfg.validation_steps and global_step % cfg.validation_steps == 0 and global_step < cfg.max_train_steps:
-                if accelerator.is_main_process:
-                    with ctx.ema_weights():
-                        validation_grid(ctx, f"validation/step-{global_step:06d}.png", step=global_step)
+                with full_params(ctx):
+                    if accelerator.is_main_process:
+                        with ctx.ema_weights():
+                            validation_grid(ctx, f"validation/step-{global_step:06d}.png", step=global_step)
                 accelerator.wait_for_everyone()
         progress.close()
         if nonfinite:
@@ -573,13 +613,14 @@ class AdjointMatchingTrainer:
         else:
             path = ckpt.save(step, self._state(nonfinite))
         adapter_note = ""
-        if accelerator.is_main_process:
-            try:
-                adapter_note = f" and the adapter so far ({save_adapter(ctx)})"
-            except Exception as err:
-                reason = write_failure(err, out)
-                if reason is None:
-                    raise
-                adapter_note = f" (the adapter so far could not be written: {reason})"
+        with full_params(ctx):
+            if accelerator.is_main_process:
+                try:
+                    adapter_note = f" and the adapter so far ({save_adapter(ctx)})"
+                except Exception as err:
+                    reason = write_failure(err, out)
+                    if reason is None:
+                        raise
+                    adapter_note = f" (the adapter so far could not be written: {reason})"
         accelerator.wait_for_everyone()
         raise RunStopped(self.progress.stopped(signum, self.config.max_train_steps, path, adapter_note), 128 + signum)

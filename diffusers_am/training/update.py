@@ -24,6 +24,7 @@ from .config import TrainingConfig
 from .context import RunContext
 from .data import PromptSampler, derive_seed
 from .methods import get_method
+from .engines import is_fsdp2
 
 logger = get_logger(__name__)  # main process only
 
@@ -87,12 +88,12 @@ def _accumulate(
             adapter.encode_conditions(batch), guidance_scale=cfg.guidance_scale, train_module=ctx.train_module
         )
         kwargs = _step_kwargs(cfg, ctx.k_steps, ctx.reward_scale, step, slot, adapter.device, backward)
+        reward_fn = BatchReward(ctx.reward, adapter.decode, batch)
 
-        def reward_fn(x: torch.Tensor, batch=batch) -> torch.Tensor:
-            return ctx.reward(adapter.decode(x), batch)
-
+        # FSDP2 reduce-scatters in every backward (its no_sync would keep the gradients off the shards)
+        sync = contextlib.nullcontext() if is_fsdp2(accelerator) else accelerator.no_sync(ctx.train_module)
         try:
-            with accelerator.no_sync(ctx.train_module), accelerator.autocast():
+            with sync, accelerator.autocast():
                 out = step_fn(flow, noise, ctx.times, reward_fn, **kwargs)
         except NonFiniteRewardError as err:
             logger.warning(f"update {step + 1}: {err}; skipping this update (nothing is applied).")
@@ -102,6 +103,21 @@ def _accumulate(
         losses.append(out.loss)
         norms.append(out.control_norm_per_step.detach().float().cpu())
     return rewards, losses, norms, skipped
+
+
+class BatchReward:
+    """``reward_fn(x) -> [B]`` of one batch: decode the states, score them against the batch's conditions.
+
+    ``rows(slice)`` gives the reward of part of the batch, so micro-batches decode and score only their rows."""
+
+    def __init__(self, reward: Callable, decode: Callable, conditions: list):
+        self.reward, self.decode, self.conditions = reward, decode, conditions
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reward(self.decode(x), self.conditions)
+
+    def rows(self, rows: slice) -> "BatchReward":
+        return BatchReward(self.reward, self.decode, self.conditions[rows])
 
 
 def _step_kwargs(
@@ -115,7 +131,10 @@ def _step_kwargs(
 ) -> dict[str, Any]:
     """Keyword arguments of the configured method's step function for one micro-batch (K and lambda as the
     run uses them: adaptive / matched ones included); the method's own :attr:`Method.step_kwargs` builds them."""
-    return get_method(cfg.method).step_kwargs(cfg, k_steps, reward_scale, step, slot, device, backward)
+    kwargs = get_method(cfg.method).step_kwargs(cfg, k_steps, reward_scale, step, slot, device, backward)
+    if cfg.micro_batch_size is not None:
+        kwargs["micro_batch_size"] = cfg.micro_batch_size
+    return kwargs
 
 
 def _apply(ctx: RunContext, skipped: bool, step: int) -> tuple[bool, float | None]:
@@ -123,7 +142,8 @@ def _apply(ctx: RunContext, skipped: bool, step: int) -> tuple[bool, float | Non
     accelerator, optimizer = ctx.accelerator, ctx.optimizer
     grad_norm = None
     if not skipped:
-        all_reduce_grads(accelerator, ctx.params)
+        if not is_fsdp2(accelerator):  # FSDP2's backward already averaged the gradients over processes
+            all_reduce_grads(accelerator, ctx.params)
         grad_norm = float(accelerator.clip_grad_norm_(ctx.params, ctx.config.max_grad_norm))
         if not math.isfinite(grad_norm):
             logger.warning(f"update {step + 1}: the gradient norm is {grad_norm}; skipping this update.")

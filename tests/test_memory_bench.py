@@ -1,0 +1,49 @@
+"""benchmarks/memory.py --quick: fresh-process peaks per point, the claims and the klein-4B estimate."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "memory.py"
+
+
+@pytest.fixture(scope="module")
+def memory():
+    spec = importlib.util.spec_from_file_location("memory_bench", PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["memory_bench"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run_writes_the_table_and_claims(memory, tmp_path):
+    out = tmp_path / "MEMORY.md"
+    assert memory.main(["--quick", "--bases", "digits", "--output", str(out)]) == 0
+    text = out.read_text()
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    points = {(r["sweep"], r["K"], r["micro"]) for r in rows}
+    assert points == {("K", 1, 2), ("K", 4, 2), ("micro", 4, 1), ("micro", 4, 2)}
+    assert all(r["peak_bytes"] >= r["start_bytes"] > 0 for r in rows)
+    assert "digits, batch 4: peak over K = [1, 4]" in text and "24 GiB recipe" in text
+
+
+def test_claims_and_estimate_from_given_rows(memory):
+    def row(sweep, k, micro, peak, up):
+        return {"base": "b", "sweep": sweep, "K": k, "N": 8, "batch": 16, "micro": micro, "device": "cpu",
+                "peak_bytes": peak, "start_bytes": peak - up, "update_bytes": up}
+
+    rows = [row("K", 1, 4, 100, 10), row("K", 8, 4, 130, 40)]
+    rows += [row("micro", 4, m, 100 + 5 * m, 5 * m) for m in (1, 2, 4)]
+    lines = memory.claims(rows)
+    assert "NOT flat within 10%" in lines[0] and "R^2 = 1.000 (linear in micro-batch)" in lines[1]
+    table, recipe = memory.klein_estimate(budget_gib=24.0)
+    assert "| 16 | off | resident |" in table and "--micro_batch_size" in recipe
+    assert "no setting fits" in memory.klein_estimate(budget_gib=4.0)[1]
+
+
+def test_bad_base_is_a_usage_error(memory, capsys):
+    assert memory.main(["--quick", "--bases", "sd3"]) == 2
+    assert "--bases" in capsys.readouterr().err
