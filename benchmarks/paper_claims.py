@@ -69,7 +69,8 @@ class Run:
 
 def am(k: int | str, p: float = 2.0, lam: float = 10.0, *extra: str, group: str = "K", name: str = "") -> Run:
     matched = ("--match_reward_scale", "velocity") if p != 2.0 else ()
-    label = name or (f"ODE-AM-{'Full' if k == N_STEPS else k} p={p:g} " + (f"lambda~{lam:g}" if matched else f"lambda={lam:g}"))
+    strength = f"lambda~{lam:g}" if matched else f"lambda={lam:g}"
+    label = name or f"ODE-AM-{'Full' if k == N_STEPS else k} p={p:g} {strength}"
     args = ("--method", "ode-am", "--truncate_steps", str(k), "--reg_order", f"{p:g}", "--reward_scale", f"{lam:g}")
     return Run(label, args + matched + extra, group, k, p, lam)
 
@@ -98,8 +99,11 @@ QUICK = ("ODE-AM-1 p=2 lambda=10", "ODE-AM-4 p=2 lambda=10", "ODE-AM-Full p=2 la
 
 
 # -- training -------------------------------------------------------------------------------------
-def train(run: Run, seed: int, out: Path, steps: int) -> dict[str, Any]:
-    """Train one (run, seed) in a subprocess; returns its log numbers."""
+def train(run: Run, seed: int, out: Path, steps: int, reuse: bool = False) -> dict[str, Any]:
+    """Train one (run, seed) in a subprocess; returns its log numbers. ``reuse``: a finished run already in
+    ``out`` with ``steps`` updates is read, not trained again (``wall_seconds`` is then None)."""
+    if reuse and _finished(out, steps):
+        return _numbers(out, None)
     argv = [sys.executable, "-m", "diffusers_am.train", *run.args, "--num_inference_steps", str(N_STEPS),
             "--seed", str(seed), "--max_train_steps", str(steps), "--report_to", "none", "--num_eval_samples", "0",
             "--validation_steps", "0", "--num_validation_images", "1", "--cpu_threads", "1",
@@ -109,12 +113,25 @@ def train(run: Run, seed: int, out: Path, steps: int) -> dict[str, Any]:
     proc = subprocess.run(argv, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{run.name} (seed {seed}) failed:\n{proc.stderr[-2000:]}")
-    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    return _numbers(out, time.perf_counter() - start)
+
+
+def _records(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _finished(out: Path, steps: int) -> bool:
+    return (out / "train_summary.json").is_file() and len(_records(out)) == steps
+
+
+def _numbers(out: Path, wall: float | None) -> dict[str, Any]:
+    """What the report reads from a finished run's log and summary."""
+    records = _records(out)
     summary = json.loads((out / "train_summary.json").read_text())
     ks = [r["truncate_steps"] for r in records]
     return {
         "seconds_per_update": statistics.median(r["seconds"] for r in records),
-        "wall_seconds": time.perf_counter() - start,
+        "wall_seconds": wall,
         "reward_scale": summary["reward_scale"],
         "k_mean": statistics.mean(ks),
         "k_values": sorted(set(ks)),
@@ -122,12 +139,12 @@ def train(run: Run, seed: int, out: Path, steps: int) -> dict[str, Any]:
     }
 
 
-def train_all(runs: list[Run], seeds: Sequence[int], work: Path, steps: int, workers: int) -> dict:
+def train_all(runs: list[Run], seeds: Sequence[int], work: Path, steps: int, workers: int, reuse: bool = False) -> dict:
     """{(run name, seed): log numbers}, ``workers`` trainings at a time."""
     jobs = [(run, seed) for seed in seeds for run in runs]
     out: dict[tuple[str, int], dict[str, Any]] = {}
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(train, r, s, work / f"seed{s}" / r.slug, steps): (r, s) for r, s in jobs}
+        futures = {pool.submit(train, r, s, work / f"seed{s}" / r.slug, steps, reuse): (r, s) for r, s in jobs}
         for i, future in enumerate(concurrent.futures.as_completed(futures), 1):
             run, seed = futures[future]
             out[(run.name, seed)] = future.result()
@@ -144,7 +161,7 @@ def evaluate_seed(runs: list[Run], seed: int, work: Path, images: int) -> dict[s
     from diffusers_am.models import EMBEDDED_DIGITS_BASE
 
     register_accuracy()
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(1)  # like the trainings; more threads on a busy CPU only spin
     results = evaluate(
         str(EMBEDDED_DIGITS_BASE), adapters=[str(work / f"seed{seed}" / r.slug) for r in runs], prompts=None,
         num_images_per_prompt=images, rewards=["digits", "digits-heldout", HELDOUT_ACCURACY],
@@ -406,7 +423,8 @@ def claim_c4(profiles: list[dict[str, Any]]) -> tuple[str, dict]:
 def claim_c5(t: Table) -> tuple[str, dict]:
     names = [k_name(4), "SDE-AM-4 memoryless lambda=10", "SDE-AM-4 memoryless lambda~10", "SDE-AM-4 constant lambda~10"]
     text = ["## C5: ODE-AM vs SDE-AM (memoryless, constant) under the same budget (Section 4.1, Appendix D)\n",
-            "Same K = 4, updates, batch and learning rate; lambda~10: matched to ODE-AM's control size at lambda = 10.\n",
+            "Same K = 4, updates, batch and learning rate; lambda~10: matched to ODE-AM's control size at "
+            "lambda = 10.\n",
             results_table(t, names)]
     out: dict[str, Any] = {}
     ode = k_name(4)
@@ -530,6 +548,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: 7 configurations, 1 seed, 3 updates, 2 images per class (verdicts inconclusive)")
     p.add_argument("--work_dir", default=None, help="where the runs go (default: a temporary folder)")
+    p.add_argument("--reuse", action="store_true",
+                   help="read the runs already finished in --work_dir instead of training them again")
     p.add_argument("--output", default=None, help="write the markdown report here (plots beside it)")
     p.add_argument("--json", default=None, help="write every number here")
     args = p.parse_args(argv)
@@ -550,8 +570,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     work = Path(args.work_dir or tmp.name)
     work.mkdir(parents=True, exist_ok=True)
     print(f"{len(runs)} configurations x {len(args.seeds)} seeds x {args.max_train_steps} updates", flush=True)
-    trained = train_all(runs, args.seeds, work, args.max_train_steps, args.workers)
+    trained = train_all(runs, args.seeds, work, args.max_train_steps, args.workers, args.reuse)
     train_seconds = time.perf_counter() - start
+    reused = sum(v["wall_seconds"] is None for v in trained.values())
     evals = {s: evaluate_seed(runs, s, work, args.num_images_per_prompt) for s in args.seeds}
     profiles = [control_profiles(s) for s in args.seeds]
     table = Table(runs, list(args.seeds), trained, evals)
@@ -574,7 +595,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"- date {now}; {os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}; "
         f"{len(runs)} configurations x seeds {args.seeds} x {args.max_train_steps} updates, {args.workers} "
         f"trainings at a time with one thread each (s/update is measured so, with that much CPU contention); "
-        f"training {train_seconds / 60:.1f} min, whole script {total / 60:.1f} min\n"
+        f"training {train_seconds / 60:.1f} min"
+        + (f" ({reused} runs read from an earlier invocation with --reuse)" if reused else "")
+        + f", whole script {total / 60:.1f} min\n"
         f"- every run: the trainer's defaults on the embedded digits base (N = {N_STEPS}, batch 16, LoRA rank 8, "
         f"lr 3e-3) unless the config says otherwise; evaluation: 10 classes x {args.num_images_per_prompt} images "
         "per model and seed, the same noise for every model of a seed; rewards are log p(class | image) (<= 0), "
