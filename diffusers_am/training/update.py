@@ -24,7 +24,7 @@ from .config import TrainingConfig
 from .context import RunContext
 from .data import PromptSampler, derive_seed
 from .methods import get_method
-from .engines import is_fsdp2
+from .engines import full_tensors, is_fsdp2
 
 logger = get_logger(__name__)  # main process only
 
@@ -157,7 +157,7 @@ def _apply(ctx: RunContext, skipped: bool, step: int) -> tuple[bool, float | Non
         ctx.lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if ctx.ema is not None:
-            ctx.ema.step(ctx.params)
+            ctx.ema.step(full_tensors(ctx.params))  # FSDP2: the EMA is over the full LoRA tensors
     return skipped, grad_norm
 
 
