@@ -42,9 +42,11 @@ def _env(fsdp: bool, **extra: str) -> dict:
     return {**env, "OMP_NUM_THREADS": "1", **(FSDP_ENV if fsdp else {}), **extra}
 
 
-def fsdp_run(out: Path, *flags: str) -> None:
-    """train_adjoint_matching.py on 2 CPU processes under FSDP2 (2 prompts per process per update)."""
-    done = subprocess.run(_fsdp_cmd(out, *flags), cwd=REPO, env=_env(True), capture_output=True, text=True, timeout=300)
+def fsdp_run(out: Path, *flags: str, state_dict: str = "SHARDED_STATE_DICT") -> None:
+    """train_adjoint_matching.py on 2 CPU processes under FSDP2 (2 prompts per process per update); accelerate
+    saves the model and optimizer in checkpoints as ``state_dict`` (``SHARDED_STATE_DICT`` or ``FULL_STATE_DICT``)."""
+    env = _env(True, FSDP_STATE_DICT_TYPE=state_dict)
+    done = subprocess.run(_fsdp_cmd(out, *flags), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -102,10 +104,11 @@ def test_fsdp2_checkpoint_and_resume_match_a_straight_run(tmp_path, fsdp_4, one_
 
 
 def test_fsdp2_ema_is_saved_checkpointed_and_resumed_like_one_process(tmp_path):
-    out, one = tmp_path / "fsdp", tmp_path / "one"
-    fsdp_run(out, "--max_train_steps", "1", "--checkpointing_steps", "1", "--use_ema")
+    out, one = tmp_path / "fsdp", tmp_path / "one"  # and accelerate's full (unsharded) model and optimizer files
+    fsdp_run(out, "--max_train_steps", "1", "--checkpointing_steps", "1", "--use_ema", state_dict="FULL_STATE_DICT")
     fsdp_run(out, "--max_train_steps", "2", "--checkpointing_steps", "1", "--use_ema", "--resume_from_checkpoint",
-             "latest")
+             "latest", state_dict="FULL_STATE_DICT")
+    assert {"optimizer.bin", "pytorch_model_fsdp.bin"} <= {f.name for f in (out / "checkpoint-1").iterdir()}
     one_run(one, "--max_train_steps", "2", "--use_ema", "--checkpointing_steps", "1")
     assert max_diff(out / ADAPTER, one / ADAPTER) <= 1e-5  # the EMA weights, resumed from the EMA state of update 1
     for step in (1, 2):  # the checkpoints hold the full trained LoRA (gathered from both shards)
