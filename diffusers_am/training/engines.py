@@ -8,6 +8,13 @@ one process alone (base evaluation, validation grids, saving the adapter) runs i
 on every process (:func:`gathered_params`) before the main process writes it, and a resume scatters it back
 (:func:`assign_full`); accelerate saves the sharded optimizer state itself. The EMA (``--use_ema``) is kept
 over the full LoRA tensors, identical on every process (:func:`full_tensors`).
+
+Under DeepSpeed ZeRO-2 (:func:`configure_deepspeed` before ``prepare``) the engine owns the gradients: every
+backward of an update goes through ``engine.backward`` with the engine's own accumulation off
+(``managed_gradient_accumulation: false``), and one ``engine.step()`` per update reduces, clips to
+``--max_grad_norm`` and steps (:func:`backward`, :func:`deepspeed_step`). The parameters stay whole on every
+process, so everything else (saving, the EMA, the base model's VJP through the unwrapped transformer) is
+the one-process code.
 """
 
 from __future__ import annotations
@@ -21,6 +28,67 @@ import torch
 def is_fsdp2(accelerator) -> bool:
     """True when accelerate prepared the model with FSDP2."""
     return bool(getattr(accelerator, "is_fsdp2", False))
+
+
+def is_deepspeed(accelerator) -> bool:
+    """True when accelerate runs the model through a DeepSpeed engine."""
+    from accelerate.utils import DistributedType
+
+    return getattr(accelerator, "distributed_type", None) == DistributedType.DEEPSPEED
+
+
+def configure_deepspeed(accelerator, micro_batch: int, max_grad_norm: float) -> None:
+    """DeepSpeed, before ``prepare``: the engine's batch is ``micro_batch`` prompts per process (there is no
+    dataloader to read it from), it accumulates nothing itself (the trainer calls ``engine.step()`` once per
+    update, after all of the update's backwards) and clips to ``max_grad_norm``. ValueError (one line)
+    when the installed DeepSpeed cannot leave the accumulation boundary to the caller."""
+    from deepspeed.runtime import constants
+
+    if not hasattr(constants, "MANAGED_GRADIENT_ACCUMULATION"):
+        import deepspeed
+
+        raise ValueError(
+            f"DeepSpeed {deepspeed.__version__} cannot leave the gradient accumulation boundary to the trainer "
+            "(an adjoint-matching update calls backward once per fine-tuned step); upgrade with "
+            "`pip install -U deepspeed` (0.19.8 works)."
+        )
+    accelerator.state.deepspeed_plugin.deepspeed_config.update(
+        train_micro_batch_size_per_gpu=micro_batch,
+        gradient_accumulation_steps=1,
+        gradient_clipping=max_grad_norm,
+        managed_gradient_accumulation=False,
+    )
+
+
+def backward(accelerator, module: torch.nn.Module, loss: torch.Tensor) -> None:
+    """``loss.backward()`` the engine's way: ``accelerator.backward``, or under DeepSpeed ``engine.backward``
+    without its optimizer step (ZeRO-2 reduces the gradients into their partitions there)."""
+    if is_deepspeed(accelerator):
+        module.backward(loss, scale_wrt_gas=False)
+    else:
+        accelerator.backward(loss)
+
+
+def gradient_sync_deferred(accelerator, module: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """The context an update's backwards run in: ``accelerator.no_sync`` (the trainer all-reduces once after
+    them), or nothing under FSDP2 (it reduce-scatters in every backward; its no_sync would keep the gradients
+    off the shards) and DeepSpeed (the engine reduces)."""
+    if is_fsdp2(accelerator) or is_deepspeed(accelerator):
+        return contextlib.nullcontext()
+    return accelerator.no_sync(module)
+
+
+def deepspeed_step(engine, skipped: bool) -> tuple[bool, float | None]:
+    """End a DeepSpeed update: discard the gradients when ``skipped``, else ``engine.step()`` (reduce, clip,
+    step; it skips by itself when the gradient norm is NaN / inf, the same on every process). Returns
+    (skipped, the gradient norm before clipping or None)."""
+    if skipped:
+        engine.optimizer.zero_grad(set_to_none=True)
+        return True, None
+    engine.step()
+    norm = engine.get_global_grad_norm()
+    norm = None if norm is None else float(norm)
+    return not engine.was_step_applied(), norm
 
 
 def trainable(module: torch.nn.Module) -> tuple[list[torch.nn.Parameter], dict[str, torch.nn.Parameter]]:
