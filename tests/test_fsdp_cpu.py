@@ -2,20 +2,14 @@
 checkpoints (LoRA gathered for saving, sharded optimizer), resume, the EMA and a stop signal work under it."""
 
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from _dist_cpu import ADAPTER, REPO, engine_env, max_diff, one_run, two_process_cmd, two_process_run
 
-REPO = Path(__file__).resolve().parent.parent
-FLAGS = ["--num_inference_steps", "4", "--truncate_steps", "2", "--train_batch_size", "2", "--num_eval_samples", "2",
-         "--validation_steps", "0", "--report_to", "none", "--rank", "2"]
-ADAPTER = "pytorch_lora_weights.safetensors"
 # the digits (DiT) forward calls a block's timestep embedder outside the block: shard the whole model
 FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "NO_WRAP",
             "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT", "FSDP_CPU_DUMP_AFTER": "240"}
@@ -26,44 +20,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _fsdp_cmd(out: Path, *flags: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-            str(REPO / "tests" / "_fsdp_cpu_launch.py"), "--output_dir", str(out), *FLAGS, *flags]
-
-
-def _env(fsdp: bool, **extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_USE_FSDP", "FSDP_"))}
-    return {**env, "OMP_NUM_THREADS": "1", **(FSDP_ENV if fsdp else {}), **extra}
-
-
-def fsdp_run(out: Path, *flags: str, state_dict: str = "SHARDED_STATE_DICT") -> None:
-    """train_adjoint_matching.py on 2 CPU processes under FSDP2 (2 prompts per process per update); accelerate
-    saves the model and optimizer in checkpoints as ``state_dict`` (``SHARDED_STATE_DICT`` or ``FULL_STATE_DICT``)."""
-    env = _env(True, FSDP_STATE_DICT_TYPE=state_dict)
-    done = subprocess.run(_fsdp_cmd(out, *flags), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
-def one_run(out: Path, *flags: str) -> None:
-    """The same on 1 process with 2 accumulated micro-batches per update (the same 4 prompts)."""
-    cmd = [sys.executable, str(REPO / "train_adjoint_matching.py"), "--output_dir", str(out), *FLAGS,
-           "--gradient_accumulation_steps", "2", *flags]
-    done = subprocess.run(cmd, cwd=REPO, env=_env(False), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
-def max_diff(a_path: Path, b_path: Path) -> float:
-    from safetensors.torch import load_file
-
-    a, b = load_file(str(a_path)), load_file(str(b_path))
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
+def fsdp_run(out, *flags: str, state_dict: str = "SHARDED_STATE_DICT") -> None:
+    """2 CPU processes under FSDP2; accelerate saves the model and optimizer in checkpoints as ``state_dict``
+    (``SHARDED_STATE_DICT`` or ``FULL_STATE_DICT``)."""
+    two_process_run(out, {**FSDP_ENV, "FSDP_STATE_DICT_TYPE": state_dict}, *flags)
 
 
 @pytest.fixture(scope="module")
@@ -138,10 +98,10 @@ def test_fsdp2_sigint_saves_a_checkpoint_and_the_adapter(tmp_path):
 
     (tmp_path / "slow_reward.py").write_text(SLOW_REWARD)
     out = tmp_path / "run"
-    cmd = _fsdp_cmd(out, "--max_train_steps", "40", "--num_eval_samples", "0", "--reward",
-                    f"{tmp_path / 'slow_reward.py'}:reward")
-    launcher = subprocess.Popen(cmd, cwd=REPO, env=_env(True, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+    cmd = two_process_cmd(out, "--max_train_steps", "40", "--num_eval_samples", "0", "--reward",
+                          f"{tmp_path / 'slow_reward.py'}:reward")
+    env = engine_env({**FSDP_ENV, "PYTHONPATH": str(REPO)})
+    launcher = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log, deadline = out / "train_log.jsonl", time.monotonic() + 240
     while not (log.is_file() and log.read_text().strip()):
         assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate(timeout=60)
