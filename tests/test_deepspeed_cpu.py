@@ -26,3 +26,20 @@ def test_deepspeed_zero2_checkpoint_resume_and_ema_match_one_process(tmp_path):
             assert max_diff(out / f"checkpoint-{step}" / name, one / f"checkpoint-{step}" / name) <= 1e-5
     assert max_diff(out / ADAPTER, one / ADAPTER) <= 1e-5  # the EMA weights, resumed from the EMA state of update 1
     assert max_diff(out / "checkpoint-2" / ADAPTER, out / "checkpoint-1" / ADAPTER) > 1e-4  # it trained
+
+
+def test_configure_deepspeed_sets_the_engine_and_names_an_old_deepspeed(monkeypatch):
+    from types import SimpleNamespace
+
+    from deepspeed.runtime import constants
+
+    from diffusers_am.training.engines import configure_deepspeed
+
+    config = {"gradient_accumulation_steps": 4, "gradient_clipping": 1.0, "zero_optimization": {"stage": 2}}
+    accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=config)))
+    configure_deepspeed(accelerator, micro_batch=3, max_grad_norm=10.0)
+    assert config == {"gradient_accumulation_steps": 1, "gradient_clipping": 10.0, "zero_optimization": {"stage": 2},
+                      "train_micro_batch_size_per_gpu": 3, "managed_gradient_accumulation": False}
+    monkeypatch.delattr(constants, "MANAGED_GRADIENT_ACCUMULATION")
+    with pytest.raises(ValueError, match=r"cannot leave the gradient accumulation boundary .* `pip install -U deepspeed`"):
+        configure_deepspeed(accelerator, micro_batch=3, max_grad_norm=10.0)

@@ -37,7 +37,8 @@ from .config import TrainingConfig
 from .context import RunContext
 from .control_probe import adaptive_truncation, match_reward_scale, refresh_window
 from .data import PromptSampler, _as_condition, check_class_labels, derive_seed, load_prompts
-from .engines import configure_deepspeed, full_params, full_tensors, gathered_params, is_deepspeed, is_fsdp2, trainable
+from .engines import configure_deepspeed, full_params, full_tensors, gathered_params, is_deepspeed, is_fsdp2
+from .engines import trainable
 from .disk import bytes_to_save, check_free_space, checkpoint_bytes_estimate, tensor_bytes, write_failure
 from .errors import RunStopped
 from .interrupts import Interrupted, StopSignals, agree_to_stop
@@ -275,10 +276,10 @@ class AdjointMatchingTrainer:
         optimizer = self._optimizer(params)
         evals = eval_set(adapter, prompts, resolution, cfg.num_eval_samples, cfg.seed)
         self._check_free_space(accelerator, params)
+        if is_deepspeed(accelerator):  # before anything is written: an old DeepSpeed fails here
+            configure_deepspeed(accelerator, cfg.train_batch_size, cfg.max_grad_norm)
         self._prepare_dirs(accelerator, folder)  # first write into output_dir: every input is valid by now
         lr_scheduler = self._lr_scheduler(optimizer, accelerator.num_processes)
-        if is_deepspeed(accelerator):
-            configure_deepspeed(accelerator, cfg.train_batch_size, cfg.max_grad_norm)
         train_module, optimizer, lr_scheduler = accelerator.prepare(adapter.transformer, optimizer, lr_scheduler)
         if is_fsdp2(accelerator):  # prepare replaced the parameters by sharded ones
             params, named = trainable(train_module)
