@@ -4,7 +4,8 @@ Per micro-batch: draw prompts (or labels) and noise (seeded by seed, step, proce
 flow to the prepared transformer, run the method's step (it samples N steps without autograd and calls
 ``backward`` on the last K). Gradients are never synchronised inside the step (``no_sync``); after the
 micro-batches they are all-reduced once, clipped, and the optimizer, LR schedule and EMA step. A NaN /
-inf reward or gradient on any process skips the update on every process.
+inf reward or gradient on any process skips the update on every process. Under FSDP2 each backward
+reduce-scatters instead, and under DeepSpeed the engine reduces, clips and steps (:mod:`.engines`).
 """
 
 from __future__ import annotations
