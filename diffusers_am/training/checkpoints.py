@@ -14,8 +14,8 @@ previous checkpoints and says so in one line.
 
 from __future__ import annotations
 
-import json
 import contextlib
+import json
 import re
 import shutil
 from pathlib import Path
