@@ -1,10 +1,11 @@
-"""Test-only: run train_adjoint_matching.py under accelerate's FSDP on CPU processes (gloo).
+"""Test-only: run train_adjoint_matching.py under accelerate's FSDP or DeepSpeed on CPU processes (gloo).
 
 accelerate only builds FSDP for accelerator devices (on CPU it falls back to DDP), so this shim makes its
 state see a multi-GPU job whose device is the CPU, with a gloo process group. Launch with
 ``python -m torch.distributed.run --nproc_per_node 2 tests/_fsdp_cpu_launch.py <trainer flags>`` and the
-ACCELERATE_USE_FSDP / FSDP_* variables set (tests/test_fsdp_cpu.py). ``FSDP_CPU_DUMP_AFTER=<seconds>`` prints
-every stack and exits after that long (a hang shows where each rank waits).
+ACCELERATE_USE_FSDP / FSDP_* variables set (tests/test_fsdp_cpu.py), or ACCELERATE_USE_DEEPSPEED /
+ACCELERATE_DEEPSPEED_ZERO_STAGE and DS_ACCELERATOR=cpu (tests/test_deepspeed_cpu.py).
+``FSDP_CPU_DUMP_AFTER=<seconds>`` prints every stack and exits after that long (a hang shows where each rank waits).
 """
 
 import os

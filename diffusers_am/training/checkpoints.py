@@ -14,11 +14,12 @@ previous checkpoints and says so in one line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import torch
 
@@ -26,6 +27,7 @@ from ..jsonio import write_json
 from .checksums import folder_checksums, verify_checksums
 from .collectives import any_process
 from .disk import bytes_to_save, checkpoint_bytes_estimate, folder_bytes, format_bytes, free_bytes, write_failure
+from .engines import assign_full
 from .notices import warn
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -138,6 +140,9 @@ class CheckpointManager:
         total_limit: keep at most this many checkpoints (None: all).
         record: called with a top-level name in ``output_dir`` before it is written (the run's marker).
         ema: whether an EMA copy of the weights is saved too (for the size estimate).
+        gathered: a context manager factory yielding the trainable parameters by name as full tensors,
+            entered by every process while saving (FSDP2 all-gathers the shards there; default:
+            ``named_params`` as they are). ``save_adapter`` runs inside it, on the main process.
     """
 
     def __init__(
@@ -149,8 +154,10 @@ class CheckpointManager:
         total_limit: int | None = None,
         record: Callable[..., None] | None = None,
         ema: bool = False,
+        gathered: Callable[[], ContextManager[dict[str, torch.Tensor]]] | None = None,
     ):
         self.accelerator = accelerator
+        self.gathered = gathered or (lambda: contextlib.nullcontext(self.named_params))
         self.output_dir = Path(output_dir)
         self.named_params = dict(named_params)
         self.save_adapter = save_adapter
@@ -166,14 +173,14 @@ class CheckpointManager:
 
     # accelerate hooks: the adapter replaces the (mostly frozen) full model in the checkpoint
     def _save_hook(self, models: list, weights: list, output_dir: str) -> None:
-        if self.accelerator.is_main_process:
-            from safetensors.torch import save_file
+        with self.gathered() as named:  # every process: FSDP2 all-gathers the LoRA here
+            if self.accelerator.is_main_process:
+                from safetensors.torch import save_file
 
-            save_file(
-                {n: p.detach().cpu().contiguous() for n, p in self.named_params.items()},
-                str(Path(output_dir) / PARAMS_FILE),
-            )
-            self.save_adapter(output_dir)
+                save_file(
+                    {n: p.detach().cpu().contiguous() for n, p in named.items()}, str(Path(output_dir) / PARAMS_FILE)
+                )
+                self.save_adapter(output_dir)
         weights.clear()
 
     def _load_hook(self, models: list, input_dir: str) -> None:
@@ -199,7 +206,7 @@ class CheckpointManager:
                         f"`--resume_from_checkpoint` {input_dir!r} is damaged: {PARAMS_FILE} holds non-finite "
                         f"values in {name!r}; pass an earlier checkpoint."
                     )
-                param.copy_(tensors[name].to(param.device, param.dtype))
+                assign_full(param, tensors[name])  # a sharded (FSDP2) parameter takes its shard
         models.clear()
 
     # -- saving ------------------------------------------------------------------------------------

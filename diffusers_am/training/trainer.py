@@ -37,7 +37,8 @@ from .config import TrainingConfig
 from .context import RunContext
 from .control_probe import adaptive_truncation, match_reward_scale, refresh_window
 from .data import PromptSampler, _as_condition, check_class_labels, derive_seed, load_prompts
-from .engines import full_params, is_fsdp2, trainable
+from .engines import configure_deepspeed, full_params, full_tensors, gathered_params, is_deepspeed, is_fsdp2
+from .engines import trainable
 from .disk import bytes_to_save, check_free_space, checkpoint_bytes_estimate, tensor_bytes, write_failure
 from .errors import RunStopped
 from .interrupts import Interrupted, StopSignals, agree_to_stop
@@ -275,6 +276,8 @@ class AdjointMatchingTrainer:
         optimizer = self._optimizer(params)
         evals = eval_set(adapter, prompts, resolution, cfg.num_eval_samples, cfg.seed)
         self._check_free_space(accelerator, params)
+        if is_deepspeed(accelerator):  # before anything is written: an old DeepSpeed fails here
+            configure_deepspeed(accelerator, cfg.train_batch_size, cfg.max_grad_norm)
         self._prepare_dirs(accelerator, folder)  # first write into output_dir: every input is valid by now
         lr_scheduler = self._lr_scheduler(optimizer, accelerator.num_processes)
         train_module, optimizer, lr_scheduler = accelerator.prepare(adapter.transformer, optimizer, lr_scheduler)
@@ -285,7 +288,7 @@ class AdjointMatchingTrainer:
         if cfg.use_ema:
             from diffusers.training_utils import EMAModel
 
-            ema = EMAModel(params, decay=cfg.ema_decay)
+            ema = EMAModel(full_tensors(params), decay=cfg.ema_decay)  # FSDP2: over the full LoRA tensors
             accelerator.register_for_checkpointing(ema)
         return RunContext(
             config=cfg, accelerator=accelerator, adapter=adapter, train_module=train_module, reward=reward,
@@ -397,6 +400,7 @@ class AdjointMatchingTrainer:
         ckpt = CheckpointManager(
             accelerator, self.output_dir, ctx.named_params, ctx.adapter.save_lora, cfg.checkpoints_total_limit,
             record=folder.record if folder is not None else None, ema=cfg.use_ema,
+            gathered=lambda: gathered_params(ctx),
         )
         self.progress.checkpoints = ckpt
         log = JsonlLog(self.output_dir / LOG_NAME)

@@ -4,7 +4,8 @@ Per micro-batch: draw prompts (or labels) and noise (seeded by seed, step, proce
 flow to the prepared transformer, run the method's step (it samples N steps without autograd and calls
 ``backward`` on the last K). Gradients are never synchronised inside the step (``no_sync``); after the
 micro-batches they are all-reduced once, clipped, and the optimizer, LR schedule and EMA step. A NaN /
-inf reward or gradient on any process skips the update on every process.
+inf reward or gradient on any process skips the update on every process. Under FSDP2 each backward
+reduce-scatters instead, and under DeepSpeed the engine reduces, clips and steps (:mod:`.engines`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from .config import TrainingConfig
 from .context import RunContext
 from .data import PromptSampler, derive_seed
 from .methods import get_method
-from .engines import is_fsdp2
+from .engines import backward as engine_backward
+from .engines import deepspeed_step, full_tensors, gradient_sync_deferred, is_deepspeed, is_fsdp2
 
 logger = get_logger(__name__)  # main process only
 
@@ -77,7 +79,7 @@ def _accumulate(
     losses, norms, skipped = [], [], False
 
     def backward(loss: torch.Tensor) -> None:
-        accelerator.backward(loss / accum)
+        engine_backward(accelerator, ctx.train_module, loss / accum)
 
     for micro in range(accum):
         slot = rank * accum + micro  # P processes x G micro-batches draw what 1 x P*G would
@@ -90,10 +92,8 @@ def _accumulate(
         kwargs = _step_kwargs(cfg, ctx.k_steps, ctx.reward_scale, step, slot, adapter.device, backward)
         reward_fn = BatchReward(ctx.reward, adapter.decode, batch)
 
-        # FSDP2 reduce-scatters in every backward (its no_sync would keep the gradients off the shards)
-        sync = contextlib.nullcontext() if is_fsdp2(accelerator) else accelerator.no_sync(ctx.train_module)
         try:
-            with sync, accelerator.autocast():
+            with gradient_sync_deferred(accelerator, ctx.train_module), accelerator.autocast():
                 out = step_fn(flow, noise, ctx.times, reward_fn, **kwargs)
         except NonFiniteRewardError as err:
             logger.warning(f"update {step + 1}: {err}; skipping this update (nothing is applied).")
@@ -141,7 +141,11 @@ def _apply(ctx: RunContext, skipped: bool, step: int) -> tuple[bool, float | Non
     """All-reduce, clip and step (optimizer, LR schedule, EMA) unless skipped; returns (skipped, grad norm)."""
     accelerator, optimizer = ctx.accelerator, ctx.optimizer
     grad_norm = None
-    if not skipped:
+    if is_deepspeed(accelerator):  # the engine reduces, clips and steps (and skips a non-finite gradient)
+        skipped, grad_norm = deepspeed_step(ctx.train_module, skipped)
+        if skipped and grad_norm is not None:
+            logger.warning(f"update {step + 1}: the gradient norm is {grad_norm}; skipping this update.")
+    elif not skipped:
         if not is_fsdp2(accelerator):  # FSDP2's backward already averaged the gradients over processes
             all_reduce_grads(accelerator, ctx.params)
         grad_norm = float(accelerator.clip_grad_norm_(ctx.params, ctx.config.max_grad_norm))
@@ -153,11 +157,11 @@ def _apply(ctx: RunContext, skipped: bool, step: int) -> tuple[bool, float | Non
     if skipped:
         optimizer.zero_grad(set_to_none=True)
     else:
-        optimizer.step()
+        optimizer.step()  # a no-op under DeepSpeed (the engine stepped)
         ctx.lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if ctx.ema is not None:
-            ctx.ema.step(ctx.params)
+            ctx.ema.step(full_tensors(ctx.params))  # FSDP2: the EMA is over the full LoRA tensors
     return skipped, grad_norm
 
 
