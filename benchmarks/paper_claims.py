@@ -48,6 +48,7 @@ K_SWEEP = (1, 2, 4, 8, 12, 20)
 P_LAMBDAS = (5.0, 10.0, 20.0)
 """The three strengths of the p sweep, as 2nd-order-ODE-AM lambdas (p = 4, 6 run at the matched lambda)."""
 HELDOUT, TRAINED = "reward/digits-heldout", "reward/digits"
+AUTO = "ODE-AM-auto p=2 lambda=10"
 
 
 @dataclass(frozen=True)
@@ -90,12 +91,12 @@ def all_runs() -> list[Run]:
         Run("SDE-AM-4 constant lambda~10", sde + ("--sde_schedule", "constant", "--match_reward_scale", "velocity"),
             "sde", 4, 2.0, 10.0),
     ]
-    runs.append(am("auto", 2.0, 10.0, group="auto", name="ODE-AM-auto p=2 lambda=10"))
+    runs.append(am("auto", 2.0, 10.0, group="auto", name=AUTO))
     return runs
 
 
 QUICK = ("ODE-AM-1 p=2 lambda=10", "ODE-AM-4 p=2 lambda=10", "ODE-AM-Full p=2 lambda=10", "ODE-AM-4 p=4 lambda~10",
-         "DRaFT-1", "SDE-AM-4 memoryless lambda~10", "ODE-AM-auto p=2 lambda=10")
+         "DRaFT-1", "SDE-AM-4 memoryless lambda~10", AUTO)
 
 
 # -- training -------------------------------------------------------------------------------------
@@ -131,6 +132,7 @@ def _numbers(out: Path, wall: float | None) -> dict[str, Any]:
     ks = [r["truncate_steps"] for r in records]
     return {
         "seconds_per_update": statistics.median(r["seconds"] for r in records),
+        "seconds_per_update_mean": statistics.mean(r["seconds"] for r in records),
         "wall_seconds": wall,
         "reward_scale": summary["reward_scale"],
         "k_mean": statistics.mean(ks),
@@ -150,6 +152,18 @@ def train_all(runs: list[Run], seeds: Sequence[int], work: Path, steps: int, wor
             out[(run.name, seed)] = future.result()
             print(f"[{i}/{len(jobs)}] {run.name} seed {seed}: {out[(run.name, seed)]['seconds_per_update']:.3f} "
                   f"s/update", flush=True)
+    return out
+
+
+def timing_pass(runs: list[Run], work: Path, updates: int, reuse: bool) -> dict[str, float]:
+    """{run name: mean seconds per update} of the K sweep and the adaptive run, one run at a time (seed 0,
+    ``updates`` updates; the mean, so that the adaptive window's probe every 10 updates counts)."""
+    names = [k_name(k) for k in K_SWEEP] + [AUTO]
+    out = {}
+    for run in (r for r in runs if r.name in names):
+        numbers = train(run, 0, work / "timing" / run.slug, updates, reuse)
+        out[run.name] = numbers["seconds_per_update_mean"]
+        print(f"[timing] {run.name}: {out[run.name]:.3f} s/update (mean of {updates})", flush=True)
     return out
 
 
@@ -262,7 +276,11 @@ class Table:
     seeds: list[int]
     train: dict
     evals: dict  # seed -> name -> metrics
-    rows: dict = field(default_factory=dict)
+    timing: dict = field(default_factory=dict)  # name -> s/update of the timing pass (one run at a time)
+
+    def seconds(self, name: str, seed: int) -> float:
+        """s/update for time comparisons: the timing pass's when it ran, else the sweep's (under contention)."""
+        return self.timing.get(name) or self.metric(name, "seconds_per_update", seed)
 
     def metric(self, name: str, key: str, seed: int) -> float | None:
         if key == "gain":
@@ -316,8 +334,16 @@ def claim_c1(t: Table) -> tuple[str, dict]:
             results_table(t, [k_name(k) for k in ks])]
     if not (t.has(full) and t.has(small)):
         return "\n".join(text + ["(needs AM-4 and AM-Full)\n"]), out
+    if t.timing:
+        text.append("Time per update for the time comparisons (C1 and adaptive truncation): a separate timing pass, "
+                    "one run at a time, mean over its updates (the sweep's s/update column ran two trainings at "
+                    "once beside other jobs):\n")
+        text.append("| config | s/update (timing pass) | relative to AM-Full |\n|---|---|---|")
+        for name, sec in t.timing.items():
+            text.append(f"| {name} | {sec:.3f} | {sec / t.timing.get(full, sec):.2f} |")
+        text.append("")
     share = [t.metric(small, "gain", s) / t.metric(full, "gain", s) for s in t.seeds]
-    time_ratio = [t.metric(small, "seconds_per_update", s) / t.metric(full, "seconds_per_update", s) for s in t.seeds]
+    time_ratio = [t.seconds(small, s) / t.seconds(full, s) for s in t.seeds]
     share_test = paired([v - 0.8 for v in share])
     out["share_of_full_gain_k4"] = {"values": share, **share_test}
     out["time_ratio_k4"] = time_ratio
@@ -415,7 +441,8 @@ def claim_c4(profiles: list[dict[str, Any]]) -> tuple[str, dict]:
     text.append(f"- Peaks in the second half (t >= 0.5) in every seed: **{out['late']}**; the peak sits "
                 f"{fmt(*mean_sd(out['peak_error']), digits=3)} from the Gaussian t* (flatness = mean / max).")
     text.append(f"- Flatter for larger p (flatness p=2 < p=4 < p=6 in every seed): **{out['flatter']}**; the same "
-                f"peak step for every p: {out['same_peak']} (|u*| = |a~|^(1/(p-1)) is monotone in |a~|).")
+                f"peak step for every p in every seed: {out['same_peak']} (per sample |u*| = |a~|^(1/(p-1)) peaks "
+                "where |a~| does, but the batch mean of |a~|^(1/(p-1)) can peak elsewhere when the profile is flat).")
     text.append("- On the Gaussian toy itself the probe reproduces t* exactly (tests/test_probe.py).")
     return "\n".join(text) + "\n", out
 
@@ -443,7 +470,7 @@ def claim_c5(t: Table) -> tuple[str, dict]:
 
 
 def claim_auto(t: Table) -> tuple[str, dict]:
-    auto = "ODE-AM-auto p=2 lambda=10"
+    auto = AUTO
     ks = [k for k in K_SWEEP if t.has(k_name(k))]
     text = ["## Adaptive truncation (`--truncate_steps auto`) vs the best fixed K at equal wall time\n",
             "Share 0.3 of the control energy, a probe every 10 updates (its time counts in s/update).\n",
@@ -453,8 +480,8 @@ def claim_auto(t: Table) -> tuple[str, dict]:
         return "\n".join(text) + "\n", out
     diffs = []
     for s in t.seeds:
-        pts = sorted((t.metric(k_name(k), "seconds_per_update", s), t.metric(k_name(k), HELDOUT, s)) for k in ks)
-        x = t.metric(auto, "seconds_per_update", s)
+        pts = sorted((t.seconds(k_name(k), s), t.metric(k_name(k), HELDOUT, s)) for k in ks)
+        x = t.seconds(auto, s)
         diffs.append(t.metric(auto, HELDOUT, s) - _interp(pts, x))
     d = paired(diffs)
     out["vs_frontier"] = d
@@ -483,12 +510,14 @@ def plots(t: Table, profiles: list[dict[str, Any]], folder: Path, stem: str) -> 
     ks = [k for k in K_SWEEP if t.has(k_name(k))]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, label in ((ax1, "gain", "held-out reward gain"), (ax2, "seconds_per_update", "s / update")):
-        stats = [mean_sd(t.values(k_name(k), key)) for k in ks]
+        stats = [mean_sd(t.values(k_name(k), key)) if not (key == "seconds_per_update" and t.timing)
+                 else (t.timing[k_name(k)], float("nan")) for k in ks]
         ax.errorbar(ks, [m for m, _ in stats], yerr=[0 if not math.isfinite(s) else s for _, s in stats],
                     marker="o", capsize=3, label="fixed K")
-        auto = "ODE-AM-auto p=2 lambda=10"
+        auto = AUTO
         if t.has(auto):
-            m, s = mean_sd(t.values(auto, key))
+            m, s = (mean_sd(t.values(auto, key)) if not (key == "seconds_per_update" and t.timing)
+                    else (t.timing[auto], float("nan")))
             ax.errorbar([statistics.mean(t.values(auto, "k_mean"))], [m], yerr=[0 if not math.isfinite(s) else s],
                         marker="*", markersize=12, capsize=3, linestyle="none", label="auto (mean K)")
         ax.set_xlabel(f"K (of N = {N_STEPS})")
@@ -545,6 +574,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--max_train_steps", type=int, default=100, help="updates per run")
     p.add_argument("--num_images_per_prompt", type=int, default=20, help="evaluation images per class (10 classes)")
     p.add_argument("--workers", type=int, default=2, help="trainings at a time (one torch thread each)")
+    p.add_argument("--timing_updates", type=int, default=20,
+                   help="updates of the timing pass (the K sweep and auto, one run at a time; 0: none)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: 7 configurations, 1 seed, 3 updates, 2 images per class (verdicts inconclusive)")
     p.add_argument("--work_dir", default=None, help="where the runs go (default: a temporary folder)")
@@ -555,6 +586,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.max_train_steps, args.num_images_per_prompt = args.seeds[:1], 3, 2
+        args.timing_updates = min(args.timing_updates, 2)
+    if args.timing_updates < 0:
+        p.error("--timing_updates must be >= 0")
     for name in ("max_train_steps", "num_images_per_prompt", "workers"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
@@ -571,11 +605,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     print(f"{len(runs)} configurations x {len(args.seeds)} seeds x {args.max_train_steps} updates", flush=True)
     trained = train_all(runs, args.seeds, work, args.max_train_steps, args.workers, args.reuse)
+    timing = timing_pass(runs, work, args.timing_updates, args.reuse) if args.timing_updates else {}
     train_seconds = time.perf_counter() - start
     reused = sum(v["wall_seconds"] is None for v in trained.values())
     evals = {s: evaluate_seed(runs, s, work, args.num_images_per_prompt) for s in args.seeds}
     profiles = [control_profiles(s) for s in args.seeds]
-    table = Table(runs, list(args.seeds), trained, evals)
+    table = Table(runs, list(args.seeds), trained, evals, timing)
     sections, verdicts = [], {}
     for key, claim in (("C1", claim_c1), ("C2", claim_c2), ("C3", claim_c3), ("C5", claim_c5), ("auto", claim_auto)):
         text, verdicts[key] = claim(table)
@@ -613,7 +648,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if out_md:
         out_md.parent.mkdir(parents=True, exist_ok=True)
         out_md.write_text(report)
-    result = {"verdicts": verdicts, "train": {f"{k[0]}|{k[1]}": v for k, v in trained.items()}, "evals": evals,
+    result = {"verdicts": verdicts, "timing": timing, "evals": evals,
+              "train": {f"{k[0]}|{k[1]}": v for k, v in trained.items()},
               "profiles": profiles, "total_seconds": total, "seeds": args.seeds, "runs": [r.name for r in runs]}
     if args.json:
         from diffusers_am.jsonio import dumps
