@@ -240,10 +240,7 @@ def draft_step(
                 v = part.velocity(x, times[k])
                 velocities.append(v)
                 x = x + _hp(times[k + 1] - times[k]) * _hp(v)
-            reward = rows_of(reward_fn, rows, batch)(x)
-            _check_reward(reward, x.shape[0])
-            loss = _scaled(-(reward_scale * _hp(reward)).mean(), share)
-            backward(loss)
+            reward, loss = _reward_loss(reward_fn, rows, batch, x, reward_scale, share, backward)
         total += float(loss.detach())
         rewards.append(_hp(reward.detach()))
         finals.append(x.detach())
@@ -251,6 +248,18 @@ def draft_step(
             norms.append(_control_norms(part, visited, times[n - k_steps : n], velocities) * share)
     norms = torch.stack(norms).sum(0) if track_control else torch.full((k_steps,), float("nan"))
     return StepOutput(total, torch.cat(rewards), norms, torch.cat(finals))
+
+
+def _reward_loss(
+    reward_fn: RewardFn, rows: slice, batch: int, x: torch.Tensor, reward_scale: float, share: float, backward: Backward
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DRaFT / ReFL on one micro-batch: the reward r [M] of its terminal states x [M, ...] and the loss
+    -lambda * mean r, scaled by the micro-batch's share of the batch, backpropagated; returns (r, loss)."""
+    reward = rows_of(reward_fn, rows, batch)(x)
+    _check_reward(reward, x.shape[0])
+    loss = _scaled(-(reward_scale * _hp(reward)).mean(), share)
+    backward(loss)
+    return reward, loss
 
 
 def refl_step(
@@ -281,10 +290,7 @@ def refl_step(
         with torch.enable_grad():
             v = part.velocity(x, t)
             x1 = x + (1.0 - _hp(t)) * _hp(v)
-            reward = rows_of(reward_fn, rows, batch)(x1)
-            _check_reward(reward, x.shape[0])
-            loss = _scaled(-(reward_scale * _hp(reward)).mean(), share)
-            backward(loss)
+            reward, loss = _reward_loss(reward_fn, rows, batch, x1, reward_scale, share, backward)
         total += float(loss.detach())
         rewards.append(_hp(reward.detach()))
         finals.append(x1.detach())
