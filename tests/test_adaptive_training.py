@@ -113,3 +113,20 @@ def test_auto_on_the_command_line():
     assert parse_args(["--truncate_steps", "AUTO"]).truncate_steps == "auto"
     assert parse_args(["--truncate_steps", "5"]).truncate_steps == 5
     assert TrainingConfig(truncate_steps="auto", method="sde-am").adaptive_truncation
+
+
+@pytest.mark.parametrize("method", ["ode-am", "sde-am"])
+def test_auto_and_matched_lambda_with_the_flags_users_combine(tiny_base, tmp_path, method):
+    # adaptive K + matched lambda + bf16 autocast + EMA + gradient checkpointing + micro-batches + checkpoints,
+    # then a resume: one run with everything on, as a user types it
+    flags = ["--method", method, "--truncate_steps", "auto", "--truncate_refresh_steps", "2", "--match_reward_scale",
+             "velocity", "--mixed_precision", "bf16", "--use_ema", "--gradient_checkpointing", "--micro_batch_size", "2",
+             "--checkpointing_steps", "2", "--max_train_steps", "3"]
+    out = tmp_path / "all"
+    assert run(tiny_base, out, *flags) == 0
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["reward_scale_match"]["statistic"] == "velocity" and summary["skipped_updates"] == 0
+    assert all(torch.isfinite(t).all() for t in _adapter(out).values())
+    assert run(tiny_base, out, *flags, "--max_train_steps", "4", "--resume_from_checkpoint", "latest") == 0
+    resumed = json.loads((out / "train_summary.json").read_text())
+    assert resumed["reward_scale"] == summary["reward_scale"] and [r["step"] for r in read_log(out)] == [1, 2, 3, 4]
