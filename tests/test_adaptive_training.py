@@ -120,7 +120,8 @@ def test_auto_and_matched_lambda_with_the_flags_users_combine(tiny_base, tmp_pat
     # adaptive K + matched lambda + bf16 autocast + EMA + gradient checkpointing + micro-batches + checkpoints,
     # then a resume: one run with everything on, as a user types it
     flags = ["--method", method, "--truncate_steps", "auto", "--truncate_refresh_steps", "2", "--match_reward_scale",
-             "velocity", "--mixed_precision", "bf16", "--use_ema", "--gradient_checkpointing", "--micro_batch_size", "2",
+             "velocity", "--mixed_precision", "bf16", "--use_ema", "--gradient_checkpointing",
+             "--micro_batch_size", "2",
              "--checkpointing_steps", "2", "--max_train_steps", "3"]
     out = tmp_path / "all"
     assert run(tiny_base, out, *flags) == 0
