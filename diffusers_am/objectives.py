@@ -103,6 +103,18 @@ def _prepare(noise: torch.Tensor, times: torch.Tensor, truncate_steps: int) -> t
     return n, check_truncation(truncate_steps, n)
 
 
+def _adjoint_micro_batches(
+    flow: ConditionedFlow, reward_fn: RewardFn, states: torch.Tensor, micro_batch_size: int | None
+):
+    """ODE-AM / SDE-AM per micro-batch: (the flow of its rows, its share of the batch, its recorded states
+    [K+1, M, ...], its rewards r [M], grad r at its terminal states)."""
+    batch = states.shape[1]
+    for rows in chunk_slices(batch, micro_batch_size):
+        xs = states[:, rows]
+        reward, grad_r = reward_and_grad(rows_of(reward_fn, rows, batch), xs[-1])
+        yield rows_of(flow, rows, batch), (rows.stop - rows.start) / batch, xs, reward, grad_r
+
+
 def ode_am_step(
     flow: ConditionedFlow,
     noise: torch.Tensor,
@@ -126,12 +138,8 @@ def ode_am_step(
     n, k_steps = _prepare(noise, times, truncate_steps)
     states = sample_euler(flow.velocity, noise, times, record_last=k_steps + 1)
     window_times = times[n - k_steps :]
-    batch = noise.shape[0]
     rewards, total, norms = [], 0.0, torch.zeros(k_steps)
-    for rows in chunk_slices(batch, micro_batch_size):
-        part, share = rows_of(flow, rows, batch), (rows.stop - rows.start) / batch
-        xs = states[:, rows]
-        reward, grad_r = reward_and_grad(rows_of(reward_fn, rows, batch), xs[-1])
+    for part, share, xs, reward, grad_r in _adjoint_micro_batches(flow, reward_fn, states, micro_batch_size):
         rewards.append(reward)
         window = lean_adjoint_window(part.base_vjp, xs, window_times, -reward_scale * grad_r)
         adj = window.adjoints[:-1]
@@ -184,12 +192,8 @@ def sde_am_step(
 
     states = sample_euler(drift, noise, times, record_last=k_steps + 1, noise_std=schedule.sigma, generator=generator)
     window_times = times[n - k_steps :]
-    batch = noise.shape[0]
     rewards, total, norms = [], 0.0, torch.zeros(k_steps)
-    for rows in chunk_slices(batch, micro_batch_size):
-        part, share = rows_of(flow, rows, batch), (rows.stop - rows.start) / batch
-        xs = states[:, rows]
-        reward, grad_r = reward_and_grad(rows_of(reward_fn, rows, batch), xs[-1])
+    for part, share, xs, reward, grad_r in _adjoint_micro_batches(flow, reward_fn, states, micro_batch_size):
         rewards.append(reward)
         base_drift_vjp = partial(schedule.drift_vjp, part.base_vjp)  # one base VJP per step, LoRA off throughout
         window = lean_adjoint_window(base_drift_vjp, xs, window_times, -reward_scale * grad_r)
