@@ -418,14 +418,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         prompts = prompts[0]
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
     seq = {} if args.max_sequence_length is None else {"max_sequence_length": args.max_sequence_length}
+    from .bnb import bitsandbytes_deferred, pipeline_needs_bitsandbytes
+
     try:
-        results = evaluate(
-            args.pretrained_model_name_or_path, args.adapters, prompts, args.num_images_per_prompt,
-            args.rewards, _parse_paths(args.reward_model_paths), args.feature_extractor, args.diversity, args.output_dir,
-            num_inference_steps=args.num_inference_steps, resolution=args.resolution,
-            guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size, k=args.k,
-            sampler=args.sampler, device=args.device, dtype=dtype, pipeline_call_kwargs=seq, adapter_kwargs=seq,
-        )
+        with bitsandbytes_deferred(not pipeline_needs_bitsandbytes(args.pretrained_model_name_or_path)):
+            results = evaluate(
+                args.pretrained_model_name_or_path, args.adapters, prompts, args.num_images_per_prompt,
+                args.rewards, _parse_paths(args.reward_model_paths), args.feature_extractor, args.diversity, args.output_dir,
+                num_inference_steps=args.num_inference_steps, resolution=args.resolution,
+                guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size, k=args.k,
+                sampler=args.sampler, device=args.device, dtype=dtype, pipeline_call_kwargs=seq, adapter_kwargs=seq,
+            )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -27,14 +27,19 @@ def _prints_errors() -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: parse (no torch imported: ``--help`` is quick), train, print where the outputs are;
+    returns the exit code. bitsandbytes stays unimported unless the run uses it (:mod:`diffusers_am.bnb`)."""
     try:
+        from diffusers_am.bnb import bitsandbytes_deferred, run_needs_bitsandbytes
         from diffusers_am.training.config import parse_args
         from diffusers_am.training.errors import MainProcessError, RunStopped
-        from diffusers_am.training.trainer import AdjointMatchingTrainer
 
         config = parse_args(argv)
-        trainer = AdjointMatchingTrainer(config)
-        result = trainer.train()
+        with bitsandbytes_deferred(not run_needs_bitsandbytes(config)):  # before diffusers and peft are imported
+            from diffusers_am.training.trainer import AdjointMatchingTrainer
+
+            trainer = AdjointMatchingTrainer(config)
+            result = trainer.train()
     except KeyboardInterrupt:  # before the trainer's handlers are installed (imports, parsing)
         if _prints_errors():
             print("error: interrupted before training started; nothing was written.", file=sys.stderr)

@@ -15,11 +15,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
-from diffusers_am.models.sit_convert import convert_sit_checkpoint
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+"""``--dtype`` -> the torch dtype's name (torch, diffusers and the converter are imported in :func:`main`, after
+bitsandbytes is held back: see :mod:`diffusers_am.bnb`)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,6 +46,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from diffusers_am.bnb import bitsandbytes_deferred
+
+    with bitsandbytes_deferred():  # the converter never quantizes
+        return _convert(args)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from diffusers_am.models.sit_convert import convert_sit_checkpoint
+
     vae = None if args.vae.lower() == "none" else args.vae
     try:
         pipeline = convert_sit_checkpoint(
@@ -56,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             vae=vae,
             num_attention_heads=args.num_attention_heads,
             default_num_inference_steps=args.default_num_inference_steps,
-            dtype=DTYPES[args.dtype],
+            dtype=getattr(torch, DTYPES[args.dtype]),
             guidance_channels=args.guidance_channels,
         )
     except ValueError as err:

@@ -3,6 +3,9 @@
 ``load_model_adapter(path_or_id)`` reads the pipeline's ``model_index.json`` (a local folder, or
 the Hub through huggingface_hub) and dispatches on its ``_class_name``. ``resolve_pretrained`` turns
 the short names users type (``FLUX.2-klein``, ``SD3.5-medium``, ``SiT-XL/2`` ...) into Hub ids or folders.
+
+Importing this package imports no torch (``--help`` builds its text from :func:`short_names_help`):
+``FlowModelAdapter`` and ``LoraSettings`` are loaded from :mod:`.base` on first use.
 """
 
 from __future__ import annotations
@@ -11,9 +14,10 @@ import importlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .base import FlowModelAdapter, LoraSettings
+if TYPE_CHECKING:
+    from .base import FlowModelAdapter, LoraSettings
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EMBEDDED_DIGITS_BASE = ASSETS / "digits-sit"
@@ -206,6 +210,8 @@ def model_adapter_for(pipeline: Any, **options: Any) -> FlowModelAdapter:
     """Wrap a loaded diffusers pipeline (or a subclass of a supported one) in its family's model adapter
     (:meth:`FlowModelAdapter.from_pipeline`); a model adapter is returned as is (then ``options`` must be
     empty). ValueError naming the supported pipeline classes otherwise."""
+    from .base import FlowModelAdapter
+
     if isinstance(pipeline, FlowModelAdapter):
         if options:
             raise ValueError(
@@ -220,6 +226,14 @@ def model_adapter_for(pipeline: Any, **options: Any) -> FlowModelAdapter:
         f"`pipeline` is a {type(pipeline).__name__}, not a supported pipeline or a FlowModelAdapter; supported "
         f"pipelines: {', '.join(sorted(ADAPTERS))}."
     )
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("FlowModelAdapter", "LoraSettings"):  # torch: imported on first use
+        from . import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [

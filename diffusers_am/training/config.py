@@ -4,6 +4,9 @@ The command line is built from this dataclass (one ``--flag`` per field, its hel
 field's ``help``), and a ``--config`` YAML or JSON file may set any field; flags given on the
 command line override the file. ``TrainingConfig`` validates itself on construction and raises
 ValueError naming the bad field and the fix.
+
+Building the parser (``--help``) imports no torch: the method registry (:mod:`.methods`) and the control
+math are imported when a config is validated.
 """
 
 from __future__ import annotations
@@ -17,9 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..control import check_order
 from ..models import resolve_pretrained, short_names_help
-from .methods import method_names, methods_with_control
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear", "cosine_with_restarts", "polynomial")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -27,6 +28,13 @@ TRACKERS = ("tensorboard", "wandb", "all", "none")
 MATCH_STATISTICS = ("none", "velocity", "reward_gain")
 SECRET_FIELDS = ("hub_token",)
 """Fields never written to the tracker, the config dump or the model card."""
+
+
+def method_names() -> tuple[str, ...]:
+    """The registered ``--method`` values (:func:`.methods.method_names`; imports torch)."""
+    from .methods import method_names as registered
+
+    return registered()
 
 
 def _choices(f: dataclasses.Field) -> tuple | None:
@@ -266,6 +274,8 @@ class TrainingConfig:
             value = getattr(self, f.name)
             if choices is not None and value is not None and value not in choices:
                 raise ValueError(f"`--{f.name}` must be one of {', '.join(choices)}; got {value!r}.")
+        from ..control import check_order
+
         self.reg_order = check_order(self.reg_order, "reg_order")
         if self.truncate_steps != "auto":
             _check_int(self, "truncate_steps", minimum=1)
@@ -329,6 +339,8 @@ class TrainingConfig:
 
     def _validate_adaptive(self) -> None:
         """The adaptive-truncation and matched-lambda knobs (one-line errors)."""
+        from .methods import methods_with_control
+
         for name in ("truncate_min_steps", "truncate_refresh_steps", "match_probe_batches"):
             _check_int(self, name, minimum=1)
         if self.truncate_max_steps is not None:
@@ -593,7 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["type"] = _optional(_PARSERS[kind]) if optional else _PARSERS[kind]
             if f.metadata.get("auto"):
                 kwargs["type"] = _int_or_auto
-            if "choices" in f.metadata:
+            if "choices" in f.metadata and not callable(f.metadata["choices"]):  # a registry: checked by validate
                 kwargs["choices"] = list(_choices(f)) + ([None] if optional else [])
             if "nargs" in f.metadata:
                 kwargs["nargs"] = f.metadata["nargs"]

@@ -203,13 +203,9 @@ class AdjointMatchingTrainer:
             eps=cfg.adam_epsilon,
         )
         if cfg.use_8bit_adam:
-            try:
-                import bitsandbytes as bnb
-            except ImportError as err:
-                raise ValueError(
-                    "`--use_8bit_adam` needs bitsandbytes: `pip install bitsandbytes` (or drop the flag)."
-                ) from err
-            return bnb.optim.AdamW8bit(params, **kwargs)
+            from ..bnb import import_bitsandbytes
+
+            return import_bitsandbytes("--use_8bit_adam").optim.AdamW8bit(params, **kwargs)
         return torch.optim.AdamW(params, **kwargs)
 
     def _prepare_dirs(self, accelerator, folder: RunFolder | None) -> None:

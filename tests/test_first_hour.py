@@ -1,0 +1,139 @@
+"""A new user's first hour: no third-party noise on the default run, a quick ``--help``, output files
+readable as the umask says, labelled grids with a base-vs-fine-tuned comparison, a default output folder
+named after the model, and informational lines that do not break the progress bar."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from _run_helpers import tiny_args, tiny_base  # noqa: F401  (fixture)
+
+REPO = Path(__file__).resolve().parent.parent
+HEAVY = ("torch", "diffusers", "peft", "accelerate", "transformers", "bitsandbytes")
+
+
+def python(code: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter from the repository root (offline), tests/ importable."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )
+
+
+# -- --help without torch --------------------------------------------------------------------------------
+@pytest.mark.parametrize("entry", ["diffusers_am.train", "train_adjoint_matching"])
+def test_help_imports_no_torch(entry):
+    proc = python(f"""
+        import sys
+        from {entry} import main
+        try:
+            main(["--help"])
+        except SystemExit as stop:
+            assert stop.code == 0, stop.code
+        print("LOADED", [m for m in {HEAVY!r} if m in sys.modules])
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert "--pretrained_model_name_or_path" in proc.stdout and "FLUX.2-klein" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1] == "LOADED []"
+
+
+def test_bad_method_is_one_line_without_the_registry_in_argparse(capsys):
+    from diffusers_am.train import main
+
+    assert main(["--method", "nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: `--method` must be one of ode-am, sde-am, draft, refl; got 'nope'."
+
+
+# -- bitsandbytes only when asked for -------------------------------------------------------------------
+def _bnb_installed() -> bool:
+    import importlib.util
+
+    from diffusers_am.bnb import is_deferred
+
+    return not is_deferred() and importlib.util.find_spec("bitsandbytes") is not None
+
+
+needs_bnb = pytest.mark.skipif(not _bnb_installed(), reason="bitsandbytes is not installed")
+
+
+@needs_bnb
+def test_default_run_never_imports_bitsandbytes(tiny_base, tmp_path):  # noqa: F811
+    proc = python(f"""
+        import sys
+        from diffusers_am.train import main
+        from _run_helpers import tiny_args
+        assert main(tiny_args({str(tiny_base)!r}, {str(tmp_path / 'out')!r}, "--max_train_steps", "1")) == 0
+        print("BNB", "bitsandbytes" in sys.modules, "diffusers" in sys.modules, "peft" in sys.modules)
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "BNB False True True"  # the block was lifted afterwards
+    assert "trust" not in proc.stderr and "bitsandbytes" not in proc.stderr
+
+
+@needs_bnb
+def test_use_8bit_adam_imports_bitsandbytes(tiny_base, tmp_path):  # noqa: F811
+    proc = python(f"""
+        import sys
+        from diffusers_am.train import main
+        from _run_helpers import tiny_args
+        out = {str(tmp_path / 'out')!r}
+        assert main(tiny_args({str(tiny_base)!r}, out, "--max_train_steps", "1", "--use_8bit_adam")) == 0
+        print("BNB", type(sys.modules.get("bitsandbytes")).__name__)
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "BNB module"
+
+
+@needs_bnb
+def test_evaluate_cli_never_imports_bitsandbytes(tmp_path):
+    proc = python(f"""
+        import sys
+        from diffusers_am.evaluate import main
+        assert main(["--prompts", "1", "7", "--num_images_per_prompt", "2", "--num_inference_steps", "2",
+                     "--output_dir", {str(tmp_path / 'eval')!r}]) == 0
+        print("BNB", "bitsandbytes" in sys.modules, "diffusers" in sys.modules)
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "BNB False True"
+
+
+@needs_bnb
+def test_import_bitsandbytes_after_the_block_tells_diffusers_and_peft():
+    proc = python("""
+        from diffusers_am.bnb import defer_bitsandbytes, import_bitsandbytes
+        assert defer_bitsandbytes()
+        import diffusers.models.modeling_utils  # noqa: F401  (its quantizers look for bitsandbytes)
+        from diffusers.utils import is_bitsandbytes_available
+        from peft.import_utils import is_bnb_4bit_available, is_bnb_available
+        before = (is_bitsandbytes_available(), is_bnb_available())
+        bnb = import_bitsandbytes("--use_8bit_adam")
+        from diffusers.quantizers.bitsandbytes import utils
+        print("FLAGS", before, (is_bitsandbytes_available(), is_bnb_available(), is_bnb_4bit_available()),
+              utils.bnb is bnb)
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "FLAGS (False, False) (True, True, True) True"
+
+
+def test_quantized_pipeline_folder_needs_bitsandbytes(tmp_path):
+    from diffusers_am.bnb import pipeline_needs_bitsandbytes, run_needs_bitsandbytes
+    from diffusers_am.training.config import TrainingConfig
+
+    (tmp_path / "transformer").mkdir()
+    config = tmp_path / "transformer" / "config.json"
+    config.write_text(json.dumps({"_class_name": "X"}))
+    assert not pipeline_needs_bitsandbytes(tmp_path)
+    config.write_text(json.dumps({"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}))
+    assert pipeline_needs_bitsandbytes(tmp_path) and pipeline_needs_bitsandbytes(str(tmp_path))
+    assert not pipeline_needs_bitsandbytes("black-forest-labs/FLUX.2-klein-4B") and not pipeline_needs_bitsandbytes(None)
+    assert run_needs_bitsandbytes(TrainingConfig(use_8bit_adam=True))
+    assert not run_needs_bitsandbytes(TrainingConfig())
