@@ -137,3 +137,19 @@ def test_quantized_pipeline_folder_needs_bitsandbytes(tmp_path):
     assert not pipeline_needs_bitsandbytes("black-forest-labs/FLUX.2-klein-4B") and not pipeline_needs_bitsandbytes(None)
     assert run_needs_bitsandbytes(TrainingConfig(use_8bit_adam=True))
     assert not run_needs_bitsandbytes(TrainingConfig())
+
+
+# -- file modes follow the umask ---------------------------------------------------------------------------
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_every_output_file_has_the_umask_mode(tiny_base, tmp_path, umask):  # noqa: F811
+    from diffusers_am.train import main
+
+    out = tmp_path / "out"
+    old = os.umask(umask)
+    try:
+        assert main(tiny_args(tiny_base, out, "--checkpointing_steps", "1")) == 0
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(out)): oct(p.stat().st_mode & 0o777) for p in out.rglob("*") if p.is_file()}
+    assert "pytorch_lora_weights.safetensors" in modes and "checkpoint-2/pytorch_lora_weights.safetensors" in modes
+    assert {name for name, mode in modes.items() if mode != oct(0o666 & ~umask)} == set(), modes

@@ -19,6 +19,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..filemode import match_umask
+
 
 def module_bytes(module: torch.nn.Module) -> int:
     """Bytes held by a module's parameters and buffers."""
@@ -109,6 +111,7 @@ class PromptEmbeddingCache:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(f"{path}.{os.getpid()}.tmp")  # one per process: several ranks may write the same cache
         save_file(tensors, str(tmp), metadata=meta)
+        match_umask(tmp)  # safetensors writes 0600
         tmp.replace(path)
 
     @classmethod

@@ -23,6 +23,7 @@ from typing import Any, Callable, ContextManager
 
 import torch
 
+from ..filemode import match_umask
 from ..jsonio import write_json
 from .checksums import folder_checksums, verify_checksums
 from .collectives import any_process
@@ -273,6 +274,7 @@ class CheckpointManager:
 
     def _seal(self, tmp: Path, final: Path, step: int, extra: dict[str, Any] | None) -> None:
         """Record the checksums in trainer_state.json (written last), rename into place, prune (main process)."""
+        match_umask(tmp)  # safetensors writes 0600
         files = folder_checksums(tmp, exclude=[STATE_FILE])
         write_json(tmp / STATE_FILE, {"step": int(step), **(extra or {}), "files": files})
         if final.exists():  # re-saving a step after a resume: swap, never leave no checkpoint

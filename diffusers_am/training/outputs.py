@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..filemode import match_umask
 from ..jsonio import write_json
 from ..models import EMBEDDED_DIGITS_BASE
 from .logs import LOG_NAME
@@ -46,6 +47,7 @@ def save_adapter(ctx: RunContext) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             ctx.adapter.save_lora(str(tmp))
+            match_umask(tmp / ADAPTER_NAME)  # safetensors writes 0600
             os.replace(tmp / ADAPTER_NAME, out / ADAPTER_NAME)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
