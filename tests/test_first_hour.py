@@ -153,3 +153,46 @@ def test_every_output_file_has_the_umask_mode(tiny_base, tmp_path, umask):  # no
     modes = {str(p.relative_to(out)): oct(p.stat().st_mode & 0o777) for p in out.rglob("*") if p.is_file()}
     assert "pytorch_lora_weights.safetensors" in modes and "checkpoint-2/pytorch_lora_weights.safetensors" in modes
     assert {name for name, mode in modes.items() if mode != oct(0o666 & ~umask)} == set(), modes
+
+
+# -- the default output folder is named after the model ---------------------------------------------------
+def test_default_output_dir_is_named_after_the_model_and_method(tmp_path, monkeypatch):
+    from diffusers_am.training.config import TrainingConfig, parse_args
+
+    monkeypatch.chdir(tmp_path)
+    assert TrainingConfig().output_dir == os.path.join("outputs", "digits-sit-ode-am")
+    assert parse_args(["--method", "draft"]).output_dir == os.path.join("outputs", "digits-sit-draft")
+    klein = parse_args(["--pretrained", "FLUX.2-klein", "--truncate_steps", "1"])
+    assert klein.output_dir == os.path.join("outputs", "FLUX.2-klein-4B-ode-am")
+    (tmp_path / "pipes" / "my pipe").mkdir(parents=True)
+    assert TrainingConfig(pretrained_model_name_or_path="pipes/my pipe/").output_dir == os.path.join(
+        "outputs", "my-pipe-ode-am"
+    )
+    assert parse_args(["--output_dir", "elsewhere"]).output_dir == "elsewhere"
+
+
+def test_flux_command_without_output_dir_names_the_model_not_the_digits_folder(
+    tiny_base, tmp_path, monkeypatch, capsys  # noqa: F811
+):
+    """The README's FLUX.2-klein command after `make train`, offline: the model that cannot be downloaded is
+    named, never the default folder of the digits run (nor any folder problem)."""
+    from huggingface_hub import constants
+
+    from diffusers_am.train import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    args = tiny_args(tiny_base, "unused")
+    digits = args[args.index("--num_inference_steps"):]  # the tiny run's flags, default --output_dir
+    assert main(["--pretrained", str(tiny_base), *digits]) == 0
+    made = sorted(p.name for p in (tmp_path / "outputs").iterdir())
+    assert made == [Path(tiny_base).name + "-ode-am"]
+    capsys.readouterr()
+    flux_default = tmp_path / "outputs" / "FLUX.2-klein-4B-ode-am"  # a folder problem there comes second
+    flux_default.mkdir()
+    (flux_default / "mine.txt").write_text("not a run")
+    assert main(["--pretrained", "FLUX.2-klein", "--truncate_steps", "1"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "'black-forest-labs/FLUX.2-klein-4B'" in err[0] and "hf download" in err[0], err
+    assert (flux_default / "mine.txt").read_text() == "not a run"

@@ -235,7 +235,12 @@ class TrainingConfig:
         "fine-tuned); 0 skips that evaluation.",
     )
     # -- checkpoints and outputs --------------------------------------------------------------
-    output_dir: str = _f("outputs/adjoint-matching", "Where the adapter, grids, card, log and checkpoints go.")
+    output_dir: str | None = _f(
+        None,
+        "Where the adapter, grids, card, log and checkpoints go (None: outputs/<model>-<method>, named after "
+        "--pretrained: outputs/digits-sit-ode-am for the embedded digits base, outputs/FLUX.2-klein-4B-ode-am "
+        "for --pretrained FLUX.2-klein).",
+    )
     overwrite_output_dir: bool = _f(
         False,
         "Start a new run in an output_dir that holds a previous run of this trainer (the files that run wrote are "
@@ -330,10 +335,12 @@ class TrainingConfig:
             )
         if not isinstance(self.reward, str) or not self.reward.strip():
             raise ValueError("`--reward` must be a non-empty reward spec, e.g. 'digits'.")
-        if not self.output_dir:
+        if self.output_dir is not None and not self.output_dir:
             raise ValueError("`--output_dir` must be a folder path.")
         if self.pretrained_model_name_or_path is not None:  # short names -> Hub ids (recorded so in the card)
             self.pretrained_model_name_or_path = resolve_pretrained(self.pretrained_model_name_or_path)
+        if self.output_dir is None:
+            self.output_dir = default_output_dir(self.pretrained_model_name_or_path, self.method)
         self.lora_target_modules = _split_list(self.lora_target_modules)
         self.reward_paths()  # validates the name=path pairs
 
@@ -414,6 +421,16 @@ class TrainingConfig:
         values = load_config_file(path)
         values.update(overrides)
         return cls(**values)
+
+
+def default_output_dir(pretrained: str | None, method: str) -> str:
+    """``outputs/<model>-<method>``: the model is the last part of the pipeline folder or Hub id (``digits-sit``
+    for the embedded base, None), so that runs of different models never share a default folder."""
+    from ..models import EMBEDDED_DIGITS_BASE
+
+    name = Path(str(pretrained or EMBEDDED_DIGITS_BASE).rstrip("/\\")).name
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "model"
+    return str(Path("outputs") / f"{name}-{method}")
 
 
 BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
