@@ -196,3 +196,31 @@ def test_flux_command_without_output_dir_names_the_model_not_the_digits_folder(
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and "'black-forest-labs/FLUX.2-klein-4B'" in err[0] and "hf download" in err[0], err
     assert (flux_default / "mine.txt").read_text() == "not a run"
+
+
+# -- prints during the updates go above the progress bar ------------------------------------------------
+class PrintingCallback:
+    def on_update_end(self, trainer, step, record):
+        print(f"CALLBACK step {step}", "reward", "seen")
+        print("partial line, ", end="")
+        print("completed")
+        sys.stderr.write("to stderr\n")
+
+
+def test_callback_prints_do_not_break_the_progress_bar(tiny_base, tmp_path, monkeypatch):  # noqa: F811
+    import io
+
+    from diffusers_am.training import AdjointMatchingTrainer
+    from diffusers_am.training.config import parse_args
+
+    screen = io.StringIO()  # stdout and stderr interleaved, as a terminal shows them
+    monkeypatch.setattr(sys, "stdout", screen)
+    monkeypatch.setattr(sys, "stderr", screen)
+    config = parse_args(tiny_args(tiny_base, tmp_path / "out", "--max_train_steps", "3"))
+    AdjointMatchingTrainer(config, callbacks=[PrintingCallback()]).train()
+    assert sys.stdout is screen and sys.stderr is screen  # restored
+    shown = [line.split("\r")[-1] for line in screen.getvalue().split("\n")]  # what stays visible per line
+    for step in (1, 2, 3):
+        assert shown.count(f"CALLBACK step {step} reward seen") == 1, screen.getvalue()
+    assert shown.count("partial line, completed") == 3 and shown.count("to stderr") == 3
+    assert any("updates: 100%" in line and "3/3" in line for line in shown)  # the bar itself is still drawn

@@ -119,13 +119,13 @@ def test_wheel_installed_outside_the_repo_trains_and_evaluates(tmp_path):
             if proc.poll() is None:
                 proc.kill()
                 proc.communicate()
-    _assert_run_outputs(work / "outputs" / "adjoint-matching")
+    _assert_run_outputs(work / "outputs" / "digits-sit-ode-am")
     _assert_run_outputs(work / "script-run")
     # evaluation of the first run's adapter against the base, on the packaged digits rewards and features
-    _run([sys.executable, "-m", "diffusers_am.evaluate", "--adapters", "outputs/adjoint-matching", "--prompts", "0",
+    _run([sys.executable, "-m", "diffusers_am.evaluate", "--adapters", "outputs/digits-sit-ode-am", "--prompts", "0",
           "1", "--num_images_per_prompt", "3", "--k", "2", "--output_dir", "eval"],
          cwd=work, env=env, what="python -m diffusers_am.evaluate")
     metrics = json.loads((work / "eval" / "metrics.json").read_text())
     assert Path(metrics["config"]["pipeline"]).resolve().is_relative_to(site.resolve())  # the packaged base
-    assert set(metrics["models"]) == {"base", "adjoint-matching"}
+    assert set(metrics["models"]) == {"base", "digits-sit-ode-am"}
     assert all(math.isfinite(m["reward/digits-heldout"]) for m in metrics["models"].values())

@@ -35,6 +35,7 @@ from ..rewards import check_reward_output, load_reward, probe_reward
 from .checkpoints import CheckpointManager, list_checkpoints
 from .claim import claim_run, run_entries
 from .config import TrainingConfig
+from .console import lines_above_the_bar
 from .context import RunContext
 from .control_probe import adaptive_truncation, match_reward_scale, refresh_window
 from .data import PromptSampler, _as_condition, check_class_labels, derive_seed, load_prompts
@@ -528,9 +529,14 @@ class AdjointMatchingTrainer:
         signals: StopSignals,
     ) -> tuple[int, int, list[float], dict[str, Any]]:
         """Updates up to ``max_train_steps``, each logged, checkpointed and validated as configured; a stop
-        signal ends the loop after the current update (every process agrees) with :meth:`_stop`.
+        signal ends the loop after the current update (every process agrees) with :meth:`_stop`. Whatever is
+        printed meanwhile (callbacks, warnings) goes above the progress bar (:mod:`.console`).
 
         Returns (updates done, skipped updates, seconds of each update run here, the last log record)."""
+        with lines_above_the_bar() as bar_stream:
+            return self._updates(ctx, ckpt, log, global_step, nonfinite, signals, bar_stream)
+
+    def _updates(self, ctx, ckpt, log, global_step, nonfinite, signals, bar_stream):
         from tqdm.auto import tqdm
 
         cfg, accelerator, model = self.config, ctx.accelerator, ctx.adapter
@@ -541,6 +547,7 @@ class AdjointMatchingTrainer:
             initial=global_step,
             desc="updates",
             disable=not accelerator.is_local_main_process,
+            file=bar_stream,
         )
         durations: list[float] = []
         record: dict[str, Any] = {}
