@@ -58,6 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"\nreward before: {fmt(result.reward_before)}  after: {fmt(result.reward_after)}  "
             f"({result.steps} updates, {fmt(result.seconds_per_update)} s/update, {result.skipped_updates} skipped)\n"
             f"adapter: {result.adapter_path}\n"
+            f"compare: {result.output_dir / 'comparison.png'} (base | fine-tuned, same noise and prompts)\n"
             f"grids:   {result.grid_path} (fine-tuned), "
             f"{result.output_dir / 'validation' / 'base.png'} (base, same noise), "
             f"{result.output_dir / 'validation'}\n"

@@ -224,3 +224,51 @@ def test_callback_prints_do_not_break_the_progress_bar(tiny_base, tmp_path, monk
         assert shown.count(f"CALLBACK step {step} reward seen") == 1, screen.getvalue()
     assert shown.count("partial line, completed") == 3 and shown.count("to stderr") == 3
     assert any("updates: 100%" in line and "3/3" in line for line in shown)  # the bar itself is still drawn
+
+
+# -- labelled grids and the base | fine-tuned comparison ---------------------------------------------------
+def _dark(array) -> bool:
+    return bool((array < 128).any())
+
+
+def test_grid_rows_carry_their_labels_and_a_title():
+    import numpy as np
+
+    from diffusers_am.metrics.grid import comparison_grid, image_grid
+
+    white = __import__("torch").ones(4, 1, 8, 8)  # white tiles: every dark pixel is text
+    plain = np.asarray(image_grid(white, nrow=2))
+    assert not _dark(plain)  # no labels asked for: no text, the layout of before
+    grid = np.asarray(image_grid(white, nrow=2, row_labels=[1, 7], title="fine-tuned, update 3").convert("L"))
+    assert grid.shape[0] > plain.shape[0] and grid.shape[1] > plain.shape[1]  # a title band, a label column
+    top = grid.shape[0] - plain.shape[0]
+    label_cols = grid[top:, : grid.shape[1] - plain.shape[1]]
+    half = label_cols.shape[0] // 2
+    assert _dark(grid[:top]) and _dark(label_cols[:half]) and _dark(label_cols[half:])
+    assert not np.array_equal(label_cols[:half], label_cols[half : 2 * half])  # "class 1" is not "class 7"
+    assert not _dark(grid[top:, grid.shape[1] - plain.shape[1]:])  # the tiles are untouched
+    both = np.asarray(comparison_grid({"base model": white, "fine-tuned": white}, 2, row_labels=["a cat", "a dog"]))
+    assert both.shape[0] == grid.shape[0] and both.shape[1] > 2 * plain.shape[1]
+    with pytest.raises(ValueError, match="row_labels"):
+        image_grid(white, nrow=2, row_labels=[1, 2, 3])
+    with pytest.raises(ValueError, match="same shape"):
+        comparison_grid({"a": white, "b": white[:2]}, 2)
+
+
+def test_run_writes_a_labelled_base_vs_fine_tuned_comparison(tiny_base, tmp_path):  # noqa: F811
+    import numpy as np
+    from PIL import Image
+
+    from diffusers_am.train import main
+
+    out = tmp_path / "out"
+    assert main(tiny_args(tiny_base, out)) == 0
+    base, final, both = (np.asarray(Image.open(out / name).convert("L"))
+                         for name in ("validation/base.png", "validation/final.png", "comparison.png"))
+    assert base.shape == final.shape and both.shape[0] == base.shape[0] and both.shape[1] > base.shape[1]
+    width = base.shape[1]
+    # the left panel is base.png's grid (labels, title, tiles), the right one final.png's, on the same noise
+    assert np.array_equal(both[:, :width], base)
+    assert np.array_equal(both[:, -100:], final[:, -100:])
+    assert not np.array_equal(base[:, -100:], final[:, -100:])  # titles (and the trained tiles) differ
+    assert "comparison.png" in json.loads((out / ".diffusers-am-run.json").read_text())["entries"]  # the run's own

@@ -46,7 +46,8 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 def write_report(results: dict[str, Any], output_dir: str | Path, samples: dict[str, torch.Tensor] | None = None, nrow: int = 6) -> dict[str, Path]:
     """Write ``metrics.json``, ``metrics.md``, ``plot_<metric>.png`` (one bar chart per metric),
-    ``reward_vs_diversity.png`` and ``samples_<model>.png``; returns the written paths by kind."""
+    ``reward_vs_diversity.png`` and ``samples_<model>.png`` (titled with the model, a row per prompt labelled
+    with it); returns the written paths by kind."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -88,8 +89,10 @@ def write_report(results: dict[str, Any], output_dir: str | Path, samples: dict[
         written["scatter"] = out / "reward_vs_diversity.png"
         fig.savefig(written["scatter"], dpi=100)
         plt.close(fig)
+    prompts = results.get("config", {}).get("prompts")
     for name, imgs in (samples or {}).items():
         path = out / f"samples_{name}.png"
-        image_grid(imgs.cpu(), nrow).save(path)
+        rows = prompts if prompts and len(prompts) * nrow == len(imgs) else None  # a row per prompt
+        image_grid(imgs.cpu(), nrow, row_labels=rows, title=name).save(path)
         written[f"samples:{name}"] = path
     return written

@@ -20,7 +20,7 @@ from ..models import EMBEDDED_DIGITS_BASE
 from .logs import LOG_NAME
 from .objects import is_object_record
 from .result import TrainResult
-from .validation import VALIDATION_LOG_NAME, eval_reward, validation_grid
+from .validation import COMPARISON_NAME, VALIDATION_LOG_NAME, eval_reward, validation_grid, write_comparison
 
 if TYPE_CHECKING:
     from .context import RunContext
@@ -31,7 +31,7 @@ CARD_NAME = "README.md"
 GRID_NAME = "samples.png"
 SUMMARY_NAME = "train_summary.json"
 ADAPTER_TMP = ".tmp-adapter"
-OUTPUT_NAMES = (ADAPTER_NAME, ADAPTER_TMP, CARD_NAME, GRID_NAME, SUMMARY_NAME)
+OUTPUT_NAMES = (ADAPTER_NAME, ADAPTER_TMP, CARD_NAME, GRID_NAME, COMPARISON_NAME, SUMMARY_NAME)
 """Top-level entries of output_dir written here."""
 
 
@@ -65,6 +65,7 @@ def write_outputs(ctx: RunContext, result: TrainResult, last: dict[str, Any], re
         with ctx.ema_weights():
             validation_grid(ctx, "validation/final.png", step=result.steps)
             shutil.copyfile(out / "validation/final.png", out / GRID_NAME)
+            write_comparison(ctx, result.steps)
             if cfg.num_eval_samples:
                 result = dataclasses.replace(result, reward_after=eval_reward(ctx, base=False))
         summary = {
@@ -99,7 +100,8 @@ def push(ctx: RunContext, repo_id: str) -> None:
     from .hub import upload_output_dir
 
     cfg, out = ctx.config, ctx.output_dir
-    files = [ADAPTER_NAME, CARD_NAME, GRID_NAME, SUMMARY_NAME, CONFIG_NAME, LOG_NAME, VALIDATION_LOG_NAME]
+    files = [ADAPTER_NAME, CARD_NAME, GRID_NAME, COMPARISON_NAME, SUMMARY_NAME, CONFIG_NAME, LOG_NAME]
+    files.append(VALIDATION_LOG_NAME)
     files.append("validation/*")
     try:
         url = upload_output_dir(out, repo_id, files, token=cfg.hub_token)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
-from ..metrics.grid import image_grid, save_grid  # noqa: F401  (re-exported)
+from ..metrics.grid import comparison_grid, image_grid, save_grid  # noqa: F401  (re-exported)
 from ..models.base import FlowModelAdapter
 from ..rewards import load_reward
 from ..rewards.scoring import score_rewards
@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from .context import RunContext
 
 VALIDATION_LOG_NAME = "validation_log.jsonl"
+COMPARISON_NAME = "comparison.png"
+"""The base | fine-tuned side-by-side grid of a finished run (output_dir's top level)."""
 
 
 @torch.no_grad()
@@ -62,7 +64,7 @@ class ValidationMetrics:
         from ..metrics import load_feature_extractor
 
         self.config = config
-        self.reward = self.features = self.base_images = None
+        self.reward = self.features = self.base_images = self.latest_images = None
         if not accelerator.is_main_process:
             return
         if config.validation_reward:
@@ -102,19 +104,47 @@ def validation_grid(
 
     The base grid is kept for Recall / Coverage; every other grid is scored with
     ``validation_metrics`` when a held-out reward or features are configured."""
-    cfg, model, metrics = ctx.config, ctx.adapter, ctx.validation
+    cfg, metrics = ctx.config, ctx.validation
     per = cfg.num_validation_images
-    conditions = [p for p in ctx.val_prompts for _ in range(per)]
-    gen = torch.Generator(device=model.device).manual_seed(derive_seed(cfg.seed, "validation"))
-    noise = model.initial_noise(len(conditions), ctx.resolution, gen)
-    _, images = sample_images(model, conditions, noise, ctx.times, guidance_scale=cfg.guidance_scale, base=base)
+    conditions, images = validation_images(ctx, base)
     if base:
         metrics.base_images = images
+    else:
+        metrics.latest_images = images
     if metrics.enabled:
         metrics.log(ctx, images, conditions, base, step)
     path = ctx.output_dir / name
     if write:
-        save_grid(images, per, path)
+        title = "base model" if base else f"fine-tuned, update {step}" if step is not None else "fine-tuned"
+        save_grid(images, per, path, row_labels=ctx.val_prompts, title=title)
         if ctx.accelerator.trackers:  # one image series: the base grid at step 0, then each update's
             log_grid(ctx.accelerator, "validation/grid", path, step=0 if base else int(step or 0))
+    return path
+
+
+def validation_images(ctx: RunContext, base: bool) -> tuple[list, torch.Tensor]:
+    """(conditions, images [B, C, H, W] in [0, 1]) of the validation grid: each validation prompt
+    ``num_validation_images`` times, on the run's fixed validation noise; of the base model or the current one."""
+    cfg, model = ctx.config, ctx.adapter
+    conditions = [p for p in ctx.val_prompts for _ in range(cfg.num_validation_images)]
+    gen = torch.Generator(device=model.device).manual_seed(derive_seed(cfg.seed, "validation"))
+    noise = model.initial_noise(len(conditions), ctx.resolution, gen)
+    _, images = sample_images(model, conditions, noise, ctx.times, guidance_scale=cfg.guidance_scale, base=base)
+    return conditions, images
+
+
+def write_comparison(ctx: RunContext, step: int) -> Path:
+    """``comparison.png``: the base model's validation grid beside the fine-tuned one (same noise, same
+    prompts), rows labelled, from the images of ``validation/base.png`` and the last validation grid. The base
+    is sampled again only when this process has not sampled it (a resumed run's set-up does not)."""
+    metrics = ctx.validation
+    if metrics.latest_images is None:
+        raise RuntimeError("write_comparison needs a fine-tuned validation grid first (validation_grid).")
+    base = metrics.base_images if metrics.base_images is not None else validation_images(ctx, base=True)[1]
+    image = comparison_grid(
+        {"base model": base, f"fine-tuned, update {step}": metrics.latest_images},
+        ctx.config.num_validation_images, row_labels=ctx.val_prompts,
+    )
+    path = ctx.output_dir / COMPARISON_NAME
+    image.save(path)
     return path
