@@ -93,28 +93,6 @@ def slug(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch == "-" else "-" for ch in name).strip("-")
 
 
-# -- the held-out accuracy as a "reward" evaluate() can average -------------------------------
-def load_heldout_accuracy(path: Any = None, device: Any = None, dtype: Any = None):
-    """(images, labels) -> [B] 1.0 where the held-out classifier's argmax is the label, else 0.0."""
-    from diffusers_am.rewards.digits import load_digits_heldout_reward
-    from diffusers_am.toy.digits import as_class_labels
-
-    clf = load_digits_heldout_reward(path, device=device, dtype=dtype)
-
-    def accuracy(images: torch.Tensor, prompts: Sequence[Any]) -> torch.Tensor:
-        labels = as_class_labels(prompts, clf.num_classes).to(images.device)
-        return (clf.log_probs(images).argmax(dim=-1) == labels).float()
-
-    return accuracy
-
-
-def register_accuracy() -> None:
-    from diffusers_am.rewards import register_reward
-
-    register_reward(HELDOUT_ACCURACY, load_heldout_accuracy)
-
-
-# -- training ----------------------------------------------------------------------------------
 def _reset_accelerate() -> None:
     from accelerate.state import AcceleratorState
 
@@ -257,7 +235,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from diffusers_am.evaluate import evaluate
     from diffusers_am.models import EMBEDDED_DIGITS_BASE
 
-    register_accuracy()
     from diffusers.utils import logging as diffusers_logging
 
     bars_were_on = diffusers_logging.is_progress_bar_enabled()

@@ -169,12 +169,11 @@ def timing_pass(runs: list[Run], work: Path, updates: int, reuse: bool) -> dict[
 
 def evaluate_seed(runs: list[Run], seed: int, work: Path, images: int) -> dict[str, dict[str, float]]:
     """{run name or 'base': metrics} for one seed (same noise for every model)."""
-    from digits_methods import HELDOUT_ACCURACY, register_accuracy
+    from digits_methods import HELDOUT_ACCURACY
 
     from diffusers_am.evaluate import evaluate
     from diffusers_am.models import EMBEDDED_DIGITS_BASE
 
-    register_accuracy()
     torch.set_num_threads(1)  # like the trainings; more threads on a busy CPU only spin
     results = evaluate(
         str(EMBEDDED_DIGITS_BASE), adapters=[str(work / f"seed{seed}" / r.slug) for r in runs], prompts=None,

@@ -25,6 +25,7 @@ from .base import RewardModel, WeightedReward, check_images, check_reward_output
 REWARDS: dict[str, str] = {
     "digits": "diffusers_am.rewards.digits:load_digits_reward",
     "digits-heldout": "diffusers_am.rewards.digits:load_digits_heldout_reward",
+    "digits-heldout-accuracy": "diffusers_am.rewards.digits:load_digits_heldout_accuracy",  # evaluation only
     "hpsv2": "diffusers_am.rewards.hpsv2:load_hpsv2",
     "hpsv2.1": "diffusers_am.rewards.hpsv2:load_hpsv21",
     "pickscore": "diffusers_am.rewards.pickscore:load_pickscore",

@@ -9,7 +9,9 @@ a certain classification. Two classifiers ship with the package:
   Recall / Coverage on the digits testbed;
 * ``"digits-heldout"`` (:func:`load_digits_heldout_reward`): an independently trained
   classifier (other seed, data order and architecture) that fine-tuning never sees; a gap
-  between the two rewards after fine-tuning signals reward hacking.
+  between the two rewards after fine-tuning signals reward hacking;
+* ``"digits-heldout-accuracy"`` (:func:`load_digits_heldout_accuracy`): for evaluation only, 1 where
+  the held-out classifier's most likely class is the label (its mean is the held-out accuracy).
 
 Images: [B, 1, H, W] or [B, 3, H, W] floats in [0, 1]. RGB is converted to grey (ITU-R
 BT.601 luma); any H, W != 8 is resized to 8x8 by differentiable (antialiased) bilinear
@@ -112,10 +114,26 @@ def load_digits_heldout_reward(
     return _load(path, DIGITS_HELDOUT_CLASSIFIER, "digits-heldout", device, dtype)
 
 
+def load_digits_heldout_accuracy(
+    path: str | Path | None = None, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+):
+    """The ``"digits-heldout-accuracy"`` metric (evaluation only, not differentiable): ``(images, labels) ->
+    [B]``, 1.0 where the held-out classifier's most likely class is the label, else 0.0; averaged by
+    ``python -m diffusers_am.evaluate --rewards digits-heldout-accuracy`` into the held-out accuracy."""
+    classifier = load_digits_heldout_reward(path, device=device, dtype=dtype)
+
+    def digits_heldout_accuracy(images: torch.Tensor, prompts: Sequence[Any]) -> torch.Tensor:
+        labels = as_class_labels(prompts, classifier.num_classes).to(images.device)
+        return (classifier.log_probs(images).argmax(dim=-1) == labels).float()
+
+    return digits_heldout_accuracy
+
+
 __all__ = [
     "DIGITS_CLASSIFIER",
     "DIGITS_HELDOUT_CLASSIFIER",
     "DigitsReward",
+    "load_digits_heldout_accuracy",
     "load_digits_heldout_reward",
     "load_digits_reward",
 ]
