@@ -537,6 +537,7 @@ class AdjointMatchingTrainer:
             return self._updates(ctx, ckpt, log, global_step, nonfinite, signals, bar_stream)
 
     def _updates(self, ctx, ckpt, log, global_step, nonfinite, signals, bar_stream):
+        """:meth:`_loop`'s body; the progress bar writes to ``bar_stream`` (the real stderr)."""
         from tqdm.auto import tqdm
 
         cfg, accelerator, model = self.config, ctx.accelerator, ctx.adapter
