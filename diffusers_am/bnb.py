@@ -70,8 +70,8 @@ def import_bitsandbytes(flag: str) -> ModuleType:
 
 
 def _tell_libraries(bnb: ModuleType) -> None:
-    """Refresh what diffusers and peft concluded about bitsandbytes while it was blocked (their availability
-    flags and caches), so that their quantizers and LoRA layers see it."""
+    """Refresh what diffusers, peft and transformers concluded about bitsandbytes while it was blocked (their
+    availability flags and caches), so that their quantizers and LoRA layers see it."""
     import_utils = sys.modules.get("diffusers.utils.import_utils")
     if import_utils is not None and not getattr(import_utils, "_bitsandbytes_available", True):
         import_utils._bitsandbytes_available = True
@@ -79,11 +79,14 @@ def _tell_libraries(bnb: ModuleType) -> None:
     quantizer_utils = sys.modules.get("diffusers.quantizers.bitsandbytes.utils")
     if quantizer_utils is not None and not hasattr(quantizer_utils, "bnb"):
         quantizer_utils.bnb = bnb
-    peft_utils = sys.modules.get("peft.import_utils")
-    for name in ("is_bnb_available", "is_bnb_4bit_available"):
-        cached = getattr(peft_utils, name, None)
-        if hasattr(cached, "cache_clear"):
-            cached.cache_clear()
+    for module, names in (
+        ("peft.import_utils", ("is_bnb_available", "is_bnb_4bit_available")),
+        ("transformers.utils.import_utils", ("is_bitsandbytes_available",)),
+    ):
+        for name in names:
+            cached = getattr(sys.modules.get(module), name, None)
+            if hasattr(cached, "cache_clear"):  # functools.lru_cache
+                cached.cache_clear()
 
 
 def pipeline_needs_bitsandbytes(pretrained: Any) -> bool:

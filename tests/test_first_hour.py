@@ -114,14 +114,15 @@ def test_import_bitsandbytes_after_the_block_tells_diffusers_and_peft():
         import diffusers.models.modeling_utils  # noqa: F401  (its quantizers look for bitsandbytes)
         from diffusers.utils import is_bitsandbytes_available
         from peft.import_utils import is_bnb_4bit_available, is_bnb_available
-        before = (is_bitsandbytes_available(), is_bnb_available())
+        from transformers.utils import import_utils as tf
+        before = (is_bitsandbytes_available(), is_bnb_available(), tf.is_bitsandbytes_available())
         bnb = import_bitsandbytes("--use_8bit_adam")
         from diffusers.quantizers.bitsandbytes import utils
-        print("FLAGS", before, (is_bitsandbytes_available(), is_bnb_available(), is_bnb_4bit_available()),
-              utils.bnb is bnb)
+        after = (is_bitsandbytes_available(), is_bnb_available(), is_bnb_4bit_available(), tf.is_bitsandbytes_available())
+        print("FLAGS", before, after, utils.bnb is bnb)
     """)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1] == "FLAGS (False, False) (True, True, True) True"
+    assert proc.stdout.strip().splitlines()[-1] == "FLAGS (False, False, False) (True, True, True, True) True"
 
 
 def test_quantized_pipeline_folder_needs_bitsandbytes(tmp_path):
