@@ -299,7 +299,7 @@ def test_two_processes_stop_at_the_same_update_when_one_is_signalled(tiny_base, 
     assert 1 <= stopped < 30
     assert err.count(f"stopped by SIGTERM after update {stopped} of 30: saved ") == 1  # printed by the main process
     checkpoint = out / f"checkpoint-{stopped}"  # both ranks wrote their part of the same update's checkpoint
-    assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
+    assert (checkpoint / "rng_state_0.safetensors").is_file() and (checkpoint / "rng_state_1.safetensors").is_file()
     assert [s for s, _ in list_checkpoints(out)] == [stopped] and not (out / LOCK_NAME).exists()
 
 

@@ -74,6 +74,14 @@ class StopSignals:
             )
 
     @contextlib.contextmanager
+    def stopping(self, signum: int) -> Iterator[None]:
+        """While writing what a stop by ``signum`` (raised as :class:`Interrupted`) keeps: further signals are
+        deferred, and a second Ctrl-C aborts as it does after a stop requested between updates."""
+        self.requested, self._requested_at = signum, time.monotonic()
+        with self.deferred():
+            yield
+
+    @contextlib.contextmanager
     def deferred(self) -> Iterator[None]:
         """Within the block a signal only sets ``requested``; the loop decides when to stop."""
         self._deferring = True

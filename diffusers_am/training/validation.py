@@ -5,6 +5,7 @@ are the same functions ``python -m diffusers_am.evaluate`` uses."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -113,8 +114,10 @@ def validation_grid(
     if metrics.enabled:
         metrics.log(ctx, images, conditions, base, step)
     path = ctx.output_dir / name
-    if write:
-        save_grid(images, per, path)
+    if write:  # written beside and moved into place: a kill while writing leaves no partial grid
+        tmp = path.with_name(f".tmp-{path.name}")
+        save_grid(images, per, tmp)
+        os.replace(tmp, path)
         if ctx.accelerator.trackers:  # one image series: the base grid at step 0, then each update's
             log_grid(ctx.accelerator, "validation/grid", path, step=0 if base else int(step or 0))
     return path
