@@ -31,6 +31,7 @@ from accelerate.logging import get_logger
 from ..flow import check_truncation
 from ..jsonio import write_json
 from ..models import EMBEDDED_DIGITS_BASE, FlowModelAdapter, LoraSettings, load_model_adapter, model_adapter_for
+from ..models import read_model_index
 from ..rewards import check_reward_output, load_reward, probe_reward
 from .checkpoints import CheckpointManager, list_checkpoints, read_trainer_state, supersede_later
 from .claim import claim_run, run_entries
@@ -375,6 +376,8 @@ class AdjointMatchingTrainer:
 
     def _train(self) -> TrainResult:
         cfg = self.config
+        if self.pipeline is None:  # a model that cannot be found is named before any folder problem
+            read_model_index(cfg.pretrained_model_name_or_path or str(EMBEDDED_DIGITS_BASE))
         accelerator = self._accelerator()
         self.accelerator = accelerator
         self._cpu_threads(accelerator.device)
