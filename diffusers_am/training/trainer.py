@@ -31,7 +31,6 @@ from accelerate.logging import get_logger
 from ..flow import check_truncation
 from ..jsonio import write_json
 from ..models import EMBEDDED_DIGITS_BASE, FlowModelAdapter, LoraSettings, load_model_adapter, model_adapter_for
-from ..models import read_model_index
 from ..rewards import check_reward_output, load_reward, probe_reward
 from .checkpoints import CheckpointManager, list_checkpoints, read_trainer_state, supersede_later
 from .claim import claim_run, run_entries
@@ -376,8 +375,6 @@ class AdjointMatchingTrainer:
 
     def _train(self) -> TrainResult:
         cfg = self.config
-        if self.pipeline is None:  # a model that cannot be found is named before any folder problem
-            read_model_index(cfg.pretrained_model_name_or_path or str(EMBEDDED_DIGITS_BASE))
         accelerator = self._accelerator()
         self.accelerator = accelerator
         self._cpu_threads(accelerator.device)
@@ -608,6 +605,7 @@ class AdjointMatchingTrainer:
             desc="updates",
             disable=not accelerator.is_local_main_process,
         )
+        self._bar = progress  # closed by _after_failure too
         durations: list[float] = []
         record: dict[str, Any] = {}
         self._completed = self._completion(ctx, global_step, nonfinite)
@@ -700,9 +698,11 @@ class AdjointMatchingTrainer:
         warning line."""
         from .errors import RunStopped
 
-        if isinstance(err, RunStopped) or write_failure(err, self.output_dir) is not None:
+        if getattr(self, "_bar", None) is not None:
+            self._bar.close()  # before any line is printed
+        done = getattr(self, "_completed", None)
+        if done is None or isinstance(err, RunStopped) or write_failure(err, self.output_dir) is not None:
             return
-        done = self._completed
         step, accelerator = done["step"], ctx.accelerator
         if self.progress.saved_at == step and accelerator.is_main_process:
             path = dict(list_checkpoints(self.output_dir)).get(step)
