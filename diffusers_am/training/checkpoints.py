@@ -374,9 +374,8 @@ class CheckpointManager:
                 raise ValueError(f"{TRAINING_STATE}.json holds {sorted(state)}, this run needs {sorted(expected)}")
             for name, obj in self.states.items():
                 if name == "ema":  # EMAModel keeps the loaded shadow weights as they are: put them on its device
-                    state[name]["shadow_params"] = [
-                        t.to(device=c.device, dtype=c.dtype) for t, c in zip(state[name]["shadow_params"], obj.shadow_params)
-                    ]
+                    loaded = zip(state[name]["shadow_params"], obj.shadow_params)
+                    state[name]["shadow_params"] = [t.to(device=c.device, dtype=c.dtype) for t, c in loaded]
                 obj.load_state_dict(state[name])
             if acc.scaler is not None:
                 acc.scaler.load_state_dict(state["grad_scaler"])

@@ -39,6 +39,11 @@ class RunProgress:
             last = found[-1][1] if found else None
         if last is not None:
             return f"the last complete checkpoint is {last}: to continue from it, {RESUME_HINT}."
+        if self.resume_path is not None:  # resumed from a checkpoint elsewhere, none written here yet
+            return (
+                f"the last complete checkpoint is {self.resume_path}, the one this run resumed: to continue from it, "
+                "run the same command again."
+            )
         adapter = self.output_dir / ADAPTER_NAME
         if adapter.is_file():
             return (
@@ -57,9 +62,10 @@ class RunProgress:
     def stopped(self, signum: int, max_steps: int, checkpoint: Path | None, adapter_note: str) -> str:
         """The line after a stop signal between updates (or while the final outputs are written): what was
         saved and how to continue."""
-        where = f"stopped by {signal_name(signum)} after update {self.step} of {max_steps}"
+        name, of = signal_name(signum), f"update {self.step} of {max_steps}"
+        where = f"stopped by {name} after {of}"
         if self.phase == "final outputs":
-            where = f"stopped by {signal_name(signum)} while writing the final outputs (update {self.step} of {max_steps})"
+            where = f"stopped by {name} while writing the final outputs ({of})"
             if checkpoint is not None:
                 return f"{where}: saved {checkpoint}{adapter_note}; to write the rest, {RESUME_HINT}."
         if checkpoint is not None:

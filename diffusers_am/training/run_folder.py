@@ -4,7 +4,9 @@
   runs, recognised by the marker ``.diffusers-am-run.json``. Any other non-empty folder (a project
   folder, ``--output_dir .``) is refused with one line, with or without ``--overwrite_output_dir``.
 * The marker lists every top-level entry (file or folder) the run writes, recorded before it is written.
-  ``--overwrite_output_dir`` removes those entries and nothing else; files a user adds stay.
+  ``--overwrite_output_dir`` removes those entries and nothing else; files a user adds stay. The marker is
+  read back as untrusted: an entry that is not the plain name of a child (:func:`is_plain_name`) makes the
+  folder refused before anything is removed, and an entry that became a symlink is removed as a link.
 * One trainer per folder: :class:`~.folder_lock.FolderLock` on ``.diffusers-am.lock`` inside it.
 
 Only the main process claims the folder, writes into it and holds the lock.
