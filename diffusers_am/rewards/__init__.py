@@ -115,6 +115,23 @@ def _parse_weighted(spec: str) -> dict[str, float] | None:
     return out or None
 
 
+def check_reward_spec(spec: str) -> None:
+    """ValueError (the one line :func:`load_reward` would give) unless ``spec`` has one of the accepted forms:
+    a registered name, a weighted list of them with finite non-zero weights, each name once, or
+    ``module:callable`` / ``file.py:callable``. Nothing is imported or loaded."""
+    spec = spec.strip()
+    if spec in REWARDS or _parse_weighted(spec) is not None or (":" in spec and "," not in spec):
+        return
+    raise ValueError(_unknown(spec))
+
+
+def _unknown(spec: str) -> str:
+    return (
+        f"unknown reward {spec!r}; known rewards: {', '.join(available_rewards())}. "
+        "Also accepted: a weighted list 'a:1.0,b:0.5' or 'module:callable' for your own reward."
+    )
+
+
 def load_reward(
     spec: str, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None, paths: dict[str, str] | None = None
 ) -> Callable:
@@ -132,13 +149,10 @@ def load_reward(
         return WeightedReward(parts, weighted)
     if ":" in spec and "," not in spec:
         return _user_callable(spec)
-    raise ValueError(
-        f"unknown reward {spec!r}; known rewards: {', '.join(available_rewards())}. "
-        "Also accepted: a weighted list 'a:1.0,b:0.5' or 'module:callable' for your own reward."
-    )
+    raise ValueError(_unknown(spec))
 
 
 __all__ = [
-    "REWARDS", "RewardModel", "WeightedReward", "available_rewards", "check_images", "check_reward_output",
+    "REWARDS", "RewardModel", "WeightedReward", "available_rewards", "check_images", "check_reward_output", "check_reward_spec",
     "is_user_reward", "load_reward", "probe_reward", "register_reward", "user_code_error",
 ]

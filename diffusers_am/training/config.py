@@ -320,6 +320,9 @@ class TrainingConfig:
             )
         if not isinstance(self.reward, str) or not self.reward.strip():
             raise ValueError("`--reward` must be a non-empty reward spec, e.g. 'digits'.")
+        from ..rewards import check_reward_spec
+
+        check_reward_spec(self.reward)  # before any model is loaded
         if not self.output_dir:
             raise ValueError("`--output_dir` must be a folder path.")
         if self.pretrained_model_name_or_path is not None:  # short names -> Hub ids (recorded so in the card)
