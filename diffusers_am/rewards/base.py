@@ -72,13 +72,35 @@ def probe_reward(reward: Callable, images: torch.Tensor, prompts: Sequence[Any],
     exception it raises is a one-line ValueError naming it and the line (else it propagates: our bug)."""
     x = images.detach().float().clone().requires_grad_(True)
     before = x.detach().clone()
+    with torch.enable_grad():
+        out = _call_user(lambda: reward(x, list(prompts)), name, x.shape[0], user_code)
+        if not torch.equal(x.detach(), before):
+            raise ValueError(
+                f"reward {name!r} changes its input images in place: compute on a copy (images * 2, not "
+                "images.mul_(2) or images.data.mul_(2)); other rewards and the grids read the same images."
+            )
+        out = check_reward_output(out, x.shape[0], name)
+        if out.device != x.device:
+            raise ValueError(
+                f"reward {name!r} returned its values on {out.device} for images on {x.device}: return them on "
+                "the images' device (e.g. `.to(images.device)`)."
+            )
+        grad = None
+        if out.requires_grad:
+            (grad,) = _call_user(
+                lambda: torch.autograd.grad(out.float().sum(), x, allow_unused=True), name, x.shape[0], user_code
+            )
+    if grad is None:
+        raise ValueError(
+            f"reward {name!r} is not differentiable in the images (its output is detached from them, e.g. computed "
+            "under no_grad, with numpy or .item()); the trained methods need grad r(x): compute it with torch ops."
+        )
+
+
+def _call_user(call: Callable, name: str, batch: int, user_code: bool) -> Any:
+    """``call()``; an exception from the user's reward code becomes a one-line ValueError naming it."""
     try:
-        with torch.enable_grad():
-            out = reward(x, list(prompts))
-            if isinstance(out, torch.Tensor) and out.requires_grad:
-                (grad,) = torch.autograd.grad(out.float().sum(), x, allow_unused=True)
-            else:
-                grad = None
+        return call()
     except Exception as err:
         if not user_code:
             raise
@@ -86,25 +108,9 @@ def probe_reward(reward: Callable, images: torch.Tensor, prompts: Sequence[Any],
         if "in-place" in str(err) or "inplace" in str(err):
             hint = " It changes its input images in place: compute on a copy (images * 2, not images.mul_(2))."
         raise ValueError(
-            f"reward {name!r} failed on {x.shape[0]} images [B, C, H, W] in [0, 1] before training: "
+            f"reward {name!r} failed on {batch} images [B, C, H, W] in [0, 1] before training: "
             f"{user_code_error(err)}.{hint}"
         ) from err
-    if not torch.equal(x.detach(), before):
-        raise ValueError(
-            f"reward {name!r} changes its input images in place: compute on a copy (images * 2, not images.mul_(2) "
-            "or images.data.mul_(2)); other rewards and the grids read the same images."
-        )
-    out = check_reward_output(out, x.shape[0], name)
-    if out.device != x.device:
-        raise ValueError(
-            f"reward {name!r} returned its values on {out.device} for images on {x.device}: return them on the "
-            "images' device (e.g. `.to(images.device)`)."
-        )
-    if grad is None:
-        raise ValueError(
-            f"reward {name!r} is not differentiable in the images (its output is detached from them, e.g. computed "
-            "under no_grad, with numpy or .item()); the trained methods need grad r(x): compute it with torch ops."
-        )
 
 
 class WeightedReward(torch.nn.Module):
