@@ -320,9 +320,6 @@ class TrainingConfig:
             )
         if not isinstance(self.reward, str) or not self.reward.strip():
             raise ValueError("`--reward` must be a non-empty reward spec, e.g. 'digits'.")
-        from ..rewards import check_reward_spec
-
-        check_reward_spec(self.reward)  # before any model is loaded
         if not self.output_dir:
             raise ValueError("`--output_dir` must be a folder path.")
         if self.pretrained_model_name_or_path is not None:  # short names -> Hub ids (recorded so in the card)
@@ -682,7 +679,11 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainingConfig:
     for name, value in from_file.items():
         values.setdefault(name, value)
     try:
-        return TrainingConfig(**values)
+        config = TrainingConfig(**values)
+        from ..rewards import check_reward_spec
+
+        check_reward_spec(config.reward)  # the CLI's --reward, before any model is loaded
+        return config
     except ValueError as err:
         match = re.match(r"`--(\w+)`", str(err))
         if match and match.group(1) in from_file and given.get(match.group(1)) is _UNSET:
