@@ -359,10 +359,11 @@ def evaluate(
         folder = RunFolder.claim(output_dir, "`--output_dir`")
     try:
         return _evaluate(
-            pipeline_or_path, adapters, lora_files, lora_states, prompts, num_images_per_prompt, rewards, reward_model_paths,
-            feature_extractor, diversity, folder, num_inference_steps=num_inference_steps, resolution=resolution,
-            guidance_scale=guidance_scale, seed=seed, batch_size=batch_size, k=k, sampler=sampler, device=device,
-            dtype=dtype, pipeline_call_kwargs=pipeline_call_kwargs, adapter_kwargs=adapter_kwargs, progress=progress,
+            pipeline_or_path, adapters, lora_files, lora_states, prompts, num_images_per_prompt, rewards,
+            reward_model_paths, feature_extractor, diversity, folder, num_inference_steps=num_inference_steps,
+            resolution=resolution, guidance_scale=guidance_scale, seed=seed, batch_size=batch_size, k=k,
+            sampler=sampler, device=device, dtype=dtype, pipeline_call_kwargs=pipeline_call_kwargs,
+            adapter_kwargs=adapter_kwargs, progress=progress,
         )
     finally:
         if folder is not None:

@@ -153,6 +153,6 @@ def load_reward(
 
 
 __all__ = [
-    "REWARDS", "RewardModel", "WeightedReward", "available_rewards", "check_images", "check_reward_output", "check_reward_spec",
-    "is_user_reward", "load_reward", "probe_reward", "register_reward", "user_code_error",
+    "REWARDS", "RewardModel", "WeightedReward", "available_rewards", "check_images", "check_reward_output",
+    "check_reward_spec", "is_user_reward", "load_reward", "probe_reward", "register_reward", "user_code_error",
 ]

@@ -65,7 +65,9 @@ def user_code_error(err: BaseException) -> str:
     return f"{type(err).__name__}: {message}{where}"
 
 
-def probe_reward(reward: Callable, images: torch.Tensor, prompts: Sequence[Any], name: str, *, user_code: bool = False) -> None:
+def probe_reward(
+    reward: Callable, images: torch.Tensor, prompts: Sequence[Any], name: str, *, user_code: bool = False
+) -> None:
     """Call ``reward`` once on ``images`` [B, C, H, W] (B >= 2) and check its contract before training:
     a float Tensor [B] on the images' device, differentiable with respect to the images, leaving the images
     unchanged. ValueError naming ``name`` otherwise. ``user_code``: the reward is the user's own code, so an

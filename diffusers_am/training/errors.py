@@ -33,7 +33,12 @@ NOTHING_TRAINED_EXIT = 3
 
 def nothing_trained(steps: int, reg_order: float) -> str:
     """The one line of a run whose ``steps`` updates were all skipped as non-finite."""
-    hint = f" (--reg_order {reg_order:g} is close to 1: its control |a|^(1/(p-1)) overflows float32; try 1.5 or more)" if reg_order < 1.5 else ""
+    hint = ""
+    if reg_order < 1.5:
+        hint = (
+            f" (--reg_order {reg_order:g} is close to 1: its control |a|^(1/(p-1)) overflows float32; "
+            "try 1.5 or more)"
+        )
     return (
         f"all {steps} updates were skipped: the reward, the loss or the gradient was NaN or inf every time, so "
         "nothing was trained and no adapter was written (train_log.jsonl has each update's values). Check the "

@@ -232,7 +232,8 @@ class AdjointMatchingTrainer:
         with torch.no_grad():
             images = model.decode(model.initial_noise(2, resolution, gen)).float()
         conditions = [prompts[i % len(prompts)] for i in range(2)]
-        probe_reward(reward, images, conditions, cfg.reward, user_code=self.reward is not None or is_user_reward(cfg.reward))
+        users = self.reward is not None or is_user_reward(cfg.reward)  # the user's code: its errors are one line
+        probe_reward(reward, images, conditions, cfg.reward, user_code=users)
         if validation.reward is not None:
             with torch.no_grad():
                 check_reward_output(validation.reward(images, conditions), 2, cfg.validation_reward)
