@@ -31,7 +31,7 @@ from accelerate.logging import get_logger
 from ..flow import check_truncation
 from ..jsonio import write_json
 from ..models import EMBEDDED_DIGITS_BASE, FlowModelAdapter, LoraSettings, load_model_adapter, model_adapter_for
-from ..rewards import check_reward_output, load_reward, probe_reward
+from ..rewards import check_reward_output, is_user_reward, load_reward, probe_reward
 from .checkpoints import CheckpointManager, list_checkpoints, read_trainer_state, supersede_later
 from .claim import claim_run, run_entries
 from .config import TrainingConfig
@@ -41,7 +41,7 @@ from .data import PromptSampler, _as_condition, check_class_labels, derive_seed,
 from .engines import configure_deepspeed, full_params, full_tensors, gathered_params, is_deepspeed, is_fsdp2
 from .engines import trainable
 from .disk import bytes_to_save, check_free_space, checkpoint_bytes_estimate, tensor_bytes, write_failure
-from .errors import RunStopped
+from .errors import NOTHING_TRAINED_EXIT, RunStopped, nothing_trained
 from .interrupts import Interrupted, StopSignals, agree_to_stop
 from .logs import LOG_NAME, JsonlLog, finite_scalars, peak_memory_bytes
 from .objects import Callbacks, check_callbacks, check_lora_config, check_prompts, record_objects
@@ -244,7 +244,8 @@ class AdjointMatchingTrainer:
         with torch.no_grad():
             images = model.decode(model.initial_noise(2, resolution, gen)).float()
         conditions = [prompts[i % len(prompts)] for i in range(2)]
-        probe_reward(reward, images, conditions, cfg.reward)
+        users = self.reward is not None or is_user_reward(cfg.reward)  # the user's code: its errors are one line
+        probe_reward(reward, images, conditions, cfg.reward, user_code=users)
         if validation.reward is not None:
             with torch.no_grad():
                 check_reward_output(validation.reward(images, conditions), 2, cfg.validation_reward)
@@ -437,6 +438,8 @@ class AdjointMatchingTrainer:
         except Exception as err:
             self._after_failure(ctx, ckpt, err)
             raise
+        if global_step and nonfinite >= global_step:
+            raise RunStopped(nothing_trained(global_step, cfg.reg_order), NOTHING_TRAINED_EXIT)
         self.progress.phase = "final outputs"
         try:
             return self._finish(ctx, global_step, nonfinite, durations, last, reward_before)
