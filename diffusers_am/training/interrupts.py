@@ -29,8 +29,11 @@ DUPLICATE_WINDOW_S = 1.0
 """A SIGINT this soon after the first is the same Ctrl-C (forwarded by a launcher), not a second one."""
 
 
-class Interrupted(Exception):
-    """A stop signal arrived where the trainer does not wait for an update to finish."""
+class Interrupted(BaseException):
+    """A stop signal arrived where the trainer does not wait for an update to finish.
+
+    A BaseException, as KeyboardInterrupt: the ``except Exception`` of a user's reward wrapper, a save's
+    full-disk handler or a library's retry loop must not turn a stop into an error."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
