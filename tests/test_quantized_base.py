@@ -281,3 +281,26 @@ def test_bad_value_is_one_line(capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "--quantize_base" in err and "nf4" in err and err.count("\n") == 1
+
+
+# -- multi-process: DDP over the NF4 base -------------------------------------------------------------------------
+def test_nf4_base_under_ddp_on_two_processes(klein, tmp_path):
+    """2 CPU processes (DDP, gloo) on the NF4 base give the adapter of 1 process with 2 accumulated micro-batches."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1",
+           "ACCELERATE_USE_CPU": "1", "TQDM_DISABLE": "1"}
+    flags = _args(klein["base"], klein["prompts"], "--quantize_base", "nf4")
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(root / "train_adjoint_matching.py"), "--output_dir", str(tmp_path / "ddp"), *flags]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "ddp" / "train_summary.json").read_text())["num_processes"] == 2
+    ddp = load_file(str(tmp_path / "ddp" / "pytorch_lora_weights.safetensors"))
+    single = train(tmp_path / "single", *flags, "--gradient_accumulation_steps", "2")
+    difference = max_abs_difference(ddp, single)
+    print(f"\ntiny klein, NF4 base, 2 updates: 2 processes (DDP) vs 1 process x 2 micro-batches, max abs {difference:.3g}")
+    assert difference <= 1e-5
