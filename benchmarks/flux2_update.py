@@ -45,6 +45,8 @@ KLEIN_4B = dict(
     joint_attention_dim=7680, timestep_guidance_channels=256, mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32),
     rope_theta=2000, eps=1e-6, guidance_embeds=False,
 )
+KLEIN_9B = dict(KLEIN_4B, num_layers=8, num_single_layers=24, num_attention_heads=32, joint_attention_dim=12288)
+"""FLUX.2-klein-9B transformer/config.json: the 4B's with 8 double + 24 single blocks of 32 heads x 128."""
 QWEN3_4B = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, vocab_size=151936, head_dim=128)
 VIT_H14 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu")
 

@@ -104,7 +104,18 @@ def quantize_module(
     quantizer.postprocess_model(module)
     module.hf_quantizer = quantizer
     module.requires_grad_(False)
+    if device.type == "cpu":  # own copies of the weights left as loaded: they may be views of the checkpoint's
+        _own_storage(module)  # memory map, which would keep the whole file (the replaced weights too) mapped
     return module
+
+
+def _own_storage(module: torch.nn.Module) -> None:
+    """Give every unquantized parameter and buffer of ``module`` its own storage (a copy)."""
+    bnb = sys.modules["bitsandbytes"]
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            if not isinstance(tensor, (bnb.nn.Params4bit, bnb.nn.Int8Params)):
+                tensor.data = tensor.data.clone()
 
 
 def _tensor(module: torch.nn.Module, name: str) -> torch.Tensor:
