@@ -363,6 +363,7 @@ def quantized_recipes(rank: int = 32) -> tuple[str, list[dict]]:
     whose estimated peak fits, and that peak. Estimates only: weights from the published configs' parameter
     counts; activations per trajectory from the klein-4B floor peaks (256 px, bf16), scaled by width x blocks
     for 9B, by 2 (tokens 768 -> 1536) for the transformer and by 4 (pixels) for the VAE at 512 px."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
     from flux2_update import KLEIN_4B, KLEIN_9B, LORA_TARGETS
 
     def targets(singles: int) -> list[str]:
