@@ -304,3 +304,20 @@ def test_nf4_base_under_ddp_on_two_processes(klein, tmp_path):
     difference = max_abs_difference(ddp, single)
     print(f"\ntiny klein, NF4 base, 2 updates: 2 processes (DDP) vs 1 process x 2 micro-batches, max abs {difference:.3g}")
     assert difference <= 1e-5
+
+
+def test_nf4_checkpoint_and_resume_give_the_straight_run(klein, tmp_path):
+    """Checkpoints hold the LoRA, not the quantized base: 1 update + checkpoint + resume to 2 == 2 straight."""
+    common = _args(klein["base"], klein["prompts"], "--quantize_base", "nf4")
+    straight = train(tmp_path / "straight", *common)
+    out = tmp_path / "resumed"
+    first = [a if a != "2" or common[i - 1] != "--max_train_steps" else "1" for i, a in enumerate(common)]
+    from accelerate.state import AcceleratorState
+
+    assert main(["--output_dir", str(out), *first, "--checkpointing_steps", "1"]) == 0
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert (out / "checkpoint-1").is_dir()
+    resumed = train(out, *common, "--checkpointing_steps", "1", "--resume_from_checkpoint", "latest")
+    assert max_abs_difference(straight, resumed) <= NF4_TOL
+    changed = ["--output_dir", str(out), *common, "--quantize_base", "int8", "--resume_from_checkpoint", "latest"]
+    assert main(changed) == 2  # the base's quantization defines the run: it cannot change on resume
