@@ -16,8 +16,9 @@ import torch
 from ..models.base import FlowModelAdapter
 
 
-def check_engine(kind: str, accelerator, where: str = "`--quantize_base") -> None:
-    """ValueError in one line when a quantized base (``kind`` != none) meets FSDP or DeepSpeed."""
+def check_engine(kind: str, accelerator, what: str | None = None) -> None:
+    """ValueError in one line when a quantized base (``kind`` != none; ``what`` names it, default the flag) meets
+    FSDP or DeepSpeed."""
     from accelerate.utils import DistributedType
 
     if kind == "none":
@@ -26,9 +27,11 @@ def check_engine(kind: str, accelerator, where: str = "`--quantize_base") -> Non
         getattr(accelerator, "distributed_type", None)
     )
     if engine is not None:
+        subject = what or f"`--quantize_base {kind}`"
+        fix = "pass `--quantize_base none`" if what is None else "pass an unquantized pipeline"
         raise ValueError(
-            f"{where} {kind}`: {engine} shards the base's weights, and bitsandbytes' packed {kind} weights cannot be "
-            "sharded: run on one process or with DDP (`accelerate launch --multi_gpu`), or pass `--quantize_base none`."
+            f"{subject}: {engine} shards the base's weights, and bitsandbytes' packed {kind} weights cannot be "
+            f"sharded: run on one process or with DDP (`accelerate launch --multi_gpu`), or {fix}."
         )
 
 
@@ -52,7 +55,7 @@ def prepare_passed(
     from ..models.quantize import quantization_of, quantize_pipeline, require_bitsandbytes
 
     held = quantization_of(adapter.transformer)
-    check_engine(held, accelerator, where="the pipeline passed has its transformer quantized (`")
+    check_engine(held, accelerator, what=f"the pipeline passed has a quantized transformer ({held})")
     if held != "none":
         if mode not in ("none", held):
             accelerator.print(f"--quantize_base {mode}: the pipeline passed is already quantized ({held}); used as it is.")
