@@ -350,7 +350,8 @@ def _klein_counts(config: dict, targets_per_single) -> dict:
         model = Flux2Transformer2DModel(**config)
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     targets = targets_per_single(len(model.single_transformer_blocks))
-    lora = sum(m.in_features + m.out_features for n, m in linears if any(n == t or n.endswith("." + t) for t in targets))
+    targeted = [m for n, m in linears if any(n == t or n.endswith("." + t) for t in targets)]
+    lora = sum(m.in_features + m.out_features for m in targeted)
     return {"params": sum(p.numel() for p in model.parameters()), "linear": sum(m.weight.numel() for _, m in linears),
             "largest_linear": max(m.weight.numel() for _, m in linears), "lora_per_rank": lora,
             "width": config["num_attention_heads"] * config["attention_head_dim"],

@@ -69,7 +69,8 @@ def test_quantized_recipes_fit_their_cards(memory):
     nine = {(r["px"], r["card"]): r for r in rows if r["model"] == "klein-9B"}
     assert nine[(256, 16)]["mode"] == "nf4" and nine[(256, 48)]["mode"] == "none"
     # a cheaper base, same activations: NF4 bytes < int8 bytes < bf16 bytes
-    assert memory._stored_bytes(10**6, 10**6, "nf4") < memory._stored_bytes(10**6, 10**6, "int8") < memory._stored_bytes(10**6, 10**6, "none")
+    nf4, int8, bf16 = (memory._stored_bytes(10**6, 10**6, mode) for mode in ("nf4", "int8", "none"))
+    assert nf4 < int8 < bf16
     mib = 2**20
     rows_q = [{"base": "w", "quantize": q, "transformer_bytes": b * mib, "peak_bytes": p * mib, "update_bytes": mib}
               for q, b, p in (("none", 400, 1000), ("nf4", 60, 700))]

@@ -61,7 +61,8 @@ def dequantized_base(base: Path, out: Path, mode: str = "nf4", components=("tran
         module = getattr(pipe, name, None)
         if module is None:
             continue
-        keep = list(getattr(module, "_keep_in_fp32_modules", None) or []) + (["lm_head"] if name != "transformer" else [])
+        keep = list(getattr(module, "_keep_in_fp32_modules", None) or [])
+        keep += ["lm_head"] if name != "transformer" else []
         with torch.no_grad():
             for layer_name, layer in module.named_modules():
                 parts = layer_name.split(".")
@@ -120,10 +121,10 @@ def test_nf4_base_trains_the_adapter_of_its_dequantized_base(method, klein, tmp_
                                                "--quantize_base", "nf4"))
     reference = train(tmp_path / "ref", *_args(klein["nf4"], klein["prompts"], "--method", method))
     difference = max_abs_difference(quantized, reference)
-    print(f"\ntiny klein, {method}, 2 updates: NF4 base vs dequantized base, max abs adapter difference {difference:.3g}")
+    print(f"\ntiny klein, {method}, 2 updates: NF4 base vs dequantized base, max abs difference {difference:.3g}")
     assert difference <= NF4_TOL
-    original = train(tmp_path / "orig", *_args(klein["base"], klein["prompts"], "--method", method)) if method == "ode-am" else None
-    if original is not None:  # the quantization is real: the unquantized base trains another adapter
+    if method == "ode-am":  # the quantization is real: the unquantized base trains another adapter
+        original = train(tmp_path / "orig", *_args(klein["base"], klein["prompts"], "--method", method))
         assert max_abs_difference(quantized, original) > 100 * NF4_TOL
     config = json.loads((tmp_path / "nf4" / "training_config.json").read_text())
     assert config["quantize_base"] == "nf4"
@@ -142,7 +143,7 @@ def test_nf4_with_checkpointing_micro_batches_prompt_cache_ema_and_8bit_adam(kle
     quantized = train(root / "nf4", *_args(klein["base"], klein["prompts"], "--quantize_base", "nf4", *extra))
     reference = train(root / "ref", *_args(reference_base, klein["prompts"], *extra))
     difference = max_abs_difference(quantized, reference)
-    print(f"\ntiny klein, ode-am, all memory options, 2 updates: NF4 vs dequantized, max abs difference {difference:.3g}")
+    print(f"\ntiny klein, ode-am, all memory options, 2 updates: NF4 vs dequantized, max abs {difference:.3g}")
     assert difference <= NF4_TOL
     card = (root / "nf4" / "README.md").read_text()
     assert "| base weights quantized (trained against) | transformer nf4 |" in card  # text encoder cached, freed
@@ -153,7 +154,7 @@ def test_int8_base_trains_close_to_its_dequantized_base(klein, tmp_path):
     quantized = train(tmp_path / "int8", *_args(klein["base"], klein["prompts"], "--quantize_base", "int8"))
     reference = train(tmp_path / "ref", *_args(reference_base, klein["prompts"]))
     difference = max_abs_difference(quantized, reference)
-    print(f"\ntiny klein, ode-am, 2 updates: int8 base vs dequantized base, max abs adapter difference {difference:.3g}")
+    print(f"\ntiny klein, ode-am, 2 updates: int8 base vs dequantized base, max abs difference {difference:.3g}")
     assert difference <= INT8_TOL
     assert json.loads((tmp_path / "int8" / "training_config.json").read_text())["quantize_base"] == "int8"
 
@@ -164,7 +165,8 @@ def test_base_vjp_through_nf4_layers_is_autograd_through_the_dequantized_model(f
     from diffusers_am.models.quantize import quantization_of
 
     base = FAMILIES[family](tmp_path / "base")
-    reference = load_model_adapter(dequantized_base(base, tmp_path / "ref", components=("transformer",) + _text_encoders(base)))
+    components = ("transformer",) + _text_encoders(base)
+    reference = load_model_adapter(dequantized_base(base, tmp_path / "ref", components=components))
     adapter = load_model_adapter(base, quantize_base="nf4")
     assert quantization_of(adapter.transformer) == "nf4"
     assert not any(type(m) is torch.nn.Linear for m in adapter.transformer.modules())  # every Linear is NF4
@@ -179,7 +181,8 @@ def test_base_vjp_through_nf4_layers_is_autograd_through_the_dequantized_model(f
     xr = x.clone().requires_grad_(True)
     v_ref = reference.flow(encoded_ref).velocity(xr, t)
     (jt_ref,) = torch.autograd.grad(v_ref, xr, cotangent)
-    print(f"\ntiny {family}: base VJP NF4 vs autograd through dequantized, max abs {float((jt - jt_ref).abs().max()):.3g}")
+    difference = float((jt - jt_ref).abs().max())
+    print(f"\ntiny {family}: base VJP through NF4 vs autograd through dequantized, max abs {difference:.3g}")
     torch.testing.assert_close(value, v_ref.detach(), rtol=0, atol=1e-6)
     torch.testing.assert_close(jt, jt_ref, rtol=0, atol=1e-6)
     assert not torch.allclose(adapter.flow(encoded).velocity(x, t), value)  # the LoRA is back on after the VJP
@@ -239,7 +242,8 @@ def test_a_passed_quantized_pipeline_is_used_as_it_is(klein, tmp_path):
 # -- unsupported combinations: one line at set-up ----------------------------------------------------------------
 def test_sit_base_is_refused_in_one_line(tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["--output_dir", str(out), "--quantize_base", "nf4", "--max_train_steps", "1", "--report_to", "none"]) == 2
+    args = ["--output_dir", str(out), "--quantize_base", "nf4", "--max_train_steps", "1", "--report_to", "none"]
+    assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "`--quantize_base nf4` applies to the FLUX.2-klein, FLUX.1 and SD3" in err
     assert not out.exists() or not any(out.iterdir())
@@ -302,7 +306,7 @@ def test_nf4_base_under_ddp_on_two_processes(klein, tmp_path):
     ddp = load_file(str(tmp_path / "ddp" / "pytorch_lora_weights.safetensors"))
     single = train(tmp_path / "single", *flags, "--gradient_accumulation_steps", "2")
     difference = max_abs_difference(ddp, single)
-    print(f"\ntiny klein, NF4 base, 2 updates: 2 processes (DDP) vs 1 process x 2 micro-batches, max abs {difference:.3g}")
+    print(f"\ntiny klein, NF4 base, 2 updates: 2 processes (DDP) vs 1 x 2 micro-batches, max abs {difference:.3g}")
     assert difference <= 1e-5
 
 

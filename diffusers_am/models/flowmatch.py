@@ -152,7 +152,8 @@ class FlowMatchAdapter(FlowModelAdapter):
             from . import read_model_index
 
             index = read_model_index(path)
-            names += sorted(n for n, v in index.items() if n.startswith("text_encoder") and isinstance(v, list) and v[0])
+            present = (n for n, v in index.items() if isinstance(v, list) and v[0])  # [library, class] or [None, None]
+            names += sorted(n for n in present if n.startswith("text_encoder"))
         return names
 
     def _frozen_modules(self) -> list[torch.nn.Module]:

@@ -75,7 +75,9 @@ def pipeline_quantization_config(mode: str, compute_dtype: torch.dtype, componen
         kwargs = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": compute_dtype}
     else:
         backend, kwargs = "bitsandbytes_8bit", {"load_in_8bit": True}
-    return PipelineQuantizationConfig(quant_backend=backend, quant_kwargs=kwargs, components_to_quantize=list(components))
+    return PipelineQuantizationConfig(
+        quant_backend=backend, quant_kwargs=kwargs, components_to_quantize=list(components)
+    )
 
 
 def quantize_module(

@@ -58,7 +58,9 @@ def prepare_passed(
     check_engine(held, accelerator, what=f"the pipeline passed has a quantized transformer ({held})")
     if held != "none":
         if mode not in ("none", held):
-            accelerator.print(f"--quantize_base {mode}: the pipeline passed is already quantized ({held}); used as it is.")
+            accelerator.print(
+                f"--quantize_base {mode}: the pipeline passed is already quantized ({held}); used as it is."
+            )
         return adapter
     if mode == "none":
         return adapter
