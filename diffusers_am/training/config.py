@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 from ..control import check_order
 from ..models import resolve_pretrained, short_names_help
+from ..models.quantize import QUANTIZE_CHOICES
 from .methods import method_names, methods_with_control
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear", "cosine_with_restarts", "polynomial")
@@ -67,6 +68,14 @@ class TrainingConfig:
     )
     max_sequence_length: int | None = _f(
         None, "Prompt length in tokens for the text encoder (None: the pipeline's default; text-to-image only)."
+    )
+    quantize_base: str = _f(
+        "none",
+        "Quantize the frozen base with bitsandbytes: nf4 (4-bit NormalFloat) or int8 (LLM.int8) for the "
+        "transformer, and for the text encoders unless --cache_prompt_embeddings; the LoRA stays in the training "
+        "dtype on top (QLoRA). On a GPU through diffusers' quantization config, on a CPU by quantizing the loaded "
+        "layers. FLUX.2-klein, FLUX.1, SD3; one process or DDP (not FSDP / DeepSpeed). Needs bitsandbytes.",
+        choices=QUANTIZE_CHOICES,
     )
     # -- method -----------------------------------------------------------------------------
     method: str = _f(

@@ -36,6 +36,7 @@ from .checkpoints import CheckpointManager, list_checkpoints, read_trainer_state
 from .claim import claim_run, run_entries
 from .config import TrainingConfig
 from .context import RunContext
+from . import quantized_base
 from .control_probe import adaptive_truncation, match_reward_scale, refresh_window
 from .data import PromptSampler, _as_condition, check_class_labels, derive_seed, load_prompts
 from .engines import configure_deepspeed, full_params, full_tensors, gathered_params, is_deepspeed, is_fsdp2
@@ -160,10 +161,16 @@ class AdjointMatchingTrainer:
 
     def _load_model(self, weight_dtype: torch.dtype) -> FlowModelAdapter:
         """The model adapter: of the passed pipeline / model adapter (as loaded), else loaded in ``weight_dtype``."""
+        cfg, accelerator = self.config, self.accelerator
         if self.pipeline is not None:
-            return model_adapter_for(self.pipeline, **self._model_options())
-        path = self.config.pretrained_model_name_or_path or str(EMBEDDED_DIGITS_BASE)
-        return load_model_adapter(path, dtype=weight_dtype, **self._model_options())
+            adapter = model_adapter_for(self.pipeline, **self._model_options())
+            return quantized_base.prepare_passed(
+                adapter, cfg.quantize_base, cfg.cache_prompt_embeddings, accelerator, weight_dtype
+            )
+        quantized_base.check_engine(cfg.quantize_base, accelerator)
+        quantize = quantized_base.load_options(cfg.quantize_base, cfg.cache_prompt_embeddings, accelerator.device)
+        path = cfg.pretrained_model_name_or_path or str(EMBEDDED_DIGITS_BASE)
+        return load_model_adapter(path, dtype=weight_dtype, **self._model_options(), **quantize)
 
     def _load_reward(self, accelerator) -> Any:
         """The training reward: the passed callable, else ``--reward`` from the registry."""
