@@ -16,8 +16,11 @@ same job, and the table prints seconds / update and peak GiB with their ratios t
     python benchmarks/flux2_update.py --tiny                                  # CPU smoke test
 
 ``--tiny`` swaps in tiny components (same code path, seconds on a CPU) and skips the floor.
-``--cache_prompt_embeddings``, ``--micro_batch_size``, ``--compile`` and ``--gradient_checkpointing`` run the
-trainer's options of the same names (one setting per job; the floor runs in each job).
+``--cache_prompt_embeddings``, ``--micro_batch_size``, ``--compile``, ``--gradient_checkpointing`` and
+``--quantize_base`` run the trainer's options of the same names (one setting per job; the floor runs in each job).
+``--quantize_base nf4 | int8`` writes the random pipeline with ``save_pretrained`` to a temporary folder and loads
+it back the trainer's way (``Flux2KleinAdapter.from_pretrained(..., quantize_base=...)``: diffusers'
+``PipelineQuantizationConfig`` on a GPU, the CPU swap with ``--tiny``).
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ KLEIN_4B = dict(
     joint_attention_dim=7680, timestep_guidance_channels=256, mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32),
     rope_theta=2000, eps=1e-6, guidance_embeds=False,
 )
+KLEIN_9B = dict(KLEIN_4B, num_layers=8, num_single_layers=24, num_attention_heads=32, joint_attention_dim=12288)
+"""FLUX.2-klein-9B transformer/config.json: the 4B's with 8 double + 24 single blocks of 32 heads x 128."""
 QWEN3_4B = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, vocab_size=151936, head_dim=128)
 VIT_H14 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu")
 
@@ -147,6 +152,39 @@ def run_method(adapter, reward, optimizer, params, method: str, k: int, args, de
     return Measurement(method, sorted(durations)[len(durations) // 2], peak)
 
 
+def load_quantized(pipeline, args, device: torch.device, dtype: torch.dtype):
+    """The trainer's loading route for ``--quantize_base``: the pipeline written to a temporary folder, freed,
+    and loaded back by ``Flux2KleinAdapter.from_pretrained`` with the quantization (on ``device``)."""
+    import gc
+
+    from diffusers_am.models.flux2 import Flux2KleinAdapter
+
+    with tempfile.TemporaryDirectory() as folder:
+        pipeline.save_pretrained(folder)
+        del pipeline
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        adapter = Flux2KleinAdapter.from_pretrained(
+            folder, dtype=dtype, max_sequence_length=args.max_sequence_length, device=device,
+            quantize_base=args.quantize_base, quantize_text_encoders=not args.cache_prompt_embeddings,
+        )
+    return adapter
+
+
+def quantized_summary(pipeline) -> str:
+    """Which components are quantized, and the transformer's resident bytes (weights, quantization state)."""
+    from diffusers_am.models.quantize import describe
+
+    tr = pipeline.transformer
+    size = sum(t.numel() * t.element_size() for t in list(tr.parameters()) + list(tr.buffers()))
+    for module in tr.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None and getattr(state, "absmax", None) is not None:
+            size += state.absmax.numel() * state.absmax.element_size()
+    return f"{describe(pipeline)}; transformer {size / 2**20:.1f} MiB"
+
+
 def run_floor(floor_script: str, batch_size: int) -> dict:
     """Run the shared floor script (by path, unchanged) in a subprocess; return its JSON."""
     with tempfile.TemporaryDirectory() as out:
@@ -203,6 +241,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache_prompt_embeddings", action="store_true", help="encode once, free the text encoder")
     p.add_argument("--compile", action="store_true", help="regional torch.compile of the transformer blocks")
     p.add_argument("--compile_backend", default="inductor", choices=("inductor", "aot_eager", "eager"))
+    p.add_argument("--quantize_base", default="none", choices=("none", "nf4", "int8"),
+                   help="bitsandbytes base (transformer; text encoder too unless --cache_prompt_embeddings)")
     p.add_argument("--methods", default="AM-1,AM-3,AM-Full,DRaFT-1")
     p.add_argument("--output", default=None, help="write the table (markdown) and raw numbers (JSON) next to this .md path")
     args = p.parse_args(argv)
@@ -232,6 +272,10 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     pipeline = build_pipeline(args.tiny, device, dtype)
     adapter = Flux2KleinAdapter(pipeline, max_sequence_length=args.max_sequence_length)
+    if args.quantize_base != "none":
+        adapter = load_quantized(pipeline, args, device, dtype)
+        pipeline = adapter.pipeline
+        print(f"base quantized: {quantized_summary(pipeline)}", flush=True)
     for module in (pipeline.vae, pipeline.text_encoder):  # (the cache below may drop the text encoder)
         module.requires_grad_(False)
     singles = len(pipeline.transformer.single_transformer_blocks)
@@ -266,6 +310,7 @@ def main(argv=None) -> int:
         f", micro-batch {args.micro_batch_size or args.batch_size}"
         f", prompt cache {'on' if args.cache_prompt_embeddings else 'off'}"
         f", compile {args.compile_backend if args.compile else 'off'}"
+        f", base {args.quantize_base}"
     )
     text = header + "\n\n" + table(rows, floor_peak_gib(floor, args.gradient_checkpointing) if floor else None, device_name)
     print("\n" + text)

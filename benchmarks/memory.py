@@ -15,8 +15,13 @@ released checkpoint, as in ../shared/bench/README.md): weights, LoRA + AdamW sta
 resident or cached, and activations per micro-batch with and without gradient checkpointing (per-sample
 slopes of the peaks measured by ../shared/bench/floor-h100.json at batch 16), and the 24 GiB recipe.
 
+The quantized base (``--bases klein-wide``): one point per ``--quantize_base`` (none, int8, nf4) on a wider
+tiny klein (a ~100 M-parameter transformer), loaded the trainer's way; then the recipes for klein-4B and
+klein-9B at 256 and 512 px on 12 / 16 / 24 / 48 GiB cards (estimates from the published configs).
+
     python benchmarks/memory.py --output benchmarks/MEMORY.md
     python benchmarks/memory.py --quick          # the test's small setting
+    python benchmarks/memory.py --bases klein-wide   # the quantized base only
 """
 
 from __future__ import annotations
@@ -71,8 +76,22 @@ class Meter:
         return _proc_kib("VmHWM") * 1024
 
 
-def measure_point(base: str, path: str, k: int, batch: int, micro: int, n: int) -> dict:
-    """Peak memory of one ODE-AM update (after a warm-up update) at this point."""
+def transformer_bytes(module) -> int:
+    """Bytes the transformer holds: parameters and buffers (packed 4-bit / int8 for a quantized base) plus
+    bitsandbytes' quantization state (NF4 absmax per block of 64, int8 row scales)."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    total = sum(t.numel() * t.element_size() for t in tensors)
+    for layer in module.modules():
+        weight = getattr(layer, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        extra = [getattr(state, "absmax", None), getattr(weight, "SCB", None)]
+        total += sum(t.numel() * t.element_size() for t in extra if t is not None)
+    return total
+
+
+def measure_point(base: str, path: str, k: int, batch: int, micro: int, n: int, quantize: str = "none") -> dict:
+    """Peak memory of one ODE-AM update (after a warm-up update) at this point; ``quantize``: the
+    ``--quantize_base`` of the transformer and text encoder (none, int8, nf4)."""
     import torch
 
     from diffusers_am.models import LoraSettings, load_model_adapter
@@ -83,7 +102,10 @@ def measure_point(base: str, path: str, k: int, batch: int, micro: int, n: int) 
     torch.manual_seed(0)
     torch.set_num_threads(1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    adapter = load_model_adapter(path).to(device)
+    options = {"max_sequence_length": WIDE_SEQUENCE_LENGTH} if base == "klein-wide" else {}
+    if quantize != "none":
+        options.update(quantize_base=quantize, device=device)
+    adapter = load_model_adapter(path, **options).to(device)
     params = adapter.add_lora(LoraSettings(rank=4, init_lora_weights="gaussian"))
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     if base == "digits":
@@ -110,19 +132,41 @@ def measure_point(base: str, path: str, k: int, batch: int, micro: int, n: int) 
     update(1)
     peak = meter.peak()
     return {"base": base, "K": k, "N": n, "batch": batch, "micro": micro, "device": device.type,
-            "peak_bytes": peak, "start_bytes": start, "update_bytes": max(peak - start, 0)}
+            "peak_bytes": peak, "start_bytes": start, "update_bytes": max(peak - start, 0),
+            "quantize": quantize, "transformer_bytes": transformer_bytes(adapter.transformer)}
 
 
 RESOLUTION_KLEIN = 128  # tiny klein: 16x16 latent tokens
+WIDE_KLEIN = dict(  # a wider tiny klein for the quantized base: 2 double + 4 single blocks of width 1024
+    patch_size=1, in_channels=4, num_layers=2, num_single_layers=4, attention_head_dim=64, num_attention_heads=16,
+    joint_attention_dim=48, timestep_guidance_channels=256, axes_dims_rope=(16, 16, 16, 16), guidance_embeds=False,
+)
+WIDE_SEQUENCE_LENGTH = 16  # text tokens of the wide klein (CPU time); 128 px: 64 image tokens
+QUANTIZE_MODES = ("none", "int8", "nf4")
 
 
-def run_point(base: str, path: str, k: int, batch: int, micro: int, n: int) -> dict:
+def save_wide_klein(directory: Path) -> Path:
+    """The tiny klein pipeline with the :data:`WIDE_KLEIN` transformer (~100 M parameters), saved."""
+    import torch
+    from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from _tiny_pipelines import build_tiny_flux2_klein
+
+    tiny = build_tiny_flux2_klein()
+    torch.manual_seed(1)
+    components = dict(tiny.components, transformer=Flux2Transformer2DModel(**WIDE_KLEIN))
+    Flux2KleinPipeline(**components, is_distilled=True).save_pretrained(directory)
+    return directory
+
+
+def run_point(base: str, path: str, k: int, batch: int, micro: int, n: int, quantize: str = "none") -> dict:
     """:func:`measure_point` in a fresh Python process (its own peak)."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1", TQDM_DISABLE="1")
-    cmd = [sys.executable, __file__, "--point", json.dumps([base, path, k, batch, micro, n])]
+    cmd = [sys.executable, __file__, "--point", json.dumps([base, path, k, batch, micro, n, quantize])]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"memory point {base} K={k} B={batch} m={micro} failed:\n{done.stderr[-2000:]}")
+        raise RuntimeError(f"memory point {base} K={k} B={batch} m={micro} {quantize} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -135,8 +179,14 @@ def sweep(bases: list[str], n: int, micro: int, micros: list[int], batches: list
         from _tiny_pipelines import save_tiny_flux2_klein
 
         paths["klein"] = str(save_tiny_flux2_klein(workdir / "tiny-klein"))
+    if "klein-wide" in bases:
+        paths["klein-wide"] = str(save_wide_klein(workdir / "wide-klein"))
     rows = []
     for base in bases:
+        if base == "klein-wide":  # the quantized base: one point per --quantize_base
+            for q in QUANTIZE_MODES:
+                rows.append(dict(run_point(base, paths[base], 2, 2, 2, 4, q), sweep="quantize"))
+            continue
         for batch in batches:
             for k in sorted({1, 4, n}):
                 rows.append(dict(run_point(base, paths[base], k, batch, micro, n), sweep="K"))
@@ -185,7 +235,7 @@ def claims(rows: list[dict]) -> list[str]:
 
 def table(rows: list[dict]) -> str:
     out = ["| base | sweep | K | N | batch | micro | peak MiB | update MiB |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    for r in (r for r in rows if r["sweep"] != "quantize"):
         out.append(f"| {r['base']} | {r['sweep']} | {r['K']} | {r['N']} | {r['batch']} | {r['micro']} | "
                    f"{_mib(r['peak_bytes'])} | {_mib(r['update_bytes'])} |")
     return "\n".join(out)
@@ -259,11 +309,129 @@ def klein_estimate(rank: int = 32, budget_gib: float = 24.0) -> tuple[str, str]:
     return header + "\n\n" + "\n".join(rows), recipe
 
 
+# -- the quantized base: measured table and the klein-4B / klein-9B recipes (estimates) -----------------------------
+
+def quantize_table(rows: list[dict]) -> str:
+    out = ["| base | --quantize_base | transformer MiB | peak MiB | update MiB | peak saved vs none MiB |",
+           "|---|---|---|---|---|---|"]
+    none = {r["base"]: r["peak_bytes"] for r in rows if r.get("quantize", "none") == "none"}
+    for r in rows:
+        saved = none.get(r["base"], r["peak_bytes"]) - r["peak_bytes"]
+        out.append(f"| {r['base']} | {r.get('quantize', 'none')} | {_mib(r['transformer_bytes'])} | "
+                   f"{_mib(r['peak_bytes'])} | {_mib(r['update_bytes'])} | {_mib(saved)} |")
+    return "\n".join(out)
+
+
+# Qwen3-8B text encoder of klein-9B: hidden 4096, 36 layers, 32 heads x 128, 8 KV heads, MLP 12288, untied head.
+QWEN3_8B = dict(hidden=4096, layers=36, heads=32, kv_heads=8, head_dim=128, mlp=12288, vocab=151936, untied=True)
+CARDS_GIB = (12, 16, 24, 48)
+HEADROOM = 0.9  # a recipe must fit in 90% of the card (allocator fragmentation, CUDA context)
+
+
+def _stored_bytes(params: int, linear: int, mode: str) -> float:
+    """Bytes of a component with ``params`` parameters of which ``linear`` sit in nn.Linear layers, in bf16 or
+    with those layers bitsandbytes-quantized: int8 (1 byte + fp32 row scales, counted as 1 byte) or NF4
+    (half a byte + one fp32 absmax per 64 weights)."""
+    rest = 2 * (params - linear)
+    if mode == "nf4":
+        return rest + linear * (0.5 + 4 / 64)
+    if mode == "int8":
+        return rest + linear * 1.0
+    return 2.0 * params
+
+
+def _klein_counts(config: dict, targets_per_single) -> dict:
+    """Parameters of a klein transformer config, counted on the meta device: total, in nn.Linear, the largest
+    linear, and LoRA parameters per rank on the floor's targets."""
+    import torch
+    from diffusers import Flux2Transformer2DModel
+
+    with torch.device("meta"):
+        model = Flux2Transformer2DModel(**config)
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    targets = targets_per_single(len(model.single_transformer_blocks))
+    targeted = [m for n, m in linears if any(n == t or n.endswith("." + t) for t in targets)]
+    lora = sum(m.in_features + m.out_features for m in targeted)
+    return {"params": sum(p.numel() for p in model.parameters()), "linear": sum(m.weight.numel() for _, m in linears),
+            "largest_linear": max(m.weight.numel() for _, m in linears), "lora_per_rank": lora,
+            "width": config["num_attention_heads"] * config["attention_head_dim"],
+            "blocks": config["num_layers"] + config["num_single_layers"]}
+
+
+def quantized_recipes(rank: int = 32) -> tuple[str, list[dict]]:
+    """(markdown table, rows): for klein-4B and klein-9B at 256 and 512 px and each card in :data:`CARDS_GIB`,
+    the least quantized base and the largest micro-batch (gradient checkpointing on, batch 16 sampled at once)
+    whose estimated peak fits, and that peak. Estimates only: weights from the published configs' parameter
+    counts; activations per trajectory from the klein-4B floor peaks (256 px, bf16), scaled by width x blocks
+    for 9B, by 2 (tokens 768 -> 1536) for the transformer and by 4 (pixels) for the VAE at 512 px."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from flux2_update import KLEIN_4B, KLEIN_9B, LORA_TARGETS
+
+    def targets(singles: int) -> list[str]:
+        return LORA_TARGETS + [f"single_transformer_blocks.{i}.attn.to_out" for i in range(singles)]
+
+    per = _per_trajectory_gib()
+    base4 = _klein_counts(KLEIN_4B, targets)
+    models = {"klein-4B": (base4, QWEN3_4B), "klein-9B": (_klein_counts(KLEIN_9B, targets), QWEN3_8B)}
+    rows = []
+    for name, (tr, qwen) in models.items():
+        te_params = qwen3_params(qwen) + (qwen["vocab"] * qwen["hidden"] if qwen.get("untied") else 0)
+        te_linear = qwen["layers"] * (qwen3_params(dict(qwen, layers=1, vocab=0)) - 2 * qwen["hidden"])
+        scale = tr["width"] * tr["blocks"] / (base4["width"] * base4["blocks"])
+        for px in (256, 512):
+            act = max(per["loss_ckpt"] * scale * (1.0 if px == 256 else 2.0), per["vae"] * (px / 256) ** 2)
+            for card in CARDS_GIB:
+                rows.append(_fit(name, px, card, tr, te_params, te_linear, act, rank))
+    lines = ["| model | px | card GiB | flags (batch 16, --mixed_precision bf16 --gradient_checkpointing) | "
+             "estimated peak GiB |", "|---|---|---|---|---|"]
+    for r in rows:
+        peak = "does not fit" if r["peak_gib"] is None else f"{r['peak_gib']:.1f} (estimate)"
+        lines.append(f"| {r['model']} | {r['px']} | {r['card']} | {r['flags']} | {peak} |")
+    return "\n".join(lines), rows
+
+
+def _per_trajectory_gib() -> dict:
+    """Activations per trajectory (GiB, 256 px, klein-4B, bf16) from the floor's peaks at batch 16."""
+    peaks = dict(FLOOR_PEAKS_GIB)
+    weights = KLEIN_4B_TRANSFORMER_PARAMS * 2 / GIB
+    floor_lora = KLEIN_4B_LORA_PARAMS_PER_RANK * 32 * (4 + 4) / GIB
+    return {"loss_ckpt": max(peaks["loss_ckpt"] - weights - floor_lora, 0.0) / FLOOR_BATCH,
+            "vae": max(peaks["vae_bwd"] - VAE_PARAMS * 2 / GIB, 0.0) / FLOOR_BATCH}
+
+
+def _fit(model: str, px: int, card: int, tr: dict, te_params: int, te_linear: int, act: float, rank: int) -> dict:
+    """The first recipe that fits ``card`` GiB, preferring no quantization, then int8, then NF4; the text encoder
+    cached (bf16 on the GPU only while encoding at set-up) before quantized and offloaded (not cached)."""
+    lora = tr["lora_per_rank"] * rank * (4 + 4 + 8) / GIB  # fp32 weights, grads, AdamW m and v
+    vae = VAE_PARAMS * 2 / GIB
+    for mode in ("none", "int8", "nf4"):
+        transformer = _stored_bytes(tr["params"], tr["linear"], mode) / GIB
+        workspace = 0.0 if mode == "none" else tr["largest_linear"] * 2 / GIB  # one layer dequantized to bf16
+        for cached in (True, False):
+            if not cached and mode == "none":
+                continue
+            text = (_stored_bytes(te_params, 0, "none") if cached else _stored_bytes(te_params, te_linear, mode)) / GIB
+            setup = transformer + vae + text  # encoding: the text encoder on the GPU beside the transformer
+            for micro in (16, 8, 4, 2, 1):
+                train = transformer + workspace + lora + vae + micro * act
+                peak = max(setup, train)
+                if peak <= HEADROOM * card:
+                    flags = [] if mode == "none" else [f"--quantize_base {mode}"]
+                    flags += ["--cache_prompt_embeddings"] if cached else ["--offload_text_encoder"]
+                    flags += [f"--micro_batch_size {micro}"]
+                    return {"model": model, "px": px, "card": card, "flags": " ".join(f"`{f}`" for f in flags),
+                            "peak_gib": peak, "mode": mode, "micro": micro, "cached": cached}
+    return {"model": model, "px": px, "card": card, "flags": "-", "peak_gib": None, "mode": None, "micro": None,
+            "cached": None}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--point", default=None, help=argparse.SUPPRESS)
     p.add_argument("--quick", action="store_true", help="small setting (the test): N 4, batch 4, micro-batch 1, 2")
-    p.add_argument("--bases", default="digits,klein", help="comma-separated: digits, klein")
+    p.add_argument("--bases", default="digits,klein,klein-wide",
+                   help="comma-separated: digits, klein (K and micro-batch sweeps), klein-wide (--quantize_base none, "
+                   "int8, nf4 on a ~100 M-parameter klein transformer)")
     p.add_argument("--num_inference_steps", type=int, default=20, help="N (K sweeps 1, 4, N)")
     p.add_argument("--micro_batch_size", type=int, default=4, help="fixed micro-batch of the K sweep")
     p.add_argument("--output", default=None, help="write the report (markdown) here and the raw rows as .json")
@@ -277,9 +445,9 @@ def main(argv=None) -> int:
         print(json.dumps(measure_point(*json.loads(args.point))))
         return 0
     bases = [b.strip() for b in args.bases.split(",") if b.strip()]
-    bad = [b for b in bases if b not in ("digits", "klein")]
+    bad = [b for b in bases if b not in ("digits", "klein", "klein-wide")]
     if bad:
-        print(f"error: --bases takes digits and/or klein; got {bad}.", file=sys.stderr)
+        print(f"error: --bases takes digits, klein and/or klein-wide; got {bad}.", file=sys.stderr)
         return 2
     if args.quick:
         n, micro, micros, batches = 4, 2, [1, 2], [4]
@@ -290,12 +458,20 @@ def main(argv=None) -> int:
         return 2
     if args.rows_json:
         rows = json.loads(Path(args.rows_json).read_text())["rows"]
-        micro = next(r["micro"] for r in rows if r["sweep"] == "K")
+        micro = next((r["micro"] for r in rows if r["sweep"] == "K"), micro)
         batches = sorted({r["batch"] for r in rows})
     else:
         with tempfile.TemporaryDirectory() as tmp:
             rows = sweep(bases, n, micro, micros, batches, Path(tmp))
     estimate, recipe = klein_estimate()
+    recipes, _ = quantized_recipes()
+    quantized = [r for r in rows if r["sweep"] == "quantize"]
+    measured_q = [
+        f"Measured on {rows[0]['device']}: one ODE-AM update (N 4, K 2, batch 2, micro-batch 2, rank 4, 128 px, "
+        f"{WIDE_SEQUENCE_LENGTH} text tokens) on a klein transformer of width 1024 (2 double + 4 single blocks) "
+        "loaded with each `--quantize_base` (the text encoder, tiny here, quantized alike). \"transformer MiB\" "
+        "counts its parameters, buffers and bitsandbytes' quantization state.", "", quantize_table(quantized), "",
+    ] if quantized else ["No klein-wide rows in this run (`--bases klein-wide` measures them).", ""]
     device = rows[0]["device"]
     what = "CUDA max_memory_allocated" if device == "cuda" else "peak RSS of a fresh process (VmHWM)"
     report = "\n".join([
@@ -309,6 +485,12 @@ def main(argv=None) -> int:
         "is pulled flat by them, so read the largest micro-batches for the slope. \"peak MiB\" on CPU includes "
         "the Python / torch process (~0.5 GiB).", "",
         "## Estimate for FLUX.2-klein-4B (bf16, batch 16, 256 px)", "", estimate, "", recipe, "",
+        "## Quantized base (`--quantize_base`)", "", *measured_q,
+        "Recipes for klein-4B and klein-9B (estimates from the published configs' parameter counts and the klein-4B "
+        "floor's activation peaks, until a GPU measures them; LoRA rank 32 with fp32 AdamW; 10% headroom). A cached "
+        "prompt set-up holds the bf16 text encoder beside the transformer while it encodes; otherwise the text "
+        "encoder is quantized alike and visits the GPU only to encode each batch (`--offload_text_encoder`).", "",
+        recipes, "",
     ])
     print(report)
     if args.output:

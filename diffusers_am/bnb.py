@@ -22,24 +22,33 @@ from typing import Any, Iterator
 NAME = "bitsandbytes"
 
 
+_held_back = False
+"""Whether the block in ``sys.modules`` is ours (a block someone else set, e.g. a test simulating a missing
+bitsandbytes, is never lifted here)."""
+
+
 def defer_bitsandbytes() -> bool:
     """Hide bitsandbytes from diffusers and peft until :func:`import_bitsandbytes`; returns whether the block
-    was set (not when bitsandbytes is already imported: then it is too late, and nothing changes)."""
+    was set (not when bitsandbytes is already imported, or blocked by someone else: then nothing changes)."""
+    global _held_back
     if NAME in sys.modules:
         return False
     sys.modules[NAME] = None  # type: ignore[assignment]  # the documented import block
+    _held_back = True
     return True
 
 
 def is_deferred() -> bool:
     """Whether :func:`defer_bitsandbytes` holds bitsandbytes back in this process."""
-    return NAME in sys.modules and sys.modules[NAME] is None
+    return _held_back and NAME in sys.modules and sys.modules[NAME] is None
 
 
 def undefer_bitsandbytes() -> None:
     """Lift the block of :func:`defer_bitsandbytes` (nothing is imported)."""
+    global _held_back
     if is_deferred():
         del sys.modules[NAME]
+    _held_back = False
 
 
 @contextlib.contextmanager
@@ -108,8 +117,10 @@ def pipeline_needs_bitsandbytes(pretrained: Any) -> bool:
 
 
 def run_needs_bitsandbytes(config: Any) -> bool:
-    """Whether a training run (a ``TrainingConfig``) uses bitsandbytes: ``--use_8bit_adam``, or a base whose
-    folder holds a bitsandbytes-quantized component. A flag that quantizes the base belongs here too."""
-    return bool(getattr(config, "use_8bit_adam", False)) or pipeline_needs_bitsandbytes(
-        getattr(config, "pretrained_model_name_or_path", None)
+    """Whether a training run (a ``TrainingConfig``) uses bitsandbytes: ``--use_8bit_adam``, ``--quantize_base
+    nf4 | int8``, or a base whose folder holds a bitsandbytes-quantized component."""
+    return (
+        bool(getattr(config, "use_8bit_adam", False))
+        or getattr(config, "quantize_base", "none") not in (None, "none")
+        or pipeline_needs_bitsandbytes(getattr(config, "pretrained_model_name_or_path", None))
     )

@@ -23,6 +23,9 @@ probe's adjoint norms:  lambda = (S_ref / S_target(lambda = 1))^(1/q).
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import torch
 
 from .probe import ControlProfile, _positive
@@ -91,11 +94,27 @@ def matched_reward_scale(
         ``reference_scale`` itself.
     """
     lam = _positive(reference_scale, "reference_scale")
-    ref_size = control_size(reference.at(lam), reference_steps or truncate_steps, statistic, reduction)
-    unit_size = control_size(target.at(1.0), truncate_steps, statistic, reduction)
-    if not (ref_size > 0 and unit_size > 0):
+    ref_size = control_size(_float64(reference).at(lam), reference_steps or truncate_steps, statistic, reduction)
+    # the target is measured in float64 at the lambda where its median sample's largest adjoint norm over the
+    # window is 1: at lambda = 1 the control |a~|^(1/(p-1)) of an order p close to 1 overflows (p = 1.01,
+    # |a~| = 5: 5^100), and relative to the largest sample the typical one underflows
+    target = _float64(target)
+    typical = float(target.adjoint_norms[_window_mask(target, truncate_steps)].amax(0).median())
+    probe_scale = target.reward_scale / typical if typical > 0 else 1.0
+    probe_size = control_size(target.at(probe_scale), truncate_steps, statistic, reduction)
+    if not (ref_size > 0 and probe_size > 0):
         raise ValueError(
             "cannot match lambda: the probe's reward gradient is zero over the window (the control it asks for "
             "is zero); probe another batch or set --reward_scale directly."
         )
-    return (ref_size / unit_size) ** (1.0 / target.scale_exponent)
+    if not (math.isfinite(ref_size) and math.isfinite(probe_size)):
+        raise ValueError(
+            f"cannot match lambda: the {reduction} control size of order p = {target.order:g} overflows even in "
+            "float64 (its samples' adjoints differ too much for |a~|^(1/(p-1))); use the median, or a larger p."
+        )
+    return math.exp(math.log(probe_scale) + (math.log(ref_size) - math.log(probe_size)) / target.scale_exponent)
+
+
+def _float64(profile: ControlProfile) -> ControlProfile:
+    """``profile`` with its adjoint norms in float64 (powers 1 / (p - 1) of them stay finite)."""
+    return dataclasses.replace(profile, adjoint_norms=profile.adjoint_norms.double())

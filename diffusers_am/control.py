@@ -49,6 +49,12 @@ def control_cost(u: torch.Tensor, order: float) -> torch.Tensor:
 def optimal_control(adjoint: torch.Tensor, order: float) -> torch.Tensor:
     """phi_p(a) = -|a|^((2-p)/(p-1)) * a per sample; zero where a = 0 (no NaN, no inf).
 
+    Computed as -|a|^(1/(p-1)) * (a / |a|) with the per-sample norm and power in float64, so no intermediate
+    overflows or underflows where the result itself fits ``adjoint``'s dtype (|a|^((2-p)/(p-1)) alone
+    overflows float32 for p close to 1 and |a| > 1, or for large p and a tiny |a|). Where |phi_p(a)| itself
+    exceeds the dtype (p close to 1 with a large adjoint: p = 1.01 and |a| = 50 ask for 50^100) the sample's
+    control is inf, and the trainer skips that update.
+
     Args:
         adjoint: costate a, shape [B, ...].
         order: p > 1.
@@ -58,8 +64,10 @@ def optimal_control(adjoint: torch.Tensor, order: float) -> torch.Tensor:
     p = check_order(order)
     if p == 2.0:
         return -adjoint
-    norm = per_sample_norm(adjoint)
+    a = adjoint.double()
+    norm = per_sample_norm(a)
     nonzero = norm > 0
     safe = torch.where(nonzero, norm, torch.ones_like(norm))
-    scale = torch.where(nonzero, safe.pow((2.0 - p) / (p - 1.0)), torch.zeros_like(norm))
-    return -scale.reshape((-1,) + (1,) * (adjoint.dim() - 1)) * adjoint
+    magnitude = torch.where(nonzero, safe.pow(1.0 / (p - 1.0)), torch.zeros_like(norm))
+    shape = (-1,) + (1,) * (adjoint.dim() - 1)
+    return (-(magnitude / safe).reshape(shape) * a).to(adjoint.dtype)

@@ -40,7 +40,7 @@ from .models import (
     short_names_help,
 )
 from .models.base import FlowModelAdapter
-from .prompts import load_prompts
+from .prompts import _as_condition, load_prompts
 from .rewards import load_reward
 from .rewards.scoring import score_rewards
 from .sampling import sample_images
@@ -157,9 +157,7 @@ def read_prompts(prompts: str | os.PathLike | Sequence[Any] | None, sampler: Any
     prompts = list(prompts)
     if not prompts:
         raise ValueError("`prompts` is empty.")
-    if sampler.conditioning == "class":
-        prompts = [int(p) if isinstance(p, str) and p.strip().isdigit() else p for p in prompts]
-    return prompts
+    return [_as_condition(p, sampler.conditioning, f"`--prompts` entry {i + 1}") for i, p in enumerate(prompts)]
 
 
 def _is_digits_base(path: Any) -> bool:
@@ -192,6 +190,77 @@ def resolve_adapter(adapter: str | os.PathLike) -> tuple[str, str]:
         f"adapter folder {str(path)!r} holds no {LORA_FILE_NAMES[0]} (the file the trainer writes); pass a "
         "training run's output folder, or the adapter's .safetensors file."
     )
+
+
+def read_adapter_weights(folder: str, weight_name: str) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter file, checked before anything is sampled: a readable, complete
+    safetensors (or weights-only torch) file of finite floating-point LoRA tensors. ValueError naming the file."""
+    path = Path(folder) / weight_name
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # safetensors' SafetensorError, an unpickling error, OSError
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ValueError(
+            f"adapter file {str(path)!r} is not a readable LoRA weight file ({detail}): it is damaged, truncated or "
+            "not a safetensors file; pass the pytorch_lora_weights.safetensors a training run wrote."
+        ) from None
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"adapter file {str(path)!r} holds no tensors; pass a LoRA adapter file.")
+    if not any("lora" in key.lower() for key in state):
+        raise ValueError(
+            f"adapter file {str(path)!r} holds no LoRA weights (keys such as {sorted(state)[:2]}); pass a LoRA "
+            "adapter (keys '<module>.lora_A.weight' / '.lora_B.weight')."
+        )
+    for key, value in state.items():
+        if not value.is_floating_point():
+            raise ValueError(
+                f"adapter file {str(path)!r}: tensor {key!r} is {value.dtype}; LoRA weights are floating point "
+                "(float32, float16 or bfloat16)."
+            )
+        if not torch.isfinite(value).all():
+            raise ValueError(f"adapter file {str(path)!r}: tensor {key!r} holds NaN or inf values.")
+    return state
+
+
+def check_adapter_fits(state: dict[str, torch.Tensor], pipeline: Any, path: str) -> None:
+    """ValueError naming ``path`` unless each PEFT-format LoRA pair ``<component>.<module>.lora_A/B.weight`` of
+    ``state`` names a module of ``pipeline``'s component with matching shapes: lora_A [r, in_features],
+    lora_B [out_features, r] for a Linear. Keys in other LoRA formats are left to diffusers' converters."""
+    for key, down in state.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        prefix = key[: -len(".lora_A.weight")]
+        component, _, module_path = prefix.partition(".")
+        model = getattr(pipeline, component, None)
+        if not isinstance(model, torch.nn.Module):
+            raise ValueError(
+                f"adapter file {path!r}: key {key!r} is for a {component!r} this pipeline "
+                f"({type(pipeline).__name__}) does not have; pass an adapter trained on this model."
+            )
+        try:
+            module = model.get_submodule(module_path)
+        except AttributeError:
+            raise ValueError(
+                f"adapter file {path!r}: key {key!r} names no module of this model's {component}; pass an adapter "
+                f"trained on this model ({type(pipeline).__name__})."
+            ) from None
+        up = state.get(f"{prefix}.lora_B.weight")
+        if up is None:
+            raise ValueError(f"adapter file {path!r}: {key!r} has no matching {prefix}.lora_B.weight.")
+        base = getattr(module, "base_layer", module)
+        if isinstance(base, torch.nn.Linear):
+            want_a, want_b = (down.shape[0], base.in_features), (base.out_features, down.shape[0])
+            if down.dim() != 2 or up.dim() != 2 or tuple(down.shape) != want_a or tuple(up.shape) != want_b:
+                raise ValueError(
+                    f"adapter file {path!r}: {prefix} has shapes lora_A {list(down.shape)}, lora_B {list(up.shape)}; "
+                    f"this model's layer ({base.in_features} -> {base.out_features}) needs [r, {base.in_features}] and "
+                    f"[{base.out_features}, r]: pass an adapter trained on this model."
+                )
 
 
 def _check_arguments(num_images_per_prompt: int, batch_size: int, k: int, seed: int, num_inference_steps: int | None,
@@ -282,15 +351,54 @@ def evaluate(
         num_images_per_prompt, batch_size, k, seed, num_inference_steps, resolution, guidance_scale, device
     )
     lora_files = [resolve_adapter(a) for a in adapters]
-    if output_dir is not None:
-        from .training.disk import check_writable
+    lora_states = [read_adapter_weights(folder_, name) for folder_, name in lora_files]
+    folder = None
+    if output_dir is not None:  # claimed (checked and locked) before anything is loaded
+        from .training.run_folder import RunFolder
 
-        if Path(output_dir).exists() and not Path(output_dir).is_dir():
-            raise ValueError(f"`--output_dir` {str(output_dir)!r} is a file; pass a folder.")
-        check_writable(output_dir)
+        folder = RunFolder.claim(output_dir, "`--output_dir`")
+    try:
+        return _evaluate(
+            pipeline_or_path, adapters, lora_files, lora_states, prompts, num_images_per_prompt, rewards,
+            reward_model_paths, feature_extractor, diversity, folder, num_inference_steps=num_inference_steps,
+            resolution=resolution, guidance_scale=guidance_scale, seed=seed, batch_size=batch_size, k=k,
+            sampler=sampler, device=device, dtype=dtype, pipeline_call_kwargs=pipeline_call_kwargs,
+            adapter_kwargs=adapter_kwargs, progress=progress,
+        )
+    finally:
+        if folder is not None:
+            folder.release()
+
+
+def report_names(results: dict[str, Any], samples: dict[str, torch.Tensor]) -> list[str]:
+    """The files :func:`~diffusers_am.metrics.report.write_report` writes for ``results`` (recorded in the
+    output folder's marker before they are written)."""
+    from .metrics.report import metric_columns
+
+    cols = metric_columns(results["models"])
+    names = ["metrics.json", "metrics.md", *(f"plot_{c.replace('/', '_')}.png" for c in cols)]
+    if any(c.startswith("reward/") for c in cols) and any(c.startswith("diversity/") for c in cols):
+        names.append("reward_vs_diversity.png")
+    return names + [f"samples_{name}.png" for name in samples]
+
+
+def _evaluate(
+    pipeline_or_path: Any, adapters: Sequence[str | os.PathLike], lora_files: list[tuple[str, str]],
+    lora_states: list[dict[str, torch.Tensor]], prompts: Any,
+    num_images_per_prompt: int, rewards: Sequence[str] | None, reward_model_paths: dict[str, str] | None,
+    feature_extractor: str | Callable | None, diversity: str | Sequence[str] | None, folder: Any, *,
+    num_inference_steps: int | None, resolution: int | None, guidance_scale: float | None, seed: int,
+    batch_size: int, k: int, sampler: str, device: Any, dtype: torch.dtype, pipeline_call_kwargs: Any,
+    adapter_kwargs: Any, progress: bool,
+) -> dict[str, Any]:
+    """:func:`evaluate` once its arguments and adapter files (``lora_states``) are checked and ``folder`` (a
+    RunFolder, or None: no report) is claimed."""
     smp = build_sampler(pipeline_or_path, sampler=sampler, dtype=dtype, device=device,
                         num_inference_steps=num_inference_steps, resolution=resolution, guidance_scale=guidance_scale,
                         pipeline_call_kwargs=pipeline_call_kwargs, adapter_kwargs=adapter_kwargs)
+    for (folder_, name), state in zip(lora_files, lora_states):
+        check_adapter_fits(state, smp.pipeline, str(Path(folder_) / name))
+    del lora_states
     prompt_list = read_prompts(prompts, smp)
     conditions = [p for p in prompt_list for _ in range(num_images_per_prompt)]
     n = len(conditions)
@@ -353,8 +461,11 @@ def evaluate(
         },
         "models": models,
     }
-    if output_dir is not None:
-        results["files"] = {k_: str(v) for k_, v in write_report(results, output_dir, samples, nrow=num_images_per_prompt).items()}
+    if folder is not None:
+        folder.start(report_names(results, samples), fresh=False)  # refuses to replace a file it did not write
+        written = write_report(results, folder.path, samples, nrow=num_images_per_prompt)
+        folder.record(*(path.name for path in written.values()))
+        results["files"] = {k_: str(v) for k_, v in written.items()}
     return results
 
 

@@ -21,24 +21,52 @@ from typing import Any, Sequence
 Condition = Any  # a prompt (str) or a class label (int)
 
 
+MAX_PROMPT_CHARS = 10_000
+"""The longest prompt accepted, in characters: far beyond what any supported text encoder reads (at most 512
+tokens), so a longer line is a wrong file (a log, a data dump), not a prompt."""
+MAX_LABEL_DIGITS = 18
+"""The most digits a class label may have (labels index a model's classes)."""
+
+
 def _as_condition(value: Any, conditioning: str, where: str) -> Condition:
+    """``value`` as a class label (a non-negative integer of ASCII digits) or a prompt (a non-empty string of
+    at most :data:`MAX_PROMPT_CHARS` characters); ValueError starting with ``where`` (file and line) else."""
     if conditioning == "class":
         if isinstance(value, bool):
-            raise ValueError(f"{where}: {value!r} is not a class label (a non-negative integer).")
+            raise ValueError(f"{where}: {_shown(value)} is not a class label (a non-negative integer).")
         if isinstance(value, int):
             label = value
         elif isinstance(value, float) and value.is_integer():
             label = int(value)
-        elif isinstance(value, str) and value.strip().lstrip("+").isdigit():
+        elif isinstance(value, str) and _is_ascii_integer(value.strip().lstrip("+")):
             label = int(value.strip())
         else:
-            raise ValueError(f"{where}: {value!r} is not a class label (a non-negative integer).")
+            raise ValueError(
+                f"{where}: {_shown(value)} is not a class label; a label is a non-negative integer written with "
+                f"the digits 0-9 (at most {MAX_LABEL_DIGITS} of them)."
+            )
         if label < 0:
             raise ValueError(f"{where}: class label {label} is negative.")
         return label
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{where}: expected a non-empty prompt string; got {value!r}.")
+        raise ValueError(f"{where}: expected a non-empty prompt string; got {_shown(value)}.")
+    if len(value.strip()) > MAX_PROMPT_CHARS:
+        raise ValueError(
+            f"{where}: the prompt is {len(value.strip())} characters long; a prompt is at most {MAX_PROMPT_CHARS} "
+            "characters (one prompt a line; text encoders read at most 512 tokens)."
+        )
     return value.strip()
+
+
+def _is_ascii_integer(text: str) -> bool:
+    """Whether ``text`` is 1 to MAX_LABEL_DIGITS ASCII digits (``str.isdigit`` also takes '٣' and '²')."""
+    return 0 < len(text) <= MAX_LABEL_DIGITS and text.isascii() and text.isdigit()
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    """``repr(value)``, cut to about ``limit`` characters (a 1 MB line stays one line of error)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _from_txt(path: Path, conditioning: str) -> list[Condition]:
@@ -58,8 +86,14 @@ def _from_csv(path: Path, conditioning: str, column: str) -> list[Condition]:
                 "set `--prompt_column`."
             )
         out = []
-        for row in reader:
-            out.append(_as_condition(row.get(column), conditioning, f"{path}, line {reader.line_num}"))
+        try:
+            for row in reader:
+                out.append(_as_condition(row.get(column), conditioning, f"{path}, line {reader.line_num}"))
+        except csv.Error as err:  # e.g. a field over csv's 128 KiB limit
+            raise ValueError(
+                f"{path}, line {reader.line_num + 1}: not a CSV row of prompts ({err}); one prompt (at most "
+                f"{MAX_PROMPT_CHARS} characters) per row."
+            ) from None
     return out
 
 

@@ -9,9 +9,11 @@ takes a YAML or JSON file of the same names. Writes a diffusers LoRA adapter
 (``pytorch_lora_weights.safetensors``), validation grids, a model card and ``train_log.jsonl``
 into ``--output_dir``.
 
-Exit codes: 0 done; 2 a bad input (one ``error: ...`` line, nothing written); 130 / 143 stopped by
-SIGINT / SIGTERM after writing a checkpoint (one line says how to resume); 1 an output could not be
-written (a full disk: one line names the last good checkpoint).
+Exit codes (the README's table, :mod:`diffusers_am.training.errors`): 0 done; 2 a bad input (one
+``error: ...`` line, nothing written); 3 every update was skipped as NaN / inf (one line, no adapter);
+130 / 143 stopped by SIGINT / SIGTERM after writing a checkpoint (one line says how to resume); 1 an
+output could not be written (a full disk: one line names the last good checkpoint), or a bug (a
+traceback). ``accelerate launch`` turns any failure into 1; ``diffusers-am-launch`` keeps these codes.
 """
 
 from __future__ import annotations

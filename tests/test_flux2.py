@@ -316,9 +316,9 @@ def test_benchmark_script_tiny_code_path(tmp_path, monkeypatch):
     assert [r["method"] for r in rows] == ["AM-1", "AM-Full", "DRaFT-1"] and all(r["seconds"] > 0 for r in rows)
     assert "| AM-Full |" in out.read_text()
     opts = ["--micro_batch_size", "1", "--cache_prompt_embeddings", "--compile", "--compile_backend", "eager",
-            "--gradient_checkpointing", "--output", str(tmp_path / "opts.md")]
+            "--gradient_checkpointing", "--quantize_base", "nf4", "--output", str(tmp_path / "opts.md")]
     assert module.main(argv[:-2] + opts) == 0
-    assert "micro-batch 1, prompt cache on, compile eager" in (tmp_path / "opts.md").read_text()
+    assert "micro-batch 1, prompt cache on, compile eager, base nf4" in (tmp_path / "opts.md").read_text()
     with pytest.raises(ValueError, match="--methods"):
         module.main(argv[:-2] + ["--methods", "AM-7"])
     floor = {"t_fwd_nograd_s": 1.0, "t_vjp_latent_s": 2.0, "t_loss_step_s": 3.0, "floor_AM_1_s": 9.0}

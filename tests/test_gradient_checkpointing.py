@@ -204,7 +204,9 @@ def test_readme_flux_command_flags_together_on_tiny_klein(tmp_path, checkpoint_c
     assert [r["step"] for r in log] == [1, 2] and not any(r["skipped"] for r in log)
     assert all(r["loss"] == r["loss"] and len(r["control_norm_per_step"]) == 1 for r in log)
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
-    optimizer_state = torch.load(out / "checkpoint-2" / "optimizer.bin", weights_only=False)["state"]
+    from diffusers_am.training.safe_state import load_state_dict
+
+    optimizer_state = load_state_dict(out / "checkpoint-2", "training_state")["optimizer"]["state"]
     assert optimizer_state and all("__bnb_optimizer_quant_state__" in s for s in optimizer_state.values())
     validation = [json.loads(line) for line in (out / "validation_log.jsonl").read_text().splitlines()]
     assert [v["model"] for v in validation] == ["base", "fine-tuned"]

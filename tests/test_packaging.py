@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ENTRY_POINTS = {"diffusers-am-train": "diffusers_am.train:main", "diffusers-am-evaluate": "diffusers_am.evaluate:main"}
+ENTRY_POINTS = {"diffusers-am-train": "diffusers_am.train:main", "diffusers-am-evaluate": "diffusers_am.evaluate:main",
+               "diffusers-am-launch": "diffusers_am.launch:main"}
 PACKAGE_DATA = (
     "diffusers_am/training/model_card_template.md",
     "diffusers_am/assets/digits-sit/model_index.json",

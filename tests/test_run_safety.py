@@ -299,7 +299,7 @@ def test_two_processes_stop_at_the_same_update_when_one_is_signalled(tiny_base, 
     assert 1 <= stopped < 30
     assert err.count(f"stopped by SIGTERM after update {stopped} of 30: saved ") == 1  # printed by the main process
     checkpoint = out / f"checkpoint-{stopped}"  # both ranks wrote their part of the same update's checkpoint
-    assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
+    assert (checkpoint / "rng_state_0.safetensors").is_file() and (checkpoint / "rng_state_1.safetensors").is_file()
     assert [s for s, _ in list_checkpoints(out)] == [stopped] and not (out / LOCK_NAME).exists()
 
 
@@ -460,16 +460,15 @@ def test_resume_refuses_fixed_options_and_applies_a_new_learning_rate(tiny_base,
 
 def test_every_reward_nan_still_writes_strict_json(tiny_base, tmp_path, rewards_dir, caplog):
     out = tmp_path / "run"
-    with caplog.at_level("WARNING", logger="diffusers_am"):
-        assert run(tiny_base, out, "--reward", f"{rewards_dir / 'bad_rewards.py'}:always_nan") == 0
+    with caplog.at_level("WARNING", logger="diffusers_am"):  # every update skipped: exit 3, no adapter (17B)
+        assert run(tiny_base, out, "--reward", f"{rewards_dir / 'bad_rewards.py'}:always_nan") == 3
     assert any("skipping this update" in r.getMessage() for r in caplog.records)
-    summary = strict_json(out / "train_summary.json")
-    assert summary["reward_before"] is None and summary["reward_after"] is None and summary["skipped_updates"] == 2
     for name in ("training_config.json", ".diffusers-am-run.json"):
         strict_json(out / name)
-    for line in (out / "train_log.jsonl").read_text().splitlines():
+    lines = (out / "train_log.jsonl").read_text().splitlines()
+    for line in lines:
         json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in train_log.jsonl"))
-    assert all(torch.isfinite(t).all() for t in load_file(out / "pytorch_lora_weights.safetensors").values())
+    assert len(lines) == 2 and not (out / "pytorch_lora_weights.safetensors").exists()
 
 
 @pytest.mark.parametrize(

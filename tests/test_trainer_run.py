@@ -145,12 +145,12 @@ def test_resume_two_plus_two_equals_four(tiny_base, tmp_path):
     assert {
         "trainable_params.safetensors",
         "pytorch_lora_weights.safetensors",
-        "optimizer.bin",
-        "scheduler.bin",
-        "random_states_0.pkl",
+        "training_state.safetensors",  # optimizer, LR schedule and EMA, without pickle
+        "training_state.json",
+        "rng_state_0.safetensors",
         "trainer_state.json",
-        "custom_checkpoint_0.pkl",
     } <= {p.name for p in ckpt.iterdir()}
+    assert not [p.name for p in ckpt.iterdir() if p.suffix in (".pkl", ".bin", ".pt")]
 
     resumed = tmp_path / "resumed"
     assert run(tiny_base, resumed, *common, "--resume_from_checkpoint", str(ckpt)) == 0
@@ -346,7 +346,7 @@ def test_accelerate_launch_two_processes(tiny_base, tmp_path):
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["num_processes"] == 2
     ckpt = out / "checkpoint-2"
-    assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
+    assert (ckpt / "rng_state_0.safetensors").is_file() and (ckpt / "rng_state_1.safetensors").is_file()
     # (the trainer itself raises if the ranks' LoRA weights differ at the end)
     # 2 processes x 1 micro-batch average the same gradients as 1 process x 2 accumulated micro-batches
     single = tmp_path / "single"

@@ -198,11 +198,22 @@ def read_model_index(pretrained_model_name_or_path: str | os.PathLike, **hub_kwa
 def load_model_adapter(pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> FlowModelAdapter:
     """Load a pipeline (folder, Hub id or short name) and wrap it in its family's model adapter (dispatch on
     model_index.json). ``kwargs`` go to its ``from_pretrained`` (``dtype``, and the family's
-    :data:`MODEL_OPTIONS`: ValueError in one line for one the family does not take)."""
+    :data:`MODEL_OPTIONS`: ValueError in one line for one the family does not take; ``quantize_base`` and
+    ``quantize_text_encoders`` for a bitsandbytes base, ValueError in one line for a family that takes none)."""
     name = resolve_pretrained(pretrained_model_name_or_path)
     index = read_model_index(name)
     cls = adapter_class(index.get("_class_name", "<missing _class_name>"))
     cls.check_options({k: v for k, v in kwargs.items() if k in MODEL_OPTIONS})
+    quantize = kwargs.get("quantize_base", "none")
+    if quantize == "none":
+        kwargs.pop("quantize_base", None)
+        kwargs.pop("quantize_text_encoders", None)
+    elif not cls.quantizable:
+        raise ValueError(
+            f"`--quantize_base {quantize}` applies to the FLUX.2-klein, FLUX.1 and SD3 transformers; "
+            f"{index.get('_class_name')} ({cls.__name__}) cannot load a bitsandbytes-quantized base: pass "
+            "`--quantize_base none`."
+        )
     return cls.from_pretrained(name, **kwargs)
 
 

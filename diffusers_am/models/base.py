@@ -32,6 +32,8 @@ class FlowModelAdapter(abc.ABC):
     options: tuple[str, ...] = ()
     """Keyword options of the constructor / ``from_pretrained`` (``offload_text_encoder``, ...)."""
     conditioning: str = "text"
+    quantizable: bool = False
+    """Whether ``from_pretrained`` takes ``quantize_base`` (bitsandbytes NF4 / int8 base, :mod:`.quantize`)."""
     default_num_inference_steps: int = 20
     default_resolution: int = 256
 

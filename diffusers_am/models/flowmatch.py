@@ -79,6 +79,7 @@ class FlowMatchAdapter(FlowModelAdapter):
     pipeline_class_name: ClassVar[str]
     options = ("offload_text_encoder", "max_sequence_length")
     conditioning = "text"
+    quantizable = True
     default_num_inference_steps = 20
     default_resolution = 256
     default_guidance_scale: ClassVar[float] = 1.0
@@ -106,18 +107,54 @@ class FlowMatchAdapter(FlowModelAdapter):
         offload_text_encoder: bool = False,
         max_sequence_length: int | None = None,
         device: torch.device | str | None = None,
+        quantize_base: str = "none",
+        quantize_text_encoders: bool = True,
         **kwargs: Any,
     ) -> "FlowMatchAdapter":
         """Load with the stock pipeline's ``from_pretrained`` (folder or Hub id; extra kwargs such
-        as ``revision`` / ``variant`` go to it); the VAE and text encoders are frozen."""
+        as ``revision`` / ``variant`` go to it); the VAE and text encoders are frozen.
+
+        ``quantize_base`` ``nf4`` / ``int8`` quantizes the transformer (and, with ``quantize_text_encoders``,
+        the text encoders) with bitsandbytes (:mod:`.quantize`): loaded through diffusers'
+        ``PipelineQuantizationConfig`` when ``device`` is a GPU (or None with a GPU present), else loaded in
+        ``dtype`` and quantized in place on the CPU; bitsandbytes computes in ``dtype``."""
         dtype = resolve_dtype(dtype, kwargs.pop("torch_dtype", None), torch.float32)
+        quantized = cls._quantized_components(quantize_base, quantize_text_encoders, pretrained_model_name_or_path)
+        on_gpu = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+        if quantized and on_gpu:
+            from .quantize import pipeline_quantization_config
+
+            kwargs["quantization_config"] = pipeline_quantization_config(quantize_base, dtype, quantized)
         pipeline = cls._pipeline_class().from_pretrained(pretrained_model_name_or_path, dtype=dtype, **kwargs)
+        if quantized and not on_gpu:
+            from .quantize import quantize_pipeline
+
+            quantize_pipeline(pipeline, quantize_base, dtype, quantized)
         adapter = cls(pipeline, offload_text_encoder=offload_text_encoder, max_sequence_length=max_sequence_length)
         for module in adapter._frozen_modules():
             module.requires_grad_(False)
         if device is not None:
             adapter.to(device)
         return adapter
+
+    @classmethod
+    def _quantized_components(cls, mode: str, text_encoders: bool, path: str) -> list[str]:
+        """The components ``--quantize_base mode`` quantizes: [] for none, else the transformer and (when
+        ``text_encoders``) the pipeline's text encoders, read from ``model_index.json`` of ``path``.
+        ValueError in one line when bitsandbytes is missing."""
+        from .quantize import check_mode, require_bitsandbytes
+
+        if check_mode(mode) == "none":
+            return []
+        require_bitsandbytes(mode)
+        names = ["transformer"]
+        if text_encoders:
+            from . import read_model_index
+
+            index = read_model_index(path)
+            present = (n for n, v in index.items() if isinstance(v, list) and v[0])  # [library, class] or [None, None]
+            names += sorted(n for n in present if n.startswith("text_encoder"))
+        return names
 
     def _frozen_modules(self) -> list[torch.nn.Module]:
         return [m for m in (getattr(self.pipeline, n, None) for n in self.pipeline.components) if isinstance(m, torch.nn.Module)]

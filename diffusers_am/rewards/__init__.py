@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from .base import RewardModel, WeightedReward, check_images, check_reward_output, probe_reward
+from .base import RewardModel, WeightedReward, check_images, check_reward_output, probe_reward, user_code_error
 
 # name -> "module:factory", imported lazily
 REWARDS: dict[str, str] = {
@@ -60,19 +61,37 @@ def _user_callable(spec: str) -> Callable:
             raise ValueError(f"`--reward` {spec!r}: file {str(path)!r} does not exist.")
         mod_spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(module)
+        try:
+            mod_spec.loader.exec_module(module)
+        except Exception as err:  # the user's file: a syntax error, or an error running it
+            raise ValueError(f"`--reward` {spec!r}: {user_code_error(err)}") from err
     else:
         try:
             module = importlib.import_module(module_part)
         except ImportError as err:
             raise ValueError(f"`--reward` {spec!r}: cannot import module {module_part!r} ({err}).") from err
+        except Exception as err:  # the user's module: a syntax error, or an error running it
+            raise ValueError(f"`--reward` {spec!r}: importing {module_part!r} failed: {user_code_error(err)}") from err
     if not hasattr(module, attr) or not callable(getattr(module, attr)):
         raise ValueError(f"`--reward` {spec!r}: module {module_part!r} has no callable {attr!r}.")
     return getattr(module, attr)
 
 
+def is_user_reward(spec: str) -> bool:
+    """Whether ``spec`` names the user's own code (``module:callable`` or ``file.py:callable``), not a
+    registered reward or a weighted list of them: an error raised by it is the user's to fix."""
+    spec = spec.strip()
+    try:
+        return spec not in REWARDS and _parse_weighted(spec) is None
+    except ValueError:  # a malformed weighted list of registered rewards
+        return False
+
+
 def _parse_weighted(spec: str) -> dict[str, float] | None:
-    """``"a:1.0,b:0.5"`` -> {"a": 1.0, "b": 0.5}; None when ``spec`` is not of that form."""
+    """``"a:1.0,b:0.5"`` -> {"a": 1.0, "b": 0.5}; None when ``spec`` is not of that form (names not registered).
+
+    A weight is a finite non-zero number (negative: that reward is pushed down); ValueError naming
+    ``--reward`` for a NaN, infinite or zero weight and for a name given twice."""
     parts = [p.strip() for p in spec.split(",") if p.strip()]
     out: dict[str, float] = {}
     for part in parts:
@@ -80,10 +99,38 @@ def _parse_weighted(spec: str) -> dict[str, float] | None:
         if not sep or name not in REWARDS:
             return None
         try:
-            out[name] = float(weight)
+            value = float(weight)
         except ValueError:
             return None
+        if name in out:
+            raise ValueError(
+                f"`--reward` {spec!r} names {name!r} twice; give each reward once with its total weight "
+                f"(e.g. {name}:{out[name] + value:g})."
+            )
+        if not math.isfinite(value) or value == 0.0:
+            raise ValueError(
+                f"`--reward` {spec!r}: the weight of {name!r} is {weight.strip()!r}; a weight must be a finite "
+                "non-zero number (negative pushes that reward down), e.g. hpsv2:1.0,pickscore:0.5."
+            )
+        out[name] = value
     return out or None
+
+
+def check_reward_spec(spec: str) -> None:
+    """ValueError (the one line :func:`load_reward` would give) unless ``spec`` has one of the accepted forms:
+    a registered name, a weighted list of them with finite non-zero weights, each name once, or
+    ``module:callable`` / ``file.py:callable``. Nothing is imported or loaded."""
+    spec = spec.strip()
+    if spec in REWARDS or _parse_weighted(spec) is not None or (":" in spec and "," not in spec):
+        return
+    raise ValueError(_unknown(spec))
+
+
+def _unknown(spec: str) -> str:
+    return (
+        f"unknown reward {spec!r}; known rewards: {', '.join(available_rewards())}. "
+        "Also accepted: a weighted list 'a:1.0,b:0.5' or 'module:callable' for your own reward."
+    )
 
 
 def load_reward(
@@ -103,13 +150,10 @@ def load_reward(
         return WeightedReward(parts, weighted)
     if ":" in spec and "," not in spec:
         return _user_callable(spec)
-    raise ValueError(
-        f"unknown reward {spec!r}; known rewards: {', '.join(available_rewards())}. "
-        "Also accepted: a weighted list 'a:1.0,b:0.5' or 'module:callable' for your own reward."
-    )
+    raise ValueError(_unknown(spec))
 
 
 __all__ = [
     "REWARDS", "RewardModel", "WeightedReward", "available_rewards", "check_images", "check_reward_output",
-    "load_reward", "probe_reward", "register_reward",
+    "check_reward_spec", "is_user_reward", "load_reward", "probe_reward", "register_reward", "user_code_error",
 ]

@@ -9,6 +9,8 @@ gradients reach the images.
 from __future__ import annotations
 
 import contextlib
+import traceback
+from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
@@ -48,20 +50,69 @@ def check_reward_output(rewards: Any, batch: int, name: str) -> torch.Tensor:
     return rewards
 
 
-def probe_reward(reward: Callable, images: torch.Tensor, prompts: Sequence[Any], name: str) -> None:
+def user_code_error(err: BaseException) -> str:
+    """One line for an exception raised by the user's own code (a reward file or callable): the error and
+    where in that code it arose (``file, line N``); for a syntax error, the file and line of it."""
+    if isinstance(err, SyntaxError):
+        return f"{err.filename}, line {err.lineno}: syntax error ({err.msg}); fix that line."
+    message = (str(err).strip().splitlines() or [""])[0][:300]
+    where = ""
+    ours = (str(Path(torch.__file__).parent), str(Path(__file__).parents[1]), str(Path(contextlib.__file__).parent))
+    for frame in reversed(traceback.extract_tb(err.__traceback__)):
+        if not frame.filename.startswith(ours):
+            where = f" ({frame.filename}, line {frame.lineno})"
+            break
+    return f"{type(err).__name__}: {message}{where}"
+
+
+def probe_reward(
+    reward: Callable, images: torch.Tensor, prompts: Sequence[Any], name: str, *, user_code: bool = False
+) -> None:
     """Call ``reward`` once on ``images`` [B, C, H, W] (B >= 2) and check its contract before training:
-    a float Tensor [B], differentiable with respect to the images. ValueError naming ``name`` otherwise."""
+    a float Tensor [B] on the images' device, differentiable with respect to the images, leaving the images
+    unchanged. ValueError naming ``name`` otherwise. ``user_code``: the reward is the user's own code, so an
+    exception it raises is a one-line ValueError naming it and the line (else it propagates: our bug)."""
     x = images.detach().float().clone().requires_grad_(True)
+    before = x.detach().clone()
     with torch.enable_grad():
-        out = check_reward_output(reward(x, list(prompts)), x.shape[0], name)
+        out = _call_user(lambda: reward(x, list(prompts)), name, x.shape[0], user_code)
+        if not torch.equal(x.detach(), before):
+            raise ValueError(
+                f"reward {name!r} changes its input images in place: compute on a copy (images * 2, not "
+                "images.mul_(2) or images.data.mul_(2)); other rewards and the grids read the same images."
+            )
+        out = check_reward_output(out, x.shape[0], name)
+        if out.device != x.device:
+            raise ValueError(
+                f"reward {name!r} returned its values on {out.device} for images on {x.device}: return them on "
+                "the images' device (e.g. `.to(images.device)`)."
+            )
         grad = None
         if out.requires_grad:
-            (grad,) = torch.autograd.grad(out.float().sum(), x, allow_unused=True)
+            (grad,) = _call_user(
+                lambda: torch.autograd.grad(out.float().sum(), x, allow_unused=True), name, x.shape[0], user_code
+            )
     if grad is None:
         raise ValueError(
             f"reward {name!r} is not differentiable in the images (its output is detached from them, e.g. computed "
             "under no_grad, with numpy or .item()); the trained methods need grad r(x): compute it with torch ops."
         )
+
+
+def _call_user(call: Callable, name: str, batch: int, user_code: bool) -> Any:
+    """``call()``; an exception from the user's reward code becomes a one-line ValueError naming it."""
+    try:
+        return call()
+    except Exception as err:
+        if not user_code:
+            raise
+        hint = ""
+        if "in-place" in str(err) or "inplace" in str(err):
+            hint = " It changes its input images in place: compute on a copy (images * 2, not images.mul_(2))."
+        raise ValueError(
+            f"reward {name!r} failed on {batch} images [B, C, H, W] in [0, 1] before training: "
+            f"{user_code_error(err)}.{hint}"
+        ) from err
 
 
 class WeightedReward(torch.nn.Module):

@@ -3,13 +3,19 @@
 A checkpoint ``output_dir/checkpoint-<step>/`` holds
   * ``trainable_params.safetensors``: the exact trainable (LoRA) tensors, by parameter name;
   * ``pytorch_lora_weights.safetensors``: the same adapter in diffusers format (``pipe.load_lora_weights``);
-  * accelerate's optimizer, LR scheduler, RNG (one file per process) and custom states (e.g. the EMA);
-  * ``trainer_state.json``: the step, the run's config and the SHA-256 of every other file, written last.
+  * ``training_state.safetensors`` + ``.json``: the optimizer, LR schedule, EMA and gradient scaler states,
+    and ``rng_state_<process>.safetensors``: each process's RNG states (:mod:`.safe_state`; no pickle, so
+    resuming a shared checkpoint never runs code from it: one holding a ``.pkl`` / ``.bin`` is refused.
+    Under DeepSpeed and FSDP2 the engine's own state files are accelerate's ``save_state`` format);
+  * ``trainer_state.json``: the step (the one in the folder's name), the run's id and config and the SHA-256
+    of every other file, written last.
 It is first written to ``.tmp-checkpoint-<step>`` and renamed when complete, so a kill during the write
 leaves the previous checkpoints untouched; folders without ``trainer_state.json`` are never resumed from,
 and a checkpoint whose files do not match their checksums is named as damaged (``latest`` then falls back
-to the newest intact one). The free space is checked before each save; a save that fails keeps the
-previous checkpoints and says so in one line.
+to the newest intact one; a folder whose name does not match its step, e.g. a renamed one, is ignored with a
+warning and never pruned). Resuming from an earlier checkpoint of a folder moves the later ones of the
+replaced updates aside (``superseded-<run>-checkpoint-<step>``), so ``latest`` never picks them. The free
+space is checked before each save; a save that fails keeps the previous checkpoints and says so in one line.
 """
 
 from __future__ import annotations
@@ -28,31 +34,70 @@ from ..jsonio import write_json
 from .checksums import folder_checksums, verify_checksums
 from .collectives import any_process
 from .disk import bytes_to_save, checkpoint_bytes_estimate, folder_bytes, format_bytes, free_bytes, write_failure
-from .engines import assign_full
+from .engines import assign_full, is_deepspeed, is_fsdp2
 from .notices import warn
+from .safe_state import capture_rng, load_state_dict, pickle_files, restore_rng, save_rng, save_state_dict
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-checkpoint-"
 STATE_FILE = "trainer_state.json"
 PARAMS_FILE = "trainable_params.safetensors"
+TRAINING_STATE = "training_state"
+"""``training_state.safetensors`` / ``.json``: optimizer, LR schedule, EMA, gradient scaler (:mod:`.safe_state`)."""
+SUPERSEDED_PREFIX = "superseded-"
 _NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 
-def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints in ``output_dir`` as (step, path), oldest first."""
-    root = Path(output_dir)
+def _folder_step(path: Path) -> int | None:
+    match = _NAME.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def _state_step(path: Path) -> int | None:
+    """The step trainer_state.json of ``path`` records (None when unreadable or not an int >= 1)."""
+    try:
+        return _checked_step(json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _checked_step(state: Any) -> int:
+    step = state["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f'"step" is {step!r}, not an update number >= 1')
+    return step
+
+
+def _candidates(root: Path) -> list[tuple[int, Path]]:
+    """``checkpoint-<N>`` folders holding a trainer_state.json, as (N, path)."""
     if not root.is_dir():
         return []
-    found = []
-    for child in root.iterdir():
-        match = _NAME.match(child.name)
-        if match and child.is_dir() and (child / STATE_FILE).is_file():
-            found.append((int(match.group(1)), child))
-    return sorted(found)
+    return [
+        (_folder_step(c), c)
+        for c in root.iterdir()
+        if _folder_step(c) is not None and c.is_dir() and not c.is_symlink() and (c / STATE_FILE).is_file()
+    ]
+
+
+def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in ``output_dir`` as (step, path), oldest first: ``checkpoint-<N>`` folders whose
+    trainer_state.json holds step N (a renamed or edited one is left out, see :func:`misnamed_checkpoints`)."""
+    return sorted((n, p) for n, p in _candidates(Path(output_dir)) if _state_step(p) in (n, None))
+
+
+def misnamed_checkpoints(output_dir: str | Path) -> list[tuple[Path, int | None]]:
+    """``checkpoint-<N>`` folders whose trainer_state.json does not hold step N, with the step it holds."""
+    out = []
+    for n, path in sorted(_candidates(Path(output_dir))):
+        step = _state_step(path)
+        if step is not None and step != n:
+            out.append((path, step))
+    return out
 
 
 def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
-    """``trainer_state.json`` of a checkpoint; ValueError if missing or unreadable."""
+    """``trainer_state.json`` of a checkpoint; ValueError if missing or unreadable, or when its step is not
+    an update number >= 1 or not the one in the folder's name (``checkpoint-<N>`` holds update N)."""
     path = Path(checkpoint) / STATE_FILE
     if not path.is_file():
         raise ValueError(
@@ -60,33 +105,82 @@ def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
             "it may have been interrupted while being written. Pass an earlier checkpoint-<step> folder or 'latest'."
         )
     try:
-        state = json.loads(path.read_text())
-        int(state["step"])
+        state = json.loads(path.read_text(encoding="utf-8"))
+        step = _checked_step(state)
     except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"`--resume_from_checkpoint` {str(checkpoint)!r}: {STATE_FILE} is corrupt ({err}).") from None
+        raise ValueError(
+            f"`--resume_from_checkpoint` {str(checkpoint)!r}: {str(path)!r} is corrupt ({err}); pass another "
+            "checkpoint-<step> folder."
+        ) from None
+    named = _folder_step(Path(checkpoint))
+    if named is not None and named != step:
+        raise ValueError(
+            f"`--resume_from_checkpoint` {str(checkpoint)!r} is named for update {named}, but its {STATE_FILE} "
+            f"holds update {step} (renamed or edited); pass the checkpoint under its own name, "
+            f"{CHECKPOINT_PREFIX}{step}."
+        )
     return state
 
 
-def checkpoint_problem(checkpoint: str | Path) -> str | None:
-    """Why ``checkpoint`` cannot be resumed from (no or corrupt state file, a file that does not match
-    its recorded checksum), as a short phrase; None when it is intact."""
+def _files_problem(recorded: Any) -> str | None:
+    """Why the "files" record of a trainer_state.json is unusable (None when well-formed)."""
+    if not isinstance(recorded, dict):
+        return f'{STATE_FILE} records no checksums ("files")'
+    for rel, info in recorded.items():
+        parts = Path(rel).parts if isinstance(rel, str) else ()
+        safe = bool(parts) and not Path(rel).is_absolute() and ".." not in parts and "\0" not in rel
+        valid = (
+            isinstance(info, dict)
+            and isinstance(info.get("sha256"), str)
+            and isinstance(info.get("bytes"), int)
+            and not isinstance(info.get("bytes"), bool)
+            and info["bytes"] >= 0
+        )
+        if not safe or not valid:
+            return f'{STATE_FILE} has a malformed "files" entry {rel!r}'
+    return None
+
+
+def checkpoint_problem(checkpoint: str | Path, allow_pickle: bool = False) -> str | None:
+    """Why ``checkpoint`` cannot be resumed from (no or corrupt state file, a malformed or missing checksum
+    record, a file that does not match its checksum, a pickle file unless ``allow_pickle``), as a short
+    phrase; None when it is intact."""
     try:
         state = read_trainer_state(checkpoint)
     except ValueError:
         return f"no readable {STATE_FILE}"
     recorded = state.get("files")
-    if not isinstance(recorded, dict):  # written before checksums were recorded: nothing to verify
+    problem = _files_problem(recorded)
+    if problem is None and PARAMS_FILE not in recorded:
+        problem = f"{STATE_FILE} records no {PARAMS_FILE}"
+    return problem or (None if allow_pickle else pickle_problem(checkpoint)) or verify_checksums(checkpoint, recorded)
+
+
+def pickle_problem(checkpoint: str | Path) -> str | None:
+    """The phrase for a checkpoint holding pickled state (None when it holds none)."""
+    found = pickle_files(checkpoint)
+    if not found:
         return None
-    return verify_checksums(checkpoint, recorded)
+    return (
+        f"it holds pickled state ({', '.join(found[:3])}), which resuming never loads because unpickling can run "
+        "code: written by an older diffusers-am, or changed since"
+    )
 
 
-def resolve_checkpoint(spec: str, output_dir: str | Path, holds_run: bool = False) -> Path:
+def resolve_checkpoint(spec: str, output_dir: str | Path, holds_run: bool = False, allow_pickle: bool = False) -> Path:
     """The checkpoint folder ``--resume_from_checkpoint`` names: a path, or ``latest`` in output_dir.
 
-    ``latest`` is the newest intact checkpoint (damaged ones are skipped with a warning); a named
-    checkpoint must be intact. ``holds_run``: output_dir holds a run (it shapes the advice when there is
-    no checkpoint). ValueError with one line otherwise."""
+    ``latest`` is the newest intact checkpoint (damaged ones are skipped with a warning, renamed ones are
+    ignored with a warning); a named checkpoint must be intact. A checkpoint holding pickled state is
+    refused either way (unless ``allow_pickle``: DeepSpeed / FSDP2 runs, whose engines store theirs so).
+    ``holds_run``: output_dir holds a run (it shapes the advice when there is no checkpoint). ValueError
+    with one line otherwise."""
     if spec == "latest":
+        for path, step in misnamed_checkpoints(output_dir):
+            warn(
+                f"{str(path)!r} holds update {step}, not the update its name says (renamed?); it is ignored "
+                "(never resumed from, never pruned)."
+            )
         found = list_checkpoints(output_dir)
         if not found:
             advice = (
@@ -101,7 +195,9 @@ def resolve_checkpoint(spec: str, output_dir: str | Path, holds_run: bool = Fals
             )
         damaged: list[tuple[Path, str]] = []
         for _, path in reversed(found):
-            problem = checkpoint_problem(path)
+            problem = checkpoint_problem(path, allow_pickle=True)
+            if problem is None and not allow_pickle and pickle_problem(path):
+                _refuse_pickle(path)
             if problem is None:
                 for i, (bad, why) in enumerate(damaged):
                     then = f"resuming from {path.name}, the newest intact one" if i == len(damaged) - 1 else "skipped"
@@ -110,7 +206,7 @@ def resolve_checkpoint(spec: str, output_dir: str | Path, holds_run: bool = Fals
             damaged.append((path, problem))
         raise ValueError(
             f"`--resume_from_checkpoint latest`: every checkpoint in {str(output_dir)!r} is damaged (newest: "
-            f"{damaged[0][0].name}, {damaged[0][1]}); pass `--overwrite_output_dir` to start over."
+            f"{damaged[0][0].name}, {damaged[0][1]}); pass another `--output_dir` to start a new run."
         )
     path = Path(spec)
     if not path.is_dir() and not path.is_absolute() and (Path(output_dir) / spec).is_dir():
@@ -121,13 +217,43 @@ def resolve_checkpoint(spec: str, output_dir: str | Path, holds_run: bool = Fals
             f"(in {str(output_dir)!r}: {[p.name for _, p in list_checkpoints(output_dir)]}) or 'latest'."
         )
     read_trainer_state(path)
-    problem = checkpoint_problem(path)
+    if not allow_pickle and pickle_problem(path):
+        _refuse_pickle(path)
+    problem = checkpoint_problem(path, allow_pickle=allow_pickle)
     if problem is not None:
         raise ValueError(
             f"`--resume_from_checkpoint` {str(path)!r} is damaged ({problem}); pass an earlier checkpoint-<step> "
             "folder, or 'latest' (the newest intact one)."
         )
     return path
+
+
+def _refuse_pickle(path: Path) -> None:
+    raise ValueError(
+        f"`--resume_from_checkpoint` {str(path)!r} is refused: {pickle_problem(path)}. Resume from a checkpoint "
+        "this version wrote, or start a new run in another `--output_dir`."
+    )
+
+
+def supersede_later(output_dir: str | Path, step: int, run_id: str | None, record: Callable[..., None]) -> list[Path]:
+    """Move the checkpoints of ``output_dir`` later than ``step`` aside (a run resumed from an earlier
+    checkpoint replaces those updates): ``checkpoint-<N>`` becomes ``superseded-<run>-checkpoint-<N>``, kept
+    but never resumed from nor pruned. ``record`` adds each new name to the run's marker first. Returns the
+    new paths."""
+    moved = []
+    tag = (run_id or "run")[:8]
+    for n, path in list_checkpoints(output_dir):
+        if n <= step:
+            continue
+        target = path.with_name(f"{SUPERSEDED_PREFIX}{tag}-{path.name}")
+        i = 1
+        while target.exists() or target.is_symlink():
+            target = path.with_name(f"{SUPERSEDED_PREFIX}{tag}-{i}-{path.name}")
+            i += 1
+        record(target.name)
+        path.rename(target)
+        moved.append(target)
+    return moved
 
 
 class CheckpointManager:
@@ -144,6 +270,10 @@ class CheckpointManager:
         gathered: a context manager factory yielding the trainable parameters by name as full tensors,
             entered by every process while saving (FSDP2 all-gathers the shards there; default:
             ``named_params`` as they are). ``save_adapter`` runs inside it, on the main process.
+        states: objects with ``state_dict`` / ``load_state_dict`` by name (the optimizer, LR scheduler, EMA;
+            None entries are skipped), stored in ``training_state.*`` with the gradient scaler (no pickle).
+            Under DeepSpeed / FSDP2 accelerate's ``save_state`` / ``load_state`` store them instead (the EMA
+            registered with ``register_for_checkpointing``).
     """
 
     def __init__(
@@ -156,8 +286,12 @@ class CheckpointManager:
         record: Callable[..., None] | None = None,
         ema: bool = False,
         gathered: Callable[[], ContextManager[dict[str, torch.Tensor]]] | None = None,
+        states: dict[str, Any] | None = None,
     ):
         self.accelerator = accelerator
+        self.engine_format = is_deepspeed(accelerator) or is_fsdp2(accelerator)
+        """Whether accelerate's save_state / load_state store the state (DeepSpeed / FSDP2 engines)."""
+        self.states = {k: v for k, v in (states or {}).items() if v is not None}
         self.gathered = gathered or (lambda: contextlib.nullcontext(self.named_params))
         self.output_dir = Path(output_dir)
         self.named_params = dict(named_params)
@@ -169,8 +303,9 @@ class CheckpointManager:
             self.named_params.values(), ema
         )
         """Bytes the next checkpoint needs (the last one's size, or an estimate from the tensors)."""
-        accelerator.register_save_state_pre_hook(self._save_hook)
-        accelerator.register_load_state_pre_hook(self._load_hook)
+        if self.engine_format:
+            accelerator.register_save_state_pre_hook(self._save_hook)
+            accelerator.register_load_state_pre_hook(self._load_hook)
 
     # accelerate hooks: the adapter replaces the (mostly frozen) full model in the checkpoint
     def _save_hook(self, models: list, weights: list, output_dir: str) -> None:
@@ -210,6 +345,49 @@ class CheckpointManager:
                 assign_full(param, tensors[name])  # a sharded (FSDP2) parameter takes its shard
         models.clear()
 
+    # the state without pickle (every run but DeepSpeed / FSDP2)
+    def _write_state(self, folder: Path, rng: dict[str, torch.Tensor] | None) -> None:
+        """Write the LoRA, adapter, training state and this process's RNG states (``rng``: captured earlier,
+        else now) into ``folder`` (every process)."""
+        acc = self.accelerator
+        if self.engine_format:
+            acc.save_state(str(folder))
+            return
+        self._save_hook([], [], str(folder))
+        if acc.is_main_process:
+            state = {name: obj.state_dict() for name, obj in self.states.items()}
+            if acc.scaler is not None:
+                state["grad_scaler"] = acc.scaler.state_dict()
+            save_state_dict(state, folder, TRAINING_STATE)
+        save_rng(rng if rng is not None else capture_rng(), folder, acc.process_index)
+
+    def _read_state(self, folder: Path) -> None:
+        """Restore what :meth:`_write_state` wrote (the checkpoint was checked for pickles before)."""
+        acc = self.accelerator
+        problem = pickle_problem(folder)
+        if problem is not None:  # checked at set-up already; never read one
+            raise ValueError(f"`--resume_from_checkpoint` {str(folder)!r} is refused: {problem}.")
+        self._load_hook([], str(folder))
+        try:
+            state = load_state_dict(folder, TRAINING_STATE)
+            expected = set(self.states) | ({"grad_scaler"} if acc.scaler is not None else set())
+            if set(state) != expected:
+                raise ValueError(f"{TRAINING_STATE}.json holds {sorted(state)}, this run needs {sorted(expected)}")
+            for name, obj in self.states.items():
+                if name == "ema":  # EMAModel keeps the loaded shadow weights as they are: put them on its device
+                    loaded = zip(state[name]["shadow_params"], obj.shadow_params)
+                    state[name]["shadow_params"] = [t.to(device=c.device, dtype=c.dtype) for t, c in loaded]
+                obj.load_state_dict(state[name])
+            if acc.scaler is not None:
+                acc.scaler.load_state_dict(state["grad_scaler"])
+            restore_rng(folder, acc.process_index)
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError, OSError) as err:
+            raise ValueError(
+                f"`--resume_from_checkpoint` {str(folder)!r} is damaged or was written by a different setup "
+                f"({type(err).__name__}: {err}); resume with the same options (--use_ema, --mixed_precision, ...), "
+                "or pass another checkpoint."
+            ) from None
+
     # -- saving ------------------------------------------------------------------------------------
     def last_good(self) -> Path | None:
         """The newest complete checkpoint in output_dir (None when there is none)."""
@@ -228,8 +406,11 @@ class CheckpointManager:
             return f"{format_bytes(free)} free on the disk of {str(self.output_dir)!r}, {format_bytes(needed)} needed"
         return None
 
-    def save(self, step: int, extra: dict[str, Any] | None = None) -> Path | None:
-        """Write ``checkpoint-<step>`` atomically, with the checksum of every file (all processes call this).
+    def save(
+        self, step: int, extra: dict[str, Any] | None = None, rng: dict[str, torch.Tensor] | None = None
+    ) -> Path | None:
+        """Write ``checkpoint-<step>`` atomically, with the checksum of every file (all processes call this);
+        ``rng``: this process's RNG states as they were after update ``step`` (default: as they are now).
 
         The free space is checked first; a save that cannot be made (too little space, or an OSError
         such as ENOSPC while writing) is abandoned on every process with a one-line warning, the previous
@@ -252,7 +433,7 @@ class CheckpointManager:
             self._not_saved(step, problem or "another process could not write")
             return None
         try:
-            acc.save_state(str(tmp))
+            self._write_state(tmp, rng)
         except Exception as err:  # a full disk: OSError, safetensors' or torch.save's own errors
             problem = write_failure(err, self.output_dir, any_os_error=True)
             if problem is None:
@@ -298,7 +479,10 @@ class CheckpointManager:
         """Restore model (LoRA), optimizer, LR scheduler, RNG and custom states; returns trainer_state.json."""
         state = read_trainer_state(checkpoint)
         try:
-            self.accelerator.load_state(str(checkpoint))
+            if self.engine_format:
+                self.accelerator.load_state(str(checkpoint))
+            else:
+                self._read_state(Path(checkpoint))
         except ValueError:
             raise
         except Exception as err:

@@ -40,21 +40,36 @@ def previous_run_files(output_dir: Path) -> list[str]:
 
 def run_entries(config: TrainingConfig) -> list[str]:
     """Top-level entries of output_dir a run writes (listed in the run's marker before they are written)."""
-    names = [CONFIG_NAME, LOG_NAME, f"{LOG_NAME}.tmp", VALIDATION_LOG_NAME, "validation", *OUTPUT_NAMES]
+    names = [CONFIG_NAME, LOG_NAME, f"{LOG_NAME}.tmp", VALIDATION_LOG_NAME, f"{VALIDATION_LOG_NAME}.tmp",
+             "validation", *OUTPUT_NAMES]
     logging_dir = Path(config.logging_dir)
     if not logging_dir.is_absolute() and logging_dir.parts and logging_dir.parts[0] != "..":
         names.append(logging_dir.parts[0])
     return names
 
 
-def check_previous_run(config: TrainingConfig, output_dir: Path) -> Path | None:
+def check_previous_run(
+    config: TrainingConfig, output_dir: Path, run_id: str | None = None, allow_pickle: bool = False
+) -> Path | None:
     """The checkpoint to resume from (checked against ``config``), or None for a new run; ValueError when
-    output_dir holds a run and neither ``--resume_from_checkpoint`` nor ``--overwrite_output_dir`` is given."""
+    output_dir holds a run and neither ``--resume_from_checkpoint`` nor ``--overwrite_output_dir`` is given,
+    or when the checkpoint belongs to another run than the one output_dir holds (``run_id``, from its
+    marker). ``allow_pickle``: the engine (DeepSpeed / FSDP2) stores its state with pickle."""
     previous = previous_run_files(output_dir)
     if config.resume_from_checkpoint:
-        path = resolve_checkpoint(config.resume_from_checkpoint, output_dir, holds_run=bool(previous))
+        path = resolve_checkpoint(
+            config.resume_from_checkpoint, output_dir, holds_run=bool(previous), allow_pickle=allow_pickle
+        )
         state = read_trainer_state(path)
         check_resume_config(state.get("config"), config, str(path), int(state["step"]))
+        inside = path.resolve().parent == output_dir.resolve()
+        theirs = state.get("run_id")
+        if previous and (run_id != theirs if run_id and theirs else not inside):
+            raise ValueError(
+                f"`--resume_from_checkpoint` {str(path)!r} belongs to another run than the one `--output_dir` "
+                f"{str(output_dir)!r} holds ({', '.join(previous[:3])}); resume it into its own folder "
+                f"({str(path.parent)!r}) or a new or empty `--output_dir`."
+            )
         return path
     if previous and not config.overwrite_output_dir:
         found = list_checkpoints(output_dir)
@@ -79,7 +94,10 @@ def claim_run(config: TrainingConfig, accelerator, repo_id: str) -> RunClaim:
     if accelerator.is_main_process:
         try:
             folder = RunFolder.claim(output_dir)
-            resume = check_previous_run(config, output_dir)
+            from .engines import is_deepspeed, is_fsdp2
+
+            engine = is_deepspeed(accelerator) or is_fsdp2(accelerator)
+            resume = check_previous_run(config, output_dir, folder.run_id, allow_pickle=engine)
             if config.push_to_hub:
                 from .hub import prepare_repo
 

@@ -37,6 +37,13 @@ def method_names() -> tuple[str, ...]:
     return registered()
 
 
+def quantize_choices() -> tuple[str, ...]:
+    """The ``--quantize_base`` values (:data:`..models.quantize.QUANTIZE_CHOICES`; that module imports torch)."""
+    from ..models.quantize import QUANTIZE_CHOICES
+
+    return QUANTIZE_CHOICES
+
+
 def _choices(f: dataclasses.Field) -> tuple | None:
     """A field's allowed values: its ``choices`` (a tuple, or a function returning them: ``--method`` reads
     the method registry when validated, so a method registered later is accepted), or None."""
@@ -75,6 +82,14 @@ class TrainingConfig:
     )
     max_sequence_length: int | None = _f(
         None, "Prompt length in tokens for the text encoder (None: the pipeline's default; text-to-image only)."
+    )
+    quantize_base: str = _f(
+        "none",
+        "Quantize the frozen base with bitsandbytes: nf4 (4-bit NormalFloat) or int8 (LLM.int8) for the "
+        "transformer, and for the text encoders unless --cache_prompt_embeddings; the LoRA stays in the training "
+        "dtype on top (QLoRA). On a GPU through diffusers' quantization config, on a CPU by quantizing the loaded "
+        "layers. FLUX.2-klein, FLUX.1, SD3; one process or DDP (not FSDP / DeepSpeed). Needs bitsandbytes.",
+        choices=quantize_choices,
     )
     # -- method -----------------------------------------------------------------------------
     method: str = _f(
@@ -531,18 +546,18 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"`--config` {str(path)!r} is not a UTF-8 text file (YAML or JSON).") from None
     try:
         if path.suffix.lower() == ".json":
-            values = json.loads(text)
+            values = json.loads(text, object_pairs_hook=_json_mapping(path))
         else:
-            import yaml
-
-            values = yaml.safe_load(text)
+            values = _load_yaml(text, path)
+    except _DuplicateKey as dup:
+        raise ValueError(str(dup)) from None
     except Exception as err:  # yaml.YAMLError, json.JSONDecodeError
         raise ValueError(f"`--config` {str(path)!r} is not valid YAML/JSON: {err}") from err
     if values is None:
         values = {}
     if not isinstance(values, dict):
         raise ValueError(f"`--config` {str(path)!r} must hold a mapping of option names to values.")
-    values = {str(k).lstrip("-").replace("-", "_"): v for k, v in values.items()}
+    values = _option_names(values, path)
     unknown = sorted(set(values) - set(FIELD_NAMES))
     if unknown:
         raise ValueError(
@@ -550,6 +565,66 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             f"run `train_adjoint_matching.py --help` for the list."
         )
     return values  # TrainingConfig coerces YAML spellings (`1e-3` is a string to YAML, `"no"` a bool to us)
+
+
+class _DuplicateKey(Exception):
+    """A key set twice in a ``--config`` file (raised from inside the YAML / JSON parser)."""
+
+
+def _duplicate(path: Path, key: Any, where: str = "") -> _DuplicateKey:
+    return _DuplicateKey(
+        f"`--config` {str(path)!r}{where}: option {str(key)!r} is set twice; keep one of the two lines "
+        "(a file never sets an option twice, so that no value is dropped silently)."
+    )
+
+
+def _json_mapping(path: Path):
+    """``json.loads`` object hook: a dict of the pairs, refusing a key given twice."""
+
+    def build(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise _duplicate(path, key)
+            out[key] = value
+        return out
+
+    return build
+
+
+def _load_yaml(text: str, path: Path) -> Any:
+    """``yaml.safe_load`` of ``text``, refusing a mapping key given twice (PyYAML keeps the last silently)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, (str, int, float, bool)) and key in seen:
+                    raise _duplicate(path, key, f", line {line} (first set on line {seen[key]})")
+                if isinstance(key, (str, int, float, bool)):
+                    seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 -- a SafeLoader subclass
+
+
+def _option_names(values: dict[Any, Any], path: Path) -> dict[str, Any]:
+    """Keys as field names (``--learning-rate`` -> ``learning_rate``); ValueError when two keys of the file
+    name the same option (``learning-rate`` beside ``learning_rate``)."""
+    out: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
+    for key, value in values.items():
+        name = str(key).lstrip("-").replace("-", "_")
+        if name in out:
+            raise ValueError(
+                f"`--config` {str(path)!r} sets option {name!r} twice ({spelled[name]!r} and {str(key)!r}); "
+                "keep one of them."
+            )
+        out[name], spelled[name] = value, str(key)
+    return out
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -648,7 +723,11 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainingConfig:
     for name, value in from_file.items():
         values.setdefault(name, value)
     try:
-        return TrainingConfig(**values)
+        config = TrainingConfig(**values)
+        from ..rewards import check_reward_spec
+
+        check_reward_spec(config.reward)  # the CLI's --reward, before any model is loaded
+        return config
     except ValueError as err:
         match = re.match(r"`--(\w+)`", str(err))
         if match and match.group(1) in from_file and given.get(match.group(1)) is _UNSET:

@@ -10,9 +10,11 @@ warning; a live one makes the second trainer stop at once with one line naming t
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import os
 import socket
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,9 @@ def _pid_running(pid: int) -> bool:
     return True
 
 
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
 def describe_holder(info: dict[str, Any]) -> str:
     """``pid 123 on host h, since 2024-01-01 12:00:00`` from a lock file's content."""
     since = f", since {info['started']}" if info.get("started") else ""
@@ -50,10 +55,34 @@ class FolderLock:
 
     def _read(self) -> dict[str, Any]:
         try:
-            info = json.loads(self.path.read_text(encoding="utf-8") or "{}")
+            fd = os.open(self.path, os.O_RDONLY | _NOFOLLOW)
+        except OSError:
+            return {}
+        try:
+            with os.fdopen(fd, "rb") as handle:
+                info = json.loads(handle.read(65536).decode("utf-8") or "{}")
             return info if isinstance(info, dict) else {}
         except (OSError, ValueError):
             return {}
+
+    def _open(self, flags: int, what: str) -> int:
+        """Open the lock file without following a symlink; ValueError (one line) when it is a symlink or not a
+        regular file (a lock file is never written through a link)."""
+        try:
+            fd = os.open(self.path, flags | _NOFOLLOW, 0o644)
+        except OSError as err:
+            if err.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO) and not self.path.is_symlink():
+                raise
+            fd = None
+        if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
+            if fd is not None:
+                os.close(fd)
+            kind = "a symbolic link" if self.path.is_symlink() else "not a regular file"
+            raise ValueError(
+                f"the lock file {str(self.path)!r} of {what} is {kind}, which the trainer never writes through; "
+                "delete it (or pass another " + what + ")."
+            )
+        return fd
 
     def _refuse(self, info: dict[str, Any], what: str) -> None:
         raise ValueError(
@@ -71,7 +100,7 @@ class FolderLock:
         if fcntl is None:
             return self._acquire_by_pid(me, what)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = self._open(os.O_RDWR | os.O_CREAT, what)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -83,7 +112,7 @@ class FolderLock:
                     os.close(fd)
                     self._refuse(info, what)
             try:  # the file may have been removed and re-created by a holder that just released it
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+                same = os.fstat(fd).st_ino == os.lstat(self.path).st_ino
             except FileNotFoundError:
                 same = False
             if same:
@@ -98,12 +127,12 @@ class FolderLock:
 
     def _acquire_by_pid(self, me: dict[str, Any], what: str) -> "FolderLock":
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = self._open(os.O_RDWR | os.O_CREAT | os.O_EXCL, what)
         except FileExistsError:
             info = self._read()
             if info.get("host") == me["host"] and isinstance(info.get("pid"), int) and not _pid_running(info["pid"]):
                 warn(f"took over the stale lock {str(self.path)!r} of {describe_holder(info)}: that process is gone.")
-                fd = os.open(self.path, os.O_RDWR | os.O_TRUNC, 0o644)
+                fd = self._open(os.O_RDWR | os.O_TRUNC, what)
             else:
                 self._refuse(info, what)
         self._fd = fd
@@ -117,13 +146,23 @@ class FolderLock:
         os.fsync(self._fd)
 
     def release(self) -> None:
-        """Remove the lock file and drop the lock (no-op when not held)."""
+        """Remove the lock file and drop the lock (no-op when not held). Never raises: when the file cannot
+        be removed (the folder turned read-only) it is emptied, so it names no holder, and the ``flock`` goes
+        with the closed descriptor; the next trainer takes it over."""
         if self._fd is None:
             return
         try:
             self.path.unlink(missing_ok=True)
+        except OSError:
+            try:
+                os.ftruncate(self._fd, 0)
+            except OSError:
+                pass
         finally:
-            os.close(self._fd)
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
             self._fd = None
 
     @property

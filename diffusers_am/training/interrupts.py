@@ -29,8 +29,11 @@ DUPLICATE_WINDOW_S = 1.0
 """A SIGINT this soon after the first is the same Ctrl-C (forwarded by a launcher), not a second one."""
 
 
-class Interrupted(Exception):
-    """A stop signal arrived where the trainer does not wait for an update to finish."""
+class Interrupted(BaseException):
+    """A stop signal arrived where the trainer does not wait for an update to finish.
+
+    A BaseException, as KeyboardInterrupt: the ``except Exception`` of a user's reward wrapper, a save's
+    full-disk handler or a library's retry loop must not turn a stop into an error."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
@@ -72,6 +75,14 @@ class StopSignals:
                 f"{signal.Signals(signum).name} received: stopping after the current update, then writing a "
                 "checkpoint and the adapter (Ctrl-C again aborts at once)."
             )
+
+    @contextlib.contextmanager
+    def stopping(self, signum: int) -> Iterator[None]:
+        """While writing what a stop by ``signum`` (raised as :class:`Interrupted`) keeps: further signals are
+        deferred, and a second Ctrl-C aborts as it does after a stop requested between updates."""
+        self.requested, self._requested_at = signum, time.monotonic()
+        with self.deferred():
+            yield
 
     @contextlib.contextmanager
     def deferred(self) -> Iterator[None]:

@@ -60,13 +60,58 @@ class JsonlLog:
             handle.write(dumps(record) + "\n")
 
     def read(self) -> list[dict[str, Any]]:
+        """The records, in order; ValueError (one line naming the file and line) when a line is not a JSON
+        object with an integer ``step``, but for a torn last line (see :meth:`truncate_after`)."""
+        return self._read()[0]
+
+    def _read(self) -> tuple[list[dict[str, Any]], str | None]:
+        """(records, the torn last line or None): a last line without its newline that does not parse was cut
+        short by a crash while it was written."""
         if not self.path.is_file():
-            return []
-        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            return [], None
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{str(self.path)!r} is not UTF-8 text ({err.reason}); restore it or resume into "
+                             "a new `--output_dir`.") from None
+        lines = text.split("\n")
+        tail = lines.pop()  # "" when the file ends with a newline
+        records, torn = [], None
+        for number, line in enumerate(lines + [tail], start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict) or isinstance(record.get("step"), bool):
+                    raise ValueError("not a record")
+                int(record.get("step", 0))
+            except (ValueError, TypeError):
+                if number > len(lines):  # the last line, without its newline
+                    torn = line
+                    continue
+                raise ValueError(
+                    f"{str(self.path)!r} line {number} is not a JSON record with an integer step; restore the file "
+                    "or remove that line, or resume into a new `--output_dir`."
+                ) from None
+            records.append(record)
+        return records, torn
 
     def truncate_after(self, step: int) -> None:
-        """Drop records of updates after ``step`` (a resumed run rewrites them)."""
-        kept = [r for r in self.read() if int(r.get("step", 0)) <= step]
+        """Drop records of updates after ``step`` (a resumed run rewrites them). A torn last line (a crash
+        while writing it, after every complete one) is dropped with a warning naming the file."""
+        if not self.path.is_file():
+            return
+        records, torn = self._read()
+        if torn is not None and max((int(r.get("step", 0)) for r in records), default=0) < step:
+            raise ValueError(  # the torn line may be update ``step``'s own record: do not guess
+                f"{str(self.path)!r} line {len(records) + 1} is cut short and the lines before it stop before "
+                f"update {step}; restore the file, or resume into a new `--output_dir`."
+            )
+        if torn is not None:
+            from .notices import warn
+
+            warn(f"dropped the torn last line of {str(self.path)!r} (cut short by a crash while it was written).")
+        kept = [r for r in records if int(r.get("step", 0)) <= step]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(dumps(r) + "\n" for r in kept), encoding="utf-8")
         tmp.replace(self.path)

@@ -42,6 +42,7 @@ def render_model_card(
     adapter_location: str,
     conditioning: str = "text",
     base_grid: str | None = None,
+    base_quantization: str = "none",
     template_path: str | Path | None = None,
     **settings: Any,
 ):
@@ -88,6 +89,7 @@ def render_model_card(
         final_metrics=", ".join(f"{k} = {_fmt(v)}" for k, v in final_metrics.items()) or "n/a",
         grid=grid,
         base_grid=base_grid,
+        base_quantization=base_quantization,
         pipeline_class=pipeline_class,
         pipeline_module=pipeline_module,
         adapter_location=adapter_location,

@@ -118,6 +118,7 @@ def push(ctx: RunContext, repo_id: str) -> None:
 def write_model_card(ctx: RunContext, result: TrainResult, last: dict[str, Any], repo_id: str) -> None:
     """``README.md``: the model card of the adapter (``model_card_template.md``)."""
     from .model_card import render_model_card
+    from ..models.quantize import describe as describe_quantization
     from .resume_policy import learning_rate_text
 
     cfg, model_adapter = ctx.config, ctx.adapter
@@ -150,6 +151,7 @@ def write_model_card(ctx: RunContext, result: TrainResult, last: dict[str, Any],
         rank=cfg.rank,
         lora_alpha=cfg.lora_alpha if cfg.lora_alpha is not None else cfg.rank,
         use_ema=cfg.use_ema,
+        base_quantization=describe_quantization(model_adapter.pipeline),
     )
     card.save(str(result.card_path))
 

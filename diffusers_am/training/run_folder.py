@@ -4,7 +4,9 @@
   runs, recognised by the marker ``.diffusers-am-run.json``. Any other non-empty folder (a project
   folder, ``--output_dir .``) is refused with one line, with or without ``--overwrite_output_dir``.
 * The marker lists every top-level entry (file or folder) the run writes, recorded before it is written.
-  ``--overwrite_output_dir`` removes those entries and nothing else; files a user adds stay.
+  ``--overwrite_output_dir`` removes those entries and nothing else; files a user adds stay. The marker is
+  read back as untrusted: an entry that is not the plain name of a child (:func:`is_plain_name`) makes the
+  folder refused before anything is removed, and an entry that became a symlink is removed as a link.
 * One trainer per folder: :class:`~.folder_lock.FolderLock` on ``.diffusers-am.lock`` inside it.
 
 Only the main process claims the folder, writes into it and holds the lock.
@@ -28,6 +30,14 @@ LOCK_NAME = ".diffusers-am.lock"
 _OWNER = "diffusers-am"
 
 
+def is_plain_name(name: object) -> bool:
+    """Whether ``name`` names a direct child of a folder: a non-empty string without a path separator or NUL,
+    not ``.`` or ``..`` (so never absolute, never outside the folder)."""
+    if not isinstance(name, str) or name in ("", ".", "..") or "\0" in name:
+        return False
+    return not any(sep and sep in name for sep in ("/", os.sep, os.altsep))
+
+
 def _make_dirs(path: Path) -> list[Path]:
     """Create ``path`` and its missing parents; returns the folders created, outermost first."""
     missing = []
@@ -48,6 +58,8 @@ class RunFolder:
         self.path = path
         self.lock = lock
         self.created = created
+        self.run_id: str | None = None
+        """The id of the run this folder holds (None: none recorded yet)."""
         self._entries = self._read_marker()
 
     # -- claiming ---------------------------------------------------------------------------------
@@ -88,26 +100,40 @@ class RunFolder:
         return self.path / MARKER_NAME
 
     def _read_marker(self) -> list[str]:
-        if not self.marker.exists():
+        if not self.marker.exists() and not self.marker.is_symlink():
             return []
         try:
+            if self.marker.is_symlink() or not self.marker.is_file():
+                raise ValueError("not a regular file")
             data = json.loads(self.marker.read_text(encoding="utf-8"))
             entries = data["entries"]
-            if data.get("owner") != _OWNER or not all(isinstance(e, str) for e in entries):
+            if data.get("owner") != _OWNER or not isinstance(entries, list):
                 raise ValueError("not a diffusers-am marker")
+            bad = next((e for e in entries if not is_plain_name(e)), None)
+            if bad is not None:
+                raise ValueError(f"entry {bad!r} is not the plain name of a file or folder in it")
+            run_id = data.get("run_id")
+            if run_id is not None and not isinstance(run_id, str):
+                raise ValueError(f"run_id {run_id!r} is not a string")
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ValueError(
                 f"the run marker {str(self.marker)!r} is damaged ({err}), so the trainer cannot tell which files "
-                "here are its own; pass another `--output_dir`."
+                "here are its own and removes nothing; pass another `--output_dir`."
             ) from None
+        self.run_id = run_id
         return list(entries)
 
     def _write_marker(self, entries: Iterable[str]) -> None:
-        self._entries = sorted(set(entries))
+        entries = sorted(set(entries))
+        bad = [e for e in entries if not is_plain_name(e)]
+        if bad:  # our own names are plain: anything else is a bug
+            raise RuntimeError(f"run marker entries must be plain names in the folder; got {bad}")
+        self._entries = entries
         data = {
             "owner": _OWNER,
             "format": 1,
             "updated": datetime.datetime.now().isoformat(sep=" ", timespec="seconds"),
+            "run_id": self.run_id,
             "entries": self._entries,
         }
         tmp = self.path / f"{MARKER_NAME}.tmp"
@@ -129,12 +155,16 @@ class RunFolder:
                     "move it away or pass another `--output_dir`."
                 )
 
-    def start(self, names: Iterable[str], fresh: bool) -> list[str]:
+    def start(self, names: Iterable[str], fresh: bool, run_id: str | None = None) -> list[str]:
         """Begin a run that will write ``names``: a ``fresh`` run first removes every entry the previous run
-        here owned (a resumed one keeps them). Returns the names removed."""
+        here owned (a resumed one keeps them); ``run_id`` (the run's id, kept across its resumes) is recorded
+        in the marker. Entries are plain names (checked when the marker is read); a symlink is removed as a
+        link, never followed. Returns the names removed."""
         names = list(names)
         self.check_unowned(names)
         removed = []
+        if run_id is not None:
+            self.run_id = run_id
         if fresh and self._entries:
             old = list(self._entries)
             self._write_marker(old + names)  # a crash while removing still knows what is ours

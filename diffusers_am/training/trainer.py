@@ -21,6 +21,7 @@ import copy
 import os
 import signal
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -31,29 +32,32 @@ from ..flow import check_truncation
 from ..jsonio import write_json
 from ..models import EMBEDDED_DIGITS_BASE, FlowModelAdapter, LoraSettings, load_model_adapter, model_adapter_for
 from ..models import read_model_index
-from ..rewards import check_reward_output, load_reward, probe_reward
-from .checkpoints import CheckpointManager, list_checkpoints
+from ..rewards import check_reward_output, is_user_reward, load_reward, probe_reward
+from .checkpoints import CheckpointManager, list_checkpoints, read_trainer_state, supersede_later
 from .claim import claim_run, run_entries
 from .config import TrainingConfig
 from .console import lines_above_the_bar
 from .context import RunContext
+from . import quantized_base
 from .control_probe import adaptive_truncation, match_reward_scale, refresh_window
 from .data import PromptSampler, _as_condition, check_class_labels, derive_seed, load_prompts
 from .engines import configure_deepspeed, full_params, full_tensors, gathered_params, is_deepspeed, is_fsdp2
 from .engines import trainable
 from .disk import bytes_to_save, check_free_space, checkpoint_bytes_estimate, tensor_bytes, write_failure
-from .errors import RunStopped
+from .errors import NOTHING_TRAINED_EXIT, RunStopped, nothing_trained
 from .interrupts import Interrupted, StopSignals, agree_to_stop
 from .logs import LOG_NAME, JsonlLog, finite_scalars, peak_memory_bytes
 from .objects import Callbacks, check_callbacks, check_lora_config, check_prompts, record_objects
 from .outputs import ADAPTER_NAME, CARD_NAME, CONFIG_NAME, GRID_NAME, save_adapter, write_outputs
-from .progress import RunProgress
+from .progress import RESUME_HINT, RunProgress
 from .result import TrainResult
 from .resume_policy import apply_learning_rate, check_resume_config
 from .run_folder import RunFolder
 from .methods import get_method
+from .notices import warn
+from .safe_state import capture_rng
 from .update import check_in_sync, run_update
-from .validation import ValidationMetrics, eval_reward, eval_set, validation_grid
+from .validation import VALIDATION_LOG_NAME, ValidationMetrics, eval_reward, eval_set, validation_grid
 
 logger = get_logger(__name__)  # main process only
 
@@ -120,6 +124,8 @@ class AdjointMatchingTrainer:
         self.config = config
         self.output_dir = Path(config.output_dir)
         self.resume_path: Path | None = None
+        self.run_id: str | None = None
+        """The run's id: new for a new run, the checkpoint's on resume (in the marker and each checkpoint)."""
         self.hub_repo: str | None = None
         self.lr_history: list[tuple[int, float]] = [(1, config.learning_rate)]
         self.progress = RunProgress(self.output_dir)
@@ -157,10 +163,16 @@ class AdjointMatchingTrainer:
 
     def _load_model(self, weight_dtype: torch.dtype) -> FlowModelAdapter:
         """The model adapter: of the passed pipeline / model adapter (as loaded), else loaded in ``weight_dtype``."""
+        cfg, accelerator = self.config, self.accelerator
         if self.pipeline is not None:
-            return model_adapter_for(self.pipeline, **self._model_options())
-        path = self.config.pretrained_model_name_or_path or str(EMBEDDED_DIGITS_BASE)
-        return load_model_adapter(path, dtype=weight_dtype, **self._model_options())
+            adapter = model_adapter_for(self.pipeline, **self._model_options())
+            return quantized_base.prepare_passed(
+                adapter, cfg.quantize_base, cfg.cache_prompt_embeddings, accelerator, weight_dtype
+            )
+        quantized_base.check_engine(cfg.quantize_base, accelerator)
+        quantize = quantized_base.load_options(cfg.quantize_base, cfg.cache_prompt_embeddings, accelerator.device)
+        path = cfg.pretrained_model_name_or_path or str(EMBEDDED_DIGITS_BASE)
+        return load_model_adapter(path, dtype=weight_dtype, **self._model_options(), **quantize)
 
     def _load_reward(self, accelerator) -> Any:
         """The training reward: the passed callable, else ``--reward`` from the registry."""
@@ -216,7 +228,14 @@ class AdjointMatchingTrainer:
         is written."""
         if not accelerator.is_main_process:
             return
-        folder.start(run_entries(self.config), fresh=self.resume_path is None)
+        folder.start(run_entries(self.config), fresh=self.resume_path is None, run_id=self.run_id)
+        if self.resume_path is not None and self.resume_path.resolve().parent == self.output_dir.resolve():
+            moved = supersede_later(self.output_dir, self.progress.step, self.run_id, folder.record)
+            if moved:
+                warn(
+                    f"resuming from {self.resume_path.name} replaces the later updates of this run: "
+                    f"{', '.join(p.name for p in moved)} (never resumed from again; delete them when not needed)."
+                )
         write_json(self.output_dir / CONFIG_NAME, self.config.to_dict())
 
     def _check_rewards(
@@ -230,7 +249,8 @@ class AdjointMatchingTrainer:
         with torch.no_grad():
             images = model.decode(model.initial_noise(2, resolution, gen)).float()
         conditions = [prompts[i % len(prompts)] for i in range(2)]
-        probe_reward(reward, images, conditions, cfg.reward)
+        users = self.reward is not None or is_user_reward(cfg.reward)  # the user's code: its errors are one line
+        probe_reward(reward, images, conditions, cfg.reward, user_code=users)
         if validation.reward is not None:
             with torch.no_grad():
                 check_reward_output(validation.reward(images, conditions), 2, cfg.validation_reward)
@@ -372,7 +392,12 @@ class AdjointMatchingTrainer:
             try:
                 claim = claim_run(cfg, accelerator, self.hub_repo_id())
                 folder, self.resume_path, self.hub_repo = claim.folder, claim.resume_path, claim.hub_repo
-                progress.resumed = self.resume_path is not None
+                progress.resumed, progress.resume_path = self.resume_path is not None, self.resume_path
+                self.run_id = uuid.uuid4().hex
+                if self.resume_path is not None:
+                    state = read_trainer_state(self.resume_path)
+                    progress.step = int(state["step"])
+                    self.run_id = state.get("run_id") or (folder.run_id if folder is not None else None) or self.run_id
                 return self._run(accelerator, folder, signals)
             except Interrupted as sig:  # outside the updates: nothing to finish
                 raise RunStopped(progress.interrupted(sig.signum), 128 + sig.signum) from None
@@ -401,6 +426,7 @@ class AdjointMatchingTrainer:
             accelerator, self.output_dir, ctx.named_params, ctx.adapter.save_lora, cfg.checkpoints_total_limit,
             record=folder.record if folder is not None else None, ema=cfg.use_ema,
             gathered=lambda: gathered_params(ctx),
+            states={"optimizer": ctx.optimizer, "lr_scheduler": ctx.lr_scheduler, "ema": ctx.ema},
         )
         self.progress.checkpoints = ckpt
         log = JsonlLog(self.output_dir / LOG_NAME)
@@ -413,9 +439,28 @@ class AdjointMatchingTrainer:
         reward_before = self._base_model_outputs(ctx)
         self._probe_at_setup(ctx)
         self.progress.phase = "training"
-        with signals.deferred():
-            global_step, nonfinite, durations, last = self._loop(ctx, ckpt, log, global_step, nonfinite, signals)
+        try:
+            with signals.deferred():
+                global_step, nonfinite, durations, last = self._loop(ctx, ckpt, log, global_step, nonfinite, signals)
+        except Exception as err:
+            self._after_failure(ctx, ckpt, err)
+            raise
+        if global_step and nonfinite >= global_step:
+            raise RunStopped(nothing_trained(global_step, cfg.reg_order), NOTHING_TRAINED_EXIT)
         self.progress.phase = "final outputs"
+        try:
+            return self._finish(ctx, global_step, nonfinite, durations, last, reward_before)
+        except Interrupted as sig:  # keep what was trained: a checkpoint of the last update and its adapter
+            with signals.stopping(sig.signum):
+                self._stop(ctx, ckpt, global_step, nonfinite, sig.signum)
+            raise
+
+    def _finish(
+        self, ctx: RunContext, global_step: int, nonfinite: int, durations: list[float], last: dict[str, Any],
+        reward_before: float | None,
+    ) -> TrainResult:
+        """The final outputs (:func:`~.outputs.write_outputs`) and the callbacks of the end of the run."""
+        accelerator = ctx.accelerator
         with full_params(ctx):
             check_in_sync(accelerator, ctx.params)
         out = self.output_dir
@@ -452,8 +497,11 @@ class AdjointMatchingTrainer:
             history.append((global_step + 1, cfg.learning_rate))
         self.lr_history[:] = history
         self._restore_probes(ctx, state)
-        if accelerator.is_main_process:
+        if accelerator.is_main_process:  # the updates after the checkpoint are redone: drop their records
             log.truncate_after(global_step)
+            redo = 1 if self._validation_due(global_step) else 0  # the checkpoint's own validation is redone too
+            JsonlLog(self.output_dir / VALIDATION_LOG_NAME).truncate_after(global_step - redo)
+            self._drop_grids_after(global_step - redo)
         if self.resume_path.parent.resolve() == self.output_dir.resolve():
             self.progress.saved_at = global_step
         changed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items() if k != "resume_from_checkpoint")
@@ -467,6 +515,7 @@ class AdjointMatchingTrainer:
         lambda and adaptive window the run uses (so that a resume continues with them, not a new probe)."""
         ctx = self.ctx
         return {
+            "run_id": self.run_id,
             "nonfinite_count": nonfinite,
             "config": self.config.to_dict(),
             "lr_history": self.lr_history,
@@ -474,6 +523,29 @@ class AdjointMatchingTrainer:
             "reward_scale_match": ctx.reward_scale_match,
             "adaptive_truncation": None if ctx.truncation is None else ctx.truncation.state_dict(),
         }
+
+    def _validation_due(self, step: int) -> bool:
+        """Whether a mid-run validation grid belongs to update ``step`` (``--validation_steps``)."""
+        every = self.config.validation_steps
+        return bool(every) and step % every == 0 and step < self.config.max_train_steps
+
+    def _grid_name(self, step: int) -> str:
+        return f"validation/step-{step:06d}.png"
+
+    def _drop_grids_after(self, step: int) -> None:
+        """Remove the mid-run grids of updates after ``step`` (a resumed run redoes them)."""
+        for path in (self.output_dir / "validation").glob("step-*.png"):
+            number = path.stem[len("step-"):]
+            if number.isdigit() and int(number) > step:
+                path.unlink()
+
+    def _validate(self, ctx: RunContext, step: int) -> None:
+        """The validation grid (and metrics) of update ``step``, with the EMA weights under ``--use_ema``."""
+        with full_params(ctx):
+            if ctx.accelerator.is_main_process:
+                with ctx.ema_weights():
+                    validation_grid(ctx, self._grid_name(step), step=step)
+        ctx.accelerator.wait_for_everyone()
 
     def _restore_probes(self, ctx: RunContext, state: dict[str, Any]) -> None:
         """A resumed run's lambda and adaptive window: the checkpoint's (a straight run would have them)."""
@@ -550,8 +622,13 @@ class AdjointMatchingTrainer:
             disable=not accelerator.is_local_main_process,
             file=bar_stream,
         )
+        self._bar = progress  # closed by _after_failure too
         durations: list[float] = []
         record: dict[str, Any] = {}
+        self._completed = self._completion(ctx, global_step, nonfinite)
+        if self.resume_path is not None and self._validation_due(global_step):
+            if not (self.output_dir / self._grid_name(global_step)).is_file():  # killed while validating: redo it
+                self._validate(ctx, global_step)
         while True:
             stop = agree_to_stop(accelerator, signals.requested)
             if stop:
@@ -587,6 +664,7 @@ class AdjointMatchingTrainer:
             if accelerator.is_main_process:
                 log.append(record)
                 accelerator.log(finite_scalars(record), step=global_step)
+            self._completed = self._completion(ctx, global_step, nonfinite)
             self.callbacks("on_update_end", self, global_step, copy.deepcopy(record))
             model.transformer.eval()
             progress.update(1)
@@ -599,12 +677,8 @@ class AdjointMatchingTrainer:
                 self.progress.saved_at = global_step
                 if path is not None:  # None: the save was abandoned (a full disk), with a warning
                     self.callbacks("on_save", self, global_step, path)
-            if cfg.validation_steps and global_step % cfg.validation_steps == 0 and global_step < cfg.max_train_steps:
-                with full_params(ctx):
-                    if accelerator.is_main_process:
-                        with ctx.ema_weights():
-                            validation_grid(ctx, f"validation/step-{global_step:06d}.png", step=global_step)
-                accelerator.wait_for_everyone()
+            if self._validation_due(global_step):
+                self._validate(ctx, global_step)
         progress.close()
         if nonfinite:
             logger.warning(
@@ -613,6 +687,60 @@ class AdjointMatchingTrainer:
         return global_step, nonfinite, durations, record
 
     # -- stopping early ---------------------------------------------------------------------------------
+    def _rescuable(self, ctx: RunContext) -> bool:
+        """Whether a failed run can checkpoint its last completed update: one process, no DeepSpeed / FSDP2
+        engine (a failure on one rank alone would leave the others waiting in a collective)."""
+        acc = ctx.accelerator
+        return acc.num_processes == 1 and not (is_deepspeed(acc) or is_fsdp2(acc))
+
+    def _completion(self, ctx: RunContext, step: int, nonfinite: int) -> dict[str, Any]:
+        """What a failure later needs to checkpoint update ``step``: its RNG states and marks of the state
+        (LR schedule position, EMA step, a sum of the LoRA weights) to tell whether an update began changing it."""
+        if not self._rescuable(ctx):
+            return {"step": step, "nonfinite": nonfinite, "rng": None, "marks": None}
+        return {"step": step, "nonfinite": nonfinite, "rng": capture_rng(), "marks": self._marks(ctx)}
+
+    def _marks(self, ctx: RunContext) -> tuple:
+        scheduler = getattr(ctx.lr_scheduler, "scheduler", ctx.lr_scheduler)
+        with torch.no_grad():
+            weights = sum(float(p.detach().double().sum()) for p in ctx.params)
+        ema = getattr(ctx.ema, "optimization_step", None)
+        return getattr(scheduler, "last_epoch", None), ema, weights
+
+    def _after_failure(self, ctx: RunContext, ckpt: CheckpointManager, err: Exception) -> None:
+        """A failure while training (the reward raising at update 5, a bug): keep the work of the completed
+        updates. Unless the failure is a stop or a full disk (handled elsewhere), write the checkpoint of the
+        last completed update when the state is still that update's (one process), then say what is on disk:
+        a ValueError (a user's input) becomes one line naming it; anything else keeps its traceback, after a
+        warning line."""
+        from .errors import RunStopped
+
+        if getattr(self, "_bar", None) is not None:
+            self._bar.close()  # before any line is printed
+        done = getattr(self, "_completed", None)
+        if done is None or isinstance(err, RunStopped) or write_failure(err, self.output_dir) is not None:
+            return
+        step, accelerator = done["step"], ctx.accelerator
+        if self.progress.saved_at == step and accelerator.is_main_process:
+            path = dict(list_checkpoints(self.output_dir)).get(step)
+            disk = f"{path} holds update {step}: after fixing it, {RESUME_HINT}" if path else None
+        elif step == 0:
+            disk = "nothing was trained"
+        elif done["marks"] is not None and self._marks(ctx) == done["marks"]:
+            ctx.optimizer.zero_grad(set_to_none=True)
+            path = ckpt.save(step, self._state(done["nonfinite"]), rng=done["rng"])
+            self.progress.saved_at = step
+            disk = f"saved {path}, the last completed update: after fixing it, {RESUME_HINT}" if path else None
+        else:
+            disk = None
+        if disk is None:
+            disk = self.progress.last_checkpoint_advice().rstrip(".")
+        where = f"stopped after update {step} of {self.config.max_train_steps}; {disk}"
+        if isinstance(err, ValueError):
+            raise ValueError(f"{str(err).rstrip('.')} ({where}).") from None
+        if accelerator.is_main_process:
+            warn(f"{type(err).__name__} during training: {where}.")
+
     def _stop(self, ctx: RunContext, ckpt: CheckpointManager, step: int, nonfinite: int, signum: int) -> None:
         """After a stop signal (every process): write the checkpoint of ``step`` (unless it exists) and the
         adapter so far, then raise RunStopped (exit 128 + signal) with the line that says how to resume."""

@@ -5,6 +5,7 @@ are the same functions ``python -m diffusers_am.evaluate`` uses."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -114,9 +115,11 @@ def validation_grid(
     if metrics.enabled:
         metrics.log(ctx, images, conditions, base, step)
     path = ctx.output_dir / name
-    if write:
+    if write:  # written beside and moved into place: a kill while writing leaves no partial grid
         title = "base model" if base else f"fine-tuned, update {step}" if step is not None else "fine-tuned"
-        save_grid(images, per, path, row_labels=ctx.val_prompts, title=title)
+        tmp = path.with_name(f".tmp-{path.name}")
+        save_grid(images, per, tmp, row_labels=ctx.val_prompts, title=title)
+        os.replace(tmp, path)
         if ctx.accelerator.trackers:  # one image series: the base grid at step 0, then each update's
             log_grid(ctx.accelerator, "validation/grid", path, step=0 if base else int(step or 0))
     return path
@@ -146,5 +149,7 @@ def write_comparison(ctx: RunContext, step: int) -> Path:
         ctx.config.num_validation_images, row_labels=ctx.val_prompts,
     )
     path = ctx.output_dir / COMPARISON_NAME
-    image.save(path)
+    tmp = ctx.output_dir / "validation" / f".tmp-{path.name}"  # in the run's own folder: never a partial file
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
     return path
