@@ -137,6 +137,7 @@ def test_quantized_pipeline_folder_needs_bitsandbytes(tmp_path):
     assert pipeline_needs_bitsandbytes(tmp_path) and pipeline_needs_bitsandbytes(str(tmp_path))
     assert not pipeline_needs_bitsandbytes("black-forest-labs/FLUX.2-klein-4B") and not pipeline_needs_bitsandbytes(None)
     assert run_needs_bitsandbytes(TrainingConfig(use_8bit_adam=True))
+    assert run_needs_bitsandbytes(TrainingConfig(quantize_base="nf4"))
     assert not run_needs_bitsandbytes(TrainingConfig())
 
 
