@@ -60,13 +60,18 @@ def render_model_card(
         license=settings.pop("license", None),
     )
     kind = "class labels" if conditioning == "class" else "prompts"
-    from ..models import EMBEDDED_DIGITS_BASE
+    from ..models import EMBEDDED_DIGITS_BASE, EMBEDDED_NAMES
 
     embedded = Path(base_model).resolve() == EMBEDDED_DIGITS_BASE.resolve()
     known = METHODS.get(method)
     method_name = known.display_name if known is not None else method
     base_ref = "EMBEDDED_DIGITS_BASE" if embedded else json.dumps(str(base_model))
     base_import = "from diffusers_am.models import EMBEDDED_DIGITS_BASE" if embedded else None
+    shipped = {str(folder.resolve()): name for name, folder in EMBEDDED_NAMES.items()}
+    name = EMBEDDED_NAMES and (str(base_model).lower() if str(base_model).lower() in EMBEDDED_NAMES else shipped.get(str(Path(base_model).resolve())))
+    if name:  # a pipeline shipped in the package (shapes-klein): load it by its constant
+        constant = "EMBEDDED_" + name.upper().replace("-", "_")
+        base_ref, base_import = constant, f"from diffusers_am.models import {constant}"
     return ModelCard.from_template(
         data,
         template_path=str(template_path),
