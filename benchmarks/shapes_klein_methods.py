@@ -14,6 +14,9 @@ base and every adapter on the same noise for the 24 held-out compositions and me
     python benchmarks/shapes_klein_methods.py --seeds 0 1 2 --output_dir outputs/shapes-bench
 
 Per-method flags: ``--ode_am_args "--reward_scale 10 --reg_order 2"`` etc. (appended to that method's run).
+``--reuse`` evaluates runs already in ``--output_dir`` (e.g. the three methods started side by side with
+``python -m diffusers_am.train --pretrained shapes-klein --method M --truncate_steps K --seed S
+--output_dir <output_dir>/M-seedS``) instead of training them again.
 Writes ``results.json`` and the evaluation report per seed (``eval-seed<s>/``: metrics, and
 ``samples_<model>.png``: one held-out prompt per row, the same noise in every model's grid).
 """
@@ -44,8 +47,13 @@ COLUMNS = (
 )
 
 
-def train_one(method: str, seed: int, out: Path, common: list[str], extra: list[str]) -> dict:
+def train_one(method: str, seed: int, out: Path, common: list[str], extra: list[str], reuse: bool = False) -> dict:
     from accelerate.state import AcceleratorState
+
+    summary = out / "train_summary.json"
+    if reuse and summary.is_file():  # a finished run of the same command (e.g. started in parallel by hand)
+        done = json.loads(summary.read_text())
+        return {k: done[k] for k in ("reward_before", "reward_after", "seconds_per_update")} | {"reused": str(out)}
 
     from diffusers_am.training import AdjointMatchingTrainer
     from diffusers_am.training.config import parse_args
@@ -67,11 +75,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max_train_steps", type=int, default=100)
     parser.add_argument("--common_args", default="", help="flags for every run (e.g. '--truncate_steps 4')")
     parser.add_argument("--ode_am_args", default="")
-    parser.add_argument("--draft_args", default="")
+    parser.add_argument("--draft_args", default="--truncate_steps 1", help="DRaFT-1 by default")
     parser.add_argument("--refl_args", default="")
     parser.add_argument("--num_images_per_prompt", type=int, default=8)
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/shapes-bench"))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--reuse", action="store_true",
+                        help="use <output_dir>/<method>-seed<s> runs that finished already instead of training again")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from diffusers_am.evaluate import evaluate
@@ -85,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         outs = []
         for method in args.methods:
             out = args.output_dir / f"{method}-seed{seed}"
-            results["runs"][f"{method}/{seed}"] = train_one(method, seed, out, common, shlex.split(extra[method]))
+            results["runs"][f"{method}/{seed}"] = train_one(method, seed, out, common, shlex.split(extra[method]), args.reuse)
             print(f"{method} seed {seed}: reward {results['runs'][f'{method}/{seed}']['reward_before']:.3f} -> "
                   f"{results['runs'][f'{method}/{seed}']['reward_after']:.3f}", flush=True)
             outs.append(out)

@@ -270,8 +270,9 @@ blue square": 4 colours x 3 shapes on each side, 32 x 32 RGB). Every component i
   transformer needs). Captions are 24 tokens: use `max_sequence_length={MAX_SEQUENCE_LENGTH}` (the pipeline pads to it
   and the transformer was trained on that length).
 - VAE: `AutoencoderKLFlux2`, 3 blocks (16, 32, 64), 4 latent channels (4x down-sampling, patchified to
-  16 channels on a 4 x 4 token grid), trained {vae.get('steps')} steps (batch 24, L1 + MSE + 1e-6 KL) in
-  {vae.get('seconds')} s; batch-norm statistics set to the data's latents. Reconstructions: gold exact
+  16 channels on a 4 x 4 token grid), trained {vae.get('steps')} steps (batch 24, L1 + MSE + 1e-6 KL, lr 3e-3) in
+  {vae.get('seconds')} s, then {record.get('vae_refine', {}).get('steps')} more at lr 1e-3 in
+  {record.get('vae_refine', {}).get('seconds')} s; batch-norm statistics set to the data's latents. Reconstructions: gold exact
   match {vae.get('reconstruction_gold')}, mean L1 {vae.get('reconstruction_l1')} on 256 training images.
 - Transformer: `Flux2Transformer2DModel`, 2 double + 2 single blocks, 3 heads x 32, {tr.get('num_parameters')} parameters;
   rectified flow on the normalised latents of {data.get('images')} training images (120 compositions x
