@@ -135,7 +135,8 @@ def test_short_fine_tuning_raises_the_reward_and_the_adapter_round_trips(tmp_pat
     config = parse_args([
         "--pretrained", "shapes-klein", "--output_dir", str(out), "--max_train_steps", "6", "--train_batch_size", "8",
         "--num_inference_steps", "8", "--truncate_steps", "2", "--learning_rate", "1e-2", "--num_eval_samples", "16",
-        "--validation_steps", "0", "--num_validation_images", "1", "--report_to", "none",
+        "--validation_steps", "0", "--num_validation_images", "2", "--report_to", "none",
+        "--validation_prompts", *shapes.heldout_captions()[:2],
     ])
     assert config.reward == "shapes" and config.resolution == 32 and config.max_sequence_length == 24
     capture = _capture_context()
@@ -156,4 +157,30 @@ def test_short_fine_tuning_raises_the_reward_and_the_adapter_round_trips(tmp_pat
                  guidance_scale=config.guidance_scale, max_sequence_length=24, output_type="pt").images
     torch.testing.assert_close(stock, final, atol=1e-4, rtol=0)
     summary = json.loads((out / "train_summary.json").read_text())
-    assert summary
+    assert summary["reward_after"] == pytest.approx(result.reward_after)
+    # the held-out judge scored the validation grids of the base and the fine-tuned model
+    log = [json.loads(line) for line in (out / "validation_log.jsonl").read_text().splitlines()]
+    assert [r["model"] for r in log] == ["base", "fine-tuned"] and all(0 <= r["heldout_reward"] <= 1 for r in log)
+
+
+def test_folder_defaults_fill_only_unset_options(tmp_path):
+    from diffusers_am.training.config import parse_args
+
+    cfg = parse_args(["--pretrained", "shapes-klein", "--reward", "shapes-heldout", "--num_inference_steps", "7"])
+    assert cfg.reward == "shapes-heldout" and cfg.num_inference_steps == 7  # flags win
+    assert cfg.resolution == 32 and cfg.prompts == str(EMBEDDED_SHAPES_KLEIN / "prompts_train.txt")
+    config_file = tmp_path / "c.json"
+    config_file.write_text(json.dumps({"guidance_scale": 2.0}))
+    assert parse_args(["--pretrained", "shapes-klein", "--config", str(config_file)]).guidance_scale == 2.0  # the file wins
+    assert parse_args([]).reward == "digits"  # the digits default job is unchanged
+    assert pipeline_defaults("shapes-klein", "evaluate")["rewards"] == ["shapes-gold", "shapes", "shapes-heldout"]
+    folder = tmp_path / "pipe"
+    folder.mkdir()
+    (folder / "diffusers_am_defaults.json").write_text(json.dumps({"training": {"prompts": "../secret.txt"}}))
+    (tmp_path / "secret.txt").write_text("x\n")
+    with pytest.raises(ValueError, match="not a file in that folder"):
+        pipeline_defaults(folder, "training")
+    (folder / "diffusers_am_defaults.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        pipeline_defaults(folder, "training")
+    assert pipeline_defaults(tmp_path, "training") == {}  # no defaults file: nothing
