@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output_dir", type=Path, default=Path("outputs/shapes-bench"))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reuse", action="store_true",
-                        help="use <output_dir>/<method>-seed<s> runs that finished already instead of training again")
+                        help="use <output_dir>/<method>-seed<s> runs (and eval-seed<s> reports) that finished already")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from diffusers_am.evaluate import evaluate
@@ -99,6 +99,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{method} seed {seed}: reward {results['runs'][f'{method}/{seed}']['reward_before']:.3f} -> "
                   f"{results['runs'][f'{method}/{seed}']['reward_after']:.3f}", flush=True)
             outs.append(out)
+        report = args.output_dir / f"eval-seed{seed}" / "metrics.json"
+        if args.reuse and report.is_file():  # this seed was evaluated already
+            results["eval"][str(seed)] = json.loads(report.read_text())["models"]
+            continue
         ev = evaluate("shapes-klein", adapters=outs, prompts=heldout_captions(),
                       num_images_per_prompt=args.num_images_per_prompt,
                       rewards=["shapes-gold", "shapes", "shapes-heldout"], feature_extractor="shapes-heldout",
