@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 ARGS ?=
 
-.PHONY: install train test toy clean
+.PHONY: install train train-shapes test toy clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ install: $(STAMP)
 # The default job (ODE-AM on the embedded digits base); more flags: make train ARGS="--max_train_steps 10".
 train: install
 	$(PY) -m diffusers_am.train $(ARGS)
+
+# The main text-to-image path on a CPU: ODE-AM on the shipped FLUX.2-klein miniature (shapes-klein), 100 updates.
+train-shapes: install
+	$(PY) -m diffusers_am.train --pretrained shapes-klein $(ARGS)
 
 test: install
 	$(PY) -m pytest tests

@@ -35,6 +35,7 @@ from .models import (
     ADAPTERS,
     EMBEDDED_DIGITS_BASE,
     load_model_adapter,
+    pipeline_defaults,
     read_model_index,
     resolve_pretrained,
     short_names_help,
@@ -342,6 +343,18 @@ def evaluate(
     ``dtype``: weights' dtype (default fp32). Deprecated spellings: ``torch_dtype`` (for ``dtype``) and
     ``reward_paths`` (for ``reward_model_paths``), each with a FutureWarning."""
     dtype = resolve_dtype(dtype, torch_dtype, torch.float32)
+    if isinstance(pipeline_or_path, (str, os.PathLike)):  # a folder's diffusers_am_defaults.json ("evaluate")
+        defaults = pipeline_defaults(pipeline_or_path, "evaluate")
+        prompts = defaults.get("prompts") if prompts is None else prompts
+        rewards = defaults.get("rewards") if rewards is None else rewards
+        feature_extractor = defaults.get("feature_extractor") if feature_extractor is None else feature_extractor
+        num_inference_steps = defaults.get("num_inference_steps") if num_inference_steps is None else num_inference_steps
+        resolution = defaults.get("resolution") if resolution is None else resolution
+        guidance_scale = defaults.get("guidance_scale") if guidance_scale is None else guidance_scale
+        if defaults.get("max_sequence_length") is not None:
+            seq = {"max_sequence_length": defaults["max_sequence_length"]}
+            pipeline_call_kwargs = {**seq, **(pipeline_call_kwargs or {})}
+            adapter_kwargs = {**seq, **(adapter_kwargs or {})}
     if reward_paths is not None:
         if reward_model_paths is not None:
             raise ValueError("pass either `reward_model_paths` or `reward_paths` (deprecated), not both.")

@@ -26,6 +26,15 @@ PACKAGE_DATA = (
     "diffusers_am/assets/digits-sit/transformer/diffusion_pytorch_model.safetensors",
     "diffusers_am/assets/digits-classifier/model.safetensors",
     "diffusers_am/assets/digits-heldout-classifier/model.safetensors",
+    "diffusers_am/assets/shapes-klein/model_index.json",
+    "diffusers_am/assets/shapes-klein/diffusers_am_defaults.json",
+    "diffusers_am/assets/shapes-klein/prompts_train.txt",
+    "diffusers_am/assets/shapes-klein/transformer/diffusion_pytorch_model.safetensors",
+    "diffusers_am/assets/shapes-klein/vae/diffusion_pytorch_model.safetensors",
+    "diffusers_am/assets/shapes-klein/text_encoder/model.safetensors",
+    "diffusers_am/assets/shapes-klein/tokenizer/tokenizer_config.json",
+    "diffusers_am/assets/shapes-classifier/model.safetensors",
+    "diffusers_am/assets/shapes-heldout-classifier/model.safetensors",
 )
 # The default job, cut to 2 updates and a 16-sample reward before / after.
 TRAIN_ARGS = ("--max_train_steps", "2", "--num_eval_samples", "16", "--report_to", "none")

@@ -4,7 +4,8 @@ A feature extractor is any callable ``images [B, C, H, W] in [0, 1] -> [B, F]``.
 :func:`load_feature_extractor` builds one from a spec:
   * ``"clip"`` (default): CLIP ViT-L/14 image embeddings (``openai/clip-vit-large-patch14``,
     transformers), L2-normalized; ``"clip:<folder or Hub id>"`` picks another CLIP;
-  * ``"digits"`` / ``"digits-heldout"``: the digits classifiers' penultimate features;
+  * ``"digits"`` / ``"digits-heldout"`` (``"shapes"`` / ``"shapes-heldout"``): the digits (shapes)
+    classifiers' penultimate features;
   * ``"module:callable"`` or ``"file.py:callable"``: your own (a callable, or a factory of one
     when it is a class).
 """
@@ -45,7 +46,7 @@ def load_feature_extractor(
     spec = spec.strip()
     if spec == "clip" or spec.startswith("clip:"):
         return ClipImageFeatures(spec.split(":", 1)[1] if ":" in spec else DEFAULT_CLIP, device=device)
-    if spec in ("digits", "digits-heldout"):
+    if spec in ("digits", "digits-heldout", "shapes", "shapes-heldout"):
         from ..rewards import load_reward
 
         return load_reward(spec, device=device).features

@@ -23,6 +23,14 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EMBEDDED_DIGITS_BASE = ASSETS / "digits-sit"
 """The embedded default base: a small class-conditional SiT-style flow trained on the
 scikit-learn digits, shipped inside the package."""
+EMBEDDED_SHAPES_KLEIN = ASSETS / "shapes-klein"
+"""A FLUX.2-klein in miniature (stock ``Flux2KleinPipeline`` format) trained on the shapes captions
+(:mod:`diffusers_am.toy.shapes`), shipped inside the package; short name ``shapes-klein``."""
+EMBEDDED_NAMES: dict[str, Path] = {"shapes-klein": EMBEDDED_SHAPES_KLEIN}
+"""Short names of pipelines shipped inside the package (matched case-insensitively)."""
+DEFAULTS_FILE = "diffusers_am_defaults.json"
+"""The file in a pipeline folder holding the defaults a run on it takes: ``"training"`` (TrainingConfig
+fields) and ``"evaluate"`` (:func:`diffusers_am.evaluate.evaluate` arguments)."""
 
 # pipeline class name -> "module:AdapterClass" (imported lazily: no diffusers import at package import)
 ADAPTERS: dict[str, str] = {
@@ -82,6 +90,7 @@ HUB_PROBE_TIMEOUT = 5.0
 def short_names_help() -> str:
     """The short names and what they resolve to, for ``--help``."""
     names = ", ".join(f"{name} ({repo})" for name, repo in SHORT_NAMES.items())
+    names += "".join(f", {name} (shipped: {folder.name})" for name, folder in EMBEDDED_NAMES.items())
     return f"{names}, {SIT_XL_2} (the folder ./{SIT_XL_2_FOLDER} written by scripts/convert_sit_checkpoint.py)"
 
 
@@ -92,6 +101,9 @@ def resolve_pretrained(name_or_path: str | os.PathLike) -> str:
     text = str(name_or_path)
     if Path(text).exists():
         return text
+    embedded = {name.lower(): folder for name, folder in EMBEDDED_NAMES.items()}
+    if text.lower() in embedded:
+        return str(embedded[text.lower()])
     by_lower = {name.lower(): repo for name, repo in SHORT_NAMES.items()}
     if text.lower() in by_lower:
         return by_lower[text.lower()]
@@ -103,6 +115,37 @@ def resolve_pretrained(name_or_path: str | os.PathLike) -> str:
             f"converted folder ./{SIT_XL_2_FOLDER} here; {SIT_XL_2_HOWTO}."
         )
     return text
+
+
+def pipeline_defaults(name_or_path: str | os.PathLike | None, section: str) -> dict[str, Any]:
+    """The ``section`` ("training" or "evaluate") of a local pipeline folder's :data:`DEFAULTS_FILE`
+    (short names resolved), or {} when there is none. A string value naming a file in the folder
+    (``"prompts_train.txt"``) becomes that file's path; names never leave the folder."""
+    if name_or_path is None:
+        return {}
+    try:
+        folder = Path(resolve_pretrained(name_or_path))
+    except ValueError:
+        return {}
+    path = folder / DEFAULTS_FILE
+    if not folder.is_dir() or not path.is_file() or path.is_symlink():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({err}); fix or remove it.") from None
+    values = raw.get(section, {}) if isinstance(raw, dict) else {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{str(path)!r}: {section!r} must be an object of option: value.")
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, str) and value.endswith(".txt"):
+            target = folder / value
+            if Path(value).name != value or not target.is_file() or target.is_symlink():
+                raise ValueError(f"{str(path)!r}: {section}.{key} names {value!r}, which is not a file in that folder.")
+            value = str(target)
+        out[key] = value
+    return out
 
 
 def _shown(typed: str, repo_id: str) -> str:
@@ -250,11 +293,13 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "ADAPTERS",
     "EMBEDDED_DIGITS_BASE",
+    "EMBEDDED_SHAPES_KLEIN",
     "FlowModelAdapter",
     "LoraSettings",
     "adapter_class",
     "load_model_adapter",
     "model_adapter_for",
+    "pipeline_defaults",
     "read_model_index",
     "resolve_pretrained",
     "SHORT_NAMES",

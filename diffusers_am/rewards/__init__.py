@@ -33,6 +33,9 @@ REWARDS: dict[str, str] = {
     "clipscore": "diffusers_am.rewards.clipscore:load_clipscore",
     "aesthetic": "diffusers_am.rewards.aesthetic:load_aesthetic",
     "imagereward": "diffusers_am.rewards.imagereward:load_imagereward",
+    "shapes": "diffusers_am.rewards.shapes:load_shapes_reward",
+    "shapes-heldout": "diffusers_am.rewards.shapes:load_shapes_heldout_reward",
+    "shapes-gold": "diffusers_am.rewards.shapes:load_shapes_gold_reward",
 }
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..models import resolve_pretrained, short_names_help
+from ..models import pipeline_defaults, resolve_pretrained, short_names_help
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear", "cosine_with_restarts", "polynomial")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -722,6 +722,10 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainingConfig:
     values = {name: value for name, value in given.items() if value is not _UNSET}
     for name, value in from_file.items():
         values.setdefault(name, value)
+    # a pipeline folder's diffusers_am_defaults.json ("training") fills what neither the flags nor the file set
+    for name, value in pipeline_defaults(values.get("pretrained_model_name_or_path"), "training").items():
+        if name in FIELD_NAMES:
+            values.setdefault(name, value)
     try:
         config = TrainingConfig(**values)
         from ..rewards import check_reward_spec

@@ -52,8 +52,12 @@ def render_model_card(
     template_path = Path(template_path or TEMPLATE)
     if not template_path.is_file():
         raise ValueError(f"model card template {str(template_path)!r} not found.")
+    from ..models import EMBEDDED_DIGITS_BASE, EMBEDDED_NAMES
+
     object_record = str(base_model).startswith("<")  # "<pipeline object: ...>": passed from Python, no id known
-    hub_base = None if object_record or Path(base_model).exists() else base_model  # metadata takes Hub ids only
+    shipped = next((name for name, folder in EMBEDDED_NAMES.items() if str(base_model).lower() == name
+                    or (not object_record and Path(base_model).resolve() == folder.resolve())), None)
+    hub_base = None if object_record or shipped or Path(base_model).exists() else base_model  # Hub ids only
     data = ModelCardData(
         library_name="diffusers",
         base_model=hub_base,
@@ -61,13 +65,14 @@ def render_model_card(
         license=settings.pop("license", None),
     )
     kind = "class labels" if conditioning == "class" else "prompts"
-    from ..models import EMBEDDED_DIGITS_BASE
-
     embedded = Path(base_model).resolve() == EMBEDDED_DIGITS_BASE.resolve()
     known = METHODS.get(method)
     method_name = known.display_name if known is not None else method
     base_ref = "EMBEDDED_DIGITS_BASE" if embedded else json.dumps(str(base_model))
     base_import = "from diffusers_am.models import EMBEDDED_DIGITS_BASE" if embedded else None
+    if shipped:  # a pipeline shipped in the package (shapes-klein): load it by its constant
+        constant = "EMBEDDED_" + shipped.upper().replace("-", "_")
+        base_ref, base_import = constant, f"from diffusers_am.models import {constant}"
     return ModelCard.from_template(
         data,
         template_path=str(template_path),
