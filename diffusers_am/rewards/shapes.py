@@ -19,8 +19,7 @@ size other than 32x32 is resized (differentiable bilinear). Prompts: shapes capt
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -28,15 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..jsonio import dumps
+from ..toy.serialization import CONFIG_NAME, WEIGHTS_NAME, ClassifierFolderMixin
 from ..toy.shapes import COLOURS, RESOLUTION, SHAPES, gold_check, parse_caption
 from .base import check_images
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SHAPES_CLASSIFIER = ASSETS / "shapes-classifier"
 SHAPES_HELDOUT_CLASSIFIER = ASSETS / "shapes-heldout-classifier"
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 HEADS = (len(COLOURS), len(SHAPES), len(COLOURS), len(SHAPES))
 """Classes of the four heads: left colour, left shape, right colour, right shape."""
 _ACTIVATIONS = {"silu": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU}
@@ -62,8 +59,11 @@ class ShapesClassifierConfig:
             raise ValueError(f"`activation` must be one of {sorted(_ACTIVATIONS)}; got {self.activation!r}.")
 
 
-class ShapesClassifier(nn.Module):
+class ShapesClassifier(ClassifierFolderMixin, nn.Module):
     """CNN on [B, 3, 32, 32] in [0, 1] -> logits of the four heads, concatenated [B, 14]."""
+
+    config_class = ShapesClassifierConfig
+    trained_by = "scripts/train_shapes_classifiers.py"
 
     def __init__(self, config: ShapesClassifierConfig | None = None):
         super().__init__()
@@ -89,36 +89,6 @@ class ShapesClassifier(nn.Module):
         """Per-head log-probabilities, a list of 4 tensors [B, classes] (fp32)."""
         logits = self(images).float()
         return [torch.log_softmax(part, dim=-1) for part in logits.split(list(HEADS), dim=-1)]
-
-    def save_pretrained(self, save_directory: str | Path, extra_config: dict | None = None) -> None:
-        from safetensors.torch import save_model
-
-        out = Path(save_directory)
-        out.mkdir(parents=True, exist_ok=True)
-        save_model(self, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-        config = {"architecture": type(self).__name__, **asdict(self.config)}
-        if extra_config:
-            config["training"] = extra_config
-        (out / CONFIG_NAME).write_text(dumps(config, indent=2, sort_keys=True) + "\n")
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, device: torch.device | str | None = None) -> "ShapesClassifier":
-        from safetensors.torch import load_model
-
-        folder = Path(directory)
-        missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / n).is_file()]
-        if missing:
-            raise ValueError(
-                f"shapes classifier folder {str(folder)!r} lacks {', '.join(missing)}: it must hold {WEIGHTS_NAME} "
-                f"and {CONFIG_NAME} as written by `python scripts/train_shapes_classifiers.py`."
-            )
-        raw = json.loads((folder / CONFIG_NAME).read_text())
-        if raw.get("architecture", cls.__name__) != cls.__name__:
-            raise ValueError(f"{str(folder / CONFIG_NAME)!r} describes a {raw['architecture']!r}, not a {cls.__name__}.")
-        known = ShapesClassifierConfig.__dataclass_fields__
-        model = cls(ShapesClassifierConfig(**{k: v for k, v in raw.items() if k in known}))
-        load_model(model, str(folder / WEIGHTS_NAME), strict=True, device=str(device or "cpu"))
-        return model.eval()
 
 
 def captions_to_targets(prompts: Sequence[str]) -> torch.Tensor:

@@ -15,21 +15,17 @@ Classifiers (:class:`DigitsClassifier`) are saved as ``model.safetensors`` plus 
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..jsonio import dumps
+from .serialization import ClassifierFolderMixin
 
 NUM_CLASSES = 10
 IMAGE_SIZE = 8
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 
 
 # -- data ---------------------------------------------------------------------------------
@@ -114,11 +110,14 @@ class DigitsClassifierConfig:
             raise ValueError("`feature_dim` must be positive and `num_classes` at least 2.")
 
 
-class DigitsClassifier(nn.Module):
+class DigitsClassifier(ClassifierFolderMixin, nn.Module):
     """Small CNN on 8x8 digits. Input [B, 1, 8, 8] in [0, 1]; ``forward`` -> logits
     [B, num_classes]; ``features`` -> penultimate activations [B, feature_dim].
 
     No batch norm or dropout: train and eval mode compute the same function."""
+
+    config_class = DigitsClassifierConfig
+    trained_by = "scripts/train_digits_classifiers.py"
 
     def __init__(self, config: DigitsClassifierConfig | None = None):
         super().__init__()
@@ -151,41 +150,6 @@ class DigitsClassifier(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 1, 8, 8] in [0, 1] -> logits [B, num_classes]."""
         return self.head(self.features(images))
-
-    # -- serialization --------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | Path, extra_config: dict | None = None) -> None:
-        """Write ``model.safetensors`` and ``config.json`` (constructor arguments, plus
-        ``extra_config`` entries under ``"training"``) into ``save_directory``."""
-        from safetensors.torch import save_model
-
-        out = Path(save_directory)
-        out.mkdir(parents=True, exist_ok=True)
-        save_model(self, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-        config = {"architecture": type(self).__name__, **asdict(self.config)}
-        if extra_config:
-            config["training"] = extra_config
-        (out / CONFIG_NAME).write_text(dumps(config, indent=2, sort_keys=True) + "\n")
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, device: torch.device | str | None = None) -> "DigitsClassifier":
-        """Load a folder written by :meth:`save_pretrained` (strict: every weight must match)."""
-        from safetensors.torch import load_model
-
-        folder = Path(directory)
-        missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / n).is_file()]
-        if missing:
-            raise ValueError(
-                f"digits classifier folder {str(folder)!r} lacks {', '.join(missing)}: it must hold "
-                f"{WEIGHTS_NAME} and {CONFIG_NAME} as written by `DigitsClassifier.save_pretrained` "
-                "(scripts/train_digits_classifiers.py)."
-            )
-        raw = json.loads((folder / CONFIG_NAME).read_text())
-        if raw.get("architecture", cls.__name__) != cls.__name__:
-            raise ValueError(f"{str(folder / CONFIG_NAME)!r} describes a {raw['architecture']!r}, not a {cls.__name__}.")
-        known = DigitsClassifierConfig.__dataclass_fields__
-        model = cls(DigitsClassifierConfig(**{k: v for k, v in raw.items() if k in known}))
-        load_model(model, str(folder / WEIGHTS_NAME), strict=True, device=str(device or "cpu"))
-        return model
 
 
 @torch.no_grad()
