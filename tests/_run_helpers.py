@@ -1,4 +1,5 @@
-"""Shared helpers of the trainer tests: a tiny SiT base, the tiny run's flags, folder snapshots, the log."""
+"""Shared helpers of the trainer tests: a tiny SiT base, the tiny run's flags, folder snapshots, the log, a
+trained adapter's tensors and their difference."""
 
 import hashlib
 import json
@@ -71,3 +72,26 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 def read_log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def trained_adapter(out: Path, *args: str) -> dict:
+    """Run the trainer in-process (``diffusers_am.train.main``) into ``out``; return the saved adapter's tensors
+    after checking that they are finite and that it trained (LoRA B starts at 0)."""
+    import torch
+    from accelerate.state import AcceleratorState
+    from safetensors.torch import load_file
+
+    from diffusers_am.train import main
+
+    assert main(["--output_dir", str(out), *args]) == 0
+    AcceleratorState._reset_state(reset_partial_state=True)
+    weights = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    assert max(float(v.abs().max()) for k, v in weights.items() if "lora_B" in k) > 0
+    return weights
+
+
+def max_abs_difference(a: dict, b: dict) -> float:
+    """Largest absolute difference between two adapters' tensors (same keys), in fp32."""
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)

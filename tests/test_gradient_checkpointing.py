@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 from _tiny_pipelines import TINY_RESOLUTION as RES
+from _run_helpers import max_abs_difference
+from _run_helpers import trained_adapter as train
 from _tiny_pipelines import save_tiny_flux, save_tiny_flux2_klein, save_tiny_sd3
 from _tiny_sit import tiny_pixel_pipeline
-from safetensors.torch import load_file
 
 from diffusers_am.models import LoraSettings
 from diffusers_am.models.sit import SiTAdapter
 from diffusers_am.training.methods import method_names
-from diffusers_am.train import main
 
 TOL = 1e-5
 TINY_REWARD = f"{Path(__file__).resolve().parent / '_tiny_pipelines.py'}:mean_brightness"
@@ -52,21 +52,6 @@ def checkpoint_calls(monkeypatch):
     return calls
 
 
-def train(out: Path, *args: str) -> dict[str, torch.Tensor]:
-    """Run the trainer; return the saved adapter's tensors (after checking it trained and is finite)."""
-    from accelerate.state import AcceleratorState
-
-    assert main(["--output_dir", str(out), *args]) == 0
-    AcceleratorState._reset_state(reset_partial_state=True)
-    weights = load_file(str(out / "pytorch_lora_weights.safetensors"))
-    assert all(torch.isfinite(v).all() for v in weights.values())
-    assert max(float(v.abs().max()) for k, v in weights.items() if "lora_B" in k) > 0  # B starts at 0: it trained
-    return weights
-
-
-def max_abs_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
 def report(label: str, difference: float) -> None:

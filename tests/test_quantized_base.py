@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 from _tiny_pipelines import TINY_RESOLUTION as RES
+from _run_helpers import max_abs_difference
+from _run_helpers import trained_adapter as train
 from _tiny_pipelines import save_tiny_flux, save_tiny_flux2_klein, save_tiny_sd3
 from safetensors.torch import load_file
 
@@ -88,20 +90,6 @@ def _args(base: Path, prompts: Path, *extra: str) -> list[str]:
     ]
 
 
-def train(out: Path, *args: str) -> dict[str, torch.Tensor]:
-    from accelerate.state import AcceleratorState
-
-    assert main(["--output_dir", str(out), *args]) == 0
-    AcceleratorState._reset_state(reset_partial_state=True)
-    weights = load_file(str(out / "pytorch_lora_weights.safetensors"))
-    assert all(torch.isfinite(v).all() for v in weights.values())
-    assert max(float(v.abs().max()) for k, v in weights.items() if "lora_B" in k) > 0  # B starts at 0: it trained
-    return weights
-
-
-def max_abs_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
 @pytest.fixture(scope="module")
