@@ -1,14 +1,20 @@
-"""benchmarks/paper_claims.py --quick end to end (the full sweep takes about half an hour: not here)."""
+"""benchmarks/paper_claims.py: the run list, the verdicts and the generated report on a synthetic work dir (values
+chosen so every verdict is known by hand), 1 - MS-SSIM at 32 px, and one tiny real train + report."""
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_bench():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location("paper_claims", ROOT / "benchmarks" / "paper_claims.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
@@ -16,33 +22,162 @@ def load_bench():
     return module
 
 
-def test_paired_verdicts():
+def test_run_list():
     bench = load_bench()
-    assert bench.paired([0.1, 0.12, 0.11])["verdict"] == "holds"
-    assert bench.paired([-0.1, -0.12, -0.11])["verdict"] == "does not hold here"
-    assert bench.paired([0.1, -0.1, 0.02])["verdict"] == "inconclusive"
-    assert bench.paired([0.5])["verdict"] == "inconclusive"  # one seed: no spread, no verdict
-    assert bench.unanimous([True, True]) == "holds" and bench.unanimous([True]) == "inconclusive"
-    names = [r.slug for r in bench.all_runs()]
-    assert len(names) == len(set(names)) == 20  # one folder per configuration
+    runs = bench.all_runs(100)
+    assert len({r.slug for r in runs}) == len({r.name for r in runs}) == len(runs)
+    names = {r.name for r in runs}
+    for name in ("ODE-AM-4 p=2 lambda=10", "ODE-AM-Full p=2 lambda=10", "ODE-AM-Full p=6 lambda~10",
+                 "DRaFT-1 10 updates", "ReFL-5 100 updates", "SDE-AM-4 constant lambda=10", "ODE-AM-auto p=2 lambda=10"):
+        assert name in names
+    assert {r.tier for r in runs if r.name in ("ODE-AM-4 p=2 lambda=10", "ODE-AM-Full p=2 lambda=10")} == {1}
+    budgets = {r.name: r.steps for r in runs if r.family == "draft"}
+    assert budgets == {"DRaFT-1 10 updates": 10, "DRaFT-1 25 updates": 25, "DRaFT-1 50 updates": 50,
+                       "DRaFT-1 100 updates": None}  # None: the run's own --max_train_steps
+    assert {r.steps for r in bench.all_runs(3) if r.family == "draft"} == {1, 2, None}  # budgets scale
 
 
-def test_quick_run_writes_report_plots_and_json(tmp_path):
+def _fake_run(folder: Path, updates: int, lam: float, seconds: float, k: int = 4) -> None:
+    folder.mkdir(parents=True)
+    (folder / "train_summary.json").write_text(json.dumps({"reward_scale": lam}))
+    (folder / "train_log.jsonl").write_text(
+        "".join(json.dumps({"seconds": seconds, "truncate_steps": k}) + "\n" for _ in range(updates)))
+    (folder / "claims_wall_seconds.json").write_text(json.dumps({"wall_seconds": seconds * updates}))
+
+
+def _write(path: Path, value) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value))
+
+
+SEEDS = range(6)
+JUDGE = "reward/digits-heldout"
+
+
+def _synthetic_work(bench, work: Path) -> dict:
+    """AM-4 beats AM-Full by 0.01 (+- 0.002 by seed); the p = 2 lambda curve at K = 4 has reward
+    -0.10 + 0.01 * i and 1-SSIM 0.40 - 0.02 * i at its i-th lambda; DRaFT-1 (100 updates) sits at reward
+    -0.065 with 1-SSIM 0.20; learned control energies rise linearly (k + 1) for p = 2 and are flat for p = 6."""
+    bed = bench.TESTBEDS["digits"]
+    runs = {r.name: r for r in bench.all_runs(100)}
+    grid = [n for n in runs if n.startswith("ODE-AM-4 p=2 lambda=")]
+    grid.sort(key=lambda n: runs[n].lam)
+    for s in SEEDS:
+        jitter = 0.002 * (s % 3 - 1)
+        evals = {"base": {JUDGE: -0.2}}
+        for i, name in enumerate(grid):
+            evals[name] = {JUDGE: -0.10 + 0.01 * i, "diversity/ssim": 0.40 - 0.02 * i, "recall": 1.0}
+        lam10 = evals["ODE-AM-4 p=2 lambda=10"][JUDGE]
+        evals["ODE-AM-Full p=2 lambda=10"] = {JUDGE: lam10 - 0.01 + jitter}
+        evals["ODE-AM-Full p=6 lambda~10"] = {JUDGE: lam10}
+        evals["DRaFT-1 100 updates"] = {JUDGE: -0.065, "diversity/ssim": 0.20, "recall": 0.5}
+        for name, metrics in evals.items():
+            slug = "base" if name == "base" else runs[name].slug
+            _write(bench.eval_file(work, bed, s, slug), metrics)
+            if name != "base":
+                _fake_run(bench.run_dir(work, bed, runs[name], s), 100, runs[name].lam, 0.5)
+        _write(bench.control_file(work, bed, s, runs["ODE-AM-Full p=2 lambda=10"].slug),
+               {"energy": [float(k + 1) for k in range(20)]})
+        _write(bench.control_file(work, bed, s, runs["ODE-AM-Full p=6 lambda~10"].slug),
+               {"energy": [1.0 + 0.01 * ((k + s) % 3) for k in range(20)]})
+    for rnd in range(3):  # AM-4 takes 0.4 s per update, AM-Full 1.0 s (+- 0.1 by round)
+        for name, sec in (("ODE-AM-4 p=2 lambda=10", 0.4), ("ODE-AM-Full p=2 lambda=10", 1.0 + 0.1 * (rnd - 1))):
+            _fake_run(work / "digits" / "timing" / f"round{rnd}" / runs[name].slug, 20, 10.0, sec)
+    return {"grid": grid}
+
+
+def test_report_verdicts_on_a_synthetic_work_dir(tmp_path):
     bench = load_bench()
+    work = tmp_path / "work"
+    info = _synthetic_work(bench, work)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nbefore\n{bench.README_BEGIN}\nSTALE\n{bench.README_END}\nafter\n")
     md, js = tmp_path / "CLAIMS.md", tmp_path / "claims.json"
-    out = bench.main(["--quick", "--work_dir", str(tmp_path / "work"), "--output", str(md), "--json", str(js)])
-    text = md.read_text()
-    for heading in ("## C1", "## C2", "## C3", "## C4", "## C5", "## Adaptive truncation"):
-        assert heading in text
-    for png in ("claims_k.png", "claims_frontier.png", "claims_profile.png"):
-        assert (tmp_path / png).stat().st_size > 1000 and f"]({png})" in text
+    bench.main(["--phase", "report", "--seeds", *map(str, SEEDS), "--work_dir", str(work), "--reuse",
+                "--timing_rounds", "3", "--output", str(md), "--json", str(js), "--readme", str(readme)])
     data = json.loads(js.read_text())
-    assert set(data["verdicts"]) == {"C1", "C2", "C3", "C4", "C5", "auto"}
-    assert data["verdicts"]["C1"]["verdict_most"] == "inconclusive"  # one seed in --quick
-    runs = out["train"]
-    auto = runs["ODE-AM-auto p=2 lambda=10|0"]
-    assert all(1 <= k <= 20 for k in auto["k_values"])
-    matched = runs["ODE-AM-4 p=4 lambda~10|0"]["reward_scale"]
-    assert matched > 0 and matched != 10.0  # p = 4 at the lambda matched to p = 2's control size
-    profile = out["profiles"][0]
-    assert len(profile["p2"]["intensity"]) == 20 and max(profile["p2"]["intensity"]) == 1.0
+    tests = {t["label"]: t for t in data["testbeds"]["digits"]["analysis"]["tests"]}
+
+    c1 = tests["AM-4 minus AM-Full, reward/digits-heldout (claim: >= 0; 'holds' = better, 'does not hold' = worse)"]
+    diffs = [0.01 - 0.002 * (s % 3 - 1) for s in SEEDS]
+    assert c1["diffs"] == pytest.approx(diffs) and c1["n"] == 6 and c1["df"] == 5
+    assert c1["verdict"] == "holds" and c1["p_for_holm"] <= len(tests) * c1["p_for"] + 1e-12
+
+    time = next(t for k, t in tests.items() if k.startswith("AM-4 time per update"))
+    ratios = [0.4 / (1.0 + 0.1 * (r - 1)) for r in range(3)]
+    assert time["diffs"] == pytest.approx([r - 1 for r in ratios]) and time["df"] == 2  # over timing rounds
+    assert time["verdict"] == "holds"
+
+    # C3 at matched reward: DRaFT's -0.065 lies between the grid's 3rd and 4th lambdas (-0.08 + 0.015 ...):
+    # -0.065 = -0.10 + 0.01 * 3.5 -> AM's 1-SSIM there 0.40 - 0.02 * 3.5 = 0.33; minus DRaFT's 0.20 = 0.13
+    c3 = tests["AM-4 at DRaFT-1 100 updates's held-out reward minus DRaFT-1 100 updates, diversity/ssim"]
+    assert c3["diffs"] == pytest.approx([0.13] * 6) and c3["verdict"] == "holds"
+    assert tests["AM-4 at DRaFT-1 100 updates's held-out reward minus DRaFT-1 100 updates, recall"]["mean"] == \
+        pytest.approx(0.5)
+    assert len(info["grid"]) == 7
+
+    # C4: energy k + 1: the last 4 of 20 steps hold (17+18+19+20) / 210; its peak is the last step
+    late = tests["p=2 AM-Full: share of control energy in the last 4 of 20 steps minus the uniform 0.2"]
+    assert late["mean"] == pytest.approx(74 / 210 - 0.2) and late["verdict"] == "holds"
+    interior = tests["p=2 AM-Full: log(max energy before the last step / energy at the last step) (> 0: interior "
+                     "peak)"]
+    assert interior["mean"] == pytest.approx(math.log(19 / 20)) and interior["verdict"] == "does not hold"
+    flatter = tests["p=6 minus p=2 (AM-Full): share of control energy in the first half of the steps"]
+    assert flatter["verdict"] == "holds"  # p = 6's flat profile keeps about half in the first half, p = 2 55/210
+
+    sat = data["testbeds"]["digits"]["analysis"]["claims"]["C1"]["saturation"]
+    assert sat["k"] == 4 and len(sat["pairs"]) == 1  # AM-Full is lower than AM-4: nothing beyond K = 4 differs upward
+    prov = data["provenance"]
+    assert prov["commit"] and "CPU cores" in prov["machine"] and prov["wall_seconds"] >= 0
+
+    text = md.read_text()
+    assert "### C1" in text and "**holds**" in text and "does not hold" in text
+    assert f"{c1['mean']:.4f}" in text  # the report prints what the JSON holds
+    part = readme.read_text()
+    assert part.startswith("# x\n\nbefore\n") and part.endswith("after\n") and "STALE" not in part
+    assert "| digits (seeds: 6) | C1:" in part
+
+
+def test_train_phase_refuses_existing_runs_without_reuse(tmp_path):
+    bench = load_bench()
+    _synthetic_work(bench, tmp_path / "work")
+    with pytest.raises(SystemExit, match="pass --reuse"):
+        bench.main(["--phase", "train", "--tiers", "1", "--seeds", "0", "--work_dir", str(tmp_path / "work")])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--work_dir", "w", "--only", "no such run"])
+
+
+def test_ms_ssim_32px_is_the_library_ms_ssim_with_three_scales():
+    from pytorch_msssim import ms_ssim
+
+    bench = load_bench()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 48, 48, generator=gen)  # 48 px: the smallest the library accepts with a 3 px window
+    y = (x + 0.3 * torch.rand(3, 3, 48, 48, generator=gen)).clamp(0, 1)
+    w = [0.0448, 0.2856, 0.3001]
+    ref = 1 - ms_ssim(x, y, data_range=1.0, size_average=False, win_size=3, weights=[v / sum(w) for v in w])
+    assert torch.allclose(bench.ms_ssim_32px(x, y), ref, atol=1e-6)
+    x32 = torch.rand(2, 3, 32, 32, generator=gen)
+    assert torch.allclose(bench.ms_ssim_32px(x32, x32), torch.zeros(2), atol=1e-6)
+    assert (bench.ms_ssim_32px(x32, torch.rand(2, 3, 32, 32, generator=gen)) > 0.5).all()
+
+
+def test_tiny_real_train_and_report(tmp_path):
+    """Two configurations x 2 seeds x 2 updates through the real trainer, evaluation and the learned control,
+    then the report read back with --reuse (nothing retrained)."""
+    bench = load_bench()
+    work = tmp_path / "work"
+    common = ["--seeds", "0", "1", "--max_train_steps", "2", "--num_images_per_prompt", "3", "--work_dir", str(work),
+              "--only", "ODE-AM-4 p=2 lambda=10", "ODE-AM-Full p=2 lambda=10"]
+    bench.main(["--phase", "train", "--tiers", "1", *common])
+    slug = "ode-am-4-p-2-lambda-10"
+    adapter = work / "digits" / "seed1" / slug / "pytorch_lora_weights.safetensors"
+    stamp = adapter.stat().st_mtime_ns
+    out = bench.main(["--phase", "report", "--reuse", *common, "--json", str(tmp_path / "c.json")])
+    assert adapter.stat().st_mtime_ns == stamp
+    bed = out["testbeds"]["digits"]
+    assert bed["runs_finished"] == 4
+    energy = bed["collected"]["controls"]["ODE-AM-Full p=2 lambda=10|0"]["energy"]
+    assert len(energy) == 20 and all(e >= 0 for e in energy)
+    c1 = [t for t in bed["analysis"]["tests"] if t["claim"] == "C1"][0]
+    assert c1["n"] == 2 and c1["verdict"] in ("holds", "does not hold", "undecided")
