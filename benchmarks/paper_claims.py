@@ -392,10 +392,11 @@ def collect(bed: Testbed, runs: list[Run], seeds: Sequence[int], work: Path) -> 
             base[str(s)] = json.loads(bp.read_text())
         for r in runs:
             d = run_dir(work, bed, r, s)
-            if finished(d, r.steps or bed.updates):
-                wall_file = d / "claims_wall_seconds.json"
-                wall = json.loads(wall_file.read_text())["wall_seconds"] if wall_file.is_file() else None
-                train_n[f"{r.name}|{s}"] = {**run_numbers(d), "wall_seconds": wall}
+            if not finished(d, r.steps or bed.updates):  # (an evaluation of another run length is not read)
+                continue
+            wall_file = d / "claims_wall_seconds.json"
+            wall = json.loads(wall_file.read_text())["wall_seconds"] if wall_file.is_file() else None
+            train_n[f"{r.name}|{s}"] = {**run_numbers(d), "wall_seconds": wall}
             ef, cf = eval_file(work, bed, s, r.slug), control_file(work, bed, s, r.slug)
             if ef.is_file():
                 evals[f"{r.name}|{s}"] = json.loads(ef.read_text())
@@ -804,8 +805,83 @@ def _mean_sd(values: list, digits: int = 4) -> str:
     return f"{m:.{digits}g} ± {s:.2g}" if digits == 3 else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
-def render(result: dict) -> str:
-    """PAPER_CLAIMS.md from the JSON alone (nothing typed by hand)."""
+def plots(result: dict, folder: Path, stem: str) -> dict[str, list[str]]:
+    """Per testbed, from the JSON alone: held-out reward vs K, the reward-diversity curves of every family, and
+    the learned control energy per step (C4). Returns {testbed: [png names written into ``folder``]}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written: dict[str, list[str]] = {}
+    for bname, bj in result["testbeds"].items():
+        bed, names = TESTBEDS[bname], []
+        evals = bj["collected"]["evals"]
+        runs = {r.name: r for r in all_runs(bj["updates"])}
+
+        def per_seed(name: str, key: str) -> list[float]:
+            return [v[key] for k, v in evals.items() if k.split("|")[0] == name and v.get(key) is not None]
+
+        ks = [k for k in K_SWEEP if per_seed(k_name(k), bed.judge)]
+        if ks:
+            fig, ax = plt.subplots(figsize=(5.5, 4))
+            vals = [per_seed(k_name(k), bed.judge) for k in ks]
+            ax.errorbar(ks, [statistics.mean(v) for v in vals],
+                        yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in vals], marker="o", capsize=3)
+            ax.set_xlabel(f"K (of N = {N_STEPS})")
+            ax.set_ylabel(f"{bed.judge} (mean ± std over seeds)")
+            ax.set_title(f"{bname}: ODE-AM-K, p = 2, lambda = 10")
+            fig.tight_layout()
+            names.append(f"{stem}_{bname}_k.png")
+            fig.savefig(folder / names[-1], dpi=100)
+            plt.close(fig)
+        div = bed.diversity[0]
+        fams = ("ode-p2", "ode-p4", "ode-p6", "draft", "refl", "sde-memoryless", "sde-constant")
+        curves = {}
+        for fam in fams:
+            members = sorted((r for r in runs.values() if r.family == fam and (r.k == 4 or fam in ("draft", "refl"))),
+                             key=lambda r: (r.steps or bj["updates"]) if fam in ("draft", "refl") else r.lam)
+            pts = [(statistics.mean(per_seed(r.name, div)), statistics.mean(per_seed(r.name, bed.judge)))
+                   for r in members if per_seed(r.name, div) and per_seed(r.name, bed.judge)]
+            if pts:
+                curves[fam] = pts
+        if curves:
+            fig, ax = plt.subplots(figsize=(6.5, 4.5))
+            for fam, pts in curves.items():
+                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=fam)
+            base = list(bj["collected"]["base"].values())
+            if base and all(b.get(div) is not None for b in base):
+                ax.plot([statistics.mean(b[div] for b in base)], [statistics.mean(b[bed.judge] for b in base)], "kD",
+                        label="base")
+            ax.set_xlabel(f"{div} (within prompt / class; mean over seeds)")
+            ax.set_ylabel(bed.judge)
+            ax.set_title(f"{bname}: lambda curves (AM, K = 4) and budget curves")
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            names.append(f"{stem}_{bname}_frontier.png")
+            fig.savefig(folder / names[-1], dpi=100)
+            plt.close(fig)
+        profiles = bj["analysis"]["claims"]["C4"].get("profiles", {})
+        if profiles:
+            fig, ax = plt.subplots(figsize=(5.5, 4))
+            for p, prof in profiles.items():
+                e = prof["mean_energy"]
+                ax.plot(range(len(e)), [v / max(e) for v in e], marker="o", label=f"AM-Full {p}")
+            ax.axvspan(N_STEPS - 4.5, N_STEPS - 0.5, color="gray", alpha=0.2, label="last 4 steps")
+            ax.set_xlabel("sampling step (0: noise)")
+            ax.set_ylabel("learned control energy / max (mean over seeds)")
+            ax.set_title(f"{bname}: C4, the learned control per step")
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            names.append(f"{stem}_{bname}_control.png")
+            fig.savefig(folder / names[-1], dpi=100)
+            plt.close(fig)
+        written[bname] = names
+    return written
+
+
+def render(result: dict, pngs: dict[str, list[str]] | None = None) -> str:
+    """PAPER_CLAIMS.md from the JSON alone (nothing typed by hand); ``pngs``: {testbed: plot files beside it}."""
     prov = result["provenance"]
     out = ["# The paper's claims, decided by paired t tests over seeds\n",
            "Generated by `benchmarks/paper_claims.py` from `paper_claims.json`; every number below is in that file.\n",
@@ -825,6 +901,7 @@ def render(result: dict) -> str:
         bed = TESTBEDS[bname]
         out += [f"## Testbed `{bname}` (judge: `{bed.judge}`; seeds {bj['analysis']['seeds']}; {bj['updates']} "
                 "updates per run)\n"]
+        out += [f"![{name}]({name})\n" for name in (pngs or {}).get(bname, [])]
         out += ["| claim | verdict |", "|---|---|"]
         for claim in CLAIM_TITLES:
             items = [i for i in bj["analysis"]["tests"] if i["claim"] == claim]
@@ -1033,7 +1110,8 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     if args.json:
         Path(args.json).write_text(text)
     result = json.loads(text)  # the report reads exactly what the JSON holds
-    report = render(result)
+    pngs = plots(result, Path(args.output).parent, Path(args.output).stem.lower()) if args.output else None
+    report = render(result, pngs)
     if args.output:
         Path(args.output).write_text(report)
     if args.readme:
