@@ -737,6 +737,43 @@ def analyse(bed: Testbed, runs: list[Run], collected: dict, timing: dict, alpha:
             "timing": timing, "alpha": alpha, "holm_m": len(items)}
 
 
+def claim_configs(runs: list[Run]) -> dict[str, list[str]]:
+    """The configurations each claim's comparisons read."""
+    am4 = [r.name for r in runs if r.family == "ode-p2" and r.k == 4]
+    ksweep = [k_name(k) for k in K_SWEEP]
+    fam = lambda *fs: [r.name for r in runs if r.family in fs]  # noqa: E731
+    return {"C1": ksweep, "C2": am4 + [r.name for r in runs if r.family in ("ode-p4", "ode-p6") and r.k == 4],
+            "C3": am4 + fam("draft", "refl"), "C4": [k_name(N_STEPS), "ODE-AM-Full p=6 lambda~10"],
+            "C5": am4 + fam("sde-memoryless", "sde-constant"), "auto": ksweep + fam("auto")}
+
+
+def project(runs: list[Run], seeds: Sequence[int], collected: dict, cost: dict[str, float], updates: int) -> dict | None:
+    """Training seconds for the (run, seed)s of ``seeds`` not finished, per claim and in all: a configuration's
+    measured mean, else the mean per-update cost of measured runs with the same K times its updates (else of all
+    measured runs)."""
+    if not cost:
+        return None
+    by = {r.name: r for r in runs}
+    per_update: dict[Any, list[float]] = {}
+    for name, c in cost.items():
+        r = by[name]
+        per_update.setdefault(r.k, []).append(c / (r.steps or updates))
+    everything = [v for vs in per_update.values() for v in vs]
+
+    def estimate(r: Run) -> float:
+        if r.name in cost:
+            return cost[r.name]
+        return statistics.mean(per_update.get(r.k, everything)) * (r.steps or updates)
+
+    missing = {(r.name, s) for s in seeds for r in runs if f"{r.name}|{s}" not in collected["train"]}
+    per_claim = {}
+    for claim, names in claim_configs(runs).items():
+        todo = [(n, s) for n, s in missing if n in set(names)]
+        per_claim[claim] = {"missing_runs": len(todo), "hours": sum(estimate(by[n]) for n, _ in todo) / 3600}
+    return {"seeds": list(seeds), "missing_runs": len(missing), "estimated_runs": sum(n not in cost for n, _ in missing),
+            "hours": sum(estimate(by[n]) for n, _ in missing) / 3600, "per_claim": per_claim}
+
+
 def fmt(x: float | None, digits: int = 4) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "–"
@@ -922,10 +959,13 @@ def render(result: dict, pngs: dict[str, list[str]] | None = None) -> str:
             out += [f"Measured training wall time per run (mean over seeds, {bj['workers']} at a time beside other "
                     "jobs): " + "; ".join(f"{n} {c:.0f} s" for n, c in sorted(cost.items())) + "\n"]
         if bj.get("projection"):
-            out += [f"Projected training time for the missing runs of seeds {bj['projection']['seeds']}: "
-                    f"{bj['projection']['missing_runs']} runs, {bj['projection']['hours']:.1f} h at the measured "
-                    f"per-run times ({bj['projection']['unmeasured_runs']} runs of configurations never timed "
-                    "counted at the mean run time)\n"]
+            pj = bj["projection"]
+            out += [f"Projected training for the runs still missing in seeds {pj['seeds']} (one worker's hours; "
+                    f"{pj['estimated_runs']} of them of configurations not measured yet, estimated from measured runs "
+                    "of the same K scaled by their updates):\n",
+                    "| claim | missing runs | hours |", "|---|---|---|"]
+            out += [f"| {c} | {v['missing_runs']} | {v['hours']:.1f} |" for c, v in pj["per_claim"].items()]
+            out += [f"| all | {pj['missing_runs']} | {pj['hours']:.1f} |", ""]
     return "\n".join(out) + "\n"
 
 
@@ -1092,14 +1132,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         collected = collect(bed, runs, args.seeds, work)
         timing = read_timing(bed, runs, work, args.timing_updates)
         analysis = analyse(bed, runs, collected, timing, args.alpha)
-        missing = [(r, s) for s in args.seeds for r in runs if f"{r.name}|{s}" not in collected["train"]]
-        cost = analysis["run_cost_seconds"]
-        mean_cost = statistics.mean(cost.values()) if cost else None
-        proj = None
-        if mean_cost is not None:
-            proj = {"seeds": list(args.seeds), "missing_runs": len(missing),
-                    "unmeasured_runs": sum(r.name not in cost for r, _ in missing),
-                    "hours": sum(cost.get(r.name, mean_cost) for r, _ in missing) / 3600}
+        proj = project(runs, args.seeds, collected, analysis["run_cost_seconds"], bed.updates)
         walls = [v["wall_seconds"] for v in collected["train"].values() if v["wall_seconds"] is not None]
         result["testbeds"][bname] = {"runs": [r.name for r in runs], "updates": args.max_train_steps,
                                      "workers": args.workers, "collected": collected, "analysis": analysis,
@@ -1107,6 +1140,9 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
                                      "collected_train_hours": sum(walls) / 3600}
     result["provenance"] = provenance(argv, time.perf_counter() - start)
     text = json.dumps(result, indent=1, allow_nan=True)
+    for path in (args.json, args.output):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
     if args.json:
         Path(args.json).write_text(text)
     result = json.loads(text)  # the report reads exactly what the JSON holds
