@@ -540,14 +540,10 @@ def claim_c2(data: Data, tests: Tests) -> dict:
     leave-one-seed-out on each p's own grid), and the reward-diversity frontier: at p = 2's held-out reward,
     p = 4 / 6 keep more diversity and recall (interpolated along their lambda curves)."""
     judge = data.bed.judge
-    fams = {p: [r.name for r in data.family(f"ode-p{p}") if r.k == 4] for p in (2, 4, 6)}
-    if 2 in fams:
-        fams[2] = [n for n in fams[2]] + ([k_name(4)] if k_name(4) not in fams[2] else [])
-        fams[2] = sorted(fams[2], key=lambda n: data.runs[n].lam)
+    fams = {p: [r.name for r in data.family(f"ode-p{p}") if r.k == 4] for p in (2, 4, 6)}  # sorted by lambda
     out: dict[str, Any] = {"bracket": {}, "choice": {}}
     for p, names in fams.items():
         seeds = data.seeds_with(names, judge)
-        fams[p] = names
         if len(seeds) >= 2:
             out["bracket"][f"p{p}"] = {k: _bracket(data, names, seeds, k) for k in (judge, "recall")}
     seeds = data.seeds_with(fams[2] + fams[4] + fams[6], judge)
@@ -582,7 +578,7 @@ def claim_c3(data: Data, tests: Tests) -> dict:
     ReFL-5 (each rival at several training budgets; AM interpolated along its lambda curve at K = 4, p = 2), and
     the rivals gain slightly more reward at the same budget (100 updates, AM at lambda = 10)."""
     judge = data.bed.judge
-    am = sorted({r.name for r in data.family("ode-p2") if r.k == 4} | {k_name(4)}, key=lambda n: data.runs[n].lam)
+    am = [r.name for r in data.family("ode-p2") if r.k == 4]  # the lambda curve, K = 4
     out: dict[str, Any] = {}
     for fam in ("draft", "refl"):
         rivals = data.family(fam, steps=True)
@@ -653,8 +649,7 @@ def claim_c5(data: Data, tests: Tests) -> dict:
     """C5 (Section 4.1, Appendix B.3, D.2): ODE-AM beats SDE-AM at the same budget, and a non-memoryless schedule
     beats memoryless in practice; each method tuned on its own lambda grid (leave-one-seed-out), K = 4."""
     judge = data.bed.judge
-    fams = {"ode": sorted({r.name for r in data.family("ode-p2") if r.k == 4} | {k_name(4)},
-                          key=lambda n: data.runs[n].lam),
+    fams = {"ode": [r.name for r in data.family("ode-p2") if r.k == 4],
             "memoryless": [r.name for r in data.family("sde-memoryless")],
             "constant": [r.name for r in data.family("sde-constant")]}
     seeds = data.seeds_with(sum(fams.values(), []), judge)

@@ -71,6 +71,11 @@ def _synthetic_work(bench, work: Path) -> dict:
         evals["ODE-AM-Full p=2 lambda=10"] = {JUDGE: lam10 - 0.01 + jitter}
         evals["ODE-AM-Full p=6 lambda~10"] = {JUDGE: lam10}
         evals["DRaFT-1 100 updates"] = {JUDGE: -0.065, "diversity/ssim": 0.20, "recall": 0.5}
+        for p in (4, 6):  # 5 lambdas each: reward -0.075 + 0.01 i, 1-SSIM 0.43 - 0.02 i (p = 6 a little lower)
+            for i, lam in enumerate((5, 10, 20, 40, 80)):
+                evals[f"ODE-AM-4 p={p} lambda~{lam}"] = {
+                    JUDGE: -0.075 + 0.01 * i - (0.002 * (1 + s % 2) if p == 6 else 0.0),
+                    "diversity/ssim": 0.43 - 0.02 * i, "recall": 1.0}
         for name, metrics in evals.items():
             slug = "base" if name == "base" else runs[name].slug
             _write(bench.eval_file(work, bed, s, slug), metrics)
@@ -124,6 +129,18 @@ def test_report_verdicts_on_a_synthetic_work_dir(tmp_path):
     assert interior["mean"] == pytest.approx(math.log(19 / 20)) and interior["verdict"] == "does not hold"
     flatter = tests["p=6 minus p=2 (AM-Full): share of control energy in the first half of the steps"]
     assert flatter["verdict"] == "holds"  # p = 6's flat profile keeps about half in the first half, p = 2 55/210
+
+    # C2: each order's best lambda (leave-one-out) is its top one: p = 4 at -0.035 vs p = 2 at -0.04
+    c2 = tests["best p=4 minus best p=2 (lambda chosen leave-one-seed-out), reward/digits-heldout"]
+    assert c2["diffs"] == pytest.approx([0.005] * 6) and c2["verdict"] == "holds"
+    choice = data["testbeds"]["digits"]["analysis"]["claims"]["C2"]["choice"]
+    assert set(choice["p2"].values()) == {"ODE-AM-4 p=2 lambda=160"}
+    # frontier: p = 4's curve at p = 2's -0.04 is its i = 3.5 point: 1-SSIM 0.43 - 0.07 = 0.36, vs p = 2's 0.28
+    front = tests["p=4 minus p=2 at p=2's held-out reward (its leave-one-out lambda), diversity/ssim"]
+    assert front["diffs"] == pytest.approx([0.08] * 6) and front["verdict"] == "holds"
+    p6 = tests["best p=6 minus the best of p=2 and p=4 (leave-one-seed-out), reward/digits-heldout"]
+    assert p6["diffs"] == pytest.approx([-0.002 * (1 + s % 2) for s in SEEDS]) and p6["verdict"] == "does not hold"
+    assert data["testbeds"]["digits"]["analysis"]["claims"]["C2"]["bracket"]["p2"][JUDGE]["bracketed"] is False
 
     sat = data["testbeds"]["digits"]["analysis"]["claims"]["C1"]["saturation"]
     assert sat["k"] == 4 and len(sat["pairs"]) == 1  # AM-Full is lower than AM-4: nothing beyond K = 4 differs upward
