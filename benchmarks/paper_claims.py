@@ -359,10 +359,11 @@ def learned_control(bed: Testbed, run: Run, seed: int, work: Path, samples: int 
 
 
 # -- timing -----------------------------------------------------------------------------------------------
-def timing_rounds(bed: Testbed, runs: list[Run], work: Path, rounds: int, updates: int, reuse: bool) -> None:
+def timing_rounds(bed: Testbed, runs: list[Run], work: Path, rounds: int, updates: int, reuse: bool,
+                  only: Sequence[str] | None = None) -> None:
     """Each timed configuration ``rounds`` times, one run at a time, the order rotated every round (so slow
     phases of a shared machine hit every configuration alike); mean s/update of each run (auto's probes count)."""
-    timed = [r for r in runs if r.name in TIMED]
+    timed = [r for r in runs if r.name in TIMED and (only is None or r.name in only)]
     for rnd in range(rounds):
         order = timed[rnd % len(timed):] + timed[:rnd % len(timed)]
         for run in order:
@@ -1117,7 +1118,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
 
                 train_many(bed, jobs, work, args.workers, True, seed_done)
         if args.phase in ("timing", "all"):
-            timing_rounds(bed, runs, work, args.timing_rounds, args.timing_updates, True)
+            timing_rounds(bed, runs, work, args.timing_rounds, args.timing_updates, True, args.only)
     if args.phase not in ("report", "all"):
         return None
     result: dict[str, Any] = {"alpha": args.alpha, "testbeds": {}}

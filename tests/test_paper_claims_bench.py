@@ -54,7 +54,7 @@ SEEDS = range(6)
 JUDGE = "reward/digits-heldout"
 
 
-def _synthetic_work(bench, work: Path) -> dict:
+def _synthetic_work(bench, work: Path, with_auto: bool = False) -> dict:
     """AM-4 beats AM-Full by 0.01 (+- 0.002 by seed); the p = 2 lambda curve at K = 4 has reward
     -0.10 + 0.01 * i and 1-SSIM 0.40 - 0.02 * i at its i-th lambda; DRaFT-1 (100 updates) sits at reward
     -0.065 with 1-SSIM 0.20; learned control energies rise linearly (k + 1) for p = 2 and are flat for p = 6."""
@@ -76,6 +76,10 @@ def _synthetic_work(bench, work: Path) -> dict:
                 evals[f"ODE-AM-4 p={p} lambda~{lam}"] = {
                     JUDGE: -0.075 + 0.01 * i - (0.002 * (1 + s % 2) if p == 6 else 0.0),
                     "diversity/ssim": 0.43 - 0.02 * i, "recall": 1.0}
+        if with_auto:  # the rest of the K sweep and auto (reward -0.07 + 0.001 (s % 3 - 1))
+            for k, r in ((1, -0.10), (2, -0.09), (8, -0.075), (12, -0.075)):
+                evals[f"ODE-AM-{k} p=2 lambda=10"] = {JUDGE: r}
+            evals["ODE-AM-auto p=2 lambda=10"] = {JUDGE: -0.07 + 0.001 * (s % 3 - 1)}
         for name, metrics in evals.items():
             slug = "base" if name == "base" else runs[name].slug
             _write(bench.eval_file(work, bed, s, slug), metrics)
@@ -85,8 +89,12 @@ def _synthetic_work(bench, work: Path) -> dict:
                {"energy": [float(k + 1) for k in range(20)]})
         _write(bench.control_file(work, bed, s, runs["ODE-AM-Full p=6 lambda~10"].slug),
                {"energy": [1.0 + 0.01 * ((k + s) % 3) for k in range(20)]})
-    for rnd in range(3):  # AM-4 takes 0.4 s per update, AM-Full 1.0 s (+- 0.1 by round)
-        for name, sec in (("ODE-AM-4 p=2 lambda=10", 0.4), ("ODE-AM-Full p=2 lambda=10", 1.0 + 0.1 * (rnd - 1))):
+    for rnd in range(3):  # AM-4 takes 0.4 s per update, AM-Full 1.0 s (+- 0.1 by round), auto 0.5 + 0.01 round
+        times = {"ODE-AM-4 p=2 lambda=10": 0.4, "ODE-AM-Full p=2 lambda=10": 1.0 + 0.1 * (rnd - 1)}
+        if with_auto:
+            times.update({"ODE-AM-1 p=2 lambda=10": 0.2, "ODE-AM-2 p=2 lambda=10": 0.3, "ODE-AM-8 p=2 lambda=10": 0.6,
+                          "ODE-AM-12 p=2 lambda=10": 0.8, "ODE-AM-auto p=2 lambda=10": 0.5 + 0.01 * rnd})
+        for name, sec in times.items():
             _fake_run(work / "digits" / "timing" / f"round{rnd}" / runs[name].slug, 20, 10.0, sec)
     return {"grid": grid}
 
@@ -153,6 +161,24 @@ def test_report_verdicts_on_a_synthetic_work_dir(tmp_path):
     part = readme.read_text()
     assert part.startswith("# x\n\nbefore\n") and part.endswith("after\n") and "STALE" not in part
     assert "| digits (seeds: 6) | C1:" in part
+
+
+def test_saturation_and_adaptive_truncation_on_a_synthetic_work_dir(tmp_path):
+    bench = load_bench()
+    work = tmp_path / "work"
+    _synthetic_work(bench, work, with_auto=True)
+    out = bench.main(["--phase", "report", "--seeds", *map(str, SEEDS), "--work_dir", str(work), "--reuse",
+                      "--timing_rounds", "3"])
+    analysis = out["testbeds"]["digits"]["analysis"]
+    # K = 1, 2, 4, 8, 12: -0.10, -0.09, -0.08, -0.075, -0.075: K = 8 is where no larger K is better
+    assert analysis["claims"]["C1"]["saturation"]["k"] == 8
+    auto = analysis["claims"]["auto"]
+    # the fixed-K curve at auto's 0.5 + 0.01 r s/update lies between K = 4 (0.4 s, -0.08) and K = 8 (0.6 s, -0.075):
+    # -0.08 + 0.005 (0.1 + 0.01 r) / 0.2; auto's reward minus that, per round r = 0, 1, 2
+    per_round = [-0.07 - (-0.08 + 0.005 * (0.1 + 0.01 * r) / 0.2) for r in range(3)]
+    assert auto["over_rounds"]["diffs"] == pytest.approx(per_round) and auto["over_rounds"]["df"] == 2
+    per_seed = [sum(per_round) / 3 + 0.001 * (s % 3 - 1) for s in SEEDS]
+    assert auto["over_seeds"]["diffs"] == pytest.approx(per_seed) and auto["over_seeds"]["verdict"] == "holds"
 
 
 def test_train_phase_refuses_existing_runs_without_reuse(tmp_path):
