@@ -801,8 +801,12 @@ def tests_table(items: list[dict]) -> list[str]:
         if i["verdict"] == "undecided":
             need = i.get("seeds_needed")
             c = i.get("cost_to_decide_seconds")
-            cost = ("not at this effect size" if need is None else f"{need}"
-                    + (f" (+{c / 3600:.2f} h of training)" if c is not None else ""))
+            if i["n"] < 2:
+                cost = "a second seed first"
+            elif need is None:
+                cost = "not at this effect size"
+            else:
+                cost = f"{need}" + (f" (+{c / 3600:.2f} h of training)" if c is not None else "")
         note = f"; {i['note']}" if i["note"] and not i["note"].startswith("0 seeds") else ""
         lines.append(f"| {i['label']}{note} | {i['n']} | {fmt(i['mean'])} ({fmt(i['se'])}) | {fmt(i['d'], 2)} | "
                      f"{fmt_p(i['p_for'])} / {fmt_p(i['p_against'])} | {fmt_p(i['p_for_holm'])} / "
