@@ -45,7 +45,6 @@ import json
 import math
 import os
 import platform
-import re
 import shlex
 import statistics
 import subprocess
@@ -80,7 +79,8 @@ class Testbed:
 TESTBEDS = {
     "digits": Testbed("digits", (), "reward/digits-heldout", "reward/digits",
                       ("diversity/ssim", "diversity/feature_distance")),
-    "shapes": Testbed("shapes", ("--pretrained", "shapes-klein", "--validation_diversity", "none"), "reward/shapes-gold", "reward/shapes",
+    "shapes": Testbed("shapes", ("--pretrained", "shapes-klein", "--validation_diversity", "none"),
+                      "reward/shapes-gold", "reward/shapes",
                       ("diversity/ssim", "diversity/ms_ssim_32px", "diversity/feature_distance")),
 }
 
@@ -292,12 +292,13 @@ def evaluate_runs(bed: Testbed, runs: Sequence[Run], seed: int, work: Path, imag
         from diffusers_am.toy.shapes import heldout_captions
 
         features = load_feature_extractor("shapes-heldout")
-        diversity = {"ssim": one_minus_ssim, "ms_ssim_32px": ms_ssim_32px, "feature_distance": FeatureDistance(features)}
-        try:
-            from diffusers_am.metrics.lpips import load_lpips
+        diversity = {"ssim": one_minus_ssim, "ms_ssim_32px": ms_ssim_32px,
+                     "feature_distance": FeatureDistance(features)}
+        from diffusers_am.metrics.lpips import load_lpips
 
-            diversity["lpips"] = load_lpips(net="vgg")  # upsampled? no: VGG-LPIPS is defined from 16 px
-        except Exception:  # noqa: BLE001 - the weight files are absent offline: no LPIPS column
+        try:  # LPIPS-VGG takes images from 16 px, so 32 px as they are (AlexNet's needs 64)
+            diversity["lpips"] = load_lpips(net="vgg")
+        except ValueError:  # its ImageNet weight files are not on this machine (nothing downloads): no column
             pass
         results = evaluate("shapes-klein", adapters=adapters, prompts=heldout_captions(),
                            num_images_per_prompt=images or 8, rewards=["shapes-gold", "shapes", "shapes-heldout"],
@@ -609,7 +610,8 @@ def _control_stats(ctrl: dict, last: int) -> dict:
     e = ctrl["energy"]
     total = sum(e)
     return {"share_last": sum(e[-last:]) / total, "share_first_half": sum(e[: len(e) // 2]) / total,
-            "interior_log_ratio": math.log(max(e[:-1]) / e[-1]), "peak_step": int(max(range(len(e)), key=e.__getitem__))}
+            "interior_log_ratio": math.log(max(e[:-1]) / e[-1]),
+            "peak_step": int(max(range(len(e)), key=e.__getitem__))}
 
 
 def claim_c4(data: Data, tests: Tests) -> dict:
@@ -743,7 +745,8 @@ def claim_configs(runs: list[Run]) -> dict[str, list[str]]:
             "C5": am4 + fam("sde-memoryless", "sde-constant"), "auto": ksweep + fam("auto")}
 
 
-def project(runs: list[Run], seeds: Sequence[int], collected: dict, cost: dict[str, float], updates: int) -> dict | None:
+def project(runs: list[Run], seeds: Sequence[int], collected: dict, cost: dict[str, float],
+            updates: int) -> dict | None:
     """Training seconds for the (run, seed)s of ``seeds`` not finished, per claim and in all: a configuration's
     measured mean, else the mean per-update cost of measured runs with the same K times its updates (else of all
     measured runs)."""
@@ -766,7 +769,8 @@ def project(runs: list[Run], seeds: Sequence[int], collected: dict, cost: dict[s
     for claim, names in claim_configs(runs).items():
         todo = [(n, s) for n, s in missing if n in set(names)]
         per_claim[claim] = {"missing_runs": len(todo), "hours": sum(estimate(by[n]) for n, _ in todo) / 3600}
-    return {"seeds": list(seeds), "missing_runs": len(missing), "estimated_runs": sum(n not in cost for n, _ in missing),
+    return {"seeds": list(seeds), "missing_runs": len(missing),
+            "estimated_runs": sum(n not in cost for n, _ in missing),
             "hours": sum(estimate(by[n]) for n, _ in missing) / 3600, "per_claim": per_claim}
 
 
@@ -1108,7 +1112,8 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
                 print(f"{bed.name} tier {tier}: {len(jobs)} runs", flush=True)
                 left = {s: {r.name for r in tier_runs} for s in args.seeds}
 
-                def seed_done(run: Run, seed: int, _numbers: dict | None, bed=bed, tier_runs=tier_runs, left=left) -> None:
+                def seed_done(run: Run, seed: int, _numbers: dict | None, bed=bed, tier_runs=tier_runs,
+                              left=left) -> None:
                     left[seed].discard(run.name)
                     if not left[seed]:  # every run of this tier and seed trained: measure them now
                         done = [r for r in tier_runs if finished(run_dir(work, bed, r, seed), r.steps or bed.updates)]

@@ -28,7 +28,8 @@ def test_run_list():
     assert len({r.slug for r in runs}) == len({r.name for r in runs}) == len(runs)
     names = {r.name for r in runs}
     for name in ("ODE-AM-4 p=2 lambda=10", "ODE-AM-Full p=2 lambda=10", "ODE-AM-Full p=6 lambda~10",
-                 "DRaFT-1 10 updates", "ReFL-5 100 updates", "SDE-AM-4 constant lambda=10", "ODE-AM-auto p=2 lambda=10"):
+                 "DRaFT-1 10 updates", "ReFL-5 100 updates", "SDE-AM-4 constant lambda=10",
+                 "ODE-AM-auto p=2 lambda=10"):
         assert name in names
     assert {r.tier for r in runs if r.name in ("ODE-AM-4 p=2 lambda=10", "ODE-AM-Full p=2 lambda=10")} == {1}
     budgets = {r.name: r.steps for r in runs if r.family == "draft"}
