@@ -196,7 +196,9 @@ def train(bed: Testbed, run: Run, seed: int, out: Path, steps: int, reuse: bool)
             "--output_dir", str(out)]
     if bed.name == "digits":
         argv += ["--num_inference_steps", str(N_STEPS)]
-    if out.exists():  # an unfinished run of ours (killed): start it again
+    if out.is_dir() and not any(out.iterdir()):  # killed before the trainer wrote anything
+        out.rmdir()
+    if out.exists():  # an unfinished run of the trainer (killed): start it again
         argv.append("--overwrite_output_dir")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": str(ROOT)}
