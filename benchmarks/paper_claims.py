@@ -192,7 +192,7 @@ def control_profiles(seed: int, batch: int = 64) -> dict[str, Any]:
     from diffusers_am.probe import probe_control_profile
     from diffusers_am.rewards import load_reward
     from diffusers_am.toy.gaussian import GaussianToy
-    from diffusers_am.training.data import derive_seed
+    from diffusers_am.prompts import derive_seed
 
     torch.manual_seed(seed)
     adapter = load_model_adapter(str(EMBEDDED_DIGITS_BASE))

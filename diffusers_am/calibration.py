@@ -28,6 +28,7 @@ import math
 
 import torch
 
+from .errors import UserError
 from .probe import ControlProfile, _positive
 
 STATISTICS = ("velocity", "reward_gain")
@@ -37,7 +38,7 @@ REDUCTIONS = ("median", "mean", "rms")
 def _window_mask(profile: ControlProfile, truncate_steps: int) -> torch.Tensor:
     n = profile.num_steps
     if isinstance(truncate_steps, bool) or not isinstance(truncate_steps, int) or not 1 <= truncate_steps <= n:
-        raise ValueError(f"`truncate_steps` must be an integer in [1, {n}]; got {truncate_steps!r}.")
+        raise UserError(f"`truncate_steps` must be an integer in [1, {n}]; got {truncate_steps!r}.")
     return profile.step_index >= n - truncate_steps
 
 
@@ -50,7 +51,7 @@ def sample_sizes(profile: ControlProfile, truncate_steps: int, statistic: str = 
         return ((dt[:, None] * sq).sum(0) / dt.sum()).sqrt()
     if statistic == "reward_gain":
         return profile.energy()[mask].sum(0) / profile.reward_scale
-    raise ValueError(f"`statistic` must be one of {', '.join(STATISTICS)}; got {statistic!r}.")
+    raise UserError(f"`statistic` must be one of {', '.join(STATISTICS)}; got {statistic!r}.")
 
 
 def control_size(
@@ -64,7 +65,7 @@ def control_size(
         return float(sizes.mean())
     if reduction == "rms":
         return float(sizes.pow(2).mean().sqrt())
-    raise ValueError(f"`reduction` must be one of {', '.join(REDUCTIONS)}; got {reduction!r}.")
+    raise UserError(f"`reduction` must be one of {', '.join(REDUCTIONS)}; got {reduction!r}.")
 
 
 def matched_reward_scale(
@@ -103,12 +104,12 @@ def matched_reward_scale(
     probe_scale = target.reward_scale / typical if typical > 0 else 1.0
     probe_size = control_size(target.at(probe_scale), truncate_steps, statistic, reduction)
     if not (ref_size > 0 and probe_size > 0):
-        raise ValueError(
+        raise UserError(
             "cannot match lambda: the probe's reward gradient is zero over the window (the control it asks for "
             "is zero); probe another batch or set --reward_scale directly."
         )
     if not (math.isfinite(ref_size) and math.isfinite(probe_size)):
-        raise ValueError(
+        raise UserError(
             f"cannot match lambda: the {reduction} control size of order p = {target.order:g} overflows even in "
             "float64 (its samples' adjoints differ too much for |a~|^(1/(p-1))); use the median, or a larger p."
         )

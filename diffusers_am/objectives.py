@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from .errors import UserError
 from .adjoint import lean_adjoint_window
 from .batching import chunk_slices, rows_of
 from .control import check_order, optimal_control, per_sample_norm
@@ -69,7 +70,7 @@ def _default_backward(loss: torch.Tensor) -> None:
 def _check_reward(reward: torch.Tensor, batch: int) -> None:
     if not isinstance(reward, torch.Tensor) or tuple(reward.shape) != (batch,):
         shape = tuple(reward.shape) if isinstance(reward, torch.Tensor) else type(reward).__name__
-        raise ValueError(f"the reward must return one value per sample, shape [{batch}]; got {shape}.")
+        raise UserError(f"the reward must return one value per sample, shape [{batch}]; got {shape}.")
     if not torch.isfinite(reward).all():
         raise NonFiniteRewardError(f"reward is NaN or inf for {int((~torch.isfinite(reward)).sum())} sample(s)")
 
@@ -94,7 +95,7 @@ def matching_loss(u: torch.Tensor, target: torch.Tensor, reduction: str = "sum")
         return sq.sum(1).mean()
     if reduction == "mean":
         return sq.mean()
-    raise ValueError(f"`loss_reduction` must be 'sum' or 'mean'; got {reduction!r}.")
+    raise UserError(f"`loss_reduction` must be 'sum' or 'mean'; got {reduction!r}.")
 
 
 def _prepare(noise: torch.Tensor, times: torch.Tensor, truncate_steps: int) -> tuple[int, int]:

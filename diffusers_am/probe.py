@@ -28,6 +28,7 @@ from functools import partial
 
 import torch
 
+from .errors import UserError
 from .adjoint import accumulation_dtype, lean_adjoint_window
 from .control import check_order, per_sample_norm
 from .flow import ConditionedFlow, check_time_grid, sample_euler
@@ -93,7 +94,7 @@ class ControlProfile:
     def with_order(self, order: float) -> "ControlProfile":
         """The ODE-AM profile for another order p (the lean adjoint does not depend on p)."""
         if self.sigma is not None:
-            raise ValueError("`order`: SDE-AM has the quadratic cost only; its profile has no other order.")
+            raise UserError("`order`: SDE-AM has the quadratic cost only; its profile has no other order.")
         return dataclasses.replace(self, order=check_order(order))
 
     def control_norms(self) -> torch.Tensor:
@@ -182,9 +183,9 @@ def _positive(value: float, name: str) -> float:
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"`{name}` must be a finite number > 0; got {value!r}.") from None
+        raise UserError(f"`{name}` must be a finite number > 0; got {value!r}.") from None
     if not (v > 0 and v != float("inf")):
-        raise ValueError(f"`{name}` must be a finite number > 0; got {value!r}.")
+        raise UserError(f"`{name}` must be a finite number > 0; got {value!r}.")
     return v
 
 

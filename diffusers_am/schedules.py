@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import UserError
 from .adjoint import VJP
 
 
@@ -29,7 +30,7 @@ class NoiseSchedule:
 
     def __post_init__(self) -> None:
         if not (0.0 < self.t_min < self.t_max <= 1.0):
-            raise ValueError(
+            raise UserError(
                 f"schedule clip must satisfy 0 < t_min < t_max <= 1; got t_min={self.t_min}, t_max={self.t_max}."
             )
 
@@ -102,7 +103,7 @@ SCHEDULES = {"memoryless": MemorylessSchedule, "constant": ConstantSchedule}
 def get_schedule(name: str, **kwargs) -> NoiseSchedule:
     """Build a schedule by name: one of ``SCHEDULES``."""
     if name not in SCHEDULES:
-        raise ValueError(f"unknown noise schedule {name!r}; choose one of {sorted(SCHEDULES)}.")
+        raise UserError(f"unknown noise schedule {name!r}; choose one of {sorted(SCHEDULES)}.")
     return SCHEDULES[name](**kwargs)
 
 
@@ -118,7 +119,7 @@ def refine_grid(times: torch.Tensor, schedule: NoiseSchedule, max_step: float = 
     Returns the refined increasing grid [N'+1], N' >= N, same dtype and device.
     """
     if not 0 < max_step < 1:
-        raise ValueError(f"`max_step` must be in (0, 1); got {max_step}.")
+        raise UserError(f"`max_step` must be in (0, 1); got {max_step}.")
     points = [times[0]]
     for k in range(times.shape[0] - 1):
         target = times[k + 1]

@@ -218,7 +218,7 @@ def test_evaluate_refuses_damaged_adapters_before_sampling(tiny_base, sit_lora, 
 
 def test_evaluate_protects_its_output_folder(tiny_base, sit_lora, tmp_path, capsys):
     import diffusers_am.evaluate as ev
-    from diffusers_am.training.run_folder import MARKER_NAME
+    from diffusers_am.training.layout import MARKER_NAME
 
     users = tmp_path / "mine"
     users.mkdir()

@@ -257,7 +257,7 @@ def test_sharding_engines_are_refused_in_one_line(engine):
 
     from accelerate.utils import DistributedType
 
-    from diffusers_am.training.quantized_base import check_engine
+    from diffusers_am.models.quantize import check_engine
 
     accelerator = SimpleNamespace(distributed_type=getattr(DistributedType, engine))
     with pytest.raises(ValueError, match=r"cannot be sharded: run on one process or with DDP") as info:

@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _run_helpers import _fresh_accelerate_state, read_log, run, snapshot, tiny_args, tiny_base  # noqa: E402,F401
 from diffusers_am.training.checkpoints import list_checkpoints  # noqa: E402
-from diffusers_am.training.folder_lock import FolderLock  # noqa: E402
-from diffusers_am.training.run_folder import LOCK_NAME, MARKER_NAME, RunFolder  # noqa: E402
+from diffusers_am.training.run_folder import FolderLock  # noqa: E402
+from diffusers_am.training.layout import LOCK_NAME, MARKER_NAME
+from diffusers_am.training.run_folder import RunFolder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ("--num_eval_samples", "0")
@@ -337,7 +338,7 @@ def test_sigterm_while_a_resumed_run_sets_up_points_at_its_checkpoint(tiny_base,
 
 
 def test_advice_without_a_checkpoint_keeps_a_finished_adapter(tmp_path):
-    from diffusers_am.training.progress import RunProgress
+    from diffusers_am.training.stopping import RunProgress
 
     progress = RunProgress(tmp_path, phase="final outputs", step=3)
     assert "start over with `--overwrite_output_dir`" in progress.last_checkpoint_advice()

@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _run_helpers import _fresh_accelerate_state, read_log, run, snapshot, tiny_args, tiny_base  # noqa: E402,F401
 from diffusers_am.training import disk  # noqa: E402
 from diffusers_am.training.checkpoints import CheckpointManager, list_checkpoints  # noqa: E402
-from diffusers_am.training.folder_lock import FolderLock  # noqa: E402
-from diffusers_am.training.run_folder import LOCK_NAME, MARKER_NAME, RunFolder  # noqa: E402
+from diffusers_am.training.run_folder import FolderLock  # noqa: E402
+from diffusers_am.training.layout import LOCK_NAME, MARKER_NAME
+from diffusers_am.training.run_folder import RunFolder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,8 +12,9 @@ from diffusers_am.models.sit import SiTAdapter
 from diffusers_am.rewards import load_reward
 from diffusers_am.rewards.base import WeightedReward
 from diffusers_am.rewards.scoring import score_rewards
-from diffusers_am.training.data import load_prompts
-from diffusers_am.training.validation import mean_reward, sample_images
+from diffusers_am.prompts import load_prompts
+from diffusers_am.sampling import sample_images
+from diffusers_am.training.validation import mean_reward
 
 DIGITS = __import__("pathlib").Path(deprecation.__file__).parent / "assets" / "digits-classifier"
 

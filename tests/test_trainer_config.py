@@ -7,9 +7,10 @@ import torch
 
 from diffusers_am.training import config as config_mod
 from diffusers_am.training.config import TrainingConfig, build_parser, load_config_file, parse_args
-from diffusers_am.training.data import PromptSampler, check_class_labels, derive_seed, load_prompts
+from diffusers_am.prompts import PromptSampler, derive_seed
+from diffusers_am.prompts import check_class_labels, load_prompts
 from diffusers_am.training.logs import JsonlLog, peak_memory_bytes
-from diffusers_am.training.validation import image_grid, save_grid
+from diffusers_am.metrics.grid import image_grid, save_grid
 
 
 # -- CLI and --config ------------------------------------------------------------------------------
@@ -260,7 +261,7 @@ def test_image_grid_layout(tmp_path):
 
 # -- model card, hub ---------------------------------------------------------------------------------
 def _card(**overrides):
-    from diffusers_am.training.model_card import render_model_card
+    from diffusers_am.training.outputs import render_model_card
 
     kwargs = dict(
         base_model="org/base-model",
@@ -324,7 +325,7 @@ def test_push_to_hub_creates_repo_then_uploads_only_run_files(tmp_path, monkeypa
     import huggingface_hub
     from huggingface_hub import constants
 
-    from diffusers_am.training.hub import prepare_repo, upload_output_dir
+    from diffusers_am.training.outputs import prepare_repo, upload_output_dir
 
     calls = {}
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)

@@ -16,6 +16,7 @@ import os
 from typing import Callable
 
 import torch
+from ..errors import UserError
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]
@@ -55,7 +56,7 @@ def load_feature_extractor(
 
         target = _user_callable(spec)
         return target() if isinstance(target, type) else target
-    raise ValueError(
+    raise UserError(
         f"unknown feature extractor {spec!r}; use 'clip', 'clip:<folder or Hub id>', 'digits', 'digits-heldout' "
         "or 'module:callable' (a callable images [B, C, H, W] -> [B, F])."
     )

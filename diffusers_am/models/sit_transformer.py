@@ -38,6 +38,7 @@ from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.embeddings import Timesteps
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DModel
+from ..errors import UserError
 
 # DiffusionPipeline.from_pretrained resolves a component saved under this module's path and
 # picks its loading method by looking up base classes (``ModelMixin``) in this namespace.
@@ -89,15 +90,15 @@ class SiTTransformer2DModel(DiTTransformer2DModel, PeftAdapterMixin):
         _check_positive_int("attention_head_dim", attention_head_dim)
         _check_positive_int("num_classes", num_classes)
         if sample_size % patch_size:
-            raise ValueError(f"`sample_size` ({sample_size}) must be a multiple of `patch_size` ({patch_size}).")
+            raise UserError(f"`sample_size` ({sample_size}) must be a multiple of `patch_size` ({patch_size}).")
         hidden = num_attention_heads * attention_head_dim
         if hidden % 4:
-            raise ValueError(
+            raise UserError(
                 f"hidden size num_attention_heads * attention_head_dim = {hidden} must be a multiple of 4 "
                 "(2-D sin-cos position embedding)."
             )
         if mlp_ratio * hidden != int(mlp_ratio * hidden):
-            raise ValueError(f"`mlp_ratio` ({mlp_ratio}) * hidden ({hidden}) must be an integer.")
+            raise UserError(f"`mlp_ratio` ({mlp_ratio}) * hidden ({hidden}) must be an integer.")
         out_channels = 2 * in_channels if learn_sigma else in_channels
         super().__init__(
             num_attention_heads=num_attention_heads,
@@ -151,32 +152,32 @@ class SiTTransformer2DModel(DiTTransformer2DModel, PeftAdapterMixin):
     ):
         """x [B, C, H, W], t paper time (0-dim, float or [B]), labels [B] in [0, num_classes]."""
         if hidden_states.dim() != 4:
-            raise ValueError(f"`hidden_states` must be [B, C, H, W]; got shape {tuple(hidden_states.shape)}.")
+            raise UserError(f"`hidden_states` must be [B, C, H, W]; got shape {tuple(hidden_states.shape)}.")
         b, c, h, w = hidden_states.shape
         size = self.config.sample_size
         if c != self.config.in_channels or h != size or w != size:
-            raise ValueError(
+            raise UserError(
                 f"`hidden_states` has shape {tuple(hidden_states.shape)} but this model was built for "
                 f"[B, {self.config.in_channels}, {size}, {size}] (config in_channels / sample_size)."
             )
         if timestep is None:
-            raise ValueError("`timestep` (paper time t in [0, 1]) is required.")
+            raise UserError("`timestep` (paper time t in [0, 1]) is required.")
         t = torch.as_tensor(timestep, device=hidden_states.device)
         if t.dim() == 0:
             t = t.expand(b)
         if t.shape != (b,):
-            raise ValueError(f"`timestep` must be 0-dim or [B={b}]; got shape {tuple(t.shape)}.")
+            raise UserError(f"`timestep` must be 0-dim or [B={b}]; got shape {tuple(t.shape)}.")
         if class_labels is None:
-            raise ValueError(
+            raise UserError(
                 f"`class_labels` [B] is required (use {self.null_class} for the unconditional branch)."
             )
         labels = torch.as_tensor(class_labels, device=hidden_states.device)
         if labels.shape != (b,) or labels.dtype not in (torch.int64, torch.int32):
-            raise ValueError(
+            raise UserError(
                 f"`class_labels` must be an integer tensor [B={b}]; got {labels.dtype} {tuple(labels.shape)}."
             )
         if not torch.compiler.is_compiling() and (labels.min() < 0 or labels.max() > self.null_class):
-            raise ValueError(
+            raise UserError(
                 f"`class_labels` must lie in [0, {self.num_classes}) (or {self.null_class} = null class); "
                 f"got {labels.tolist()}."
             )
@@ -191,7 +192,7 @@ class SiTTransformer2DModel(DiTTransformer2DModel, PeftAdapterMixin):
 
 def _check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer; got {value!r}.")
+        raise UserError(f"`{name}` must be a positive integer; got {value!r}.")
 
 
 def _resize_feed_forward(block: torch.nn.Module, hidden: int, inner: int) -> None:
