@@ -29,6 +29,7 @@ import math
 import torch
 
 from .errors import UserError
+from .flow import check_truncation
 from .probe import ControlProfile, _positive
 
 STATISTICS = ("velocity", "reward_gain")
@@ -37,9 +38,7 @@ REDUCTIONS = ("median", "mean", "rms")
 
 def _window_mask(profile: ControlProfile, truncate_steps: int) -> torch.Tensor:
     n = profile.num_steps
-    if isinstance(truncate_steps, bool) or not isinstance(truncate_steps, int) or not 1 <= truncate_steps <= n:
-        raise UserError(f"`truncate_steps` must be an integer in [1, {n}]; got {truncate_steps!r}.")
-    return profile.step_index >= n - truncate_steps
+    return profile.step_index >= n - check_truncation(truncate_steps, n)
 
 
 def sample_sizes(profile: ControlProfile, truncate_steps: int, statistic: str = "velocity") -> torch.Tensor:

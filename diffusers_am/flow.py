@@ -46,14 +46,17 @@ class PlainBaseVJP:
         return vjp_velocity(self.base_velocity, x, t, cotangent)
 
 
-def check_truncation(truncate_steps: int, num_steps: int) -> int:
-    """Validate K against the N steps of a trajectory: 1 <= K <= N."""
-    if isinstance(truncate_steps, bool) or int(truncate_steps) != truncate_steps:
-        raise UserError(f"`truncate_steps` must be an integer in [1, {num_steps}]; got {truncate_steps!r}.")
+def check_truncation(truncate_steps: int, num_steps: int, name: str = "truncate_steps") -> int:
+    """Validate K against the N steps of a trajectory: 1 <= K <= N (the one check of K; ``name`` is how the
+    message names K, e.g. ``--truncate_steps``)."""
+    if isinstance(truncate_steps, bool) or not isinstance(truncate_steps, (int, float)) or (
+        int(truncate_steps) != truncate_steps
+    ):
+        raise UserError(f"`{name}` must be an integer in [1, {num_steps}]; got {truncate_steps!r}.")
     k = int(truncate_steps)
     if not 1 <= k <= num_steps:
         raise UserError(
-            f"`truncate_steps` (K) must be in [1, num_inference_steps={num_steps}]; got {k}. "
+            f"`{name}` (K) must be in [1, num_inference_steps={num_steps}]; got {k}. "
             f"Use K = {num_steps} for full adjoint matching, or raise --num_inference_steps."
         )
     return k

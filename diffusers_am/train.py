@@ -9,11 +9,12 @@ takes a YAML or JSON file of the same names. Writes a diffusers LoRA adapter
 (``pytorch_lora_weights.safetensors``), validation grids, a model card and ``train_log.jsonl``
 into ``--output_dir``.
 
-Exit codes (the README's table, :mod:`diffusers_am.training.stopping`): 0 done; 2 a bad input (a
-:class:`~diffusers_am.errors.UserError`: one ``error: ...`` line, nothing written); 3 every update was skipped as NaN / inf (one line, no adapter);
-130 / 143 stopped by SIGINT / SIGTERM after writing a checkpoint (one line says how to resume); 1 an
-output could not be written (a full disk: one line names the last good checkpoint), or a bug (any
-other exception: its traceback, then a line saying where to report it). ``accelerate launch`` turns any failure into 1; ``diffusers-am-launch`` keeps these codes.
+Exit codes (the README's table, :mod:`diffusers_am.errors`): 0 done; 2 a bad input (a
+:class:`~diffusers_am.errors.UserError`: one ``error: ...`` line, nothing written); 3 every update was skipped as
+NaN / inf (one line, no adapter); 130 / 143 stopped by SIGINT / SIGTERM after writing a checkpoint (one line says
+how to resume); 1 an output could not be written (a full disk: one line names the last good checkpoint), or a bug
+(any other exception: its traceback, then a line saying where to report it). ``accelerate launch`` turns any
+failure into 1; ``diffusers-am-launch`` keeps these codes.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         from diffusers_am.bnb import bitsandbytes_deferred, run_needs_bitsandbytes
-        from diffusers_am.training.config import parse_args
         from diffusers_am.errors import MainProcessError, RunStopped
+        from diffusers_am.training.config import parse_args
 
         config = parse_args(argv)
         with bitsandbytes_deferred(not run_needs_bitsandbytes(config)):  # before diffusers and peft are imported

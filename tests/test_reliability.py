@@ -478,9 +478,9 @@ def test_reward_failing_at_update_two_keeps_update_one(tiny_base, tmp_path, rewa
     out = tmp_path / "run"
     common = ("--reward", f"{rewards}:reward", "--max_train_steps", "3", *QUICK)
     monkeypatch.setenv("FAIL_AT_UPDATE", "2")
-    with pytest.raises(RuntimeError, match="the reward server went away"):  # a bug keeps its traceback
-        run(tiny_base, out, *common)
+    assert run(tiny_base, out, *common) == 1  # a bug keeps its traceback
     err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "RuntimeError: the reward server went away" in err
     assert (
         f"warning: RuntimeError during training: stopped after update 1 of 3; saved {out / 'checkpoint-1'}, the last "
         "completed update: after fixing it, run the same command with `--resume_from_checkpoint latest`." in err

@@ -20,33 +20,34 @@ space is checked before each save; a save that fails keeps the previous checkpoi
 Checksums: a checkpoint records ``{relative path: {"sha256": ..., "bytes": ...}}`` of every file it holds; resuming
 verifies them, so damaged bytes (a disk error, a partial copy) are found before they are trained on.
 
-What a resume may change: a checkpoint also records the config it was trained with. On resume, an option that defines the run (the
-model, method, K, N, p, reward, LoRA, batch, seed, optimizer, schedule, precision ...) must be what it was:
-changing it mid-run would silently train something else, so it is refused with one line naming it. The
-options in :data:`CHANGEABLE_ON_RESUME` may change; the new values are used from the resumed update on,
-and ``training_config.json`` and the model card record them (the learning rate with its history).
+What a resume may change: a checkpoint also records the config it was trained with. On resume, an option that
+defines the run (the model, method, K, N, p, reward, LoRA, batch, seed, optimizer, schedule, precision ...) must be
+what it was: changing it mid-run would silently train something else, so it is refused with one line naming it. The
+options in :data:`CHANGEABLE_ON_RESUME` may change; the new values are used from the resumed update on, and
+``training_config.json`` and the model card record them (the learning rate with its history).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterable
+
 import torch
+
 from ..errors import UserError
 from ..filemode import match_umask
 from ..jsonio import write_json
-from .engines import any_process, assign_full, is_deepspeed, is_fsdp2
-from .disk import bytes_to_save, checkpoint_bytes_estimate, folder_bytes, format_bytes, free_bytes, write_failure
-from .console import warn
-from .safe_state import capture_rng, load_state_dict, pickle_files, restore_rng, save_rng, save_state_dict
-import hashlib
 from .config import TrainingConfig
+from .console import warn
+from .disk import bytes_to_save, checkpoint_bytes_estimate, folder_bytes, format_bytes, free_bytes, write_failure
+from .engines import any_process, assign_full, is_deepspeed, is_fsdp2
 from .layout import CHECKPOINT_PREFIX, PARAMS_FILE, STATE_FILE, SUPERSEDED_PREFIX, TMP_PREFIX, TRAINING_STATE
-
+from .safe_state import capture_rng, load_state_dict, pickle_files, restore_rng, save_rng, save_state_dict
 
 _NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 

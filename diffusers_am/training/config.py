@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
+
 from ..errors import UserError
 from ..models import pipeline_defaults, resolve_pretrained, short_names_help
 
@@ -331,13 +332,10 @@ class TrainingConfig:
         for name in (*optional_counts, "max_sequence_length", "micro_batch_size"):
             if getattr(self, name) is not None:
                 _check_int(self, name, minimum=1)
-        if self.num_inference_steps is not None and self.truncate_steps != "auto" and (
-            self.truncate_steps > self.num_inference_steps
-        ):
-            raise UserError(
-                f"`--truncate_steps` (K={self.truncate_steps}) must not exceed `--num_inference_steps` "
-                f"(N={self.num_inference_steps}): lower K, or raise N; K = N is full adjoint matching."
-            )
+        if self.num_inference_steps is not None and self.truncate_steps != "auto":
+            from ..flow import check_truncation  # imports torch: validation only, never for --help
+
+            check_truncation(self.truncate_steps, self.num_inference_steps, "--truncate_steps")
         for name in ("learning_rate", "reward_scale", "max_grad_norm", "adam_epsilon"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:

@@ -16,9 +16,10 @@ process (the trainer calls them on the main process only).
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from typing import Any, Iterator, TextIO
-import os
+
 
 class _LinesAboveTheBar:
     """A text stream that prints complete lines through ``tqdm.write`` to ``stream`` (a partial line waits

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
+
 from ..errors import UserError
 
 WRITE_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG, errno.EROFS, errno.EACCES,

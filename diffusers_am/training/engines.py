@@ -31,8 +31,11 @@ from __future__ import annotations
 
 import contextlib
 from typing import Iterator
+
 import torch
+
 from ..errors import UserError
+
 
 def is_fsdp2(accelerator) -> bool:
     """True when accelerate prepared the model with FSDP2."""

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..errors import UserError
+from ..errors import RunStopped, UserError
 from ..filemode import match_umask
 from ..jsonio import write_json
 from ..models import EMBEDDED_DIGITS_BASE, EMBEDDED_NAMES
@@ -34,12 +34,21 @@ from .checkpoints import learning_rate_text
 from .config import is_object_record
 from .context import RunContext
 from .layout import (
-    ADAPTER_NAME, ADAPTER_TMP, BASE_GRID_NAME, CARD_NAME, COMPARISON_NAME, CONFIG_NAME, FINAL_GRID_NAME, GRID_NAME,
-    LOG_NAME, SUMMARY_NAME, VALIDATION_DIR, VALIDATION_LOG_NAME,
+    ADAPTER_NAME,
+    ADAPTER_TMP,
+    BASE_GRID_NAME,
+    CARD_NAME,
+    COMPARISON_NAME,
+    CONFIG_NAME,
+    FINAL_GRID_NAME,
+    GRID_NAME,
+    LOG_NAME,
+    SUMMARY_NAME,
+    VALIDATION_DIR,
+    VALIDATION_LOG_NAME,
 )
 from .methods import METHODS
 from .probes import ControlProbes
-from ..errors import RunStopped
 from .validation import eval_reward, validation_grid, write_comparison
 
 

@@ -24,10 +24,10 @@ import torch
 from ..calibration import matched_reward_scale
 from ..flow import check_truncation
 from ..probe import ControlProfile, probe_control_profile
+from ..prompts import PromptSampler, derive_seed
 from ..schedules import get_schedule
 from ..truncation import AdaptiveTruncation
 from .context import RunContext
-from ..prompts import PromptSampler, derive_seed
 from .methods import Method
 
 _PER_SAMPLE = ("adjoint_norms", "learned_norms", "learned_dot_adjoint")
@@ -101,7 +101,7 @@ class ControlProbes:
             )
             self.truncate_steps = self.truncation.min_steps
         else:
-            self.truncate_steps = check_truncation(config.truncate_steps, num_steps)
+            self.truncate_steps = check_truncation(config.truncate_steps, num_steps, "--truncate_steps")
         self.reward_scale: float = config.reward_scale
         self.match: dict[str, Any] | None = None
         """What ``--match_reward_scale`` measured at set-up (None when off or not measured yet)."""

@@ -18,33 +18,32 @@ so a lock file left by a killed trainer is recognised as stale whatever its pid 
 is stale when it names this host and a pid that is no longer running. A stale lock is taken over with a
 warning; a live one makes the second trainer stop at once with one line naming the holder.
 
-What a run starts from, decided on the main process before anything is loaded: the output folder
-(claimed and locked), the checkpoint to resume from (checked against the config,
-:func:`~.checkpoints.check_resume_config`) and the Hub repo (created or checked, :func:`~.outputs.prepare_repo`). The other processes learn the
-outcome; a refusal is one line on every process, and nothing is written but the lock.
+What a run starts from, decided on the main process before anything is loaded: the output folder (claimed and
+locked), the checkpoint to resume from (checked against the config, :func:`~.checkpoints.check_resume_config`) and
+the Hub repo (created or checked, :func:`~.outputs.prepare_repo`). The other processes learn the outcome; a refusal
+is one line on every process, and nothing is written but the lock.
 """
 
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import os
 import shutil
-from pathlib import Path
-from typing import Iterable, Any
-from ..errors import UserError
-from ..jsonio import dumps
-from .disk import check_writable
-import errno
 import socket
 import stat
-from .console import warn
 from dataclasses import dataclass
-from .checkpoints import list_checkpoints, read_trainer_state, resolve_checkpoint, check_resume_config
-from .config import TrainingConfig
-from ..errors import MainProcessError
-from .layout import ADAPTER_NAME, LOCK_NAME, LOG_NAME, MARKER_NAME, SUMMARY_NAME
+from pathlib import Path
+from typing import Any, Iterable
 
+from ..errors import MainProcessError, UserError
+from ..jsonio import dumps
+from .checkpoints import check_resume_config, list_checkpoints, read_trainer_state, resolve_checkpoint
+from .config import TrainingConfig
+from .console import warn
+from .disk import check_writable
+from .layout import ADAPTER_NAME, LOCK_NAME, LOG_NAME, MARKER_NAME, SUMMARY_NAME
 
 _OWNER = "diffusers-am"
 

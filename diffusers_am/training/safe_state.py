@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from ..errors import UserError
 from .layout import rng_file
 

@@ -4,14 +4,14 @@ A run that ends early for a reason the user can act on raises :class:`~diffusers
 (the exit codes: :mod:`diffusers_am.errors`); a run whose every update was skipped ends with
 :func:`nothing_trained` and :data:`NOTHING_TRAINED_EXIT`.
 
-SIGINT (Ctrl-C) or SIGTERM (a scheduler's stop): while updates run, :class:`StopSignals` only records the signal: the trainer finishes the current update,
-agrees with the other processes to stop after that same update (:func:`agree_to_stop`), writes a
-checkpoint and the adapter so far, and exits with ``128 + signal number`` (130 for SIGINT, 143 for
-SIGTERM) after one line saying how to resume. A second Ctrl-C aborts at once (the last complete
-checkpoint stays); a SIGINT within :data:`DUPLICATE_WINDOW_S` of the first is the same Ctrl-C delivered
-twice (a terminal signals the launcher's whole process group, and ``accelerate launch`` / torchrun forwards
-it to the workers again) and is ignored. Outside the updates (set-up, final outputs) there is nothing to
-finish, and a signal raises :class:`Interrupted` right away.
+SIGINT (Ctrl-C) or SIGTERM (a scheduler's stop): while updates run, :class:`StopSignals` only records the signal:
+the trainer finishes the current update, agrees with the other processes to stop after that same update
+(:func:`agree_to_stop`), writes a checkpoint and the adapter so far, and exits with ``128 + signal number`` (130
+for SIGINT, 143 for SIGTERM) after one line saying how to resume. A second Ctrl-C aborts at once (the last complete
+checkpoint stays); a SIGINT within :data:`DUPLICATE_WINDOW_S` of the first is the same Ctrl-C delivered twice (a
+terminal signals the launcher's whole process group, and ``accelerate launch`` / torchrun forwards it to the
+workers again) and is ignored. Outside the updates (set-up, final outputs) there is nothing to finish, and a signal
+raises :class:`Interrupted` right away.
 
 Under ``accelerate launch`` the launcher kills its workers ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` seconds
 (default 30) after forwarding the signal: raise it when one update and a checkpoint take longer.
@@ -26,14 +26,14 @@ import contextlib
 import signal
 import threading
 import time
-from typing import Iterator
-from .engines import max_over_processes
-from .console import prints_here, warn
 from dataclasses import dataclass
 from pathlib import Path
-from .checkpoints import CheckpointManager, list_checkpoints
-from .layout import ADAPTER_NAME
+from typing import Iterator
 
+from .checkpoints import CheckpointManager, list_checkpoints
+from .console import prints_here, warn
+from .engines import max_over_processes
+from .layout import ADAPTER_NAME
 
 # -- exit codes, and the errors that end a run ---------------------------------------------------------------
 

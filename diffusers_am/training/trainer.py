@@ -30,32 +30,59 @@ from typing import Any
 import torch
 from accelerate.logging import get_logger
 
+from ..errors import RunStopped, UserError
 from ..jsonio import write_json
 from ..models import (
-    EMBEDDED_DIGITS_BASE, FlowModelAdapter, LoraSettings, load_model_adapter, model_adapter_for, quantize, read_model_index,
+    EMBEDDED_DIGITS_BASE,
+    FlowModelAdapter,
+    LoraSettings,
+    load_model_adapter,
+    model_adapter_for,
+    quantize,
+    read_model_index,
 )
+from ..prompts import PromptSampler, _as_condition, check_class_labels, derive_seed, load_prompts
 from ..rewards import check_reward_output, is_user_reward, load_reward, probe_reward
-from .checkpoints import CheckpointManager, list_checkpoints, read_trainer_state, supersede_later, apply_learning_rate, check_resume_config
-from .run_folder import claim_run, RunFolder
-from .layout import (
-    ADAPTER_NAME, BASE_GRID_NAME, CARD_NAME, CONFIG_NAME, GRID_NAME, LOG_NAME, VALIDATION_DIR, VALIDATION_LOG_NAME,
-    run_entries, validation_grid_name,
+from .checkpoints import (
+    CheckpointManager,
+    apply_learning_rate,
+    check_resume_config,
+    list_checkpoints,
+    read_trainer_state,
+    supersede_later,
 )
-from .config import TrainingConfig, Callbacks, check_callbacks, check_lora_config, check_prompts, record_objects
+from .config import Callbacks, TrainingConfig, check_callbacks, check_lora_config, check_prompts, record_objects
 from .console import lines_above_the_bar, warn
 from .context import RunContext
-from .probes import ControlProbes
-from ..prompts import PromptSampler, derive_seed, _as_condition, check_class_labels, load_prompts
-from .engines import configure_deepspeed, full_params, full_tensors, gathered_params, is_deepspeed, is_fsdp2, trainable
 from .disk import bytes_to_save, check_free_space, checkpoint_bytes_estimate, tensor_bytes, write_failure
-from ..errors import RunStopped, UserError
-from .stopping import (
-    NOTHING_TRAINED_EXIT, RESUME_HINT, Interrupted, RunProgress, StopSignals, agree_to_stop, nothing_trained,
+from .engines import configure_deepspeed, full_params, full_tensors, gathered_params, is_deepspeed, is_fsdp2, trainable
+from .layout import (
+    ADAPTER_NAME,
+    BASE_GRID_NAME,
+    CARD_NAME,
+    CONFIG_NAME,
+    GRID_NAME,
+    LOG_NAME,
+    VALIDATION_DIR,
+    VALIDATION_LOG_NAME,
+    run_entries,
+    validation_grid_name,
 )
 from .logs import JsonlLog, finite_scalars, peak_memory_bytes
-from .outputs import save_adapter, write_outputs, TrainResult
 from .methods import get_method, step_options
+from .outputs import TrainResult, save_adapter, write_outputs
+from .probes import ControlProbes
+from .run_folder import RunFolder, claim_run
 from .safe_state import capture_rng
+from .stopping import (
+    NOTHING_TRAINED_EXIT,
+    RESUME_HINT,
+    Interrupted,
+    RunProgress,
+    StopSignals,
+    agree_to_stop,
+    nothing_trained,
+)
 from .update import check_in_sync, run_update
 from .validation import ValidationMetrics, eval_reward, eval_set, validation_grid
 
@@ -310,10 +337,10 @@ class AdjointMatchingTrainer:
             accelerator.register_for_checkpointing(ema)
         return RunContext(
             config=cfg, accelerator=accelerator, adapter=adapter, train_module=train_module, reward=reward,
-            method=method, method_options=step_options(method, cfg), params=params, named_params=named, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
-            times=times, resolution=resolution, n_steps=n_steps, output_dir=self.output_dir,
-            prompts=prompts, val_prompts=val_prompts, eval_set=evals, validation=validation,
-            lr_history=self.lr_history,
+            method=method, method_options=step_options(method, cfg), params=params, named_params=named,
+            optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema, times=times, resolution=resolution,
+            n_steps=n_steps, output_dir=self.output_dir, prompts=prompts, val_prompts=val_prompts, eval_set=evals,
+            validation=validation, lr_history=self.lr_history,
         )
 
     def _cache_prompts(self, accelerator, adapter: FlowModelAdapter, prompts: list) -> None:

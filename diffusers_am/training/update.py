@@ -15,14 +15,14 @@ import math
 from typing import Any, Callable
 
 import torch
-
 from accelerate.logging import get_logger
 
 from ..objectives import NonFiniteRewardError
-from ..rewards.base import WeightedReward
-from .engines import any_process, backward as engine_backward, deepspeed_step, full_tensors, gradient_sync_deferred, is_deepspeed, is_fsdp2
-from .context import RunContext
 from ..prompts import PromptSampler, derive_seed
+from ..rewards.base import WeightedReward
+from .context import RunContext
+from .engines import any_process, deepspeed_step, full_tensors, gradient_sync_deferred, is_deepspeed, is_fsdp2
+from .engines import backward as engine_backward
 
 logger = get_logger(__name__)  # main process only
 

@@ -10,17 +10,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import numpy as np
 import torch
+
 from ..metrics.grid import comparison_grid, save_grid
 from ..models.base import FlowModelAdapter
+from ..prompts import derive_seed
 from ..rewards import load_reward
 from ..rewards.scoring import score_rewards
 from ..sampling import sample_images
 from .config import TrainingConfig
-from ..prompts import derive_seed
-from .logs import JsonlLog
-import numpy as np
 from .layout import COMPARISON_NAME, VALIDATION_DIR, VALIDATION_LOG_NAME
+from .logs import JsonlLog
 
 if TYPE_CHECKING:
     from .context import RunContext
