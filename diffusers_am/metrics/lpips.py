@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..rewards._checkpoints import check_keys, torch_load, unwrap_state_dict
+from ..rewards.checkpoints import check_keys, torch_load, unwrap_state_dict
 from ..rewards.base import check_images
 
 # net -> (torchvision layout of `features` as (kind, args), indices after which a tapped ReLU sits)

@@ -18,8 +18,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ._checkpoints import load_strict, place, resolve_file, skip_init, torch_load, unwrap_state_dict
-from ._clip import ClipEmbedder, load_clip_tokenizer
+from .checkpoints import load_strict, place, resolve_file, skip_init, torch_load, unwrap_state_dict
+from .clip import ClipEmbedder, load_clip_tokenizer
 from ._open_clip import VIT_H_14, clip_config_from_open_clip, convert_open_clip_state_dict
 from .clip_preprocess import ClipPreprocess
 
