@@ -28,7 +28,7 @@ from functools import partial
 
 import torch
 
-from .adjoint import accumulation_dtype, lean_adjoint_window
+from .adjoint import lean_adjoint_window
 from .control import check_order, per_sample_norm
 from .flow import ConditionedFlow, check_time_grid, sample_euler
 from .objectives import RewardFn, reward_and_grad
@@ -223,11 +223,7 @@ def probe_control_profile(
     else:
         order = 2.0
         grid = refine_grid(times, schedule) if refine else times
-
-        def drift(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            v = flow.velocity(x, t)
-            return schedule.drift(x, v.to(accumulation_dtype(v.dtype)), t)
-
+        drift = schedule.sde_drift(flow.velocity)
         noise_std, vjp = schedule.sigma, partial(schedule.drift_vjp, flow.base_vjp)
     m = grid.shape[0] - 1
     states = sample_euler(drift, noise, grid, record_last=m + 1, noise_std=noise_std, generator=generator)
