@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from diffusers_am.jsonio import write_json
 from diffusers_am.models import EMBEDDED_DIGITS_BASE
-from diffusers_am.models.sit_transformer import SiTTransformer2DModel
+from diffusers_am.pipelines.sit_transformer import SiTTransformer2DModel
 from diffusers_am.toy.digits import NUM_CLASSES, digits_split, to_flow_space
 
 DEFAULTS_NAME = "diffusers_am_defaults.json"

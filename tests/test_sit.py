@@ -23,7 +23,7 @@ from diffusers_am.models.sit_convert import (
     sit_config_from_state_dict,
     sit_transformer_from_state_dict,
 )
-from diffusers_am.models.sit_transformer import SiTTransformer2DModel
+from diffusers_am.pipelines.sit_transformer import SiTTransformer2DModel
 from diffusers_am.objectives import ode_am_step
 from diffusers_am.pipelines.sit import SiTPipeline
 

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from ..deprecation import resolve_dtype
-from .sit_transformer import SiTTransformer2DModel
+from ..pipelines.sit_transformer import SiTTransformer2DModel
 
 SIT_HEADS_BY_HIDDEN = {1152: 16, 1024: 16, 768: 12, 384: 6}
 """num_heads of the official SiT-{XL,L,B,S} models by hidden size."""

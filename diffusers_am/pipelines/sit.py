@@ -47,7 +47,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineO
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..deprecation import warn_deprecated
-from ..models.sit_transformer import SiTTransformer2DModel
+from .sit_transformer import SiTTransformer2DModel
 from .controlled import check_control_window
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
