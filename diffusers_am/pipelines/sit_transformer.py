@@ -30,6 +30,7 @@ Like diffusers' DiT port, every block holds its own copy of the timestep/label e
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -42,6 +43,13 @@ from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DMod
 # DiffusionPipeline.from_pretrained resolves a component saved under this module's path and
 # picks its loading method by looking up base classes (``ModelMixin``) in this namespace.
 __all__ = ["ModelMixin", "SiTTransformer2DModel"]
+
+LEGACY_MODULE = "diffusers_am.models.sit_transformer"
+"""The path folders saved before this module moved here record in ``model_index.json`` (the embedded
+``assets/digits-sit`` among them). diffusers resolves a recorded module from ``sys.modules`` only (it never
+imports one a folder names), so this module answers for that name too unless that module is loaded already;
+``import diffusers_am.models.sit_transformer`` also works (the module there names the same class)."""
+sys.modules.setdefault(LEGACY_MODULE, sys.modules[__name__])
 
 
 class SiTTransformer2DModel(DiTTransformer2DModel, PeftAdapterMixin):
