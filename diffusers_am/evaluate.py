@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .checks import finite_float, int_at_least
 from .deprecation import resolve_dtype, warn_deprecated
 from .metrics import extract_features, recall_coverage, within_prompt_diversity
 from .metrics.diversity import resolve_diversity
@@ -264,17 +265,14 @@ def check_adapter_fits(state: dict[str, torch.Tensor], pipeline: Any, path: str)
 def _check_arguments(num_images_per_prompt: int, batch_size: int, k: int, seed: int, num_inference_steps: int | None,
                      resolution: int | None, guidance_scale: float | None, device: Any) -> None:
     """ValueError naming the first bad argument of :func:`evaluate` (before any model is loaded)."""
-    import math
-
     for name, value, minimum in (("num_images_per_prompt", num_images_per_prompt, 1), ("batch_size", batch_size, 1),
                                  ("k", k, 1), ("seed", seed, 0), ("num_inference_steps", num_inference_steps, 1),
                                  ("resolution", resolution, 1)):
         if value is None and name in ("num_inference_steps", "resolution"):
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"`{name}` must be an integer >= {minimum}; got {value!r}.")
-    if guidance_scale is not None and not math.isfinite(guidance_scale):
-        raise ValueError(f"`guidance_scale` must be a finite number; got {guidance_scale!r}.")
+        int_at_least(value, name, minimum)
+    if guidance_scale is not None:
+        finite_float(guidance_scale, "guidance_scale")
     if device is not None:
         try:
             dev = torch.device(device)

@@ -29,6 +29,7 @@ from functools import partial
 import torch
 
 from .adjoint import lean_adjoint_window
+from .checks import positive_float
 from .control import check_order, per_sample_norm
 from .flow import ConditionedFlow, check_time_grid, sample_euler
 from .objectives import RewardFn, reward_and_grad
@@ -83,7 +84,7 @@ class ControlProfile:
 
     def at(self, reward_scale: float) -> "ControlProfile":
         """The same profile at another lambda (the lean adjoint is linear in lambda)."""
-        lam = _positive(reward_scale, "reward_scale")
+        lam = positive_float(reward_scale, "reward_scale")
         ratio = lam / self.reward_scale
         dot = None if self.learned_dot_adjoint is None else self.learned_dot_adjoint * ratio
         return dataclasses.replace(
@@ -178,16 +179,6 @@ def _share(values: torch.Tensor) -> torch.Tensor:
     return values / total if total > 0 else values
 
 
-def _positive(value: float, name: str) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"`{name}` must be a finite number > 0; got {value!r}.") from None
-    if not (v > 0 and v != float("inf")):
-        raise ValueError(f"`{name}` must be a finite number > 0; got {value!r}.")
-    return v
-
-
 def probe_control_profile(
     flow: ConditionedFlow,
     noise: torch.Tensor,
@@ -215,7 +206,7 @@ def probe_control_profile(
         the :class:`ControlProfile` (CPU tensors). Raises NonFiniteRewardError on a NaN / inf reward.
     """
     check_time_grid(times)
-    lam = _positive(reward_scale, "reward_scale")
+    lam = positive_float(reward_scale, "reward_scale")
     num_steps = times.shape[0] - 1
     if schedule is None:
         order = check_order(order)

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import torch
 
 from .flow import sample_euler
+from .checks import positive_int
 from .models.base import FlowModelAdapter
 
 
@@ -32,8 +33,7 @@ def sample_images(
         raise ValueError(
             f"`conditions` ({len(conditions)}) and `noise` ({noise.shape[0]}) must have the same batch size."
         )
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"`chunk_size` must be a positive integer; got {chunk_size!r}.")
+    positive_int(chunk_size, "chunk_size")
     states, images = [], []
     ctx = adapter.adapters_disabled() if base else contextlib.nullcontext()
     with ctx:

@@ -40,6 +40,8 @@ from diffusers.models.embeddings import Timesteps
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DModel
 
+from ..checks import positive_int
+
 # DiffusionPipeline.from_pretrained resolves a component saved under this module's path and
 # picks its loading method by looking up base classes (``ModelMixin``) in this namespace.
 __all__ = ["ModelMixin", "SiTTransformer2DModel"]
@@ -89,13 +91,13 @@ class SiTTransformer2DModel(DiTTransformer2DModel, PeftAdapterMixin):
         learn_sigma: bool = True,
         mlp_ratio: float = 4.0,
     ):
-        _check_positive_int("sample_size", sample_size)
-        _check_positive_int("patch_size", patch_size)
-        _check_positive_int("in_channels", in_channels)
-        _check_positive_int("num_layers", num_layers)
-        _check_positive_int("num_attention_heads", num_attention_heads)
-        _check_positive_int("attention_head_dim", attention_head_dim)
-        _check_positive_int("num_classes", num_classes)
+        positive_int(sample_size, "sample_size")
+        positive_int(patch_size, "patch_size")
+        positive_int(in_channels, "in_channels")
+        positive_int(num_layers, "num_layers")
+        positive_int(num_attention_heads, "num_attention_heads")
+        positive_int(attention_head_dim, "attention_head_dim")
+        positive_int(num_classes, "num_classes")
         if sample_size % patch_size:
             raise ValueError(f"`sample_size` ({sample_size}) must be a multiple of `patch_size` ({patch_size}).")
         hidden = num_attention_heads * attention_head_dim
@@ -195,11 +197,6 @@ class SiTTransformer2DModel(DiTTransformer2DModel, PeftAdapterMixin):
             cross_attention_kwargs=cross_attention_kwargs,
             return_dict=return_dict,
         )
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer; got {value!r}.")
 
 
 def _resize_feed_forward(block: torch.nn.Module, hidden: int, inner: int) -> None:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import one_of
 from .serialization import ClassifierFolderMixin
 
 NUM_CLASSES = 10
@@ -102,10 +103,8 @@ class DigitsClassifierConfig:
             raise ValueError(f"`channels` has {len(self.channels)} stages; an 8x8 input allows at most 4.")
         if self.kernel_size % 2 != 1 or self.kernel_size < 1:
             raise ValueError(f"`kernel_size` must be an odd positive int; got {self.kernel_size}.")
-        if self.activation not in _ACTIVATIONS:
-            raise ValueError(f"`activation` must be one of {sorted(_ACTIVATIONS)}; got {self.activation!r}.")
-        if self.downsample not in _DOWNSAMPLE:
-            raise ValueError(f"`downsample` must be one of {_DOWNSAMPLE}; got {self.downsample!r}.")
+        one_of(self.activation, "activation", sorted(_ACTIVATIONS))
+        one_of(self.downsample, "downsample", _DOWNSAMPLE)
         if self.feature_dim <= 0 or self.num_classes < 2:
             raise ValueError("`feature_dim` must be positive and `num_classes` at least 2.")
 
