@@ -587,11 +587,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.quick:
         args.seeds, args.max_train_steps, args.num_images_per_prompt = args.seeds[:1], 3, 2
         args.timing_updates = min(args.timing_updates, 2)
-    if args.timing_updates < 0:
-        p.error("--timing_updates must be >= 0")
-    for name in ("max_train_steps", "num_images_per_prompt", "workers"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1")
+    from diffusers_am.checks import int_at_least, positive_int
+
+    try:
+        int_at_least(args.timing_updates, "--timing_updates", 0)
+        for name in ("max_train_steps", "num_images_per_prompt", "workers"):
+            positive_int(getattr(args, name), f"--{name}")
+    except ValueError as err:
+        p.error(str(err))
     return args
 
 

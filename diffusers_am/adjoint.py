@@ -81,6 +81,11 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in :func:`accumulation_dtype` (bf16 -> fp32, fp32 and fp64 stay)."""
+    return x.to(accumulation_dtype(x.dtype))
+
+
 def lean_adjoint_window(
     base_vjp: VJP, states: torch.Tensor, times: torch.Tensor, terminal_grad: torch.Tensor
 ) -> AdjointWindow:

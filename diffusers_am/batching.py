@@ -11,15 +11,16 @@ import dataclasses
 from typing import Any
 
 import torch
+
 from .errors import UserError
+from .checks import positive_int
 
 
 def chunk_slices(batch: int, size: int | None) -> list[slice]:
     """Consecutive slices of at most ``size`` rows covering ``range(batch)`` (one slice when size is None)."""
     if size is None or size >= batch:
         return [slice(0, batch)]
-    if isinstance(size, bool) or int(size) != size or size < 1:
-        raise UserError(f"`micro_batch_size` must be a positive integer; got {size!r}.")
+    size = positive_int(size, "micro_batch_size")
     return [slice(start, min(start + size, batch)) for start in range(0, batch, size)]
 
 

@@ -29,8 +29,9 @@ import math
 import torch
 
 from .errors import UserError
+from .checks import one_of, positive_float
 from .flow import check_truncation
-from .probe import ControlProfile, _positive
+from .probe import ControlProfile
 
 STATISTICS = ("velocity", "reward_gain")
 REDUCTIONS = ("median", "mean", "rms")
@@ -45,12 +46,10 @@ def sample_sizes(profile: ControlProfile, truncate_steps: int, statistic: str = 
     """[B] each sample's target size over the last ``truncate_steps`` sampling steps (module docstring)."""
     mask = _window_mask(profile, truncate_steps)
     dt = profile.dt[mask]
-    if statistic == "velocity":
+    if one_of(statistic, "statistic", STATISTICS) == "velocity":
         sq = profile.velocity_change()[mask].pow(2)
         return ((dt[:, None] * sq).sum(0) / dt.sum()).sqrt()
-    if statistic == "reward_gain":
-        return profile.energy()[mask].sum(0) / profile.reward_scale
-    raise UserError(f"`statistic` must be one of {', '.join(STATISTICS)}; got {statistic!r}.")
+    return profile.energy()[mask].sum(0) / profile.reward_scale  # "reward_gain"
 
 
 def control_size(
@@ -58,13 +57,12 @@ def control_size(
 ) -> float:
     """The batch's target size: ``reduction`` over :func:`sample_sizes`."""
     sizes = sample_sizes(profile, truncate_steps, statistic)
+    reduction = one_of(reduction, "reduction", REDUCTIONS)
     if reduction == "median":
         return float(sizes.median())
     if reduction == "mean":
         return float(sizes.mean())
-    if reduction == "rms":
-        return float(sizes.pow(2).mean().sqrt())
-    raise UserError(f"`reduction` must be one of {', '.join(REDUCTIONS)}; got {reduction!r}.")
+    return float(sizes.pow(2).mean().sqrt())  # "rms"
 
 
 def matched_reward_scale(
@@ -93,7 +91,7 @@ def matched_reward_scale(
         the matched lambda (> 0). For an ODE-AM p = 2 target measured on the reference's batch, it is
         ``reference_scale`` itself.
     """
-    lam = _positive(reference_scale, "reference_scale")
+    lam = positive_float(reference_scale, "reference_scale")
     ref_size = control_size(_float64(reference).at(lam), reference_steps or truncate_steps, statistic, reduction)
     # the target is measured in float64 at the lambda where its median sample's largest adjoint norm over the
     # window is 1: at lambda = 1 the control |a~|^(1/(p-1)) of an order p close to 1 overflows (p = 1.01,

@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import BUG_LINE, UserError
+from .checks import finite_float, int_at_least
 from .deprecation import resolve_dtype, warn_deprecated
 from .metrics import extract_features, recall_coverage, within_prompt_diversity
 from .metrics.diversity import resolve_diversity
@@ -44,12 +45,9 @@ from .models import (
 )
 from .models.base import FlowModelAdapter
 from .prompts import _as_condition, load_prompts
-from .rewards import load_reward
+from .rewards import evaluation_rewards, load_reward
 from .rewards.scoring import score_rewards
 from .sampling import sample_images
-
-TEXT_REWARDS = ("hpsv2", "pickscore", "imagereward", "clipscore", "aesthetic")
-DIGITS_REWARDS = ("digits", "digits-heldout")
 
 
 # -- sampling ----------------------------------------------------------------------------------
@@ -269,17 +267,14 @@ def check_adapter_fits(state: dict[str, torch.Tensor], pipeline: Any, path: str)
 def _check_arguments(num_images_per_prompt: int, batch_size: int, k: int, seed: int, num_inference_steps: int | None,
                      resolution: int | None, guidance_scale: float | None, device: Any) -> None:
     """ValueError naming the first bad argument of :func:`evaluate` (before any model is loaded)."""
-    import math
-
     for name, value, minimum in (("num_images_per_prompt", num_images_per_prompt, 1), ("batch_size", batch_size, 1),
                                  ("k", k, 1), ("seed", seed, 0), ("num_inference_steps", num_inference_steps, 1),
                                  ("resolution", resolution, 1)):
         if value is None and name in ("num_inference_steps", "resolution"):
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise UserError(f"`{name}` must be an integer >= {minimum}; got {value!r}.")
-    if guidance_scale is not None and not math.isfinite(guidance_scale):
-        raise UserError(f"`guidance_scale` must be a finite number; got {guidance_scale!r}.")
+        int_at_least(value, name, minimum)
+    if guidance_scale is not None:
+        finite_float(guidance_scale, "guidance_scale")
     if device is not None:
         try:
             dev = torch.device(device)
@@ -421,7 +416,7 @@ def _evaluate(
         raise UserError(f"Recall/Coverage with k = {k} need more than {k} images per model; got {n}: raise num_images_per_prompt or add prompts.")
     digits = _is_digits_base(pipeline_or_path)
     if rewards is None:
-        rewards = list(DIGITS_REWARDS) if digits else list(TEXT_REWARDS) if smp.conditioning == "text" else []
+        rewards = evaluation_rewards("digits" if digits else smp.conditioning)
     if feature_extractor is None:
         feature_extractor = "digits-heldout" if digits else "clip"
     reward_fns = {spec: load_reward(spec, device=device, paths=reward_model_paths) for spec in rewards}
@@ -506,7 +501,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--adapters", nargs="*", default=[], help="LoRA folders (pytorch_lora_weights.safetensors) to compare with the base")
     p.add_argument("--prompts", nargs="*", default=None, help="prompts (or class labels), or one .txt file with a prompt a line (default: every class of a class-conditional model)")
     p.add_argument("--num_images_per_prompt", type=int, default=6)
-    p.add_argument("--rewards", nargs="*", default=None, help=f"reward names/specs (default: {' '.join(DIGITS_REWARDS)} on the digits base, {' '.join(TEXT_REWARDS)} on text pipelines)")
+    p.add_argument("--rewards", nargs="*", default=None, help=f"reward names/specs (default: {' '.join(evaluation_rewards('digits'))} on the digits base, "
+                   f"{' '.join(evaluation_rewards('text'))} on text pipelines)")
     p.add_argument("--reward_model_paths", nargs="*", default=None, metavar="NAME=PATH",
                    help="local checkpoint (file, folder or Hub id) per reward (the trainer's flag)")
     p.add_argument("--reward_paths", nargs="*", default=None, metavar="NAME=PATH",

@@ -11,6 +11,7 @@ import torch
 
 from .errors import UserError
 from .flow import sample_euler
+from .checks import positive_int
 from .models.base import FlowModelAdapter
 
 
@@ -33,8 +34,7 @@ def sample_images(
         raise UserError(
             f"`conditions` ({len(conditions)}) and `noise` ({noise.shape[0]}) must have the same batch size."
         )
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise UserError(f"`chunk_size` must be a positive integer; got {chunk_size!r}.")
+    positive_int(chunk_size, "chunk_size")
     states, images = [], []
     ctx = adapter.adapters_disabled() if base else contextlib.nullcontext()
     with ctx:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import UserError
-from .adjoint import VJP
+from .adjoint import VJP, Velocity, upcast
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,15 @@ class NoiseSchedule:
         """b_sigma(x, t) from a velocity v(x, t); t a 0-dim tensor."""
         return self.velocity_gain(t) * v - self.state_coeff(t) * x
 
+    def sde_drift(self, velocity: Velocity) -> Velocity:
+        """The SDE drift x, t -> b_sigma(x, t) of a velocity field (e.g. ``ConditionedFlow.velocity``), its
+        velocity promoted to at least fp32: what Euler-Maruyama (``flow.sample_euler``) steps with."""
+
+        def drift(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.drift(x, upcast(velocity(x, t)), t)
+
+        return drift
+
     def drift_vjp(
         self, velocity_vjp: VJP, x: torch.Tensor, t: torch.Tensor, cotangent: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,8 +72,7 @@ class NoiseSchedule:
         The drift is linear in v and x, so J^T a = J_v^T (velocity_gain a) - state_coeff a;
         ``velocity_vjp(x, t, c)`` returns (v(x, t), J_v^T c) (e.g. ``ConditionedFlow.base_vjp``)."""
         v, jt = velocity_vjp(x, t, self.velocity_gain(t) * cotangent)
-        v = v.to(torch.promote_types(v.dtype, torch.float32))
-        return self.drift(x, v, t), jt - self.state_coeff(t) * cotangent
+        return self.drift(x, upcast(v), t), jt - self.state_coeff(t) * cotangent
 
 
 @dataclass(frozen=True)

@@ -25,17 +25,13 @@ import math
 from typing import Any
 
 import torch
+
 from .errors import UserError
+from .checks import int_at_least
 
 DEFAULT_SHARE = 0.3
 DEFAULT_REFRESH_EVERY = 10
 DEFAULT_SMOOTHING = 0.5
-
-
-def _check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UserError(f"`{name}` must be an integer >= {minimum}; got {value!r}.")
-    return value
 
 
 def check_share(share: Any) -> float:
@@ -51,9 +47,9 @@ def check_share(share: Any) -> float:
 
 def check_bounds(num_steps: int, min_steps: int = 1, max_steps: int | None = None) -> tuple[int, int]:
     """(K_min, K_max) with 1 <= K_min <= K_max <= N; ``max_steps=None`` means N."""
-    n = _check_int(num_steps, "num_steps", 1)
-    lo = _check_int(min_steps, "min_steps", 1)
-    hi = n if max_steps is None else _check_int(max_steps, "max_steps", 1)
+    n = int_at_least(num_steps, "num_steps", 1)
+    lo = int_at_least(min_steps, "min_steps", 1)
+    hi = n if max_steps is None else int_at_least(max_steps, "max_steps", 1)
     if not lo <= hi <= n:
         raise UserError(
             f"adaptive truncation needs 1 <= min_steps <= max_steps <= num_inference_steps; got min_steps={lo}, "
@@ -111,10 +107,10 @@ class AdaptiveTruncation:
         refresh_every: int = DEFAULT_REFRESH_EVERY,
         smoothing: float = DEFAULT_SMOOTHING,
     ) -> None:
-        self.num_steps = _check_int(num_steps, "num_steps", 1)
+        self.num_steps = int_at_least(num_steps, "num_steps", 1)
         self.share = check_share(share)
         self.min_steps, self.max_steps = check_bounds(num_steps, min_steps, max_steps)
-        self.refresh_every = _check_int(refresh_every, "refresh_every", 1)
+        self.refresh_every = int_at_least(refresh_every, "refresh_every", 1)
         if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0.0 <= smoothing < 1.0:
             raise UserError(f"`smoothing` must be a number in [0, 1); got {smoothing!r}.")
         self.smoothing = float(smoothing)

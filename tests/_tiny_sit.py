@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers import AutoencoderKL
 
-from diffusers_am.models.sit_transformer import SiTTransformer2DModel
+from diffusers_am.pipelines.sit_transformer import SiTTransformer2DModel
 from diffusers_am.pipelines.sit import SiTPipeline
 
 

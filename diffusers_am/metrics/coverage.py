@@ -11,7 +11,9 @@ are the mirrored quantities. Comparisons are strict (``<``), distances Euclidean
 from __future__ import annotations
 
 import torch
+
 from ..errors import UserError
+from ..checks import int_at_least
 
 DEFAULT_K = 5
 
@@ -41,8 +43,7 @@ def prdc(real: torch.Tensor, fake: torch.Tensor, k: int = DEFAULT_K, chunk_size:
     """{"precision", "recall", "density", "coverage"} of ``fake`` [M, F] against ``real`` [N, F]."""
     if real.dim() == 2 and fake.dim() == 2 and real.shape[1] != fake.shape[1]:
         raise UserError(f"`real` and `fake` feature widths differ: {real.shape[1]} vs {fake.shape[1]}.")
-    if k < 1:
-        raise UserError(f"`k` must be >= 1; got {k}.")
+    int_at_least(k, "k", 1)
     r, f = _check(real, "real", k), _check(fake, "fake", k)
     f = f.to(r.device)
     r_rad, f_rad = knn_radii(r, k, chunk_size), knn_radii(f, k, chunk_size)

@@ -27,7 +27,7 @@ class ClipImageFeatures(torch.nn.Module):
 
     def __init__(self, path: str | os.PathLike = DEFAULT_CLIP, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()
-        from ..rewards._clip import build_clip_embedder
+        from ..rewards.clip import build_clip_embedder
 
         self.embedder = build_clip_embedder(str(path), device=device, dtype=dtype, need_tokenizer=False, argument="feature_extractor")
 

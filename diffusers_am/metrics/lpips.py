@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..rewards._checkpoints import check_keys, torch_load, unwrap_state_dict
+from ..checks import one_of
+from ..rewards.checkpoints import check_keys, torch_load, unwrap_state_dict
 from ..rewards.base import check_images
 
 # net -> (torchvision layout of `features` as (kind, args), indices after which a tapped ReLU sits)
@@ -80,9 +81,7 @@ class LPIPS(nn.Module):
 
     def __init__(self, net: str = "alex"):
         super().__init__()
-        if net not in NETS:
-            raise UserError(f"`net` must be one of {sorted(NETS)}; got {net!r}.")
-        self.net = net
+        self.net = one_of(net, "net", sorted(NETS))
         self.trunk = Trunk(net)
         self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in NETS[net]["channels"])
         self.register_buffer("shift", torch.tensor(_SHIFT).view(1, 3, 1, 1), persistent=False)
@@ -140,8 +139,7 @@ def load_lpips(
     device: torch.device | str | None = None,
 ) -> LPIPS:
     """A frozen LPIPS metric from the two weight files (see the module docstring for defaults)."""
-    if net not in NETS:
-        raise UserError(f"`net` must be one of {sorted(NETS)}; got {net!r}.")
+    one_of(net, "net", sorted(NETS))
     trunk_file = Path(trunk_path) if trunk_path is not None else _default_dir() / NETS[net]["trunk_file"]
     _require(
         trunk_file, "trunk",

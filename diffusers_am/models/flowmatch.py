@@ -23,6 +23,7 @@ import torch
 
 from ..errors import UserError
 from ..adjoint import vjp_velocity
+from ..checks import positive_int
 from ..deprecation import resolve_dtype
 from .base import FlowModelAdapter
 from .lora import unmatched_lora_targets  # noqa: F401  (re-exported)
@@ -179,8 +180,12 @@ class FlowMatchAdapter(FlowModelAdapter):
         return cls._pipeline_class()
 
     # -- time -----------------------------------------------------------------------------
+    def resolution_multiple(self) -> int:
+        """What a resolution must be a multiple of: the VAE's factor times the 2x2 latent packing (or patch)."""
+        return self.pipeline.vae_scale_factor * 2
+
     def check_resolution(self, resolution: int) -> int:
-        multiple = self.pipeline.vae_scale_factor * 2
+        multiple = self.resolution_multiple()
         if isinstance(resolution, bool) or int(resolution) != resolution or resolution < multiple or resolution % multiple:
             raise UserError(
                 f"`resolution` (height and width) must be a positive multiple of {multiple} for "
@@ -190,9 +195,7 @@ class FlowMatchAdapter(FlowModelAdapter):
 
     @staticmethod
     def _check_steps(num_inference_steps: int) -> int:
-        if isinstance(num_inference_steps, bool) or int(num_inference_steps) != num_inference_steps or num_inference_steps < 1:
-            raise UserError(f"`num_inference_steps` must be a positive integer; got {num_inference_steps!r}.")
-        return int(num_inference_steps)
+        return positive_int(num_inference_steps, "num_inference_steps")
 
     @abc.abstractmethod
     def _sigmas(self, num_inference_steps: int, resolution: int) -> torch.Tensor:

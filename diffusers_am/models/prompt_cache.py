@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..errors import UserError
+from ..checks import positive_int
 from ..filemode import match_umask
 
 
@@ -47,8 +48,7 @@ class PromptEmbeddingCache:
         unique = list(dict.fromkeys(prompts))
         if not unique:
             raise UserError("the prompt cache needs at least one prompt.")
-        if isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1:
-            raise UserError(f"`chunk_size` must be a positive integer; got {chunk_size!r}.")
+        positive_int(chunk_size, "chunk_size")
         single = encode(unique[:1])
         if not dataclasses.is_dataclass(single):
             raise UserError(f"cannot cache encoded prompts of type {type(single).__name__} (not a dataclass).")

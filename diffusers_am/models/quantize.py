@@ -28,6 +28,7 @@ from typing import Any, Iterable
 import torch
 
 from ..errors import UserError
+from ..checks import one_of
 from .base import FlowModelAdapter
 
 QUANTIZE_CHOICES = ("none", "nf4", "int8")
@@ -53,9 +54,7 @@ def require_bitsandbytes(mode: str):
 
 def check_mode(mode: str) -> str:
     """``mode`` if it is one of :data:`QUANTIZE_CHOICES`, else ValueError in one line."""
-    if mode not in QUANTIZE_CHOICES:
-        raise UserError(f"`--quantize_base` must be one of {', '.join(QUANTIZE_CHOICES)}; got {mode!r}.")
-    return mode
+    return one_of(mode, "--quantize_base", QUANTIZE_CHOICES)
 
 
 def bnb_config(mode: str, compute_dtype: torch.dtype, skip: Iterable[str] = ()):

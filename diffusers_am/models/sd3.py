@@ -39,14 +39,8 @@ class SD3Adapter(FlowMatchAdapter):
         names = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"]
         return [n for n in names if not unmatched_lora_targets(self.transformer, [n])]
 
-    def check_resolution(self, resolution: int) -> int:
-        multiple = self.pipeline.vae_scale_factor * self.transformer.config.patch_size
-        if isinstance(resolution, bool) or int(resolution) != resolution or resolution < multiple or resolution % multiple:
-            raise UserError(
-                f"`resolution` (height and width) must be a positive multiple of {multiple} for "
-                f"{type(self.pipeline).__name__}; got {resolution!r}."
-            )
-        return int(resolution)
+    def resolution_multiple(self) -> int:
+        return self.pipeline.vae_scale_factor * self.transformer.config.patch_size
 
     def _latent_hw(self, resolution: int) -> int:
         return self.check_resolution(resolution) // self.pipeline.vae_scale_factor

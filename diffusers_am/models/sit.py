@@ -26,6 +26,7 @@ import torch
 
 from ..errors import UserError
 from ..adjoint import vjp_velocity
+from ..checks import positive_int
 from ..flow import ConditionedFlow
 from ..pipelines.sit import SiTPipeline
 from ..deprecation import resolve_dtype
@@ -126,8 +127,7 @@ class SiTAdapter(FlowModelAdapter):
     def initial_noise(self, batch_size: int, resolution: int, generator: torch.Generator | None) -> torch.Tensor:
         """[B, C, s, s] fp32 standard normal states on ``device``."""
         self._check_resolution(resolution)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise UserError(f"`batch_size` must be a positive integer; got {batch_size!r}.")
+        positive_int(batch_size, "batch_size")
         return self.pipeline.prepare_latents(batch_size, generator, self.device)
 
     # -- conditioning ---------------------------------------------------------------------

@@ -36,7 +36,7 @@ import torch
 
 from ..errors import UserError
 from ..deprecation import resolve_dtype
-from .sit_transformer import SiTTransformer2DModel
+from ..pipelines.sit_transformer import SiTTransformer2DModel
 
 SIT_HEADS_BY_HIDDEN = {1152: 16, 1024: 16, 768: 12, 384: 6}
 """num_heads of the official SiT-{XL,L,B,S} models by hidden size."""

@@ -47,8 +47,9 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineO
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..errors import UserError
+from ..checks import one_of, positive_int
 from ..deprecation import warn_deprecated
-from ..models.sit_transformer import SiTTransformer2DModel
+from .sit_transformer import SiTTransformer2DModel
 from .controlled import check_control_window
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -104,7 +105,7 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
                 "`scheduler` must be None (uniform paper-time grid) or a FlowMatchEulerDiscreteScheduler with "
                 f"a fixed shift (use_dynamic_shifting=False); got {type(scheduler).__name__}."
             )
-        _check_steps(default_num_inference_steps, "default_num_inference_steps")
+        positive_int(default_num_inference_steps, "default_num_inference_steps")
         channels = transformer.config.in_channels
         if guidance_channels is not None and (
             isinstance(guidance_channels, bool)
@@ -171,7 +172,7 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
 
     def time_grid(self, num_inference_steps: int, device=None) -> torch.Tensor:
         """[N+1] increasing paper times from 0 to 1 (fp32)."""
-        n = _check_steps(num_inference_steps, "num_inference_steps")
+        n = positive_int(num_inference_steps, "num_inference_steps")
         device = device if device is not None else self._execution_device
         scheduler = getattr(self, "scheduler", None)
         if scheduler is None:
@@ -304,8 +305,7 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
             control_start: deprecated (FutureWarning): the paper time the control starts at; on the
                 uniform grid ``control_start = (N - K) / N`` is ``control_window = K``.
         """
-        if output_type not in OUTPUT_TYPES:
-            raise UserError(f"`output_type` must be one of {OUTPUT_TYPES}; got {output_type!r}.")
+        one_of(output_type, "output_type", OUTPUT_TYPES)
         if not isinstance(guidance_scale, (int, float)) or not np.isfinite(guidance_scale) or guidance_scale < 0:
             raise UserError(f"`guidance_scale` must be a finite number >= 0; got {guidance_scale!r}.")
         self.check_resolution(height, width)
@@ -323,7 +323,7 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
         labels = self.check_class_labels(class_labels, device)
         if num_inference_steps is None:
             num_inference_steps = self.config.default_num_inference_steps
-        window = check_control_window(control_window, _check_steps(num_inference_steps, "num_inference_steps"))
+        window = check_control_window(control_window, positive_int(num_inference_steps, "num_inference_steps"))
         if (control_scale != 1.0 or (control_start or 0.0) > 0.0 or window is not None) and not self.has_lora:
             raise UserError(
                 "`control_scale` / `control_window` / `control_start` need a LoRA: call `load_lora_weights` first."
@@ -380,8 +380,3 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
             )
         return names
 
-
-def _check_steps(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 1:
-        raise UserError(f"`{name}` must be a positive integer; got {value!r}.")
-    return int(value)

@@ -39,6 +39,18 @@ REWARDS: dict[str, str] = {
     "shapes-gold": "diffusers_am.rewards.shapes:load_shapes_gold_reward",
 }
 
+EVALUATION_REWARDS: dict[str, tuple[str, ...]] = {
+    "digits": ("digits", "digits-heldout"),  # the embedded digits base: its training reward and held-out judge
+    "text": ("hpsv2", "pickscore", "imagereward", "clipscore", "aesthetic"),  # text pipelines: the paper's five
+}
+"""The rewards ``diffusers_am.evaluate`` scores by default, per kind of base model, in report order."""
+
+
+def evaluation_rewards(kind: str) -> list[str]:
+    """The registered rewards scored by default when evaluating a ``kind`` base (a key of
+    :data:`EVALUATION_REWARDS`: ``"digits"`` or ``"text"``); empty for any other kind."""
+    return list(EVALUATION_REWARDS.get(kind, ()))
+
 
 def register_reward(name: str, target: str | Callable) -> None:
     """Register a factory (or its ``"module:factory"`` path) under ``name``."""
@@ -158,6 +170,6 @@ def load_reward(
 
 
 __all__ = [
-    "REWARDS", "RewardModel", "WeightedReward", "available_rewards", "check_images", "check_reward_output",
-    "check_reward_spec", "is_user_reward", "load_reward", "probe_reward", "register_reward", "user_code_error",
+    "EVALUATION_REWARDS", "REWARDS", "RewardModel", "WeightedReward", "available_rewards", "check_images", "check_reward_output",
+    "check_reward_spec", "evaluation_rewards", "is_user_reward", "load_reward", "probe_reward", "register_reward", "user_code_error",
 ]

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import UserError
-from ._checkpoints import check_keys
+from .checkpoints import check_keys
 
 # open_clip's model config for ViT-H-14 (the HPSv2 backbone): open_clip/model_configs/ViT-H-14.json
 VIT_H_14: dict[str, Any] = {

@@ -30,7 +30,9 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
 from ..errors import UserError
+from ..checks import one_of
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -110,10 +112,8 @@ class ClipPreprocess:
     clamp: bool = True
 
     def __post_init__(self) -> None:
-        if self.rule not in RESIZE_RULES:
-            raise UserError(f"`rule` must be one of {RESIZE_RULES}; got {self.rule!r}.")
-        if self.crop not in CROP_ROUNDINGS:
-            raise UserError(f"`crop` must be one of {CROP_ROUNDINGS}; got {self.crop!r}.")
+        one_of(self.rule, "rule", RESIZE_RULES)
+        one_of(self.crop, "crop", CROP_ROUNDINGS)
         if self.size < 1:
             raise UserError(f"`size` must be a positive pixel count; got {self.size}.")
 

@@ -19,8 +19,9 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..errors import UserError
-from ._checkpoints import load_strict, place, resolve_file, skip_init, torch_load, unwrap_state_dict
-from ._clip import ClipEmbedder, load_clip_tokenizer
+from ..checks import one_of
+from .checkpoints import load_strict, place, resolve_file, skip_init, torch_load, unwrap_state_dict
+from .clip import ClipEmbedder, load_clip_tokenizer
 from ._open_clip import VIT_H_14, clip_config_from_open_clip, convert_open_clip_state_dict
 from .clip_preprocess import ClipPreprocess
 
@@ -71,8 +72,7 @@ def load_hpsv2(
     ``tokenizer_path``: CLIP BPE tokenizer folder or Hub id (default: ``path`` when it is a folder
     with tokenizer files, else ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``).
     ``model_config``: open_clip model config (dict or JSON file); default ViT-H-14."""
-    if version not in HPS_FILES:
-        raise UserError(f"`version` must be one of {sorted(HPS_FILES)}; got {version!r}.")
+    one_of(version, "version", sorted(HPS_FILES))
     cfg = _model_config(model_config)
     file = resolve_file(path, default_repo=HPS_REPO, filename=HPS_FILES[version])
     state = unwrap_state_dict(torch_load(file), file)

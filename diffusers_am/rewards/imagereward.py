@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ._checkpoints import check_keys, check_prompts, load_strict, place, skip_init, resolve_file, torch_load, unwrap_state_dict
+from .checkpoints import check_keys, check_prompts, load_strict, place, skip_init, resolve_file, torch_load, unwrap_state_dict
 from .aesthetic import AestheticMLP
 from .base import check_images
 from .clip_preprocess import ClipPreprocess

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from ..checks import one_of
 from ..toy.serialization import CONFIG_NAME, WEIGHTS_NAME, ClassifierFolderMixin
 from ..toy.shapes import COLOURS, RESOLUTION, SHAPES, gold_check, parse_caption
 from .base import check_images
@@ -56,8 +57,7 @@ class ShapesClassifierConfig:
             raise UserError(f"`channels` must list 1 to 4 positive ints; got {self.channels}.")
         if self.kernel_size % 2 != 1:
             raise UserError(f"`kernel_size` must be odd; got {self.kernel_size}.")
-        if self.activation not in _ACTIVATIONS:
-            raise UserError(f"`activation` must be one of {sorted(_ACTIVATIONS)}; got {self.activation!r}.")
+        one_of(self.activation, "activation", sorted(_ACTIVATIONS))
 
 
 class ShapesClassifier(ClassifierFolderMixin, nn.Module):

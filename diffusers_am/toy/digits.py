@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from ..checks import one_of
 from .serialization import ClassifierFolderMixin
 
 NUM_CLASSES = 10
@@ -103,10 +104,8 @@ class DigitsClassifierConfig:
             raise UserError(f"`channels` has {len(self.channels)} stages; an 8x8 input allows at most 4.")
         if self.kernel_size % 2 != 1 or self.kernel_size < 1:
             raise UserError(f"`kernel_size` must be an odd positive int; got {self.kernel_size}.")
-        if self.activation not in _ACTIVATIONS:
-            raise UserError(f"`activation` must be one of {sorted(_ACTIVATIONS)}; got {self.activation!r}.")
-        if self.downsample not in _DOWNSAMPLE:
-            raise UserError(f"`downsample` must be one of {_DOWNSAMPLE}; got {self.downsample!r}.")
+        one_of(self.activation, "activation", sorted(_ACTIVATIONS))
+        one_of(self.downsample, "downsample", _DOWNSAMPLE)
         if self.feature_dim <= 0 or self.num_classes < 2:
             raise UserError("`feature_dim` must be positive and `num_classes` at least 2.")
 

@@ -33,7 +33,9 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
 from ..errors import UserError
+from ..checks import one_of
 
 RESOLUTION = 32
 COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow")
@@ -166,8 +168,7 @@ def make_dataset(per_composition: int, split: str = "train", seed: int = 0, reso
     in a fixed order, drawn from ``torch.Generator().manual_seed(seed)``: the same arguments give the
     same tensors on every machine."""
     comps = {"train": train_compositions, "heldout": heldout_compositions, "all": all_compositions}
-    if split not in comps:
-        raise UserError(f"`split` must be one of {', '.join(comps)}; got {split!r}.")
+    one_of(split, "split", comps)
     generator = torch.Generator().manual_seed(seed)
     images, rows = [], []
     for comp in comps[split]():

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..checks import int_at_least, one_of, positive_float
 from ..errors import UserError
 from ..models import pipeline_defaults, resolve_pretrained, short_names_help
 
@@ -308,8 +309,8 @@ class TrainingConfig:
         for f in dataclasses.fields(self):
             choices = _choices(f)
             value = getattr(self, f.name)
-            if choices is not None and value is not None and value not in choices:
-                raise UserError(f"`--{f.name}` must be one of {', '.join(choices)}; got {value!r}.")
+            if choices is not None and value is not None:
+                one_of(value, f"--{f.name}", choices)
         from ..control import check_order
 
         self.reg_order = check_order(self.reg_order, "reg_order")
@@ -337,9 +338,7 @@ class TrainingConfig:
 
             check_truncation(self.truncate_steps, self.num_inference_steps, "--truncate_steps")
         for name in ("learning_rate", "reward_scale", "max_grad_norm", "adam_epsilon"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise UserError(f"`--{name}` must be a finite number > 0; got {value!r}.")
+            positive_float(getattr(self, name), f"--{name}")
         for name in ("adam_beta1", "adam_beta2", "ema_decay"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
@@ -532,9 +531,7 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
 
 
 def _check_int(cfg: TrainingConfig, name: str, minimum: int) -> None:
-    value = getattr(cfg, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UserError(f"`--{name}` must be an integer >= {minimum}; got {value!r}.")
+    int_at_least(getattr(cfg, name), f"--{name}", minimum)
 
 
 def _split_list(value: Sequence[str] | str | None) -> list[str] | None:

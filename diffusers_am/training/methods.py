@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..checks import one_of
 from ..errors import UserError
 from ..objectives import draft_step, ode_am_step, refl_step, sde_am_step
 from ..prompts import derive_seed
@@ -108,10 +109,8 @@ def method_names() -> tuple[str, ...]:
 
 
 def get_method(name: str) -> Method:
-    """The registered method ``name``; ValueError listing the known ones."""
-    if name not in METHODS:
-        raise UserError(f"`--method` must be one of {', '.join(METHODS)}; got {name!r}.")
-    return METHODS[name]
+    """The registered method ``name``; a UserError listing the known ones."""
+    return METHODS[one_of(name, "--method", METHODS)]
 
 
 def methods_with_control() -> tuple[str, ...]:

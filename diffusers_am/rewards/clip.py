@@ -15,7 +15,7 @@ import torch
 
 from ..errors import UserError
 from .base import check_images
-from ._checkpoints import check_prompts, looks_like_repo_id, place
+from .checkpoints import check_prompts, looks_like_repo_id, place
 from .clip_preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ClipPreprocess
 
 
