@@ -19,8 +19,9 @@ README's table):
 from __future__ import annotations
 
 BUG_LINE = (
-    "This is a bug in diffusers-am or a library it calls, not a mistake in your input: please report it on the "
-    "diffusers-am issue tracker with the traceback above, the command you ran and `pip freeze`."
+    "This is not a mistake in your input but a bug: in your own code if the traceback above ends there (a reward, "
+    "a callback), else in diffusers-am or a library it calls; please report the latter on the diffusers-am issue "
+    "tracker with the traceback above, the command you ran and `pip freeze`."
 )
 """The line printed after the traceback of an exception that is not a :class:`UserError`."""
 

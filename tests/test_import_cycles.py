@@ -20,7 +20,7 @@ PACKAGE = Path(diffusers_am.__file__).resolve().parent
 ROOT = "diffusers_am"
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("jsonio", "filemode", "deprecation", "bnb", "checks"),  # helpers that import nothing of the package
+    ("errors", "jsonio", "filemode", "deprecation", "bnb", "checks"),  # helpers that import nothing else of the package
     ("adjoint", "control", "schedules", "flow", "batching", "objectives", "probe", "truncation", "calibration"),
     ("toy",),  # the toy flows and classifiers (the digits / shapes testbeds), on the method core
     ("pipelines",),  # diffusers pipelines and the networks only they hold (the SiT transformer)

@@ -497,15 +497,21 @@ def test_reward_failing_at_update_two_keeps_update_one(tiny_base, tmp_path, rewa
 
 
 def test_value_error_mid_run_says_what_is_on_disk(tiny_base, tmp_path, rewards, monkeypatch, capsys):
+    """A plain ValueError from the reward mid-run is not a UserError: it keeps its traceback (exit 1), after the
+    line saying what is on disk; only a UserError would be one `error:` line."""
+    from diffusers_am.errors import BUG_LINE
+
     out = tmp_path / "run"
     monkeypatch.setenv("FAIL_AT_UPDATE", "2")
     monkeypatch.setenv("FAIL_HOW", "value")
-    assert run(tiny_base, out, "--reward", f"{rewards}:reward", "--max_train_steps", "3", *QUICK) == 2
+    assert run(tiny_base, out, "--reward", f"{rewards}:reward", "--max_train_steps", "3", *QUICK) == 1
     err = capsys.readouterr().err
-    assert len(messages(err)) == 1 and last_line(err) == (
-        f"error: the reward got prompts it cannot score (stopped after update 1 of 3; saved {out / 'checkpoint-1'}, "
-        "the last completed update: after fixing it, run the same command with `--resume_from_checkpoint latest`)."
+    assert (
+        f"warning: ValueError during training: stopped after update 1 of 3; saved {out / 'checkpoint-1'}, the last "
+        "completed update: after fixing it, run the same command with `--resume_from_checkpoint latest`." in err
     )
+    assert "Traceback (most recent call last)" in err and "ValueError: the reward got prompts it cannot score" in err
+    assert last_line(err) == BUG_LINE and "error: the reward" not in err
     assert [s for s, _ in list_checkpoints(out)] == [1]
 
 

@@ -305,13 +305,13 @@ def test_two_processes_stop_at_the_same_update_when_one_is_signalled(tiny_base, 
 
 
 def test_stop_signals_defer_ignore_a_forwarded_duplicate_and_abort_on_a_second_ctrl_c(monkeypatch, capsys):
-    from diffusers_am.training import interrupts
+    from diffusers_am.training import stopping
 
     clock = [100.0]
-    monkeypatch.setattr(interrupts.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(stopping.time, "monotonic", lambda: clock[0])
     previous = signal.getsignal(signal.SIGINT)
-    with interrupts.StopSignals() as signals:
-        with pytest.raises(interrupts.Interrupted) as info:  # outside the updates there is nothing to finish
+    with stopping.StopSignals() as signals:
+        with pytest.raises(stopping.Interrupted) as info:  # outside the updates there is nothing to finish
             signal.raise_signal(signal.SIGTERM)
         assert info.value.signum == signal.SIGTERM
         with signals.deferred():

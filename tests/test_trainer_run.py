@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # -- a tiny run writes everything ------------------------------------------------------------------
 def test_tiny_run_writes_adapter_grids_card_log(tiny_base, tmp_path, monkeypatch, capsys):
     from diffusers_am.pipelines.sit import SiTPipeline
-    from diffusers_am.training import hub
+    from diffusers_am.training import outputs as hub
 
     pushed = {}
     monkeypatch.setattr(hub, "prepare_repo", lambda repo, token=None: pushed.update(created=repo) or f"me/{repo[3:]}")
