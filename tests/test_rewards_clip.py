@@ -71,6 +71,26 @@ def test_clipscore_and_registry(clip_dir):
     assert torch.allclose(weighted(images, PROMPTS), 0.5 * out + 2.0 * pick, atol=1e-4)
 
 
+def test_clipscore_is_100_cos_of_the_stock_clip_model(clip_dir):
+    """CLIPScore == max(100 * cos, 0) with cos from transformers' CLIPModel and its own processor and tokenizer
+    (images at the model's size: the processor only rescales nothing and normalises)."""
+    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    out = load_clipscore(str(clip_dir))(images, PROMPTS)
+    model = CLIPModel.from_pretrained(str(clip_dir)).eval()
+    processor = CLIPImageProcessor(do_resize=False, do_center_crop=False, do_rescale=False)  # OpenAI mean / std
+    pixels = processor(images=list(images), return_tensors="pt", input_data_format="channels_first").pixel_values
+    tokens = AutoTokenizer.from_pretrained(str(clip_dir))(PROMPTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        image = model.get_image_features(pixel_values=pixels)
+        text = model.get_text_features(**tokens)
+    image, text = [e if isinstance(e, torch.Tensor) else e.pooler_output for e in (image, text)]
+    expected = (100 * F.cosine_similarity(image, text, dim=-1)).clamp_min(0)
+    assert expected.abs().max() > 1  # the tiny model's cosines are not all ~0 (the x100 is visible)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=0)
+
+
 def test_clipscore_truncates_prompts_over_77_tokens(clip_dir):
     """Over 77 tokens (BOS + 75 + EOS): the prompt is cut to its first 75 tokens, EOS kept, no error."""
     reward = load_clipscore(str(clip_dir))
