@@ -137,6 +137,8 @@ def test_resume_two_plus_two_equals_four(tiny_base, tmp_path):
         "1",
         "--learning_rate",
         "0.02",
+        "--adam_epsilon",  # Adam's step lr * g / (|g| + eps): the adapters compare gradient values, not signs
+        "1.0",
     ]
     straight = tmp_path / "straight"
     assert run(tiny_base, straight, *common) == 0
@@ -169,6 +171,30 @@ def test_resume_two_plus_two_equals_four(tiny_base, tmp_path):
     # `latest` in the run's own folder continues it, and the log keeps one record per step
     assert run(tiny_base, straight, *common, "--max_train_steps", "5", "--resume_from_checkpoint", "latest") == 0
     assert [r["step"] for r in read_log(straight)] == [1, 2, 3, 4, 5]
+
+
+def test_ema_adapter_is_the_ema_of_the_updates(tiny_base, tmp_path):
+    """--use_ema: the saved adapter is the EMA of the weights after each update (each checkpoint's adapter), with
+    diffusers EMAModel's rule written out here: decay 0 at update 1, then min(ema_decay, (1 + n) / (10 + n)) at
+    update n + 1; ema <- decay * ema + (1 - decay) * weights."""
+    out = tmp_path / "ema"
+    ema_decay = 0.2
+    args = ["--use_ema", "--ema_decay", str(ema_decay), "--max_train_steps", "3", "--checkpointing_steps", "1",
+            "--learning_rate", "0.05", "--adam_epsilon", "1.0"]
+    assert run(tiny_base, out, *args) == 0
+    updates = [load_file(out / f"checkpoint-{n}" / "pytorch_lora_weights.safetensors") for n in (1, 2, 3)]
+    saved = load_file(out / "pytorch_lora_weights.safetensors")
+    assert saved.keys() == updates[0].keys()
+    ema = dict(updates[0])
+    for n, weights in enumerate(updates[1:], start=1):
+        decay = min(ema_decay, (1 + n) / (10 + n))
+        ema = {k: decay * ema[k] + (1 - decay) * weights[k] for k in ema}
+    for k in saved:
+        torch.testing.assert_close(saved[k], ema[k], atol=1e-7, rtol=1e-6)
+    # the EMA is not the last update's weights (the rule above is what makes the test pass)
+    assert max(float((saved[k] - updates[-1][k]).abs().max()) for k in saved) > 1e-4 * max(
+        float(v.abs().max()) for k, v in saved.items() if "lora_B" in k
+    )
 
 
 def test_interrupted_checkpoint_leaves_previous_usable(tiny_base, tmp_path, monkeypatch):

@@ -158,7 +158,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "        timestep = (sigma.float() * 1000).expand(b).to(dtype) / 1000",
         "# the pipeline passes timestep = sigma * 1000 in the latents' dtype, divided by 1000\n"
         "        timestep = (sigma.float() * 1000).expand(b).to(dtype)",
-        ("tests/test_flux2.py::test_base_velocity_matches_stock_pipeline", T_VJP),
+        ("tests/test_flux2.py::test_base_trajectory_equals_stock_pipeline", T_VJP),
     ),
     Mutant(
         "flux-guidance-ignored", "base VJP (FLUX.1)", "FLUX.1's guidance embedding always fed the default 3.5",
@@ -176,7 +176,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "flowmatch-velocity-sign", "base VJP (FLUX.2-klein, FLUX.1, SD3)", "paper-time velocity +v_model instead of -v_model",
         "return -self.adapter._predict(module, x, sigma, self.encoded, self.guidance_scale).float()",
         "return self.adapter._predict(module, x, sigma, self.encoded, self.guidance_scale).float()",
-        ("tests/test_flux2.py::test_base_velocity_matches_stock_pipeline",),
+        ("tests/test_flux2.py::test_base_trajectory_equals_stock_pipeline",),
     ),
     # -- the adaptive window ---------------------------------------------------------------------------------
     Mutant(
@@ -238,7 +238,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "ema-decay-inverted", "EMA", "the EMA built with 1 - decay",
         "EMAModel(full_tensors(params), decay=cfg.ema_decay)", "EMAModel(full_tensors(params), decay=1.0 - cfg.ema_decay)",
-        (T_RUN,),
+        (f"{T_RUN}::test_ema_adapter_is_the_ema_of_the_updates",),
     ),
     Mutant(
         "checkpointing-rng-not-preserved", "gradient checkpointing",
