@@ -217,7 +217,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "pickscore-logit-scale-not-exp", "rewards", "PickScore scaled by logit_scale, not exp(logit_scale)",
         "scale = self.embedder.model.logit_scale.float().exp()", "scale = self.embedder.model.logit_scale.float()",
-        (T_CLIP,),
+        (f"{T_CLIP}::test_pickscore_is_exp_logit_scale_cos_of_the_stock_clip_model",),
     ),
     Mutant(
         "resize-without-antialias", "rewards", "the CLIP / HPSv2 resize without antialias (not PIL's kernel)",
