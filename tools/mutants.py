@@ -205,7 +205,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "velocity-statistic-unweighted", "matched lambda", "the velocity statistic averaged over steps without dt",
         "return ((dt[:, None] * sq).sum(0) / dt.sum()).sqrt()", "return sq.mean(0).sqrt()",
-        (T_CAL,),
+        (f"{T_CAL}::test_velocity_statistic_is_the_time_weighted_rms_over_the_window",),
     ),
     # -- rewards -----------------------------------------------------------------------------------------
     Mutant(
