@@ -197,6 +197,51 @@ def test_ema_adapter_is_the_ema_of_the_updates(tiny_base, tmp_path):
     )
 
 
+def test_push_to_hub_uploads_the_run_files_and_its_card(tiny_base, tmp_path, monkeypatch):
+    """--push_to_hub end to end with the Hub replaced by a local folder: upload_folder's allow_patterns resolved by
+    huggingface_hub's own filter on the run folder give the uploaded set (adapter, card, grids, config, logs,
+    validation images; never checkpoints, the lock or the run marker), and the card is the run's."""
+    import shutil
+
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.utils import filter_repo_objects
+
+    remote = tmp_path / "remote"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "create_repo",
+                        lambda repo_id, exist_ok, token: huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}"))
+
+    def upload_folder(*, repo_id, folder_path, allow_patterns, token, **kwargs):
+        assert repo_id == "user/tiny-adapter" and not kwargs.get("path_in_repo")
+        local = [str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file()]
+        for name in filter_repo_objects(local, allow_patterns=allow_patterns, ignore_patterns=kwargs.get("ignore_patterns")):
+            (remote / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(Path(folder_path) / name, remote / name)
+        return huggingface_hub.CommitInfo(
+            commit_url=f"https://huggingface.co/{repo_id}/commit/0", commit_message="", commit_description="",
+            oid="0" * 40, pr_url=None,
+        )
+
+    monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
+    out = tmp_path / "run"
+    assert run(tiny_base, out, "--push_to_hub", "--hub_model_id", "user/tiny-adapter", "--checkpointing_steps", "1") == 0
+    uploaded = {str(p.relative_to(remote)) for p in remote.rglob("*") if p.is_file()}
+    validation = {str(p.relative_to(out)) for p in (out / "validation").rglob("*") if p.is_file()}
+    assert validation and uploaded == {
+        "pytorch_lora_weights.safetensors", "README.md", "samples.png", "comparison.png", "train_summary.json",
+        "training_config.json", "train_log.jsonl", *validation,
+    } | ({"validation_log.jsonl"} if (out / "validation_log.jsonl").is_file() else set())  # none at --validation_steps 0
+    assert list_checkpoints(out) and not any(name.startswith(("checkpoint-", ".")) for name in uploaded)
+    for name in uploaded:  # the files themselves, byte for byte
+        assert (remote / name).read_bytes() == (out / name).read_bytes(), name
+    card = (remote / "README.md").read_text()
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert 'pipe.load_lora_weights("user/tiny-adapter")' in card  # the card loads the adapter from the repo
+    assert str(tiny_base) in card and "ode-am" in card and "samples.png" in card
+    assert f"{summary['reward_before']:.4g}" in card and f"{summary['reward_after']:.4g}" in card
+
+
 def test_interrupted_checkpoint_leaves_previous_usable(tiny_base, tmp_path, monkeypatch):
     original = CheckpointManager._save_hook
     calls = []
