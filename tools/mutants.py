@@ -32,7 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "diffusers_am"
-COPIED = ("diffusers_am", "tests", "train_adjoint_matching.py", "pyproject.toml", "model_card_template.md")
+NOT_COPIED = {".git", ".venv", "outputs", "build", "dist", ".pytest_cache", "__pycache__"}
+"""Top-level entries left out of the temporary copy (tests read scripts/, examples/, benchmarks/ too)."""
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,11 @@ MUTANTS: tuple[Mutant, ...] = (
         "return self.adapter._predict(module, x, sigma, self.encoded, self.guidance_scale).float()",
         ("tests/test_flux2.py::test_base_trajectory_equals_stock_pipeline",),
     ),
+    Mutant(
+        "sit-cfg-around-cond", "base VJP (SiT)", "SiT's classifier-free guidance extrapolated from v_cond, not v_null",
+        "guided = v_null + guidance_scale * (v_cond - v_null)", "guided = v_cond + guidance_scale * (v_cond - v_null)",
+        ("tests/test_sit.py::test_pipeline_cfg_combines_conditional_and_null_velocities",),
+    ),
     # -- the adaptive window ---------------------------------------------------------------------------------
     Mutant(
         "window-counts-from-the-start", "adaptive window", "the window's energy summed from the first step, not the last",
@@ -194,6 +200,11 @@ MUTANTS: tuple[Mutant, ...] = (
         "window-refresh-off-by-one", "adaptive window", "the probe refreshed one update late",
         "update - self.last_probe >= self.refresh_every", "update - self.last_probe > self.refresh_every",
         (T_TRUNC,),
+    ),
+    Mutant(
+        "energy-power-always-2", "adaptive window", "the per-step control energy dt |u*|^2 whatever the order p",
+        "power = self.order if self.sigma is None else 2.0", "power = 2.0",
+        (T_TRUNC, "tests/test_probe.py"),
     ),
     # -- the matched lambda ------------------------------------------------------------------------------
     Mutant(
@@ -294,12 +305,13 @@ def check_catalogue(mutants: tuple[Mutant, ...], root: Path = ROOT) -> None:
 
 
 def copy_repo(dest: Path) -> None:
-    for name in COPIED:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        elif src.exists():
-            shutil.copy2(src, dest / name)
+    for src in sorted(ROOT.iterdir()):
+        if src.name in NOT_COPIED or src.name.endswith(".egg-info"):
+            continue
+        if src.is_dir() and not src.is_symlink():
+            shutil.copytree(src, dest / src.name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(src, dest / src.name, follow_symlinks=False)
 
 
 def pytest(copy: Path, tests: tuple[str, ...] | list[str], timeout: float) -> tuple[int | None, float, str]:
