@@ -162,3 +162,19 @@ def test_cli_defaults_on_embedded_digits_base(tmp_path, capsys):
     assert set(res["models"]) == {"base", "digits-lora"} and "coverage" in res["models"]["digits-lora"]
     assert "| digits-lora |" in capsys.readouterr().out
 
+
+def test_default_rewards_come_from_the_registry(klein_folder, monkeypatch):
+    """Without `rewards`, evaluate scores the registry's EVALUATION_REWARDS entry for the base's kind ("text")."""
+    from _tiny_pipelines import TINY_RESOLUTION
+
+    from diffusers_am import rewards as registry
+
+    monkeypatch.setitem(registry.EVALUATION_REWARDS, "text", ("_tiny_pipelines:mean_brightness",))
+    res = evaluate(
+        str(klein_folder), prompts=["a red cat"], num_images_per_prompt=2, feature_extractor=lambda x: x.flatten(1),
+        diversity="none", output_dir=None, num_inference_steps=2, resolution=TINY_RESOLUTION, progress=False,
+        adapter_kwargs={"max_sequence_length": 32},
+    )
+    scored = [k for k in res["models"]["base"] if k.startswith("reward/") and not k.endswith("/sem")]
+    assert res["config"]["rewards"] == ["_tiny_pipelines:mean_brightness"]
+    assert scored == ["reward/_tiny_pipelines:mean_brightness"]
