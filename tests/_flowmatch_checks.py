@@ -7,12 +7,29 @@ import torch
 from _tiny_pipelines import TINY_RESOLUTION as RES
 
 from diffusers_am.flow import sample_euler
-from diffusers_am.models import LoraSettings
+from diffusers_am.models import LoraSettings, load_model_adapter
 from diffusers_am.objectives import ode_am_step
 
 N = 4
 PROMPTS = ["a red cat", "a dog"]
+SEQ = 16  # max_sequence_length of the tiny text encoders
 TOL = 1e-5  # fp32 CPU, same operations: rounding differences only
+
+
+def stock_call_kwargs(guidance_scale: float, /, **over) -> dict:
+    """The stock pipeline's call on :data:`PROMPTS` at the tiny resolution, N steps, tensors out, at
+    ``guidance_scale`` unless ``over`` (which replaces any entry) says otherwise."""
+    kw = dict(prompt=PROMPTS, height=RES, width=RES, num_inference_steps=N, output_type="pt", max_sequence_length=SEQ,
+              guidance_scale=guidance_scale)
+    kw.update(over)
+    return kw
+
+
+def adapter_with_random_lora(directory, out_dir):
+    """(model adapter of the pipeline folder ``directory``, its LoRA parameters, ``out_dir``): a random LoRA
+    added by :func:`add_random_lora` and saved to ``out_dir``."""
+    adapter = load_model_adapter(directory, max_sequence_length=SEQ)
+    return adapter, add_random_lora(adapter, out_dir), out_dir
 
 
 def gen(seed: int = 0) -> torch.Generator:

@@ -1,13 +1,13 @@
 """FLUX.2-klein adapter and controlled pipeline on tiny random pipelines written to disk (offline)."""
 
 import json
-import sys
 import warnings
 
 import pytest
 import torch
 from _tiny_pipelines import TINY_RESOLUTION as RES
 from _tiny_pipelines import save_tiny_flux2_klein
+from _scripts import load_script
 
 from diffusers_am.flow import sample_euler
 from diffusers_am.models import LoraSettings, adapter_class, load_model_adapter
@@ -264,14 +264,7 @@ def test_bad_inputs(trained, klein_dir):
 
 
 def _trainer_main():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "train_adjoint_matching.py"
-    spec = importlib.util.spec_from_file_location("train_adjoint_matching", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script("train_adjoint_matching.py", "train_adjoint_matching", register=False).main
 
 
 @pytest.mark.parametrize("method", ["ode-am", "sde-am", "draft", "refl"])
@@ -309,14 +302,7 @@ def test_trainer_runs_each_method_on_tiny_klein(method, klein_dir, stock, tmp_pa
 
 def test_benchmark_script_tiny_code_path(tmp_path, monkeypatch):
     """benchmarks/flux2_update.py --tiny runs the GPU benchmark's code path on CPU."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "flux2_update.py"
-    spec = importlib.util.spec_from_file_location("flux2_update", path)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "flux2_update", module)  # its dataclasses resolve their module
-    spec.loader.exec_module(module)
+    module = load_script("benchmarks/flux2_update.py", "flux2_update", monkeypatch=monkeypatch)
     out = tmp_path / "table.md"
     argv = ["--tiny", "--num_inference_steps", "2", "--repeats", "1", "--methods", "AM-1,AM-Full,DRaFT-1",
             "--max_sequence_length", "16", "--rank", "2", "--output", str(out)]

@@ -16,6 +16,7 @@ from _run_helpers import max_abs_difference
 from _run_helpers import trained_adapter as train
 from _tiny_pipelines import save_tiny_flux, save_tiny_flux2_klein, save_tiny_sd3
 from _tiny_sit import tiny_pixel_pipeline
+from _run_helpers import _fresh_accelerate_state  # noqa: F401  (fixture)
 
 from diffusers_am.models import LoraSettings
 from diffusers_am.models.sit import SiTAdapter
@@ -28,14 +29,6 @@ DIGITS = [  # the embedded digits base (the default model): N = 4, K = 2, batch 
     "--num_eval_samples", "0", "--num_validation_images", "1", "--validation_prompts", "3",
     "--validation_steps", "0", "--report_to", "none", "--rank", "2", "--cpu_threads", "1",
 ]
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture

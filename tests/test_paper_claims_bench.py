@@ -1,19 +1,12 @@
 """benchmarks/paper_claims.py --quick end to end (the full sweep takes about half an hour: not here)."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _scripts import load_script
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("paper_claims", ROOT / "benchmarks" / "paper_claims.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/paper_claims.py", "paper_claims")
 
 
 def test_paired_verdicts():

@@ -47,7 +47,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineO
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..errors import UserError
-from ..checks import one_of, positive_int
+from ..checks import finite_float, one_of, positive_int
 from ..deprecation import warn_deprecated
 from .sit_transformer import SiTTransformer2DModel
 from .controlled import check_control_window
@@ -314,8 +314,7 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
             if control_window != "all":
                 raise UserError("pass either `control_window` or `control_start` (deprecated), not both.")
         for name, value in (("control_scale", control_scale), ("control_start", control_start or 0.0)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
-                raise UserError(f"`{name}` must be a finite number; got {value!r}.")
+            finite_float(value, name)
         if control_start is not None and not 0.0 <= control_start <= 1.0:
             raise UserError(f"`control_start` is a paper time in [0, 1]; got {control_start}.")
         tensor_inputs = self._check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)

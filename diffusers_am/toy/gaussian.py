@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..checks import finite_float, int_at_least
 from ..control import check_order, optimal_control
 from ..flow import PlainBaseVJP
 from ..schedules import MemorylessSchedule
@@ -62,9 +63,7 @@ class GaussianToy:
 
     def __post_init__(self) -> None:
         for name in ("mean", "std", "reward_slope", "reward_scale"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise UserError(f"`{name}` must be a finite number; got {value!r}.")
+            finite_float(getattr(self, name), name)
         if self.std <= 0:
             raise UserError(f"`std` (s, the data standard deviation) must be > 0; got {self.std!r}.")
         if self.reward_slope * self.reward_scale == 0:
@@ -151,9 +150,7 @@ class GaussianToy:
         """delta = int_{t_s}^1 s u(t) / sqrt(D(t)) dt (Gauss-Legendre): the change of E X_1 made by a
         time-only control u (default: u* of ``order``) active on [window_start, 1]."""
         t_s = _check_unit_interval(window_start, "window_start")
-        if int(quadrature_nodes) < 2:
-            raise UserError(f"`quadrature_nodes` must be >= 2; got {quadrature_nodes!r}.")
-        nodes, weights = np.polynomial.legendre.leggauss(int(quadrature_nodes))
+        nodes, weights = np.polynomial.legendre.leggauss(int_at_least(quadrature_nodes, "quadrature_nodes", 2))
         half = (1.0 - t_s) / 2.0
         t = torch.as_tensor(t_s + half * (nodes + 1.0), dtype=torch.float64)
         w = torch.as_tensor(half * weights, dtype=torch.float64)
