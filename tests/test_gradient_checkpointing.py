@@ -29,6 +29,9 @@ DIGITS = [  # the embedded digits base (the default model): N = 4, K = 2, batch 
     "--num_eval_samples", "0", "--num_validation_images", "1", "--validation_prompts", "3",
     "--validation_steps", "0", "--report_to", "none", "--rank", "2", "--cpu_threads", "1",
 ]
+VALUES = ["--adam_epsilon", "1.0", "--learning_rate", "1.0"]
+"""Adam's first steps are about lr * sign(g) at the default epsilon; with a large one the step is lr * g / (|g| +
+eps), so the compared adapters differ where the gradients' values differ, not only their signs."""
 
 
 @pytest.fixture
@@ -86,9 +89,9 @@ def test_base_vjp_under_checkpointing_is_the_base_models(lora, checkpoint_calls)
 # -- trainer: checkpointed == plain ---------------------------------------------------------------------
 @pytest.mark.parametrize("method", method_names())
 def test_checkpointing_gives_the_plain_adapter_on_digits(method, tmp_path, checkpoint_calls):
-    plain = train(tmp_path / "plain", "--method", method, *DIGITS)
+    plain = train(tmp_path / "plain", "--method", method, *DIGITS, *VALUES)
     assert checkpoint_calls["n"] == 0
-    checkpointed = train(tmp_path / "ckpt", "--method", method, "--gradient_checkpointing", *DIGITS)
+    checkpointed = train(tmp_path / "ckpt", "--method", method, "--gradient_checkpointing", *DIGITS, *VALUES)
     assert checkpoint_calls["n"] > 0
     difference = max_abs_difference(plain, checkpointed)
     report(f"digits base, {method}, fp32", difference)
@@ -98,12 +101,12 @@ def test_checkpointing_gives_the_plain_adapter_on_digits(method, tmp_path, check
 def test_checkpointing_with_lora_dropout_gives_the_plain_adapter(tmp_path, checkpoint_calls):
     """LoRA dropout draws random masks in the forward: a checkpointed block must recompute its backward with the
     same masks (the RNG state restored), else the gradient belongs to another dropout draw. A large Adam
-    epsilon makes the update lr * g / (|g| + eps), so the adapters compare gradient values, not signs."""
-    common = ["--method", "ode-am", "--lora_dropout", "0.5", "--adam_epsilon", "1.0", "--learning_rate", "1.0", *DIGITS]
-    plain = train(tmp_path / "plain", *common)
-    checkpointed = train(tmp_path / "ckpt", "--gradient_checkpointing", *common)
+    epsilon makes the update lr * g / (|g| + eps), so the adapters compare gradient values (VALUES)."""
+    common = ["--method", "ode-am", *DIGITS, *VALUES]
+    plain = train(tmp_path / "plain", "--lora_dropout", "0.5", *common)
+    checkpointed = train(tmp_path / "ckpt", "--lora_dropout", "0.5", "--gradient_checkpointing", *common)
     assert checkpoint_calls["n"] > 0
-    without_dropout = train(tmp_path / "no-dropout", *common[:2], *common[4:])
+    without_dropout = train(tmp_path / "no-dropout", *common)
     difference = max_abs_difference(plain, checkpointed)
     report("digits base, ode-am, LoRA dropout 0.5", difference)
     assert difference <= TOL
@@ -114,7 +117,7 @@ def test_checkpointing_with_lora_dropout_gives_the_plain_adapter(tmp_path, check
 @pytest.mark.parametrize("method", method_names())
 def test_checkpointing_bf16_and_ema_together_on_digits(method, tmp_path, checkpoint_calls):
     """Each method with checkpointing + bf16 mixed precision + EMA: same EMA adapter as without checkpointing."""
-    common = ["--method", method, "--mixed_precision", "bf16", "--use_ema", "--ema_decay", "0.5", *DIGITS]
+    common = ["--method", method, "--mixed_precision", "bf16", "--use_ema", "--ema_decay", "0.5", *DIGITS, *VALUES]
     plain = train(tmp_path / "plain", *common)
     checkpointed = train(tmp_path / "ckpt", "--gradient_checkpointing", *common)
     assert checkpoint_calls["n"] > 0
@@ -147,7 +150,7 @@ def _tiny_family_args(base: Path, prompts: Path) -> list[str]:
 def test_checkpointing_gives_the_plain_adapter_on_flowmatch_families(family, tmp_path, checkpoint_calls):
     base = FAMILIES[family](tmp_path / "base")
     common = ["--method", "ode-am", "--truncate_steps", "2", "--reward", TINY_REWARD,
-              *_tiny_family_args(base, _prompts(tmp_path))]
+              *_tiny_family_args(base, _prompts(tmp_path)), *VALUES]
     plain = train(tmp_path / "plain", *common)
     checkpointed = train(tmp_path / "ckpt", "--gradient_checkpointing", *common)
     assert checkpoint_calls["n"] > 0

@@ -74,7 +74,7 @@ def test_cached_updates_equal_uncached_on_tiny_klein(klein_dir, tmp_path, capsys
             "--resolution", str(RES), "--reward", reward, "--prompts", str(prompts), "--train_batch_size", "2",
             "--max_train_steps", "2", "--validation_steps", "0", "--validation_prompts", "a dog",
             "--num_eval_samples", "2", "--num_validation_images", "1", "--report_to", "none", "--rank", "2",
-            "--output_dir", str(out), *extra,
+            "--output_dir", str(out), "--adam_epsilon", "1.0", "--learning_rate", "1.0", *extra,  # gradient values
         ])
         assert status == 0
         weights.append(load_file(str(out / "pytorch_lora_weights.safetensors")))
