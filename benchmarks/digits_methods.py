@@ -224,8 +224,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if unknown or not names:
         p.error(f"--methods: unknown {unknown}; choose from {', '.join(CONFIGS)}")
     args.method_list = names
-    if args.num_images_per_prompt < 1:
-        p.error("--num_images_per_prompt must be >= 1")
+    from diffusers_am.checks import positive_int
+
+    try:
+        positive_int(args.num_images_per_prompt, "--num_images_per_prompt")
+    except ValueError as err:
+        p.error(str(err))
     return args
 
 

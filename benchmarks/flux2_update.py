@@ -287,7 +287,7 @@ def main(argv=None) -> int:
         count, cached, freed = adapter.cache_prompts(bench_prompts(args.batch_size))
         print(f"prompt cache: {count} prompts ({cached / 2**20:.1f} MiB); text encoder freed: {freed / 2**30:.2f} GiB")
     if args.compile:
-        from diffusers_am.training.compile import compile_repeated_blocks
+        from diffusers_am.training.engines import compile_repeated_blocks
 
         print(f"compiled {compile_repeated_blocks(pipeline.transformer, backend=args.compile_backend)} blocks")
     reward = ClipDirectionReward(args.tiny, device, dtype)

@@ -1080,9 +1080,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="paper_claims.json to write (report phase)")
     p.add_argument("--readme", default=None, help="README.md whose generated part to replace (report phase)")
     args = p.parse_args(argv)
-    for name in ("max_train_steps", "workers", "timing_rounds", "timing_updates"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1")
+    from diffusers_am.checks import positive_int
+
+    try:
+        for name in ("max_train_steps", "workers", "timing_rounds", "timing_updates"):
+            positive_int(getattr(args, name), f"--{name}")
+    except ValueError as err:
+        p.error(str(err))
     known = {r.name for r in all_runs(args.max_train_steps)}
     unknown = [n for n in args.only or [] if n not in known]
     if unknown:

@@ -21,7 +21,7 @@ _EXPORTS: dict[str, str] = {
     # training
     "AdjointMatchingTrainer": "diffusers_am.training.trainer",
     "TrainingConfig": "diffusers_am.training.config",
-    "TrainResult": "diffusers_am.training.result",
+    "TrainResult": "diffusers_am.training.outputs",
     "Method": "diffusers_am.training.methods",
     "register_method": "diffusers_am.training.methods",
     # model adapters

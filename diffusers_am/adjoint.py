@@ -20,6 +20,7 @@ from functools import partial
 from typing import Callable, NamedTuple
 
 import torch
+from .errors import UserError
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """velocity(x [B, ...], t 0-dim tensor) -> [B, ...], in paper time."""
@@ -32,27 +33,27 @@ def check_window(states: torch.Tensor, times: torch.Tensor, terminal_grad: torch
     """Validate a recorded window: ``states`` [K+1, B, ...], ``times`` [K+1] strictly increasing in
     [0, 1], ``terminal_grad`` [B, ...] finite. Raises ValueError naming the argument."""
     if states.dim() < 2:
-        raise ValueError(f"`states` must be [K+1, B, ...] with K >= 1; got shape {tuple(states.shape)}.")
+        raise UserError(f"`states` must be [K+1, B, ...] with K >= 1; got shape {tuple(states.shape)}.")
     if states.shape[0] < 2:
-        raise ValueError(
+        raise UserError(
             f"`states` holds {states.shape[0]} state(s): a window of K >= 1 steps needs K+1 >= 2 states."
         )
     if times.dim() != 1 or times.shape[0] != states.shape[0]:
-        raise ValueError(
+        raise UserError(
             f"`times` must be 1-D with one time per state ({states.shape[0]}); got shape {tuple(times.shape)}."
         )
     if not torch.isfinite(times).all() or times.min() < 0 or times.max() > 1:
-        raise ValueError(f"`times` must lie in [0, 1] (paper time: 0 noise, 1 data); got {times.tolist()}.")
+        raise UserError(f"`times` must lie in [0, 1] (paper time: 0 noise, 1 data); got {times.tolist()}.")
     if not (times[1:] > times[:-1]).all():
-        raise ValueError(f"`times` must be strictly increasing (paper time); got {times.tolist()}.")
+        raise UserError(f"`times` must be strictly increasing (paper time); got {times.tolist()}.")
     if terminal_grad is not None:
         if terminal_grad.shape != states.shape[1:]:
-            raise ValueError(
+            raise UserError(
                 f"`terminal_grad` must have the shape of one state {tuple(states.shape[1:])}; "
                 f"got {tuple(terminal_grad.shape)}."
             )
         if not torch.isfinite(terminal_grad).all():
-            raise ValueError("`terminal_grad` contains NaN or inf: check the reward and its gradient.")
+            raise UserError("`terminal_grad` contains NaN or inf: check the reward and its gradient.")
 
 
 class AdjointWindow(NamedTuple):
@@ -78,6 +79,11 @@ def vjp_velocity(
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """The adjoint's dtype: ``dtype`` promoted to at least fp32."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in :func:`accumulation_dtype` (bf16 -> fp32, fp32 and fp64 stay)."""
+    return x.to(accumulation_dtype(x.dtype))
 
 
 def lean_adjoint_window(

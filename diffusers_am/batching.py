@@ -12,13 +12,15 @@ from typing import Any
 
 import torch
 
+from .errors import UserError
+from .checks import positive_int
+
 
 def chunk_slices(batch: int, size: int | None) -> list[slice]:
     """Consecutive slices of at most ``size`` rows covering ``range(batch)`` (one slice when size is None)."""
     if size is None or size >= batch:
         return [slice(0, batch)]
-    if isinstance(size, bool) or int(size) != size or size < 1:
-        raise ValueError(f"`micro_batch_size` must be a positive integer; got {size!r}.")
+    size = positive_int(size, "micro_batch_size")
     return [slice(start, min(start + size, batch)) for start in range(0, batch, size)]
 
 
@@ -33,7 +35,7 @@ def select_rows(value: Any, rows: slice, batch: int) -> Any:
     if dataclasses.is_dataclass(value):
         fields = {f.name: select_rows(getattr(value, f.name), rows, batch) for f in dataclasses.fields(value)}
         return dataclasses.replace(value, **fields)
-    raise ValueError(f"cannot split a {type(value).__name__} into rows (a tensor or a dataclass of tensors).")
+    raise UserError(f"cannot split a {type(value).__name__} into rows (a tensor or a dataclass of tensors).")
 
 
 def rows_of(obj: Any, rows: slice, batch: int) -> Any:
@@ -45,7 +47,7 @@ def rows_of(obj: Any, rows: slice, batch: int) -> Any:
         return obj
     method = getattr(obj, "rows", None)
     if method is None:
-        raise ValueError(
+        raise UserError(
             f"{type(obj).__name__} cannot run on part of its batch (it has no `rows`); drop `micro_batch_size`."
         )
     return method(rows)

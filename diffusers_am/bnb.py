@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterator
+from .errors import UserError
 
 NAME = "bitsandbytes"
 
@@ -72,7 +73,7 @@ def import_bitsandbytes(flag: str) -> ModuleType:
     try:
         import bitsandbytes
     except ImportError as err:
-        raise ValueError(f"`{flag}` needs bitsandbytes: `pip install bitsandbytes` (or drop the flag).") from err
+        raise UserError(f"`{flag}` needs bitsandbytes: `pip install bitsandbytes` (or drop the flag).") from err
     if was_deferred:
         _tell_libraries(bitsandbytes)
     return bitsandbytes

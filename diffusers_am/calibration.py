@@ -28,7 +28,10 @@ import math
 
 import torch
 
-from .probe import ControlProfile, _positive
+from .errors import UserError
+from .checks import one_of, positive_float
+from .flow import check_truncation
+from .probe import ControlProfile
 
 STATISTICS = ("velocity", "reward_gain")
 REDUCTIONS = ("median", "mean", "rms")
@@ -36,21 +39,17 @@ REDUCTIONS = ("median", "mean", "rms")
 
 def _window_mask(profile: ControlProfile, truncate_steps: int) -> torch.Tensor:
     n = profile.num_steps
-    if isinstance(truncate_steps, bool) or not isinstance(truncate_steps, int) or not 1 <= truncate_steps <= n:
-        raise ValueError(f"`truncate_steps` must be an integer in [1, {n}]; got {truncate_steps!r}.")
-    return profile.step_index >= n - truncate_steps
+    return profile.step_index >= n - check_truncation(truncate_steps, n)
 
 
 def sample_sizes(profile: ControlProfile, truncate_steps: int, statistic: str = "velocity") -> torch.Tensor:
     """[B] each sample's target size over the last ``truncate_steps`` sampling steps (module docstring)."""
     mask = _window_mask(profile, truncate_steps)
     dt = profile.dt[mask]
-    if statistic == "velocity":
+    if one_of(statistic, "statistic", STATISTICS) == "velocity":
         sq = profile.velocity_change()[mask].pow(2)
         return ((dt[:, None] * sq).sum(0) / dt.sum()).sqrt()
-    if statistic == "reward_gain":
-        return profile.energy()[mask].sum(0) / profile.reward_scale
-    raise ValueError(f"`statistic` must be one of {', '.join(STATISTICS)}; got {statistic!r}.")
+    return profile.energy()[mask].sum(0) / profile.reward_scale  # "reward_gain"
 
 
 def control_size(
@@ -58,13 +57,12 @@ def control_size(
 ) -> float:
     """The batch's target size: ``reduction`` over :func:`sample_sizes`."""
     sizes = sample_sizes(profile, truncate_steps, statistic)
+    reduction = one_of(reduction, "reduction", REDUCTIONS)
     if reduction == "median":
         return float(sizes.median())
     if reduction == "mean":
         return float(sizes.mean())
-    if reduction == "rms":
-        return float(sizes.pow(2).mean().sqrt())
-    raise ValueError(f"`reduction` must be one of {', '.join(REDUCTIONS)}; got {reduction!r}.")
+    return float(sizes.pow(2).mean().sqrt())  # "rms"
 
 
 def matched_reward_scale(
@@ -93,7 +91,7 @@ def matched_reward_scale(
         the matched lambda (> 0). For an ODE-AM p = 2 target measured on the reference's batch, it is
         ``reference_scale`` itself.
     """
-    lam = _positive(reference_scale, "reference_scale")
+    lam = positive_float(reference_scale, "reference_scale")
     ref_size = control_size(_float64(reference).at(lam), reference_steps or truncate_steps, statistic, reduction)
     # the target is measured in float64 at the lambda where its median sample's largest adjoint norm over the
     # window is 1: at lambda = 1 the control |a~|^(1/(p-1)) of an order p close to 1 overflows (p = 1.01,
@@ -103,12 +101,12 @@ def matched_reward_scale(
     probe_scale = target.reward_scale / typical if typical > 0 else 1.0
     probe_size = control_size(target.at(probe_scale), truncate_steps, statistic, reduction)
     if not (ref_size > 0 and probe_size > 0):
-        raise ValueError(
+        raise UserError(
             "cannot match lambda: the probe's reward gradient is zero over the window (the control it asks for "
             "is zero); probe another batch or set --reward_scale directly."
         )
     if not (math.isfinite(ref_size) and math.isfinite(probe_size)):
-        raise ValueError(
+        raise UserError(
             f"cannot match lambda: the {reduction} control size of order p = {target.order:g} overflows even in "
             "float64 (its samples' adjoints differ too much for |a~|^(1/(p-1))); use the median, or a larger p."
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+from .errors import UserError
 
 
 def check_order(order: float, name: str = "order") -> float:
@@ -17,9 +18,9 @@ def check_order(order: float, name: str = "order") -> float:
     try:
         p = float(order)
     except (TypeError, ValueError):
-        raise ValueError(f"`{name}` must be a number > 1 (e.g. 2, 4, 6 or 1.5); got {order!r}.") from None
+        raise UserError(f"`{name}` must be a number > 1 (e.g. 2, 4, 6 or 1.5); got {order!r}.") from None
     if not math.isfinite(p) or p <= 1.0:
-        raise ValueError(
+        raise UserError(
             f"`{name}` must be a finite number > 1 (p = 2 is the quadratic, KL-like cost; "
             f"p <= 1 has no unique minimizer); got {order!r}."
         )
@@ -29,7 +30,7 @@ def check_order(order: float, name: str = "order") -> float:
 def per_sample_norm(x: torch.Tensor) -> torch.Tensor:
     """Euclidean norm over all non-batch dims: [B, ...] -> [B]."""
     if x.dim() < 1:
-        raise ValueError(f"expected a batched tensor [B, ...], got a 0-dim tensor")
+        raise UserError(f"expected a batched tensor [B, ...], got a 0-dim tensor")
     return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from typing import Any
+from .errors import UserError
 
 _WARNED: set[tuple[str, str]] = set()
 
@@ -20,7 +21,7 @@ def resolve_dtype(dtype: Any = None, torch_dtype: Any = None, default: Any = Non
     """``dtype`` (the project's name), else the deprecated ``torch_dtype`` (with a FutureWarning), else
     ``default``. ValueError when both are given."""
     if dtype is not None and torch_dtype is not None:
-        raise ValueError("pass either `dtype` or `torch_dtype` (deprecated), not both; use `dtype`.")
+        raise UserError("pass either `dtype` or `torch_dtype` (deprecated), not both; use `dtype`.")
     if torch_dtype is not None:
         warn_deprecated("torch_dtype", "dtype", stacklevel=4)
         return torch_dtype

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 import types
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -26,6 +27,8 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .errors import BUG_LINE, UserError
+from .checks import finite_float, int_at_least
 from .deprecation import resolve_dtype, warn_deprecated
 from .metrics import extract_features, recall_coverage, within_prompt_diversity
 from .metrics.diversity import resolve_diversity
@@ -42,12 +45,9 @@ from .models import (
 )
 from .models.base import FlowModelAdapter
 from .prompts import _as_condition, load_prompts
-from .rewards import load_reward
+from .rewards import evaluation_rewards, load_reward
 from .rewards.scoring import score_rewards
 from .sampling import sample_images
-
-TEXT_REWARDS = ("hpsv2", "pickscore", "imagereward", "clipscore", "aesthetic")
-DIGITS_REWARDS = ("digits", "digits-heldout")
 
 
 # -- sampling ----------------------------------------------------------------------------------
@@ -114,7 +114,7 @@ def build_sampler(pipeline_or_path: Any, *, sampler: str = "auto", dtype: torch.
     """An AdapterSampler when the pipeline family has a model adapter (or ``sampler="adapter"``),
     else a PipelineSampler over the pipeline's ``__call__``."""
     if sampler not in ("auto", "adapter", "pipeline"):
-        raise ValueError(f"`sampler` must be 'auto', 'adapter' or 'pipeline'; got {sampler!r}.")
+        raise UserError(f"`sampler` must be 'auto', 'adapter' or 'pipeline'; got {sampler!r}.")
     dtype = resolve_dtype(dtype, torch_dtype, torch.float32)
     kw = dict(num_inference_steps=num_inference_steps, resolution=resolution, guidance_scale=guidance_scale)
     if isinstance(pipeline_or_path, FlowModelAdapter):
@@ -150,14 +150,14 @@ def read_prompts(prompts: str | os.PathLike | Sequence[Any] | None, sampler: Any
         num_classes = getattr(sampler.pipeline, "num_classes", None)
         if sampler.conditioning == "class" and num_classes:
             return list(range(int(num_classes)))
-        raise ValueError("`prompts` is required for a text-to-image pipeline: pass a list or a .txt file (one prompt a line).")
+        raise UserError("`prompts` is required for a text-to-image pipeline: pass a list or a .txt file (one prompt a line).")
     if isinstance(prompts, (str, os.PathLike)) and Path(prompts).is_file():
         prompts = load_prompts(prompts, conditioning=sampler.conditioning)
     elif isinstance(prompts, str):
         prompts = [prompts]
     prompts = list(prompts)
     if not prompts:
-        raise ValueError("`prompts` is empty.")
+        raise UserError("`prompts` is empty.")
     return [_as_condition(p, sampler.conditioning, f"`--prompts` entry {i + 1}") for i, p in enumerate(prompts)]
 
 
@@ -178,16 +178,16 @@ def resolve_adapter(adapter: str | os.PathLike) -> tuple[str, str]:
     path = Path(adapter)
     if path.is_file():
         if path.suffix != ".safetensors":
-            raise ValueError(f"adapter {str(path)!r} is not a .safetensors LoRA file; pass the run's output folder.")
+            raise UserError(f"adapter {str(path)!r} is not a .safetensors LoRA file; pass the run's output folder.")
         return str(path.parent), path.name
     if not path.is_dir():
-        raise ValueError(
+        raise UserError(
             f"adapter {str(path)!r} does not exist: pass folders holding pytorch_lora_weights.safetensors."
         )
     for name in LORA_FILE_NAMES:
         if (path / name).is_file():
             return str(path), name
-    raise ValueError(
+    raise UserError(
         f"adapter folder {str(path)!r} holds no {LORA_FILE_NAMES[0]} (the file the trainer writes); pass a "
         "training run's output folder, or the adapter's .safetensors file."
     )
@@ -206,25 +206,25 @@ def read_adapter_weights(folder: str, weight_name: str) -> dict[str, torch.Tenso
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # safetensors' SafetensorError, an unpickling error, OSError
         detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise ValueError(
+        raise UserError(
             f"adapter file {str(path)!r} is not a readable LoRA weight file ({detail}): it is damaged, truncated or "
             "not a safetensors file; pass the pytorch_lora_weights.safetensors a training run wrote."
         ) from None
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"adapter file {str(path)!r} holds no tensors; pass a LoRA adapter file.")
+        raise UserError(f"adapter file {str(path)!r} holds no tensors; pass a LoRA adapter file.")
     if not any("lora" in key.lower() for key in state):
-        raise ValueError(
+        raise UserError(
             f"adapter file {str(path)!r} holds no LoRA weights (keys such as {sorted(state)[:2]}); pass a LoRA "
             "adapter (keys '<module>.lora_A.weight' / '.lora_B.weight')."
         )
     for key, value in state.items():
         if not value.is_floating_point():
-            raise ValueError(
+            raise UserError(
                 f"adapter file {str(path)!r}: tensor {key!r} is {value.dtype}; LoRA weights are floating point "
                 "(float32, float16 or bfloat16)."
             )
         if not torch.isfinite(value).all():
-            raise ValueError(f"adapter file {str(path)!r}: tensor {key!r} holds NaN or inf values.")
+            raise UserError(f"adapter file {str(path)!r}: tensor {key!r} holds NaN or inf values.")
     return state
 
 
@@ -239,25 +239,25 @@ def check_adapter_fits(state: dict[str, torch.Tensor], pipeline: Any, path: str)
         component, _, module_path = prefix.partition(".")
         model = getattr(pipeline, component, None)
         if not isinstance(model, torch.nn.Module):
-            raise ValueError(
+            raise UserError(
                 f"adapter file {path!r}: key {key!r} is for a {component!r} this pipeline "
                 f"({type(pipeline).__name__}) does not have; pass an adapter trained on this model."
             )
         try:
             module = model.get_submodule(module_path)
         except AttributeError:
-            raise ValueError(
+            raise UserError(
                 f"adapter file {path!r}: key {key!r} names no module of this model's {component}; pass an adapter "
                 f"trained on this model ({type(pipeline).__name__})."
             ) from None
         up = state.get(f"{prefix}.lora_B.weight")
         if up is None:
-            raise ValueError(f"adapter file {path!r}: {key!r} has no matching {prefix}.lora_B.weight.")
+            raise UserError(f"adapter file {path!r}: {key!r} has no matching {prefix}.lora_B.weight.")
         base = getattr(module, "base_layer", module)
         if isinstance(base, torch.nn.Linear):
             want_a, want_b = (down.shape[0], base.in_features), (base.out_features, down.shape[0])
             if down.dim() != 2 or up.dim() != 2 or tuple(down.shape) != want_a or tuple(up.shape) != want_b:
-                raise ValueError(
+                raise UserError(
                     f"adapter file {path!r}: {prefix} has shapes lora_A {list(down.shape)}, lora_B {list(up.shape)}; "
                     f"this model's layer ({base.in_features} -> {base.out_features}) needs [r, {base.in_features}] and "
                     f"[{base.out_features}, r]: pass an adapter trained on this model."
@@ -267,24 +267,21 @@ def check_adapter_fits(state: dict[str, torch.Tensor], pipeline: Any, path: str)
 def _check_arguments(num_images_per_prompt: int, batch_size: int, k: int, seed: int, num_inference_steps: int | None,
                      resolution: int | None, guidance_scale: float | None, device: Any) -> None:
     """ValueError naming the first bad argument of :func:`evaluate` (before any model is loaded)."""
-    import math
-
     for name, value, minimum in (("num_images_per_prompt", num_images_per_prompt, 1), ("batch_size", batch_size, 1),
                                  ("k", k, 1), ("seed", seed, 0), ("num_inference_steps", num_inference_steps, 1),
                                  ("resolution", resolution, 1)):
         if value is None and name in ("num_inference_steps", "resolution"):
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"`{name}` must be an integer >= {minimum}; got {value!r}.")
-    if guidance_scale is not None and not math.isfinite(guidance_scale):
-        raise ValueError(f"`guidance_scale` must be a finite number; got {guidance_scale!r}.")
+        int_at_least(value, name, minimum)
+    if guidance_scale is not None:
+        finite_float(guidance_scale, "guidance_scale")
     if device is not None:
         try:
             dev = torch.device(device)
         except (RuntimeError, TypeError) as err:
-            raise ValueError(f"`device` {device!r} is not a torch device ({err}); e.g. cpu, cuda, cuda:1.") from None
+            raise UserError(f"`device` {device!r} is not a torch device ({err}); e.g. cpu, cuda, cuda:1.") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"`device` {device!r}: CUDA is not available here; pass `--device cpu`.")
+            raise UserError(f"`device` {device!r}: CUDA is not available here; pass `--device cpu`.")
 
 
 def peft_adapter_name(name: str) -> str:
@@ -357,7 +354,7 @@ def evaluate(
             adapter_kwargs = {**seq, **(adapter_kwargs or {})}
     if reward_paths is not None:
         if reward_model_paths is not None:
-            raise ValueError("pass either `reward_model_paths` or `reward_paths` (deprecated), not both.")
+            raise UserError("pass either `reward_model_paths` or `reward_paths` (deprecated), not both.")
         warn_deprecated("reward_paths", "reward_model_paths")
         reward_model_paths = reward_paths
     _check_arguments(
@@ -416,10 +413,10 @@ def _evaluate(
     conditions = [p for p in prompt_list for _ in range(num_images_per_prompt)]
     n = len(conditions)
     if adapters and n <= k:
-        raise ValueError(f"Recall/Coverage with k = {k} need more than {k} images per model; got {n}: raise num_images_per_prompt or add prompts.")
+        raise UserError(f"Recall/Coverage with k = {k} need more than {k} images per model; got {n}: raise num_images_per_prompt or add prompts.")
     digits = _is_digits_base(pipeline_or_path)
     if rewards is None:
-        rewards = list(DIGITS_REWARDS) if digits else list(TEXT_REWARDS) if smp.conditioning == "text" else []
+        rewards = evaluation_rewards("digits" if digits else smp.conditioning)
     if feature_extractor is None:
         feature_extractor = "digits-heldout" if digits else "clip"
     reward_fns = {spec: load_reward(spec, device=device, paths=reward_model_paths) for spec in rewards}
@@ -488,7 +485,7 @@ def _parse_paths(items: Sequence[str] | None) -> dict[str, str]:
     for item in items or []:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise ValueError(f"`--reward_model_paths` entries are NAME=PATH (e.g. hpsv2=/ckpt/HPS_v2_compressed.pt); got {item!r}.")
+            raise UserError(f"`--reward_model_paths` entries are NAME=PATH (e.g. hpsv2=/ckpt/HPS_v2_compressed.pt); got {item!r}.")
         out[name] = path
     return out
 
@@ -504,7 +501,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--adapters", nargs="*", default=[], help="LoRA folders (pytorch_lora_weights.safetensors) to compare with the base")
     p.add_argument("--prompts", nargs="*", default=None, help="prompts (or class labels), or one .txt file with a prompt a line (default: every class of a class-conditional model)")
     p.add_argument("--num_images_per_prompt", type=int, default=6)
-    p.add_argument("--rewards", nargs="*", default=None, help=f"reward names/specs (default: {' '.join(DIGITS_REWARDS)} on the digits base, {' '.join(TEXT_REWARDS)} on text pipelines)")
+    p.add_argument("--rewards", nargs="*", default=None, help=f"reward names/specs (default: {' '.join(evaluation_rewards('digits'))} on the digits base, "
+                   f"{' '.join(evaluation_rewards('text'))} on text pipelines)")
     p.add_argument("--reward_model_paths", nargs="*", default=None, metavar="NAME=PATH",
                    help="local checkpoint (file, folder or Hub id) per reward (the trainer's flag)")
     p.add_argument("--reward_paths", nargs="*", default=None, metavar="NAME=PATH",
@@ -553,12 +551,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size, k=args.k,
                 sampler=args.sampler, device=args.device, dtype=dtype, pipeline_call_kwargs=seq, adapter_kwargs=seq,
             )
-    except ValueError as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written.", file=sys.stderr)
         return 130
+    except Exception:  # a bug, ours or a library's: its traceback, and where to report it
+        traceback.print_exc()
+        print(BUG_LINE, file=sys.stderr)
+        return 1
     print(markdown_table(results))
     print(f"wrote {results['files']['json']} and {results['files']['markdown']}")
     return 0

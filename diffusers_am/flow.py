@@ -11,6 +11,7 @@ from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
+from .errors import UserError
 from .adjoint import vjp_velocity
 
 
@@ -45,14 +46,17 @@ class PlainBaseVJP:
         return vjp_velocity(self.base_velocity, x, t, cotangent)
 
 
-def check_truncation(truncate_steps: int, num_steps: int) -> int:
-    """Validate K against the N steps of a trajectory: 1 <= K <= N."""
-    if isinstance(truncate_steps, bool) or int(truncate_steps) != truncate_steps:
-        raise ValueError(f"`truncate_steps` must be an integer in [1, {num_steps}]; got {truncate_steps!r}.")
+def check_truncation(truncate_steps: int, num_steps: int, name: str = "truncate_steps") -> int:
+    """Validate K against the N steps of a trajectory: 1 <= K <= N (the one check of K; ``name`` is how the
+    message names K, e.g. ``--truncate_steps``)."""
+    if isinstance(truncate_steps, bool) or not isinstance(truncate_steps, (int, float)) or (
+        int(truncate_steps) != truncate_steps
+    ):
+        raise UserError(f"`{name}` must be an integer in [1, {num_steps}]; got {truncate_steps!r}.")
     k = int(truncate_steps)
     if not 1 <= k <= num_steps:
-        raise ValueError(
-            f"`truncate_steps` (K) must be in [1, num_inference_steps={num_steps}]; got {k}. "
+        raise UserError(
+            f"`{name}` (K) must be in [1, num_inference_steps={num_steps}]; got {k}. "
             f"Use K = {num_steps} for full adjoint matching, or raise --num_inference_steps."
         )
     return k
@@ -61,11 +65,11 @@ def check_truncation(truncate_steps: int, num_steps: int) -> int:
 def check_time_grid(times: torch.Tensor) -> None:
     """A sampling grid: 1-D, >= 2 points, strictly increasing, in [0, 1]."""
     if times.dim() != 1 or times.shape[0] < 2:
-        raise ValueError(f"`times` must be a 1-D grid of N+1 >= 2 paper times; got shape {tuple(times.shape)}.")
+        raise UserError(f"`times` must be a 1-D grid of N+1 >= 2 paper times; got shape {tuple(times.shape)}.")
     if not torch.isfinite(times).all() or times.min() < 0 or times.max() > 1:
-        raise ValueError(f"`times` must lie in [0, 1] (paper time: 0 noise, 1 data); got {times.tolist()}.")
+        raise UserError(f"`times` must lie in [0, 1] (paper time: 0 noise, 1 data); got {times.tolist()}.")
     if not (times[1:] > times[:-1]).all():
-        raise ValueError(f"`times` must be strictly increasing (paper time); got {times.tolist()}.")
+        raise UserError(f"`times` must be strictly increasing (paper time); got {times.tolist()}.")
 
 
 Drift = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -98,7 +102,7 @@ def sample_euler(
     """
     end = times.shape[0] - 1 if stop_at is None else stop_at
     if not 1 <= record_last <= end + 1:
-        raise ValueError(f"`record_last` must be in [1, {end + 1}]; got {record_last}.")
+        raise UserError(f"`record_last` must be in [1, {end + 1}]; got {record_last}.")
     x = x0.to(torch.promote_types(x0.dtype, torch.float32))
     kept = [x] if end + 1 - record_last <= 0 else []
     for k in range(end):

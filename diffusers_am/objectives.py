@@ -19,7 +19,8 @@ from typing import Callable
 
 import torch
 
-from .adjoint import lean_adjoint_window
+from .errors import UserError
+from .adjoint import lean_adjoint_window, upcast
 from .batching import chunk_slices, rows_of
 from .control import check_order, optimal_control, per_sample_norm
 from .flow import ConditionedFlow, check_time_grid, check_truncation, sample_euler
@@ -52,11 +53,6 @@ class StepOutput:
     step_index: int | None = None
 
 
-def _hp(x: torch.Tensor) -> torch.Tensor:
-    """``x`` promoted to at least fp32 (bf16 -> fp32, fp64 stays)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
 def _scaled(loss: torch.Tensor, share: float) -> torch.Tensor:
     """A micro-batch's loss times its share of the batch (untouched for the whole batch)."""
     return loss if share == 1.0 else loss * share
@@ -69,7 +65,7 @@ def _default_backward(loss: torch.Tensor) -> None:
 def _check_reward(reward: torch.Tensor, batch: int) -> None:
     if not isinstance(reward, torch.Tensor) or tuple(reward.shape) != (batch,):
         shape = tuple(reward.shape) if isinstance(reward, torch.Tensor) else type(reward).__name__
-        raise ValueError(f"the reward must return one value per sample, shape [{batch}]; got {shape}.")
+        raise UserError(f"the reward must return one value per sample, shape [{batch}]; got {shape}.")
     if not torch.isfinite(reward).all():
         raise NonFiniteRewardError(f"reward is NaN or inf for {int((~torch.isfinite(reward)).sum())} sample(s)")
 
@@ -83,18 +79,18 @@ def reward_and_grad(reward_fn: RewardFn, x: torch.Tensor) -> tuple[torch.Tensor,
         (grad,) = torch.autograd.grad(reward.sum(), x_in)
     if not torch.isfinite(grad).all():
         raise NonFiniteRewardError("the reward gradient is NaN or inf")
-    return _hp(reward.detach()), _hp(grad)
+    return upcast(reward.detach()), upcast(grad)
 
 
 def matching_loss(u: torch.Tensor, target: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
     """E_batch |u - target|^2. ``reduction='sum'`` sums over each sample's dims (the spec's
     squared norm); ``'mean'`` averages them instead (same minimizer, resolution-free scale)."""
-    sq = (_hp(u) - _hp(target)).pow(2).reshape(u.shape[0], -1)
+    sq = (upcast(u) - upcast(target)).pow(2).reshape(u.shape[0], -1)
     if reduction == "sum":
         return sq.sum(1).mean()
     if reduction == "mean":
         return sq.mean()
-    raise ValueError(f"`loss_reduction` must be 'sum' or 'mean'; got {reduction!r}.")
+    raise UserError(f"`loss_reduction` must be 'sum' or 'mean'; got {reduction!r}.")
 
 
 def _prepare(noise: torch.Tensor, times: torch.Tensor, truncate_steps: int) -> tuple[int, int]:
@@ -145,7 +141,7 @@ def ode_am_step(
         adj = window.adjoints[:-1]
         targets = optimal_control(adj.reshape((-1,) + adj.shape[2:]), order).reshape(adj.shape)
         for k in range(k_steps):
-            u = _hp(part.velocity(xs[k], window_times[k])) - _hp(window.base_velocities[k])
+            u = upcast(part.velocity(xs[k], window_times[k])) - upcast(window.base_velocities[k])
             loss = _scaled(matching_loss(u, targets[k], loss_reduction) / k_steps, share)
             backward(loss)
             total += float(loss.detach())
@@ -187,9 +183,7 @@ def sde_am_step(
         n = times.shape[0] - 1
         k_steps = n - int(torch.nonzero(times == start)[0, 0])
 
-    def drift(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return schedule.drift(x, _hp(flow.velocity(x, t)), t)
-
+    drift = schedule.sde_drift(flow.velocity)
     states = sample_euler(drift, noise, times, record_last=k_steps + 1, noise_std=schedule.sigma, generator=generator)
     window_times = times[n - k_steps :]
     rewards, total, norms = [], 0.0, torch.zeros(k_steps)
@@ -201,8 +195,8 @@ def sde_am_step(
             t = window_times[k]
             gain, coeff = schedule.velocity_gain(t), schedule.state_coeff(t)
             sigma = schedule.sigma(t).clamp_min(1e-6)
-            v_base = (_hp(window.base_velocities[k]) + coeff * xs[k]) / gain
-            u = gain * (_hp(part.velocity(xs[k], t)) - v_base) / sigma
+            v_base = (upcast(window.base_velocities[k]) + coeff * xs[k]) / gain
+            u = gain * (upcast(part.velocity(xs[k], t)) - v_base) / sigma
             loss = _scaled(matching_loss(u, -sigma * window.adjoints[k], loss_reduction) / k_steps, share)
             backward(loss)
             total += float(loss.detach())
@@ -213,7 +207,10 @@ def sde_am_step(
 @torch.no_grad()
 def _control_norms(flow: ConditionedFlow, states: list[torch.Tensor], times: torch.Tensor, v_ft: list[torch.Tensor]):
     return torch.stack(
-        [per_sample_norm(_hp(v.detach()) - _hp(flow.base_velocity(x, t))).mean() for x, t, v in zip(states, times, v_ft)]
+        [
+            per_sample_norm(upcast(v.detach()) - upcast(flow.base_velocity(x, t))).mean()
+            for x, t, v in zip(states, times, v_ft)
+        ]
     )
 
 
@@ -243,10 +240,10 @@ def draft_step(
                 visited.append(x.detach())
                 v = part.velocity(x, times[k])
                 velocities.append(v)
-                x = x + _hp(times[k + 1] - times[k]) * _hp(v)
+                x = x + upcast(times[k + 1] - times[k]) * upcast(v)
             reward, loss = _reward_loss(reward_fn, rows, batch, x, reward_scale, share, backward)
         total += float(loss.detach())
-        rewards.append(_hp(reward.detach()))
+        rewards.append(upcast(reward.detach()))
         finals.append(x.detach())
         if track_control:
             norms.append(_control_norms(part, visited, times[n - k_steps : n], velocities) * share)
@@ -261,7 +258,7 @@ def _reward_loss(
     -lambda * mean r, scaled by the micro-batch's share of the batch, backpropagated; returns (r, loss)."""
     reward = rows_of(reward_fn, rows, batch)(x)
     _check_reward(reward, x.shape[0])
-    loss = _scaled(-(reward_scale * _hp(reward)).mean(), share)
+    loss = _scaled(-(reward_scale * upcast(reward)).mean(), share)
     backward(loss)
     return reward, loss
 
@@ -293,10 +290,10 @@ def refl_step(
         x = start[rows]
         with torch.enable_grad():
             v = part.velocity(x, t)
-            x1 = x + (1.0 - _hp(t)) * _hp(v)
+            x1 = x + (1.0 - upcast(t)) * upcast(v)
             reward, loss = _reward_loss(reward_fn, rows, batch, x1, reward_scale, share, backward)
         total += float(loss.detach())
-        rewards.append(_hp(reward.detach()))
+        rewards.append(upcast(reward.detach()))
         finals.append(x1.detach())
         if track_control:
             norms.append(_control_norms(part, [x], times[j : j + 1], [v]) * share)

@@ -28,7 +28,9 @@ from functools import partial
 
 import torch
 
-from .adjoint import accumulation_dtype, lean_adjoint_window
+from .errors import UserError
+from .adjoint import lean_adjoint_window
+from .checks import positive_float
 from .control import check_order, per_sample_norm
 from .flow import ConditionedFlow, check_time_grid, sample_euler
 from .objectives import RewardFn, reward_and_grad
@@ -83,7 +85,7 @@ class ControlProfile:
 
     def at(self, reward_scale: float) -> "ControlProfile":
         """The same profile at another lambda (the lean adjoint is linear in lambda)."""
-        lam = _positive(reward_scale, "reward_scale")
+        lam = positive_float(reward_scale, "reward_scale")
         ratio = lam / self.reward_scale
         dot = None if self.learned_dot_adjoint is None else self.learned_dot_adjoint * ratio
         return dataclasses.replace(
@@ -93,7 +95,7 @@ class ControlProfile:
     def with_order(self, order: float) -> "ControlProfile":
         """The ODE-AM profile for another order p (the lean adjoint does not depend on p)."""
         if self.sigma is not None:
-            raise ValueError("`order`: SDE-AM has the quadratic cost only; its profile has no other order.")
+            raise UserError("`order`: SDE-AM has the quadratic cost only; its profile has no other order.")
         return dataclasses.replace(self, order=check_order(order))
 
     def control_norms(self) -> torch.Tensor:
@@ -178,16 +180,6 @@ def _share(values: torch.Tensor) -> torch.Tensor:
     return values / total if total > 0 else values
 
 
-def _positive(value: float, name: str) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"`{name}` must be a finite number > 0; got {value!r}.") from None
-    if not (v > 0 and v != float("inf")):
-        raise ValueError(f"`{name}` must be a finite number > 0; got {value!r}.")
-    return v
-
-
 def probe_control_profile(
     flow: ConditionedFlow,
     noise: torch.Tensor,
@@ -215,7 +207,7 @@ def probe_control_profile(
         the :class:`ControlProfile` (CPU tensors). Raises NonFiniteRewardError on a NaN / inf reward.
     """
     check_time_grid(times)
-    lam = _positive(reward_scale, "reward_scale")
+    lam = positive_float(reward_scale, "reward_scale")
     num_steps = times.shape[0] - 1
     if schedule is None:
         order = check_order(order)
@@ -223,11 +215,7 @@ def probe_control_profile(
     else:
         order = 2.0
         grid = refine_grid(times, schedule) if refine else times
-
-        def drift(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            v = flow.velocity(x, t)
-            return schedule.drift(x, v.to(accumulation_dtype(v.dtype)), t)
-
+        drift = schedule.sde_drift(flow.velocity)
         noise_std, vjp = schedule.sigma, partial(schedule.drift_vjp, flow.base_vjp)
     m = grid.shape[0] - 1
     states = sample_euler(drift, noise, grid, record_last=m + 1, noise_std=noise_std, generator=generator)

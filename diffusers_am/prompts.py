@@ -14,9 +14,11 @@ binary (non-UTF-8) file raises the one-line ValueError naming the file.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Sequence
+from .errors import UserError
 
 Condition = Any  # a prompt (str) or a class label (int)
 
@@ -33,7 +35,7 @@ def _as_condition(value: Any, conditioning: str, where: str) -> Condition:
     at most :data:`MAX_PROMPT_CHARS` characters); ValueError starting with ``where`` (file and line) else."""
     if conditioning == "class":
         if isinstance(value, bool):
-            raise ValueError(f"{where}: {_shown(value)} is not a class label (a non-negative integer).")
+            raise UserError(f"{where}: {_shown(value)} is not a class label (a non-negative integer).")
         if isinstance(value, int):
             label = value
         elif isinstance(value, float) and value.is_integer():
@@ -41,17 +43,17 @@ def _as_condition(value: Any, conditioning: str, where: str) -> Condition:
         elif isinstance(value, str) and _is_ascii_integer(value.strip().lstrip("+")):
             label = int(value.strip())
         else:
-            raise ValueError(
+            raise UserError(
                 f"{where}: {_shown(value)} is not a class label; a label is a non-negative integer written with "
                 f"the digits 0-9 (at most {MAX_LABEL_DIGITS} of them)."
             )
         if label < 0:
-            raise ValueError(f"{where}: class label {label} is negative.")
+            raise UserError(f"{where}: class label {label} is negative.")
         return label
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{where}: expected a non-empty prompt string; got {_shown(value)}.")
+        raise UserError(f"{where}: expected a non-empty prompt string; got {_shown(value)}.")
     if len(value.strip()) > MAX_PROMPT_CHARS:
-        raise ValueError(
+        raise UserError(
             f"{where}: the prompt is {len(value.strip())} characters long; a prompt is at most {MAX_PROMPT_CHARS} "
             "characters (one prompt a line; text encoders read at most 512 tokens)."
         )
@@ -81,7 +83,7 @@ def _from_csv(path: Path, conditioning: str, column: str) -> list[Condition]:
     with path.open(newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         if reader.fieldnames is None or column not in reader.fieldnames:
-            raise ValueError(
+            raise UserError(
                 f"{path}, line 1: the CSV header has no column {column!r} (columns: {reader.fieldnames}); "
                 "set `--prompt_column`."
             )
@@ -90,7 +92,7 @@ def _from_csv(path: Path, conditioning: str, column: str) -> list[Condition]:
             for row in reader:
                 out.append(_as_condition(row.get(column), conditioning, f"{path}, line {reader.line_num}"))
         except csv.Error as err:  # e.g. a field over csv's 128 KiB limit
-            raise ValueError(
+            raise UserError(
                 f"{path}, line {reader.line_num + 1}: not a CSV row of prompts ({err}); one prompt (at most "
                 f"{MAX_PROMPT_CHARS} characters) per row."
             ) from None
@@ -106,10 +108,10 @@ def _from_jsonl(path: Path, conditioning: str, column: str) -> list[Condition]:
         try:
             value = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: not valid JSON ({err.msg}).") from None
+            raise UserError(f"{where}: not valid JSON ({err.msg}).") from None
         if isinstance(value, dict):
             if column not in value:
-                raise ValueError(
+                raise UserError(
                     f"{where}: the object has no key {column!r} (keys: {sorted(value)}); set `--prompt_column`."
                 )
             value = value[column]
@@ -126,20 +128,20 @@ def _from_datasets(source: str, conditioning: str, column: str, split: str) -> l
             data = datasets.load_from_disk(str(path))
             if isinstance(data, datasets.DatasetDict):
                 if split not in data:
-                    raise ValueError(f"`--prompts_split` {split!r} is not in {source!r} (splits: {list(data)}).")
+                    raise UserError(f"`--prompts_split` {split!r} is not in {source!r} (splits: {list(data)}).")
                 data = data[split]
         else:
             data = datasets.load_dataset(source, split=split)
-    except ValueError:
+    except UserError:
         raise
     except Exception as err:
-        raise ValueError(
+        raise UserError(
             f"`--prompts` {source!r} is neither a prompts file (.txt, .csv, .jsonl) nor a loadable `datasets` "
             f"dataset ({type(err).__name__}: {err}). Offline, save the dataset with `save_to_disk` "
             "and pass that folder."
         ) from err
     if column not in data.column_names:
-        raise ValueError(
+        raise UserError(
             f"`--prompts` {source!r} has no column {column!r} (columns: {data.column_names}); set `--prompt_column`."
         )
     return [_as_condition(v, conditioning, f"{source}, row {i}") for i, v in enumerate(data[column])]
@@ -152,7 +154,7 @@ def load_prompts(
 
     Returns a non-empty list; raises ValueError for an empty source or a malformed entry (naming the line)."""
     if conditioning not in ("text", "class"):
-        raise ValueError(f"`conditioning` must be 'text' or 'class'; got {conditioning!r}.")
+        raise UserError(f"`conditioning` must be 'text' or 'class'; got {conditioning!r}.")
     column = column or ("label" if conditioning == "class" else "prompt")
     path = Path(source)
     suffix = path.suffix.lower()
@@ -165,15 +167,15 @@ def load_prompts(
             else:
                 out = _from_txt(path, conditioning)
         except UnicodeDecodeError:
-            raise ValueError(
+            raise UserError(
                 f"`--prompts` file {str(path)!r} is not UTF-8 text (one prompt a line, or .csv / .jsonl)."
             ) from None
     elif suffix in (".txt", ".csv", ".jsonl", ".json"):
-        raise ValueError(f"`--prompts` file {str(path)!r} does not exist.")
+        raise UserError(f"`--prompts` file {str(path)!r} does not exist.")
     else:
         out = _from_datasets(str(source), conditioning, column, split)
     if not out:
-        raise ValueError(f"`--prompts` {str(source)!r} holds no prompts: add one per line (or row).")
+        raise UserError(f"`--prompts` {str(source)!r} holds no prompts: add one per line (or row).")
     return out
 
 
@@ -183,6 +185,34 @@ def check_class_labels(labels: Sequence[Condition], num_classes: int | None, wha
         return
     bad = [label for label in labels if not 0 <= int(label) < num_classes]
     if bad:
-        raise ValueError(f"`{what}`: class label(s) {sorted(set(bad))[:5]} outside [0, {num_classes}) of this model.")
+        raise UserError(f"`{what}`: class label(s) {sorted(set(bad))[:5]} outside [0, {num_classes}) of this model.")
 
 
+class PromptSampler:
+    """Draws batches of prompts, reproducibly: the batch of ``slot`` in update ``step`` depends only on
+    (seed, step, slot), so a resumed run draws exactly what a straight run would. The trainer's slot is
+    ``process_index * gradient_accumulation_steps + micro_batch``: P processes x G micro-batches see the
+    same batches as 1 process x P*G micro-batches."""
+
+    def __init__(self, prompts: Sequence[Condition], seed: int = 0):
+        if not prompts:
+            raise UserError("`prompts` must not be empty.")
+        self.prompts = list(prompts)
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def batch(self, step: int, batch_size: int, slot: int = 0) -> list[Condition]:
+        """``batch_size`` prompts for update ``step`` and micro-batch slot ``slot``."""
+        import torch
+
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, "prompts", step, slot))
+        index = torch.randint(len(self.prompts), (batch_size,), generator=gen)
+        return [self.prompts[i] for i in index.tolist()]
+
+
+def derive_seed(seed: int, *parts: Any) -> int:
+    """A 63-bit seed from a base seed and a tuple of labels (stable across runs and processes)."""
+    digest = hashlib.sha256(repr((int(seed),) + tuple(parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)

@@ -9,7 +9,9 @@ from typing import Any, Sequence
 
 import torch
 
+from .errors import UserError
 from .flow import sample_euler
+from .checks import positive_int
 from .models.base import FlowModelAdapter
 
 
@@ -29,11 +31,10 @@ def sample_images(
     ``base=True`` runs the base model (LoRA disabled). Returns (terminal states [B, ...], images
     [B, C, H, W] in [0, 1]), both fp32 on the adapter's device."""
     if len(conditions) != noise.shape[0]:
-        raise ValueError(
+        raise UserError(
             f"`conditions` ({len(conditions)}) and `noise` ({noise.shape[0]}) must have the same batch size."
         )
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"`chunk_size` must be a positive integer; got {chunk_size!r}.")
+    positive_int(chunk_size, "chunk_size")
     states, images = [], []
     ctx = adapter.adapters_disabled() if base else contextlib.nullcontext()
     with ctx:

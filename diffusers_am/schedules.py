@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .adjoint import VJP
+from .errors import UserError
+from .adjoint import VJP, Velocity, upcast
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class NoiseSchedule:
 
     def __post_init__(self) -> None:
         if not (0.0 < self.t_min < self.t_max <= 1.0):
-            raise ValueError(
+            raise UserError(
                 f"schedule clip must satisfy 0 < t_min < t_max <= 1; got t_min={self.t_min}, t_max={self.t_max}."
             )
 
@@ -54,6 +55,15 @@ class NoiseSchedule:
         """b_sigma(x, t) from a velocity v(x, t); t a 0-dim tensor."""
         return self.velocity_gain(t) * v - self.state_coeff(t) * x
 
+    def sde_drift(self, velocity: Velocity) -> Velocity:
+        """The SDE drift x, t -> b_sigma(x, t) of a velocity field (e.g. ``ConditionedFlow.velocity``), its
+        velocity promoted to at least fp32: what Euler-Maruyama (``flow.sample_euler``) steps with."""
+
+        def drift(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.drift(x, upcast(velocity(x, t)), t)
+
+        return drift
+
     def drift_vjp(
         self, velocity_vjp: VJP, x: torch.Tensor, t: torch.Tensor, cotangent: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,8 +72,7 @@ class NoiseSchedule:
         The drift is linear in v and x, so J^T a = J_v^T (velocity_gain a) - state_coeff a;
         ``velocity_vjp(x, t, c)`` returns (v(x, t), J_v^T c) (e.g. ``ConditionedFlow.base_vjp``)."""
         v, jt = velocity_vjp(x, t, self.velocity_gain(t) * cotangent)
-        v = v.to(torch.promote_types(v.dtype, torch.float32))
-        return self.drift(x, v, t), jt - self.state_coeff(t) * cotangent
+        return self.drift(x, upcast(v), t), jt - self.state_coeff(t) * cotangent
 
 
 @dataclass(frozen=True)
@@ -102,7 +111,7 @@ SCHEDULES = {"memoryless": MemorylessSchedule, "constant": ConstantSchedule}
 def get_schedule(name: str, **kwargs) -> NoiseSchedule:
     """Build a schedule by name: one of ``SCHEDULES``."""
     if name not in SCHEDULES:
-        raise ValueError(f"unknown noise schedule {name!r}; choose one of {sorted(SCHEDULES)}.")
+        raise UserError(f"unknown noise schedule {name!r}; choose one of {sorted(SCHEDULES)}.")
     return SCHEDULES[name](**kwargs)
 
 
@@ -118,7 +127,7 @@ def refine_grid(times: torch.Tensor, schedule: NoiseSchedule, max_step: float = 
     Returns the refined increasing grid [N'+1], N' >= N, same dtype and device.
     """
     if not 0 < max_step < 1:
-        raise ValueError(f"`max_step` must be in (0, 1); got {max_step}.")
+        raise UserError(f"`max_step` must be in (0, 1); got {max_step}.")
     points = [times[0]]
     for k in range(times.shape[0] - 1):
         target = times[k + 1]

@@ -26,15 +26,12 @@ from typing import Any
 
 import torch
 
+from .errors import UserError
+from .checks import int_at_least
+
 DEFAULT_SHARE = 0.3
 DEFAULT_REFRESH_EVERY = 10
 DEFAULT_SMOOTHING = 0.5
-
-
-def _check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}; got {value!r}.")
-    return value
 
 
 def check_share(share: Any) -> float:
@@ -42,19 +39,19 @@ def check_share(share: Any) -> float:
     try:
         q = float(share)
     except (TypeError, ValueError):
-        raise ValueError(f"`share` must be a number in (0, 1] (e.g. 0.3); got {share!r}.") from None
+        raise UserError(f"`share` must be a number in (0, 1] (e.g. 0.3); got {share!r}.") from None
     if not (0.0 < q <= 1.0):
-        raise ValueError(f"`share` must be a number in (0, 1] (e.g. 0.3); got {share!r}.")
+        raise UserError(f"`share` must be a number in (0, 1] (e.g. 0.3); got {share!r}.")
     return q
 
 
 def check_bounds(num_steps: int, min_steps: int = 1, max_steps: int | None = None) -> tuple[int, int]:
     """(K_min, K_max) with 1 <= K_min <= K_max <= N; ``max_steps=None`` means N."""
-    n = _check_int(num_steps, "num_steps", 1)
-    lo = _check_int(min_steps, "min_steps", 1)
-    hi = n if max_steps is None else _check_int(max_steps, "max_steps", 1)
+    n = int_at_least(num_steps, "num_steps", 1)
+    lo = int_at_least(min_steps, "min_steps", 1)
+    hi = n if max_steps is None else int_at_least(max_steps, "max_steps", 1)
     if not lo <= hi <= n:
-        raise ValueError(
+        raise UserError(
             f"adaptive truncation needs 1 <= min_steps <= max_steps <= num_inference_steps; got min_steps={lo}, "
             f"max_steps={hi}, num_inference_steps={n}."
         )
@@ -74,10 +71,10 @@ def window_for_share(
         K. An all-zero energy (no control wanted anywhere) gives ``min_steps``, the cheapest window.
     """
     if not isinstance(energy, torch.Tensor) or energy.dim() != 1 or energy.numel() < 1:
-        raise ValueError(f"`energy` must be a 1-D tensor of N >= 1 per-step energies; got {energy!r}.")
+        raise UserError(f"`energy` must be a 1-D tensor of N >= 1 per-step energies; got {energy!r}.")
     e = energy.detach().double().cpu()
     if not torch.isfinite(e).all() or (e < 0).any():
-        raise ValueError(f"`energy` must be finite and >= 0; got {e.tolist()}.")
+        raise UserError(f"`energy` must be finite and >= 0; got {e.tolist()}.")
     q = check_share(share)
     lo, hi = check_bounds(e.numel(), min_steps, max_steps)
     total = float(e.sum())
@@ -110,12 +107,12 @@ class AdaptiveTruncation:
         refresh_every: int = DEFAULT_REFRESH_EVERY,
         smoothing: float = DEFAULT_SMOOTHING,
     ) -> None:
-        self.num_steps = _check_int(num_steps, "num_steps", 1)
+        self.num_steps = int_at_least(num_steps, "num_steps", 1)
         self.share = check_share(share)
         self.min_steps, self.max_steps = check_bounds(num_steps, min_steps, max_steps)
-        self.refresh_every = _check_int(refresh_every, "refresh_every", 1)
+        self.refresh_every = int_at_least(refresh_every, "refresh_every", 1)
         if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0.0 <= smoothing < 1.0:
-            raise ValueError(f"`smoothing` must be a number in [0, 1); got {smoothing!r}.")
+            raise UserError(f"`smoothing` must be a number in [0, 1); got {smoothing!r}.")
         self.smoothing = float(smoothing)
         self.steps: int | None = None  # K in force; None until the first probe
         self.profile: torch.Tensor | None = None  # [N] smoothed energy share, sums to 1
@@ -129,13 +126,13 @@ class AdaptiveTruncation:
     def update(self, energy_per_step: torch.Tensor, update: int) -> int:
         """Fold in a probe's [N] per-step energy taken before update ``update``; returns the new K."""
         if not isinstance(energy_per_step, torch.Tensor) or energy_per_step.shape != (self.num_steps,):
-            raise ValueError(
+            raise UserError(
                 f"`energy_per_step` must have shape [{self.num_steps}] (one value per sampling step); "
                 f"got {getattr(energy_per_step, 'shape', energy_per_step)!r}."
             )
         e = energy_per_step.detach().double().cpu()
         if not torch.isfinite(e).all() or (e < 0).any():
-            raise ValueError(f"`energy_per_step` must be finite and >= 0; got {e.tolist()}.")
+            raise UserError(f"`energy_per_step` must be finite and >= 0; got {e.tolist()}.")
         total = float(e.sum())
         share = e / total if total > 0 else e
         if self.profile is not None and total > 0:
@@ -168,7 +165,7 @@ class AdaptiveTruncation:
         """Restore :meth:`state_dict`'s output. Raises ValueError when N differs (the profile would not fit);
         other settings are taken from this object (a resume may change them)."""
         if int(state.get("num_steps", -1)) != self.num_steps:
-            raise ValueError(
+            raise UserError(
                 f"the checkpoint's adaptive truncation was for num_inference_steps={state.get('num_steps')}, "
                 f"this run has {self.num_steps}: resume with the same --num_inference_steps."
             )
@@ -176,7 +173,7 @@ class AdaptiveTruncation:
         if profile is not None:
             profile = torch.tensor(profile, dtype=torch.float64)
             if profile.shape != (self.num_steps,) or not all(math.isfinite(v) for v in profile.tolist()):
-                raise ValueError("the checkpoint's adaptive-truncation profile is malformed.")
+                raise UserError("the checkpoint's adaptive-truncation profile is malformed.")
         self.profile = profile
         self.last_probe = None if state.get("last_probe") is None else int(state["last_probe"])
         self.history = [(int(u), int(k)) for u, k in state.get("history", [])]

@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 def _convert(args: argparse.Namespace) -> int:
     import torch
 
+    from diffusers_am.errors import UserError
     from diffusers_am.models.sit_convert import convert_sit_checkpoint
 
     vae = None if args.vae.lower() == "none" else args.vae
@@ -68,7 +69,7 @@ def _convert(args: argparse.Namespace) -> int:
             dtype=getattr(torch, DTYPES[args.dtype]),
             guidance_channels=args.guidance_channels,
         )
-    except ValueError as err:
+    except UserError as err:  # a bad input; anything else is a bug and keeps its traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
     cfg = pipeline.transformer.config

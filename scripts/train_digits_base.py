@@ -27,9 +27,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from diffusers_am.checks import positive_int
 from diffusers_am.jsonio import write_json
 from diffusers_am.models import EMBEDDED_DIGITS_BASE
-from diffusers_am.models.sit_transformer import SiTTransformer2DModel
+from diffusers_am.pipelines.sit_transformer import SiTTransformer2DModel
 from diffusers_am.toy.digits import NUM_CLASSES, digits_split, to_flow_space
 
 DEFAULTS_NAME = "diffusers_am_defaults.json"
@@ -268,9 +269,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log_every", type=int, default=250)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared 2-core machine)")
     args = p.parse_args(argv)
-    for name in ("train_steps", "batch_size", "num_inference_steps", "eval_per_class", "log_every"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1")
+    try:
+        for name in ("train_steps", "batch_size", "num_inference_steps", "eval_per_class", "log_every"):
+            positive_int(getattr(args, name), f"--{name}")
+    except ValueError as err:
+        p.error(str(err))
     if not 0.0 <= args.label_dropout < 1.0:
         p.error("--label_dropout must be in [0, 1)")
     if not 0.0 < args.ema_decay < 1.0:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from diffusers_am.checks import positive_float, positive_int
 from diffusers_am.toy.digits import DigitsClassifier, DigitsClassifierConfig, classifier_accuracy, digits_split
 
 ASSETS = Path(__file__).resolve().parent.parent / "diffusers_am" / "assets"
@@ -148,8 +149,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split_seed", type=int, default=0, help="seed of the train/test split (shared with the base model)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args(argv)
-    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
-        parser.error("--epochs and --batch_size must be >= 1 and --lr > 0")
+    try:
+        positive_int(args.epochs, "--epochs")
+        positive_int(args.batch_size, "--batch_size")
+        positive_float(args.lr, "--lr")
+    except ValueError as err:
+        parser.error(str(err))
     torch.set_num_threads(args.threads)
     for name, spec in CLASSIFIERS.items():
         model, record = train_classifier(

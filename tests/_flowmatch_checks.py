@@ -2,16 +2,34 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from _tiny_pipelines import TINY_RESOLUTION as RES
 
 from diffusers_am.flow import sample_euler
-from diffusers_am.models import LoraSettings
+from diffusers_am.models import LoraSettings, load_model_adapter
 from diffusers_am.objectives import ode_am_step
 
 N = 4
 PROMPTS = ["a red cat", "a dog"]
+SEQ = 16  # max_sequence_length of the tiny text encoders
 TOL = 1e-5  # fp32 CPU, same operations: rounding differences only
+
+
+def stock_call_kwargs(guidance_scale: float, /, **over) -> dict:
+    """The stock pipeline's call on :data:`PROMPTS` at the tiny resolution, N steps, tensors out, at
+    ``guidance_scale`` unless ``over`` (which replaces any entry) says otherwise."""
+    kw = dict(prompt=PROMPTS, height=RES, width=RES, num_inference_steps=N, output_type="pt", max_sequence_length=SEQ,
+              guidance_scale=guidance_scale)
+    kw.update(over)
+    return kw
+
+
+def adapter_with_random_lora(directory, out_dir):
+    """(model adapter of the pipeline folder ``directory``, its LoRA parameters, ``out_dir``): a random LoRA
+    added by :func:`add_random_lora` and saved to ``out_dir``."""
+    adapter = load_model_adapter(directory, max_sequence_length=SEQ)
+    return adapter, add_random_lora(adapter, out_dir), out_dir
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -75,18 +93,26 @@ def check_window_and_recording(adapter, controlled, call_kwargs, k=2, scale=0.5)
 
 
 def check_ode_am_step(adapter, params, guidance_scale=None):
+    """ODE-AM's loss and LoRA gradient equal tests/_ode_am_reference.py's (autograd, the adapter's own switch)."""
+    from _ode_am_reference import ode_am_reference
+
     for p in params:
         p.grad = None
     flow = adapter.flow(adapter.encode_conditions(PROMPTS), guidance_scale=guidance_scale)
-    out = ode_am_step(
-        flow, adapter.initial_noise(2, RES, gen(5)), adapter.time_grid(N, RES),
-        lambda x: adapter.decode(x).mean(dim=(1, 2, 3)), truncate_steps=2, reward_scale=10.0,
-    )
+    noise, times = adapter.initial_noise(2, RES, gen(5)), adapter.time_grid(N, RES)
+
+    def reward(x):
+        return adapter.decode(x).mean(dim=(1, 2, 3))
+
+    out = ode_am_step(flow, noise, times, reward, truncate_steps=2, reward_scale=10.0)
     assert out.reward.shape == (2,) and out.control_norm_per_step.shape == (2,)
-    grads = [p.grad for p in params if p.grad is not None]
-    assert grads and all(torch.isfinite(g).all() for g in grads) and sum(g.abs().sum() for g in grads) > 0
-    for p in params:
-        p.grad = None
+    grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+    loss, expected = ode_am_reference(adapter, flow, noise, times, reward, params, truncate_steps=2, reward_scale=10.0)
+    assert out.loss == pytest.approx(loss, rel=1e-4)
+    scale = max(float(g.abs().max()) for g in expected)
+    assert scale > 0
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e, atol=1e-4 * scale, rtol=1e-4)
 
 
 def add_random_lora(adapter, out_dir):

@@ -133,6 +133,21 @@ def save_tiny_flux2_klein(directory: str | Path, is_distilled: bool = True, seed
     return directory
 
 
+def save_random_lora(adapter, out_dir: str | Path, *, rank: int, seed: int, std: float = 0.5) -> Path:
+    """Add a LoRA of ``rank`` to a model adapter, draw its B matrices N(0, std) after ``torch.manual_seed(seed)``
+    (so that it changes the samples; A keeps peft's init) and save it to ``out_dir``; returns ``out_dir``."""
+    from diffusers_am.models import LoraSettings
+
+    adapter.add_lora(LoraSettings(rank=rank))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in adapter.transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, std)
+    adapter.save_lora(str(out_dir))
+    return Path(out_dir)
+
+
 def mean_brightness(images: torch.Tensor, prompts: list) -> torch.Tensor:
     """A differentiable test reward for text pipelines: [B, C, H, W] in [0, 1] -> [B] mean pixel."""
     return images.float().mean(dim=(1, 2, 3))

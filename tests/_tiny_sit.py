@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from diffusers import AutoencoderKL
 
-from diffusers_am.models.sit_transformer import SiTTransformer2DModel
+from diffusers_am.pipelines.sit_transformer import SiTTransformer2DModel
 from diffusers_am.pipelines.sit import SiTPipeline
 
 
@@ -46,3 +48,15 @@ def tiny_pixel_pipeline(**kwargs) -> SiTPipeline:
 
 def tiny_latent_pipeline(**kwargs) -> SiTPipeline:
     return SiTPipeline(tiny_latent_transformer(), vae=tiny_vae(), default_num_inference_steps=4, **kwargs)
+
+
+def save_tiny_base_and_lora(root: Path, *, rank: int, seed: int, lora_name: str) -> tuple[Path, Path]:
+    """(``root/base``, ``root/<lora_name>``): :func:`tiny_pixel_pipeline` saved, and a random LoRA on it
+    (:func:`_tiny_pipelines.save_random_lora`, B ~ N(0, 0.5): it visibly changes the samples)."""
+    from _tiny_pipelines import save_random_lora
+
+    from diffusers_am.models.sit import SiTAdapter
+
+    tiny_pixel_pipeline().save_pretrained(root / "base")
+    lora = save_random_lora(SiTAdapter.from_pretrained(str(root / "base")), root / lora_name, rank=rank, seed=seed)
+    return root / "base", lora

@@ -218,7 +218,7 @@ def test_evaluate_refuses_damaged_adapters_before_sampling(tiny_base, sit_lora, 
 
 def test_evaluate_protects_its_output_folder(tiny_base, sit_lora, tmp_path, capsys):
     import diffusers_am.evaluate as ev
-    from diffusers_am.training.run_folder import MARKER_NAME
+    from diffusers_am.training.layout import MARKER_NAME
 
     users = tmp_path / "mine"
     users.mkdir()
@@ -279,3 +279,38 @@ def test_exit_code_and_one_line_under_accelerate_launch(tmp_path):
     assert "Traceback" not in proc.stderr and lines == [lines[-1]], proc.stderr
     assert lines[-1].startswith("error: unknown reward 'nonexistent'")
     assert not out.exists()
+
+
+# -- the user-error channel: only a UserError is one line ------------------------------------------
+def test_a_bad_flag_is_one_line_and_exit_2(tiny_base, tmp_path, capsys):
+    assert run(tiny_base, tmp_path / "out", "--learning_rate", "-1") == 2
+    line = one_error_line(capsys.readouterr())
+    assert line.startswith("error: `--learning_rate`") and "-1" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_value_error_inside_the_model_adapter_is_a_bug_with_its_traceback(tiny_base, tmp_path, capsys, monkeypatch):
+    """A ValueError from deep inside (here the model adapter's decode, as diffusers or peft might raise) is not
+    the user's mistake: its traceback is printed, then the line saying it is a bug and where to report it,
+    exit 1; no one-line `error:` that would hide it."""
+    from diffusers_am.errors import BUG_LINE
+    from diffusers_am.models.sit import SiTAdapter
+
+    def broken_decode(self, x):
+        raise ValueError("operands could not be broadcast together (inside the model)")
+
+    monkeypatch.setattr(SiTAdapter, "decode", broken_decode)
+    assert run(tiny_base, tmp_path / "out") == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "in broken_decode" in err
+    assert "ValueError: operands could not be broadcast together (inside the model)" in err
+    assert err.strip().splitlines()[-1] == BUG_LINE
+    assert "error: operands" not in err
+
+
+def test_user_error_is_a_value_error_and_the_only_one_line_error():
+    from diffusers_am.errors import MainProcessError, UserError
+
+    assert issubclass(UserError, ValueError) and issubclass(MainProcessError, UserError)
+    with pytest.raises(UserError, match="`--learning_rate`"):
+        parse_args(["--learning_rate", "nan"])

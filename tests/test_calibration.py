@@ -145,3 +145,17 @@ def test_matching_rejects_bad_input():
     )
     with pytest.raises(ValueError, match="zero"):
         matched_reward_scale(prof, flat, reference_scale=1.0, truncate_steps=3)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_velocity_statistic_is_the_time_weighted_rms_over_the_window(k):
+    """On a non-uniform grid the velocity statistic is sqrt(sum_k dt_k |dv_k|^2 / sum_k dt_k) over the last k
+    steps (module docstring), each sample on its own; p = 2, so |dv_k| = |a~_k|."""
+    times = torch.tensor([0.0, 0.5, 0.6, 1.0], dtype=torch.float64)
+    norms = torch.tensor([[1.0, 2.0], [3.0, 0.5], [0.2, 4.0]], dtype=torch.float64)  # [M=3 steps, B=2]
+    profile = ControlProfile(times=times, step_index=torch.arange(3), num_steps=3, adjoint_norms=norms,
+                             reward_scale=1.0, order=2.0)
+    dt = [0.5, 0.1, 0.4][3 - k:]
+    rows = norms[3 - k:].tolist()
+    expected = [(sum(d * r[b] ** 2 for d, r in zip(dt, rows)) / sum(dt)) ** 0.5 for b in range(2)]
+    torch.testing.assert_close(sample_sizes(profile, k, "velocity"), torch.tensor(expected, dtype=torch.float64))

@@ -1,21 +1,13 @@
 """benchmarks/claim_stats.py against printed t tables, closed forms and hand-computed examples."""
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from _scripts import load_script
 
 
 def load_stats():
-    spec = importlib.util.spec_from_file_location("claim_stats", ROOT / "benchmarks" / "claim_stats.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/claim_stats.py", "claim_stats")
 
 
 # Student's t critical values t_{q, df} as printed in standard tables (3 decimals).

@@ -5,7 +5,7 @@ import torch
 from _run_helpers import read_log, run
 
 from diffusers_am.models import EMBEDDED_DIGITS_BASE
-from diffusers_am.training.compile import compile_repeated_blocks
+from diffusers_am.training.engines import compile_repeated_blocks
 
 
 @pytest.fixture(autouse=True)

@@ -177,11 +177,13 @@ def test_shipped_base_is_small_safetensors_with_defaults():
 def test_shipped_base_loads_offline_and_samples_digits(base_pipeline):
     pipe = base_pipeline
     assert pipe.resolution == 8 and pipe.num_classes == 10 and pipe.vae is None
-    labels = list(range(10)) * 2
+    labels = list(range(10)) * 10
     images = pipe(labels, generator=torch.Generator().manual_seed(0), output_type="pt").images
-    assert images.shape == (20, 1, 8, 8) and images.min() >= 0 and images.max() <= 1
+    assert images.shape == (100, 1, 8, 8) and images.min() >= 0 and images.max() <= 1
+    # README: 98.2% held-out accuracy (1000 samples, default guidance); on 100 samples the binomial standard error
+    # is 1.3%, and 3 of them below 98.2% is 94.2%
     accuracy = (load_digits_heldout_reward().log_probs(images).argmax(-1) == torch.tensor(labels)).float().mean()
-    assert accuracy >= 0.8  # the README's measured accuracy on 1000 samples is higher; see assets/digits-sit
+    assert accuracy >= 0.942, float(accuracy)
 
 
 def test_shipped_base_through_the_adapter_gives_a_differentiable_reward(base_pipeline):

@@ -1,30 +1,14 @@
 """benchmarks/digits_methods.py end to end on a 2-update budget (the full run takes minutes: not here)."""
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
-import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
+from _run_helpers import _fresh_accelerate_state  # noqa: F401  (fixture)
+from _scripts import load_script
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("digits_methods", ROOT / "benchmarks" / "digits_methods.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/digits_methods.py", "digits_methods")
 
 
 def _cells(line):

@@ -5,26 +5,16 @@ import json
 
 import pytest
 import torch
-from _tiny_sit import tiny_pixel_pipeline
+from _tiny_pipelines import save_random_lora
+from _tiny_sit import save_tiny_base_and_lora
 
 from diffusers_am.evaluate import evaluate, main
-from diffusers_am.models import LoraSettings
 from diffusers_am.models.sit import SiTAdapter
 
 
 @pytest.fixture(scope="module")
 def sit_base_and_lora(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sit")
-    tiny_pixel_pipeline().save_pretrained(root / "base")
-    adapter = SiTAdapter.from_pretrained(str(root / "base"))
-    adapter.add_lora(LoraSettings(rank=4))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in adapter.transformer.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)  # a LoRA that visibly changes the samples
-    adapter.save_lora(str(root / "run1"))
-    return root / "base", root / "run1"
+    return save_tiny_base_and_lora(tmp_path_factory.mktemp("sit"), rank=4, seed=1, lora_name="run1")
 
 
 def test_evaluate_sit_with_lora(sit_base_and_lora, tmp_path):
@@ -127,13 +117,7 @@ def test_evaluate_tiny_klein_with_lora(klein_folder, tmp_path):
     from diffusers_am.models import load_model_adapter
 
     adapter = load_model_adapter(str(klein_folder), max_sequence_length=32)
-    adapter.add_lora(LoraSettings(rank=2))
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for name, p in adapter.transformer.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.3)
-    adapter.save_lora(str(tmp_path / "klein-lora"))
+    save_random_lora(adapter, tmp_path / "klein-lora", rank=2, seed=2, std=0.3)
     res = evaluate(
         str(klein_folder), adapters=[str(tmp_path / "klein-lora")], prompts=["a red cat", "a dog"], num_images_per_prompt=3,
         rewards=["_tiny_pipelines:mean_brightness"], feature_extractor=lambda x: x.flatten(1), diversity="ssim",
@@ -168,14 +152,8 @@ def test_cli_defaults_on_embedded_digits_base(tmp_path, capsys):
     held-out classifier features, 1 - SSIM and feature diversity; plus one LoRA."""
     from diffusers_am.models import EMBEDDED_DIGITS_BASE
 
-    adapter = SiTAdapter.from_pretrained(str(EMBEDDED_DIGITS_BASE))
-    adapter.add_lora(LoraSettings(rank=2))
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for name, p in adapter.transformer.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    adapter.save_lora(str(tmp_path / "digits-lora"))
+    save_random_lora(SiTAdapter.from_pretrained(str(EMBEDDED_DIGITS_BASE)), tmp_path / "digits-lora", rank=2, seed=3,
+                     std=0.05)
     assert main(["--adapters", str(tmp_path / "digits-lora"), "--prompts", "0", "4", "--num_images_per_prompt", "4",
                  "--num_inference_steps", "4", "--output_dir", str(tmp_path / "eval")]) == 0
     res = json.loads((tmp_path / "eval" / "metrics.json").read_text())
@@ -183,3 +161,20 @@ def test_cli_defaults_on_embedded_digits_base(tmp_path, capsys):
     assert res["config"]["diversity"] == ["ssim", "feature_distance"]
     assert set(res["models"]) == {"base", "digits-lora"} and "coverage" in res["models"]["digits-lora"]
     assert "| digits-lora |" in capsys.readouterr().out
+
+
+def test_default_rewards_come_from_the_registry(klein_folder, monkeypatch):
+    """Without `rewards`, evaluate scores the registry's EVALUATION_REWARDS entry for the base's kind ("text")."""
+    from _tiny_pipelines import TINY_RESOLUTION
+
+    from diffusers_am import rewards as registry
+
+    monkeypatch.setitem(registry.EVALUATION_REWARDS, "text", ("_tiny_pipelines:mean_brightness",))
+    res = evaluate(
+        str(klein_folder), prompts=["a red cat"], num_images_per_prompt=2, feature_extractor=lambda x: x.flatten(1),
+        diversity="none", output_dir=None, num_inference_steps=2, resolution=TINY_RESOLUTION, progress=False,
+        adapter_kwargs={"max_sequence_length": 32},
+    )
+    scored = [k for k in res["models"]["base"] if k.startswith("reward/") and not k.endswith("/sem")]
+    assert res["config"]["rewards"] == ["_tiny_pipelines:mean_brightness"]
+    assert scored == ["reward/_tiny_pipelines:mean_brightness"]

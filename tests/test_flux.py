@@ -4,28 +4,26 @@ import pytest
 import torch
 from _flowmatch_checks import (
     N,
-    PROMPTS,
-    add_random_lora,
+    SEQ,
+    adapter_with_random_lora,
     check_base_matches_stock,
     check_lora_round_trip,
     check_ode_am_step,
     check_time_grid,
     check_window_and_recording,
     gen,
+    stock_call_kwargs,
 )
 from _tiny_pipelines import TINY_RESOLUTION as RES
 from _tiny_pipelines import save_tiny_flux
 
 from diffusers_am.models import LoraSettings, load_model_adapter
 
-SEQ = 16
 GUIDANCE = 2.5
 
 
 def call_kwargs(**over):
-    kw = dict(prompt=PROMPTS, height=RES, width=RES, num_inference_steps=N, output_type="pt", max_sequence_length=SEQ, guidance_scale=GUIDANCE)
-    kw.update(over)
-    return kw
+    return stock_call_kwargs(GUIDANCE, **over)
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +33,7 @@ def flux_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(flux_dir, tmp_path_factory):
-    adapter = load_model_adapter(flux_dir, max_sequence_length=SEQ)
-    out = tmp_path_factory.mktemp("flux-lora")
-    return adapter, add_random_lora(adapter, out), out
+    return adapter_with_random_lora(flux_dir, tmp_path_factory.mktemp("flux-lora"))
 
 
 def test_flux_adapter_matches_stock_pipeline(trained, flux_dir):

@@ -1,22 +1,14 @@
 """benchmarks/memory.py --quick: fresh-process peaks per point, the claims and the klein-4B estimate."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "memory.py"
+from _scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def memory():
-    spec = importlib.util.spec_from_file_location("memory_bench", PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["memory_bench"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/memory.py", "memory_bench")
 
 
 def test_quick_run_writes_the_table_and_claims(memory, tmp_path):

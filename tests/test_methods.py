@@ -15,9 +15,10 @@ from _run_helpers import _fresh_accelerate_state, read_log, run, tiny_base  # no
 
 from diffusers_am import objectives  # noqa: E402
 from diffusers_am.training.config import TrainingConfig, build_parser  # noqa: E402
-from diffusers_am.training.data import derive_seed  # noqa: E402
-from diffusers_am.training.methods import METHODS, Method, get_method, register_method, unregister_method  # noqa: E402
-from diffusers_am.training.update import _step_kwargs  # noqa: E402
+from diffusers_am.prompts import derive_seed  # noqa: E402
+from diffusers_am.training.methods import (  # noqa: E402
+    METHODS, Method, get_method, register_method, step_options, unregister_method,
+)
 
 BUILT_IN = ("ode-am", "sde-am", "draft", "refl")
 
@@ -31,18 +32,26 @@ def test_registry_covers_every_step_function():
 
 
 @pytest.mark.parametrize("name", BUILT_IN)
-def test_step_kwargs_fit_the_step_function_and_seed_as_before(name):
-    cfg = TrainingConfig(method=name, seed=5)
+def test_step_options_fit_the_step_function_and_seed_as_before(name):
+    cfg = TrainingConfig(method=name, seed=5, micro_batch_size=2, reg_order=3.0, loss_reduction="mean")
     method = get_method(name)
-    kwargs = _step_kwargs(cfg, 3, 7.0, step=2, slot=1, device=torch.device("cpu"), backward=print)
+    options = step_options(method, cfg)  # built once per run
+    draws = method.draws(5, 2, 1, torch.device("cpu")) if method.draws is not None else {}
+    kwargs = {"truncate_steps": 3, "reward_scale": 7.0, "backward": print, **options, **draws}
     inspect.signature(method.step).bind(None, None, None, None, **kwargs)  # every kwarg is one it takes
-    assert (kwargs["truncate_steps"], kwargs["reward_scale"], kwargs["backward"]) == (3, 7.0, print)
+    assert options["micro_batch_size"] == 2
+    if name == "ode-am":
+        assert (options["order"], options["loss_reduction"]) == (3.0, "mean")
     if name == "sde-am":
+        assert options["loss_reduction"] == "mean" and options["schedule"] is not None
         expected = torch.Generator().manual_seed(derive_seed(5, "sde", 2, 1))
-        assert torch.equal(kwargs["generator"].get_state(), expected.get_state())
+        assert torch.equal(draws["generator"].get_state(), expected.get_state())
     if name == "refl":  # one j per update: the same for every micro-batch slot
         expected = torch.Generator().manual_seed(derive_seed(5, "refl", 2))
-        assert torch.equal(kwargs["generator"].get_state(), expected.get_state())
+        assert torch.equal(draws["generator"].get_state(), expected.get_state())
+        assert torch.equal(method.draws(5, 2, 3, torch.device("cpu"))["generator"].get_state(), expected.get_state())
+    if name == "draft":
+        assert method.draws is None and set(options) == {"micro_batch_size"}
     assert method.profile_length(3) == (1 if name == "refl" else 3)
     assert (method.control is not None) == (name in ("ode-am", "sde-am"))
 
@@ -57,13 +66,13 @@ def one_step_draft(flow, noise, times, reward_fn, *, truncate_steps, reward_scal
                                  backward=backward)
 
 
-def one_step_kwargs(cfg, k_steps, reward_scale, step, slot, device, backward):
-    return {"truncate_steps": k_steps, "reward_scale": reward_scale, "backward": backward}
+def no_options(cfg):
+    return {}
 
 
 @pytest.fixture
 def toy_method():
-    method = register_method(Method("toy-last-step", "toy last-step DRaFT", one_step_draft, one_step_kwargs,
+    method = register_method(Method("toy-last-step", "toy last-step DRaFT", one_step_draft, no_options,
                                     single_step_profile=True))
     yield method
     unregister_method(method.name)

@@ -69,7 +69,7 @@ def _assert_run_outputs(out: Path):
 
 
 def test_top_level_model_card_template_is_the_packaged_one():
-    from diffusers_am.training.model_card import TEMPLATE
+    from diffusers_am.training.outputs import TEMPLATE
 
     assert TEMPLATE.parent == ROOT / "diffusers_am" / "training"
     assert (ROOT / "model_card_template.md").is_symlink()

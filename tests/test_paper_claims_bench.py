@@ -1,25 +1,17 @@
 """benchmarks/paper_claims.py: the run list, the verdicts and the generated report on a synthetic work dir (values
 chosen so every verdict is known by hand), 1 - MS-SSIM at 32 px, and one tiny real train + report."""
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
+from _scripts import load_script
 
 
 def load_bench():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("paper_claims", ROOT / "benchmarks" / "paper_claims.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/paper_claims.py", "paper_claims")
 
 
 def test_run_list():

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _run_helpers import _fresh_accelerate_state  # noqa: F401  (fixture)
 
 from diffusers_am.evaluate import main as evaluate_cli
 from diffusers_am.models import SHORT_NAMES, read_model_index, resolve_pretrained
@@ -29,14 +30,6 @@ EXPECTED = {
     "FLUX.1-dev": "black-forest-labs/FLUX.1-dev",
     "SD3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
 }
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from _tiny_pipelines import TINY_RESOLUTION as RES
 from _run_helpers import max_abs_difference
 from _run_helpers import trained_adapter as train
 from _tiny_pipelines import save_tiny_flux, save_tiny_flux2_klein, save_tiny_sd3
+from _run_helpers import _fresh_accelerate_state  # noqa: F401  (fixture)
 from safetensors.torch import load_file
 
 from diffusers_am.models import LoraSettings, load_model_adapter
@@ -32,14 +33,6 @@ PROMPTS = ["a red cat", "a dog"]
 NF4_TOL = 1e-6
 INT8_TOL = 1e-4
 FAMILIES = {"flux2-klein": save_tiny_flux2_klein, "flux1": save_tiny_flux, "sd3": save_tiny_sd3}
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 # -- the reference: the stock pipeline with its weights replaced by the dequantized ones --------------------------
@@ -257,7 +250,7 @@ def test_sharding_engines_are_refused_in_one_line(engine):
 
     from accelerate.utils import DistributedType
 
-    from diffusers_am.training.quantized_base import check_engine
+    from diffusers_am.models.quantize import check_engine
 
     accelerator = SimpleNamespace(distributed_type=getattr(DistributedType, engine))
     with pytest.raises(ValueError, match=r"cannot be sharded: run on one process or with DDP") as info:

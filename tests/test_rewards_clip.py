@@ -63,12 +63,46 @@ def test_clipscore_and_registry(clip_dir):
     images = _images(c=1)  # grey images are repeated to RGB
     direct = load_clipscore(str(clip_dir))
     out = direct(images, PROMPTS).detach()
-    assert (out >= 0).all() and (out <= 100).all()
+    torch.testing.assert_close(out, direct(images.repeat(1, 3, 1, 1), PROMPTS).detach())  # grey == its RGB copy
+    assert (out >= 0).all() and out.max() > 1  # clamped at 0, on the 0..100 scale (the value: the test above)
     via_registry = load_reward("clipscore", paths={"clipscore": str(clip_dir)})
     assert torch.allclose(via_registry(images, PROMPTS), out)
     weighted = load_reward("clipscore:0.5,pickscore:2.0", paths={"clipscore": str(clip_dir), "pickscore": str(clip_dir)})
     pick = load_pickscore(str(clip_dir))(images, PROMPTS)
     assert torch.allclose(weighted(images, PROMPTS), 0.5 * out + 2.0 * pick, atol=1e-4)
+
+
+def _stock_clip(clip_dir, images):
+    """(cos(image, prompt) [B], logit_scale) from transformers' CLIPModel with its own processor and tokenizer, on
+    images at the model's size (32 px: the processor only normalises, with OpenAI's mean / std)."""
+    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+
+    model = CLIPModel.from_pretrained(str(clip_dir)).eval()
+    processor = CLIPImageProcessor(do_resize=False, do_center_crop=False, do_rescale=False)
+    pixels = processor(images=list(images), return_tensors="pt", input_data_format="channels_first").pixel_values
+    tokens = AutoTokenizer.from_pretrained(str(clip_dir))(PROMPTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        image = model.get_image_features(pixel_values=pixels)
+        text = model.get_text_features(**tokens)
+    image, text = [e if isinstance(e, torch.Tensor) else e.pooler_output for e in (image, text)]
+    return F.cosine_similarity(image, text, dim=-1), float(model.logit_scale.exp())
+
+
+def test_clipscore_is_100_cos_of_the_stock_clip_model(clip_dir):
+    """CLIPScore == max(100 * cos, 0), cos from the stock CLIP model (:func:`_stock_clip`)."""
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    out = load_clipscore(str(clip_dir))(images, PROMPTS)
+    cos, _ = _stock_clip(clip_dir, images)
+    expected = (100 * cos).clamp_min(0)
+    assert expected.abs().max() > 1  # the tiny model's cosines are not all ~0 (the x100 is visible)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=0)
+
+
+def test_pickscore_is_exp_logit_scale_cos_of_the_stock_clip_model(clip_dir):
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    cos, scale = _stock_clip(clip_dir, images)
+    assert scale == pytest.approx(math.exp(2.6592), rel=1e-6)  # CLIPConfig's logit_scale_init_value, not 1
+    torch.testing.assert_close(load_pickscore(str(clip_dir))(images, PROMPTS), scale * cos, atol=1e-4, rtol=0)
 
 
 def test_clipscore_truncates_prompts_over_77_tokens(clip_dir):

@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _run_helpers import _fresh_accelerate_state, read_log, run, snapshot, tiny_args, tiny_base  # noqa: E402,F401
 from diffusers_am.training import disk  # noqa: E402
 from diffusers_am.training.checkpoints import CheckpointManager, list_checkpoints  # noqa: E402
-from diffusers_am.training.folder_lock import FolderLock  # noqa: E402
-from diffusers_am.training.run_folder import LOCK_NAME, MARKER_NAME, RunFolder  # noqa: E402
+from diffusers_am.training.run_folder import FolderLock  # noqa: E402
+from diffusers_am.training.layout import LOCK_NAME, MARKER_NAME
+from diffusers_am.training.run_folder import RunFolder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -197,8 +198,8 @@ def test_overwrite_removes_old_outputs_at_setup_and_keeps_user_files(tiny_base, 
     assert run(tiny_base, out) == 2
     assert "already holds a run" in capsys.readouterr().err
     crash = f"{rewards_dir / 'bad_rewards.py'}:crash_in_training"
-    with pytest.raises(RuntimeError, match="the reward server went away"):  # a crash in the user's code
-        run(tiny_base, out, "--overwrite_output_dir", "--reward", crash, "--num_eval_samples", "0")
+    assert run(tiny_base, out, "--overwrite_output_dir", "--reward", crash, "--num_eval_samples", "0") == 1
+    assert "RuntimeError: the reward server went away" in capsys.readouterr().err  # a crash in the user's code
     names = sorted(p.name for p in out.iterdir())
     assert names == [MARKER_NAME, "notes.txt", "training_config.json", "validation"], names  # no old adapter, card
     assert json.loads((out / "training_config.json").read_text())["reward"] == crash
@@ -304,13 +305,13 @@ def test_two_processes_stop_at_the_same_update_when_one_is_signalled(tiny_base, 
 
 
 def test_stop_signals_defer_ignore_a_forwarded_duplicate_and_abort_on_a_second_ctrl_c(monkeypatch, capsys):
-    from diffusers_am.training import interrupts
+    from diffusers_am.training import stopping
 
     clock = [100.0]
-    monkeypatch.setattr(interrupts.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(stopping.time, "monotonic", lambda: clock[0])
     previous = signal.getsignal(signal.SIGINT)
-    with interrupts.StopSignals() as signals:
-        with pytest.raises(interrupts.Interrupted) as info:  # outside the updates there is nothing to finish
+    with stopping.StopSignals() as signals:
+        with pytest.raises(stopping.Interrupted) as info:  # outside the updates there is nothing to finish
             signal.raise_signal(signal.SIGTERM)
         assert info.value.signum == signal.SIGTERM
         with signals.deferred():
@@ -329,8 +330,8 @@ def test_stop_signals_defer_ignore_a_forwarded_duplicate_and_abort_on_a_second_c
 def test_resume_advice_never_goes_in_a_circle(tiny_base, tmp_path, rewards_dir, capsys):
     out = tmp_path / "run"
     crash = f"{rewards_dir / 'bad_rewards.py'}:crash_in_training"
-    with pytest.raises(RuntimeError):  # stopped before its first checkpoint
-        run(tiny_base, out, "--reward", crash, "--num_eval_samples", "0")
+    assert run(tiny_base, out, "--reward", crash, "--num_eval_samples", "0") == 1  # before its first checkpoint
+    assert "RuntimeError" in capsys.readouterr().err
     (out / "train_log.jsonl").write_text('{"step": 1}\n')  # as if one update had been logged
     assert run(tiny_base, out, "--num_eval_samples", "0") == 2
     err = capsys.readouterr().err

@@ -2,30 +2,28 @@
 
 import pytest
 from _flowmatch_checks import (
-    N,
     PROMPTS,
-    add_random_lora,
+    SEQ,
     adapter_trajectory,
+    adapter_with_random_lora,
     check_base_matches_stock,
     check_lora_round_trip,
     check_ode_am_step,
     check_time_grid,
     check_window_and_recording,
     gen,
+    stock_call_kwargs,
 )
 from _tiny_pipelines import TINY_RESOLUTION as RES
 from _tiny_pipelines import save_tiny_sd3
 
 from diffusers_am.models import LoraSettings, load_model_adapter
 
-SEQ = 16
 GUIDANCE = 3.0
 
 
 def call_kwargs(**over):
-    kw = dict(prompt=PROMPTS, height=RES, width=RES, num_inference_steps=N, output_type="pt", max_sequence_length=SEQ, guidance_scale=GUIDANCE)
-    kw.update(over)
-    return kw
+    return stock_call_kwargs(GUIDANCE, **over)
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +33,7 @@ def sd3_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(sd3_dir, tmp_path_factory):
-    adapter = load_model_adapter(sd3_dir, max_sequence_length=SEQ)
-    out = tmp_path_factory.mktemp("sd3-lora")
-    return adapter, add_random_lora(adapter, out), out
+    return adapter_with_random_lora(sd3_dir, tmp_path_factory.mktemp("sd3-lora"))
 
 
 def test_sd3_adapter_matches_stock_pipeline(trained, sd3_dir):

@@ -3,34 +3,25 @@ sampler, reward scoring, diversity rule; deprecated flags warn and still work; '
 
 import pytest
 import torch
-from _tiny_sit import tiny_pixel_pipeline
+from _tiny_sit import save_tiny_base_and_lora
 
 from diffusers_am import deprecation
 from diffusers_am.evaluate import evaluate, main, read_prompts
-from diffusers_am.models import LoraSettings
 from diffusers_am.models.sit import SiTAdapter
 from diffusers_am.rewards import load_reward
 from diffusers_am.rewards.base import WeightedReward
 from diffusers_am.rewards.scoring import score_rewards
-from diffusers_am.training.data import load_prompts
-from diffusers_am.training.validation import mean_reward, sample_images
+from diffusers_am.prompts import load_prompts
+from diffusers_am.sampling import sample_images
+from diffusers_am.training.validation import mean_reward
 
 DIGITS = __import__("pathlib").Path(deprecation.__file__).parent / "assets" / "digits-classifier"
 
 
 @pytest.fixture(scope="module")
 def base_and_lora(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shared")
-    tiny_pixel_pipeline().save_pretrained(root / "base")
-    adapter = SiTAdapter.from_pretrained(str(root / "base"))
-    adapter.add_lora(LoraSettings(rank=2))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in adapter.transformer.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    adapter.save_lora(str(root / "run.v1"))  # a '.' in the name: peft adapter names cannot hold one
-    return root / "base", root / "run.v1"
+    # a '.' in the LoRA's name: peft adapter names cannot hold one
+    return save_tiny_base_and_lora(tmp_path_factory.mktemp("shared"), rank=2, seed=0, lora_name="run.v1")
 
 
 def test_both_clis_read_the_same_prompts(tmp_path):

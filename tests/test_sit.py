@@ -23,9 +23,9 @@ from diffusers_am.models.sit_convert import (
     sit_config_from_state_dict,
     sit_transformer_from_state_dict,
 )
-from diffusers_am.models.sit_transformer import SiTTransformer2DModel
 from diffusers_am.objectives import ode_am_step
 from diffusers_am.pipelines.sit import SiTPipeline
+from diffusers_am.pipelines.sit_transformer import SiTTransformer2DModel
 
 convert_script = importlib.import_module("convert_sit_checkpoint")
 
@@ -639,3 +639,27 @@ def test_pipeline_control_window_matches_control_start_and_callbacks():
     assert torch.count_nonzero(out) == 0
     with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
         run(callback_on_step_end=record, callback_on_step_end_tensor_inputs=["prompt_embeds"])
+
+
+def test_folders_naming_the_former_transformer_module_still_load(tmp_path):
+    """Folders saved before SiTTransformer2DModel moved to pipelines/ (the embedded digits base among them)
+    record ``diffusers_am.models.sit_transformer`` in model_index.json: a fresh process loads one through
+    SiTPipeline alone (diffusers resolves that name from sys.modules only), with the saved weights."""
+    import subprocess
+
+    folder = tmp_path / "saved-before"
+    tiny_pixel_pipeline().save_pretrained(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["transformer"] == ["diffusers_am.pipelines.sit_transformer", "SiTTransformer2DModel"]
+    index["transformer"][0] = "diffusers_am.models.sit_transformer"
+    (folder / "model_index.json").write_text(json.dumps(index))
+    code = (
+        "import sys\nfrom diffusers_am.pipelines import SiTPipeline\n"
+        "t = SiTPipeline.from_pretrained(sys.argv[1]).transformer\n"
+        "print(type(t).__name__, float(sum(p.double().sum() for p in t.parameters())))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    expected = float(sum(p.double().sum() for p in tiny_pixel_transformer().parameters()))
+    name, total = out.stdout.split()
+    assert name == "SiTTransformer2DModel" and float(total) == expected

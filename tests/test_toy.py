@@ -1,6 +1,5 @@
 """The Gaussian toy: closed forms against the library's numerics (lean_adjoint, phi_p, Euler, ODE-AM)."""
 
-import importlib.util
 import json
 import math
 import os
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _scripts import load_script
 
 from diffusers_am.adjoint import lean_adjoint
 from diffusers_am.control import optimal_control
@@ -203,9 +203,7 @@ def test_example_json_run(tmp_path):
 
 
 def test_example_exits_non_zero_when_a_check_fails(capsys):
-    spec = importlib.util.spec_from_file_location("gaussian_toy_example", REPO / "examples" / "gaussian_toy.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_script("examples/gaussian_toy.py", "gaussian_toy_example", register=False)
     threads = torch.get_num_threads()
     try:
         status = example.main(["--json", "--plot", "", "--fine-steps", "100", "--num-steps", "5", "--iterations", "2"])

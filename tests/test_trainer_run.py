@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # -- a tiny run writes everything ------------------------------------------------------------------
 def test_tiny_run_writes_adapter_grids_card_log(tiny_base, tmp_path, monkeypatch, capsys):
     from diffusers_am.pipelines.sit import SiTPipeline
-    from diffusers_am.training import hub
+    from diffusers_am.training import outputs as hub
 
     pushed = {}
     monkeypatch.setattr(hub, "prepare_repo", lambda repo, token=None: pushed.update(created=repo) or f"me/{repo[3:]}")
@@ -137,6 +137,8 @@ def test_resume_two_plus_two_equals_four(tiny_base, tmp_path):
         "1",
         "--learning_rate",
         "0.02",
+        "--adam_epsilon",  # Adam's step lr * g / (|g| + eps): the adapters compare gradient values, not signs
+        "1.0",
     ]
     straight = tmp_path / "straight"
     assert run(tiny_base, straight, *common) == 0
@@ -169,6 +171,75 @@ def test_resume_two_plus_two_equals_four(tiny_base, tmp_path):
     # `latest` in the run's own folder continues it, and the log keeps one record per step
     assert run(tiny_base, straight, *common, "--max_train_steps", "5", "--resume_from_checkpoint", "latest") == 0
     assert [r["step"] for r in read_log(straight)] == [1, 2, 3, 4, 5]
+
+
+def test_ema_adapter_is_the_ema_of_the_updates(tiny_base, tmp_path):
+    """--use_ema: the saved adapter is the EMA of the weights after each update (each checkpoint's adapter), with
+    diffusers EMAModel's rule written out here: decay 0 at update 1, then min(ema_decay, (1 + n) / (10 + n)) at
+    update n + 1; ema <- decay * ema + (1 - decay) * weights."""
+    out = tmp_path / "ema"
+    ema_decay = 0.2
+    args = ["--use_ema", "--ema_decay", str(ema_decay), "--max_train_steps", "3", "--checkpointing_steps", "1",
+            "--learning_rate", "0.05", "--adam_epsilon", "1.0"]
+    assert run(tiny_base, out, *args) == 0
+    updates = [load_file(out / f"checkpoint-{n}" / "pytorch_lora_weights.safetensors") for n in (1, 2, 3)]
+    saved = load_file(out / "pytorch_lora_weights.safetensors")
+    assert saved.keys() == updates[0].keys()
+    ema = dict(updates[0])
+    for n, weights in enumerate(updates[1:], start=1):
+        decay = min(ema_decay, (1 + n) / (10 + n))
+        ema = {k: decay * ema[k] + (1 - decay) * weights[k] for k in ema}
+    for k in saved:
+        torch.testing.assert_close(saved[k], ema[k], atol=1e-7, rtol=1e-6)
+    # the EMA is not the last update's weights (the rule above is what makes the test pass)
+    assert max(float((saved[k] - updates[-1][k]).abs().max()) for k in saved) > 1e-4 * max(
+        float(v.abs().max()) for k, v in saved.items() if "lora_B" in k
+    )
+
+
+def test_push_to_hub_uploads_the_run_files_and_its_card(tiny_base, tmp_path, monkeypatch):
+    """--push_to_hub end to end with the Hub replaced by a local folder: upload_folder's allow_patterns resolved by
+    huggingface_hub's own filter on the run folder give the uploaded set (adapter, card, grids, config, logs,
+    validation images; never checkpoints, the lock or the run marker), and the card is the run's."""
+    import shutil
+
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.utils import filter_repo_objects
+
+    remote = tmp_path / "remote"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "create_repo",
+                        lambda repo_id, exist_ok, token: huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}"))
+
+    def upload_folder(*, repo_id, folder_path, allow_patterns, token, **kwargs):
+        assert repo_id == "user/tiny-adapter" and not kwargs.get("path_in_repo")
+        local = [str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file()]
+        for name in filter_repo_objects(local, allow_patterns=allow_patterns, ignore_patterns=kwargs.get("ignore_patterns")):
+            (remote / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(Path(folder_path) / name, remote / name)
+        return huggingface_hub.CommitInfo(
+            commit_url=f"https://huggingface.co/{repo_id}/commit/0", commit_message="", commit_description="",
+            oid="0" * 40, pr_url=None,
+        )
+
+    monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
+    out = tmp_path / "run"
+    assert run(tiny_base, out, "--push_to_hub", "--hub_model_id", "user/tiny-adapter", "--checkpointing_steps", "1") == 0
+    uploaded = {str(p.relative_to(remote)) for p in remote.rglob("*") if p.is_file()}
+    validation = {str(p.relative_to(out)) for p in (out / "validation").rglob("*") if p.is_file()}
+    assert validation and uploaded == {
+        "pytorch_lora_weights.safetensors", "README.md", "samples.png", "comparison.png", "train_summary.json",
+        "training_config.json", "train_log.jsonl", *validation,
+    } | ({"validation_log.jsonl"} if (out / "validation_log.jsonl").is_file() else set())  # none at --validation_steps 0
+    assert list_checkpoints(out) and not any(name.startswith(("checkpoint-", ".")) for name in uploaded)
+    for name in uploaded:  # the files themselves, byte for byte
+        assert (remote / name).read_bytes() == (out / name).read_bytes(), name
+    card = (remote / "README.md").read_text()
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert 'pipe.load_lora_weights("user/tiny-adapter")' in card  # the card loads the adapter from the repo
+    assert str(tiny_base) in card and "ode-am" in card and "samples.png" in card
+    assert f"{summary['reward_before']:.4g}" in card and f"{summary['reward_after']:.4g}" in card
 
 
 def test_interrupted_checkpoint_leaves_previous_usable(tiny_base, tmp_path, monkeypatch):
@@ -212,12 +283,15 @@ def test_missing_or_corrupt_checkpoint_is_a_clear_error(tiny_base, tmp_path, cap
     before = snapshot(out)
     assert run(tiny_base, out, "--resume_from_checkpoint", str(tmp_path / "nope")) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert snapshot(out) == before
     assert run(tiny_base, tmp_path / "empty", "--resume_from_checkpoint", "latest") == 2
     assert "no complete checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "empty").exists() or snapshot(tmp_path / "empty") == {}
     (out / "checkpoint-1" / "trainable_params.safetensors").write_bytes(b"not a safetensors file")
     before = snapshot(out)
     assert run(tiny_base, out, "--resume_from_checkpoint", "latest") == 2
     assert "every checkpoint in" in capsys.readouterr().err  # checkpoint-1's checksums no longer match
+    assert snapshot(out) == before
     (out / "checkpoint-1" / "trainer_state.json").unlink()
     before = snapshot(out)
     assert run(tiny_base, out, "--resume_from_checkpoint", str(out / "checkpoint-1")) == 2
@@ -258,7 +332,7 @@ def test_nan_reward_skips_the_update_and_is_counted(tiny_base, tmp_path, caplog)
     assert json.loads((out / "train_summary.json").read_text())["skipped_updates"] == 1
 
 
-def test_bad_inputs_are_clear_and_keep_output_dir(tiny_base, tmp_path, capsys):
+def test_bad_inputs_are_clear_and_keep_output_dir(tiny_base, tmp_path, capsys, monkeypatch):
     out = tmp_path / "previous"
     assert run(tiny_base, out, "--max_train_steps", "1", "--num_eval_samples", "0") == 0  # an earlier run
     capsys.readouterr()
@@ -294,15 +368,12 @@ def test_bad_inputs_are_clear_and_keep_output_dir(tiny_base, tmp_path, capsys):
         (["--overwrite_output_dir", "--use_8bit_adam"], "bitsandbytes"),
         (["--overwrite_output_dir", "--lora_target_modules", "no_such_module"], "no_such_module"),
     ]
-    try:
-        import bitsandbytes  # noqa: F401
-
-        cases = [c for c in cases if "--use_8bit_adam" not in c[0]]
-    except ImportError:
-        pass
     for extra, message in cases:
         args = tiny_args(tiny_base, out) + extra
-        assert script.main(args) == 2, extra
+        with monkeypatch.context() as patch:
+            if "--use_8bit_adam" in extra:  # bitsandbytes is in the test extra: hide it (`import` raises ImportError)
+                patch.setitem(sys.modules, "bitsandbytes", None)
+            assert script.main(args) == 2, extra
         err = capsys.readouterr().err
         assert message in err, (extra, err)
         assert snapshot(out) == before, extra

@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import UserError
+from ..checks import int_at_least
+
 DEFAULT_K = 5
 
 
 def _check(features: torch.Tensor, name: str, k: int) -> torch.Tensor:
     if features.dim() != 2:
-        raise ValueError(f"`{name}` must be features [N, F]; got shape {tuple(features.shape)}.")
+        raise UserError(f"`{name}` must be features [N, F]; got shape {tuple(features.shape)}.")
     if features.shape[0] <= k:
-        raise ValueError(f"`{name}` has {features.shape[0]} samples; k = {k} nearest neighbours need at least {k + 1}.")
+        raise UserError(f"`{name}` has {features.shape[0]} samples; k = {k} nearest neighbours need at least {k + 1}.")
     if not torch.isfinite(features).all():
-        raise ValueError(f"`{name}` has non-finite values.")
+        raise UserError(f"`{name}` has non-finite values.")
     return features.detach().to(torch.float64)
 
 
@@ -39,9 +42,8 @@ def knn_radii(features: torch.Tensor, k: int = DEFAULT_K, chunk_size: int = 1024
 def prdc(real: torch.Tensor, fake: torch.Tensor, k: int = DEFAULT_K, chunk_size: int = 1024) -> dict[str, float]:
     """{"precision", "recall", "density", "coverage"} of ``fake`` [M, F] against ``real`` [N, F]."""
     if real.dim() == 2 and fake.dim() == 2 and real.shape[1] != fake.shape[1]:
-        raise ValueError(f"`real` and `fake` feature widths differ: {real.shape[1]} vs {fake.shape[1]}.")
-    if k < 1:
-        raise ValueError(f"`k` must be >= 1; got {k}.")
+        raise UserError(f"`real` and `fake` feature widths differ: {real.shape[1]} vs {fake.shape[1]}.")
+    int_at_least(k, "k", 1)
     r, f = _check(real, "real", k), _check(fake, "fake", k)
     f = f.to(r.device)
     r_rad, f_rad = knn_radii(r, k, chunk_size), knn_radii(f, k, chunk_size)

@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from ..errors import UserError
 from ..rewards.base import check_images
 
 PairDistance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -27,7 +28,7 @@ def one_minus_ms_ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     from pytorch_msssim import ms_ssim
 
     if min(x.shape[-2:]) <= 160:
-        raise ValueError(
+        raise UserError(
             f"1 - MS-SSIM needs images larger than 160 px (5 scales of an 11 px window); got {tuple(x.shape[-2:])}. "
             "Use the 'ssim' diversity metric for small images."
         )
@@ -72,9 +73,9 @@ def get_diversity_metric(name: str, *, features: Callable | None = None, lpips_k
         return one_minus_ssim
     if name == "feature_distance":
         if features is None:
-            raise ValueError("diversity metric 'feature_distance' needs `features` (a callable images -> [B, F]).")
+            raise UserError("diversity metric 'feature_distance' needs `features` (a callable images -> [B, F]).")
         return FeatureDistance(features)
-    raise ValueError(f"unknown diversity metric {name!r}; known: {', '.join(DIVERSITY_METRICS)}.")
+    raise UserError(f"unknown diversity metric {name!r}; known: {', '.join(DIVERSITY_METRICS)}.")
 
 
 def default_diversity_metrics(image_size: int, features: bool = True) -> tuple[str, ...]:
@@ -120,7 +121,7 @@ def within_prompt_diversity(
     images [N, C, H, W] in [0, 1]; conditions: N prompts or labels (groups of >= 2 needed)."""
     check_images(images)
     if len(conditions) != images.shape[0]:
-        raise ValueError(f"`conditions` has {len(conditions)} entries for {images.shape[0]} images: pass one per image.")
+        raise UserError(f"`conditions` has {len(conditions)} entries for {images.shape[0]} images: pass one per image.")
     per_group = []
     for idx in group_indices(conditions):
         if len(idx) < 2:
@@ -134,5 +135,5 @@ def within_prompt_diversity(
             dists.append(metric(images[a], images[b]).float().reshape(-1))
         per_group.append(torch.cat(dists).mean())
     if not per_group:
-        raise ValueError("within-prompt diversity needs at least 2 images for some prompt; use num_images_per_prompt >= 2.")
+        raise UserError("within-prompt diversity needs at least 2 images for some prompt; use num_images_per_prompt >= 2.")
     return torch.stack(per_group).mean().item()

@@ -16,6 +16,7 @@ import os
 from typing import Callable
 
 import torch
+from ..errors import UserError
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]
@@ -26,7 +27,7 @@ class ClipImageFeatures(torch.nn.Module):
 
     def __init__(self, path: str | os.PathLike = DEFAULT_CLIP, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()
-        from ..rewards._clip import build_clip_embedder
+        from ..rewards.clip import build_clip_embedder
 
         self.embedder = build_clip_embedder(str(path), device=device, dtype=dtype, need_tokenizer=False, argument="feature_extractor")
 
@@ -55,7 +56,7 @@ def load_feature_extractor(
 
         target = _user_callable(spec)
         return target() if isinstance(target, type) else target
-    raise ValueError(
+    raise UserError(
         f"unknown feature extractor {spec!r}; use 'clip', 'clip:<folder or Hub id>', 'digits', 'digits-heldout' "
         "or 'module:callable' (a callable images [B, C, H, W] -> [B, F])."
     )

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from ..errors import UserError
 
 MAX_LABEL_CHARS = 48
 """Longer row labels (prompts) are cut to this many characters, ending in '...'."""
@@ -21,7 +22,7 @@ def _tiles(images: torch.Tensor, nrow: int, pad: int) -> tuple[Any, list[tuple[i
     from PIL import Image
 
     if images.dim() != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"`images` must be [B, C, H, W] with C in (1, 3); got {tuple(images.shape)}.")
+        raise UserError(f"`images` must be [B, C, H, W] with C in (1, 3); got {tuple(images.shape)}.")
     b, c, h, w = images.shape
     cols = max(1, min(nrow, b))
     rows = (b + cols - 1) // cols
@@ -66,7 +67,7 @@ def _labelled(panels: Sequence[tuple[str | None, Any]], bands: list[tuple[int, i
     from PIL import Image, ImageDraw
 
     if row_labels is not None and len(row_labels) != len(bands):
-        raise ValueError(f"`row_labels` must name each of the {len(bands)} rows; got {len(row_labels)}.")
+        raise UserError(f"`row_labels` must name each of the {len(bands)} rows; got {len(row_labels)}.")
     width, height = panels[0][1].size
     tile = bands[0][1] - bands[0][0]
     font = _font(max(12, min(28, tile // 4)))
@@ -109,10 +110,10 @@ def comparison_grid(panels: dict[str, torch.Tensor], nrow: int, row_labels: Sequ
     """Several models' images of the same conditions and noise side by side: one titled panel per entry of
     ``panels`` (title -> [B, C, H, W] in [0, 1], the same shape for each), rows labelled once at the left."""
     if not panels:
-        raise ValueError("`panels` must hold at least one model's images.")
+        raise UserError("`panels` must hold at least one model's images.")
     shapes = {tuple(images.shape) for images in panels.values()}
     if len(shapes) != 1:
-        raise ValueError(f"every panel must hold images of the same shape; got {sorted(shapes)}.")
+        raise UserError(f"every panel must hold images of the same shape; got {sorted(shapes)}.")
     tiled = [(title, *_tiles(images, nrow, pad)) for title, images in panels.items()]
     labels = None if row_labels is None else [row_label(c) for c in row_labels]
     return _labelled([(title, image) for title, image, _ in tiled], tiled[0][2], labels)

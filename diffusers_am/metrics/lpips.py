@@ -23,7 +23,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..rewards._checkpoints import check_keys, torch_load, unwrap_state_dict
+from ..errors import UserError
+from ..checks import one_of
+from ..rewards.checkpoints import check_keys, torch_load, unwrap_state_dict
 from ..rewards.base import check_images
 
 # net -> (torchvision layout of `features` as (kind, args), indices after which a tapped ReLU sits)
@@ -79,9 +81,7 @@ class LPIPS(nn.Module):
 
     def __init__(self, net: str = "alex"):
         super().__init__()
-        if net not in NETS:
-            raise ValueError(f"`net` must be one of {sorted(NETS)}; got {net!r}.")
-        self.net = net
+        self.net = one_of(net, "net", sorted(NETS))
         self.trunk = Trunk(net)
         self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in NETS[net]["channels"])
         self.register_buffer("shift", torch.tensor(_SHIFT).view(1, 3, 1, 1), persistent=False)
@@ -97,10 +97,10 @@ class LPIPS(nn.Module):
         for name, t in (("x", x), ("y", y)):
             check_images(t, name=name)
         if x.shape != y.shape:
-            raise ValueError(f"`x` {tuple(x.shape)} and `y` {tuple(y.shape)} must have the same shape.")
+            raise UserError(f"`x` {tuple(x.shape)} and `y` {tuple(y.shape)} must have the same shape.")
         small = NETS[self.net]["min_size"]
         if min(x.shape[-2:]) < small:
-            raise ValueError(
+            raise UserError(
                 f"LPIPS-{self.net} needs images of at least {small} px (got {tuple(x.shape[-2:])}); "
                 "upsample them or use another diversity metric (e.g. 'feature_distance')."
             )
@@ -128,7 +128,7 @@ def _default_lin_file(net: str) -> Path:
 
 def _require(file: Path, what: str, how: str) -> Path:
     if not file.is_file():
-        raise ValueError(f"LPIPS {what} file {str(file)!r} not found (nothing is downloaded). {how}")
+        raise UserError(f"LPIPS {what} file {str(file)!r} not found (nothing is downloaded). {how}")
     return file
 
 
@@ -139,8 +139,7 @@ def load_lpips(
     device: torch.device | str | None = None,
 ) -> LPIPS:
     """A frozen LPIPS metric from the two weight files (see the module docstring for defaults)."""
-    if net not in NETS:
-        raise ValueError(f"`net` must be one of {sorted(NETS)}; got {net!r}.")
+    one_of(net, "net", sorted(NETS))
     trunk_file = Path(trunk_path) if trunk_path is not None else _default_dir() / NETS[net]["trunk_file"]
     _require(
         trunk_file, "trunk",

@@ -15,6 +15,7 @@ import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from ..errors import UserError
 
 if TYPE_CHECKING:
     from .base import FlowModelAdapter, LoraSettings
@@ -51,7 +52,7 @@ MODEL_OPTIONS = ("offload_text_encoder", "max_sequence_length")
 def adapter_class(pipeline_class_name: str) -> type[FlowModelAdapter]:
     """The adapter class for a pipeline class name; ValueError listing the supported ones."""
     if pipeline_class_name not in ADAPTERS:
-        raise ValueError(
+        raise UserError(
             f"pipeline class {pipeline_class_name!r} is not supported; supported pipelines: "
             f"{', '.join(sorted(ADAPTERS))}. See README 'Adding a model family'."
         )
@@ -110,7 +111,7 @@ def resolve_pretrained(name_or_path: str | os.PathLike) -> str:
     if text.lower() == SIT_XL_2.lower():
         if (Path(SIT_XL_2_FOLDER) / "model_index.json").is_file():
             return SIT_XL_2_FOLDER
-        raise ValueError(
+        raise UserError(
             f"`--pretrained_model_name_or_path` {text!r}: SiT has no diffusers pipeline on the Hub and there is no "
             f"converted folder ./{SIT_XL_2_FOLDER} here; {SIT_XL_2_HOWTO}."
         )
@@ -133,16 +134,16 @@ def pipeline_defaults(name_or_path: str | os.PathLike | None, section: str) -> d
     try:
         raw = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise ValueError(f"{str(path)!r} is not valid JSON ({err}); fix or remove it.") from None
+        raise UserError(f"{str(path)!r} is not valid JSON ({err}); fix or remove it.") from None
     values = raw.get(section, {}) if isinstance(raw, dict) else {}
     if not isinstance(values, dict):
-        raise ValueError(f"{str(path)!r}: {section!r} must be an object of option: value.")
+        raise UserError(f"{str(path)!r}: {section!r} must be an object of option: value.")
     out: dict[str, Any] = {}
     for key, value in values.items():
         if isinstance(value, str) and value.endswith(".txt"):
             target = folder / value
             if Path(value).name != value or not target.is_file() or target.is_symlink():
-                raise ValueError(f"{str(path)!r}: {section}.{key} names {value!r}, which is not a file in that folder.")
+                raise UserError(f"{str(path)!r}: {section}.{key} names {value!r}, which is not a file in that folder.")
             value = str(target)
         out[key] = value
     return out
@@ -173,7 +174,7 @@ def _hub_model_index(repo_id: str, typed: str, **hub_kwargs: Any) -> str:
     try:
         validate_repo_id(repo_id)
     except HFValidationError:
-        raise ValueError(
+        raise UserError(
             f"{where} is neither an existing local folder nor a Hub id (org/name): check the path, or use a "
             f"short name ({', '.join(SHORT_NAMES)})."
         ) from None
@@ -188,7 +189,7 @@ def _hub_model_index(repo_id: str, typed: str, **hub_kwargs: Any) -> str:
         except HfHubHTTPError as err:  # the Hub answered
             status = getattr(err.response, "status_code", None)
             if status is not None and status < 500:  # unknown, private or gated repo
-                raise ValueError(
+                raise UserError(
                     f"{where} is not a local folder (check the path) and the Hub refused it (HTTP {status}): "
                     f"check the id (short names: {', '.join(SHORT_NAMES)}), or log in with `hf auth login` "
                     "for a gated repo."
@@ -202,14 +203,14 @@ def _hub_model_index(repo_id: str, typed: str, **hub_kwargs: Any) -> str:
         )
         if isinstance(cached, str):
             return cached
-        raise ValueError(
+        raise UserError(
             f"{where} is not a local folder, not in the Hub cache, and {reason}; "
             f"{_download_hint(repo_id)}."
         )
     try:
         return hf_hub_download(repo_id, "model_index.json", **hub_kwargs)
     except Exception as err:  # the connection dropped between the two requests, a full disk ...
-        raise ValueError(
+        raise UserError(
             f"{where}: reading model_index.json from the Hub failed ({type(err).__name__}); "
             f"{_download_hint(repo_id)}."
         ) from err
@@ -225,13 +226,13 @@ def read_model_index(pretrained_model_name_or_path: str | os.PathLike, **hub_kwa
     if path.is_dir():
         index = path / "model_index.json"
         if not index.is_file():
-            raise ValueError(
+            raise UserError(
                 f"`--pretrained_model_name_or_path` {str(path)!r} is a folder without model_index.json: "
                 "point it at a diffusers pipeline folder (the one `pipe.save_pretrained` writes)."
             )
         return json.loads(index.read_text())
     if path.exists():
-        raise ValueError(
+        raise UserError(
             f"`--pretrained_model_name_or_path` {str(path)!r} is a file: pass a diffusers pipeline folder, a Hub id "
             f"or a short name ({', '.join(SHORT_NAMES)})."
         )
@@ -252,7 +253,7 @@ def load_model_adapter(pretrained_model_name_or_path: str | os.PathLike, **kwarg
         kwargs.pop("quantize_base", None)
         kwargs.pop("quantize_text_encoders", None)
     elif not cls.quantizable:
-        raise ValueError(
+        raise UserError(
             f"`--quantize_base {quantize}` applies to the FLUX.2-klein, FLUX.1 and SD3 transformers; "
             f"{index.get('_class_name')} ({cls.__name__}) cannot load a bitsandbytes-quantized base: pass "
             "`--quantize_base none`."
@@ -268,7 +269,7 @@ def model_adapter_for(pipeline: Any, **options: Any) -> FlowModelAdapter:
 
     if isinstance(pipeline, FlowModelAdapter):
         if options:
-            raise ValueError(
+            raise UserError(
                 f"{', '.join(sorted(options))}: pass them to the model adapter's constructor when you pass a "
                 "model adapter."
             )
@@ -276,7 +277,7 @@ def model_adapter_for(pipeline: Any, **options: Any) -> FlowModelAdapter:
     for klass in type(pipeline).__mro__:
         if klass.__name__ in ADAPTERS:
             return adapter_class(klass.__name__).from_pipeline(pipeline, **options)
-    raise ValueError(
+    raise UserError(
         f"`pipeline` is a {type(pipeline).__name__}, not a supported pipeline or a FlowModelAdapter; supported "
         f"pipelines: {', '.join(sorted(ADAPTERS))}."
     )

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..errors import UserError
 from ..flow import ConditionedFlow
 from . import lora as _lora
 from .lora import LoraSettings
@@ -52,7 +53,7 @@ class FlowModelAdapter(abc.ABC):
         unknown = sorted(set(options) - set(cls.options))
         if unknown:
             takes = f"it takes {', '.join(cls.options)}" if cls.options else "it takes none"
-            raise ValueError(
+            raise UserError(
                 f"{', '.join(f'`--{name}`' for name in unknown)} does not apply to {cls.__name__} ({takes}): drop it."
             )
 
@@ -100,7 +101,7 @@ class FlowModelAdapter(abc.ABC):
         everything else; return the trainable parameters (fp32). ValueError naming a bad rank, a target
         that matches no module, or an existing LoRA."""
         if self.has_lora:
-            raise ValueError("the transformer already has a LoRA adapter: load a fresh pipeline to add another.")
+            raise UserError("the transformer already has a LoRA adapter: load a fresh pipeline to add another.")
         config = _lora.lora_config(settings, self.default_lora_targets(), self.transformer)
         return _lora.add_lora(self.transformer, config)
 

@@ -21,7 +21,9 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
+from ..errors import UserError
 from ..adjoint import vjp_velocity
+from ..checks import positive_int
 from ..deprecation import resolve_dtype
 from .base import FlowModelAdapter
 from .lora import unmatched_lora_targets  # noqa: F401  (re-exported)
@@ -86,7 +88,7 @@ class FlowMatchAdapter(FlowModelAdapter):
 
     def __init__(self, pipeline: Any, *, offload_text_encoder: bool = False, max_sequence_length: int | None = None):
         if max_sequence_length is not None and (isinstance(max_sequence_length, bool) or int(max_sequence_length) < 1):
-            raise ValueError(f"`max_sequence_length` must be a positive integer or None; got {max_sequence_length!r}.")
+            raise UserError(f"`max_sequence_length` must be a positive integer or None; got {max_sequence_length!r}.")
         self.pipeline = pipeline
         self.offload_text_encoder = bool(offload_text_encoder)
         self.max_sequence_length = max_sequence_length
@@ -178,10 +180,14 @@ class FlowMatchAdapter(FlowModelAdapter):
         return cls._pipeline_class()
 
     # -- time -----------------------------------------------------------------------------
+    def resolution_multiple(self) -> int:
+        """What a resolution must be a multiple of: the VAE's factor times the 2x2 latent packing (or patch)."""
+        return self.pipeline.vae_scale_factor * 2
+
     def check_resolution(self, resolution: int) -> int:
-        multiple = self.pipeline.vae_scale_factor * 2
+        multiple = self.resolution_multiple()
         if isinstance(resolution, bool) or int(resolution) != resolution or resolution < multiple or resolution % multiple:
-            raise ValueError(
+            raise UserError(
                 f"`resolution` (height and width) must be a positive multiple of {multiple} for "
                 f"{type(self.pipeline).__name__}; got {resolution!r}."
             )
@@ -189,9 +195,7 @@ class FlowMatchAdapter(FlowModelAdapter):
 
     @staticmethod
     def _check_steps(num_inference_steps: int) -> int:
-        if isinstance(num_inference_steps, bool) or int(num_inference_steps) != num_inference_steps or num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be a positive integer; got {num_inference_steps!r}.")
-        return int(num_inference_steps)
+        return positive_int(num_inference_steps, "num_inference_steps")
 
     @abc.abstractmethod
     def _sigmas(self, num_inference_steps: int, resolution: int) -> torch.Tensor:
@@ -216,12 +220,12 @@ class FlowMatchAdapter(FlowModelAdapter):
         transformer's device only for this call. Prompts held by :meth:`cache_prompts`' cache come from it."""
         prompts = [conditions] if isinstance(conditions, str) else list(conditions)
         if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"`conditions` must be a non-empty list of prompt strings; got {conditions!r}.")
+            raise UserError(f"`conditions` must be a non-empty list of prompt strings; got {conditions!r}.")
         cache = getattr(self, "prompt_cache", None)
         if cache is not None and all(p in cache for p in prompts):
             return cache.encode(prompts)
         if not self._text_encoders():
-            raise ValueError(
+            raise UserError(
                 f"prompt(s) {[p for p in prompts if cache is None or p not in cache][:3]!r} are not in the prompt "
                 "cache and the text encoders were freed: add them to the prompts cached at set-up."
             )
@@ -293,7 +297,7 @@ class FlowMatchAdapter(FlowModelAdapter):
         """The guidance scale to use (None: the family default)."""
         g = self.default_guidance_scale if guidance_scale is None else float(guidance_scale)
         if not g == g or g < 0:
-            raise ValueError(f"`guidance_scale` must be a number >= 0; got {guidance_scale!r}.")
+            raise UserError(f"`guidance_scale` must be a number >= 0; got {guidance_scale!r}.")
         return g
 
     @abc.abstractmethod

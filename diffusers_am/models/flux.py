@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import UserError
 from .flowmatch import FlowMatchAdapter
 
 
@@ -82,10 +83,10 @@ class FluxAdapter(FlowMatchAdapter):
 
     def _predict(self, module, x: torch.Tensor, sigma: torch.Tensor, encoded: FluxPrompts, guidance_scale: float | None) -> torch.Tensor:
         if not isinstance(encoded, FluxPrompts):
-            raise ValueError(f"`encoded` must come from FluxAdapter.encode_conditions; got {type(encoded).__name__}.")
+            raise UserError(f"`encoded` must come from FluxAdapter.encode_conditions; got {type(encoded).__name__}.")
         b, c, h, w = x.shape
         if encoded.prompt_embeds.shape[0] != b:
-            raise ValueError(f"states have batch {b} but `encoded` holds {encoded.prompt_embeds.shape[0]} prompts.")
+            raise UserError(f"states have batch {b} but `encoded` holds {encoded.prompt_embeds.shape[0]} prompts.")
         pipe, dtype = self.pipeline, self.dtype
         tokens = pipe._pack_latents(x.to(dtype), b, c, h, w)
         img_ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, x.device, encoded.text_ids.dtype)
@@ -111,7 +112,7 @@ class FluxAdapter(FlowMatchAdapter):
         ``vae.decode``, ``* 0.5 + 0.5``, clamped as the stock postprocessing (zero gradient on
         saturated pixels)."""
         if x.dim() != 4:
-            raise ValueError(f"`x` must be latents [B, C, h, w]; got shape {tuple(x.shape)}.")
+            raise UserError(f"`x` must be latents [B, C, h, w]; got shape {tuple(x.shape)}.")
         vae = self.pipeline.vae
         z = x.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
         image = vae.decode(z, return_dict=False)[0]

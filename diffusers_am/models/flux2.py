@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..errors import UserError
 from .flowmatch import FlowMatchAdapter
 
 
@@ -120,10 +121,10 @@ class Flux2KleinAdapter(FlowMatchAdapter):
 
     def _predict(self, module: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor, encoded: Flux2Prompts, guidance_scale: float | None) -> torch.Tensor:
         if not isinstance(encoded, Flux2Prompts):
-            raise ValueError(f"`encoded` must come from Flux2KleinAdapter.encode_conditions; got {type(encoded).__name__}.")
+            raise UserError(f"`encoded` must come from Flux2KleinAdapter.encode_conditions; got {type(encoded).__name__}.")
         b, _, h, w = x.shape
         if encoded.prompt_embeds.shape[0] != b:
-            raise ValueError(f"states have batch {b} but `encoded` holds {encoded.prompt_embeds.shape[0]} prompts.")
+            raise UserError(f"states have batch {b} but `encoded` holds {encoded.prompt_embeds.shape[0]} prompts.")
         dtype = self.dtype
         tokens = self.pack(x.to(dtype))
         img_ids = self.pipeline._prepare_latent_ids(x).to(x.device)
@@ -157,7 +158,7 @@ class Flux2KleinAdapter(FlowMatchAdapter):
         ``* 0.5 + 0.5`` and clamp to [0, 1] exactly as the stock postprocessing does (the
         gradient is zero on saturated pixels)."""
         if x.dim() != 4:
-            raise ValueError(f"`x` must be patchified latents [B, C, h, w]; got shape {tuple(x.shape)}.")
+            raise UserError(f"`x` must be patchified latents [B, C, h, w]; got shape {tuple(x.shape)}.")
         vae = self.pipeline.vae
         z = x.to(vae.dtype)
         mean = vae.bn.running_mean.view(1, -1, 1, 1).to(z)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
+from ..errors import UserError
 
 
 @dataclass
@@ -53,13 +54,13 @@ def lora_config(settings: Any, default_targets: Sequence[str], model: torch.nn.M
     if isinstance(settings, LoraConfig):
         return settings
     if not isinstance(settings, LoraSettings):
-        raise ValueError(f"`settings` must be a LoraSettings or a peft.LoraConfig; got {type(settings).__name__}.")
+        raise UserError(f"`settings` must be a LoraSettings or a peft.LoraConfig; got {type(settings).__name__}.")
     if isinstance(settings.rank, bool) or not isinstance(settings.rank, int) or settings.rank < 1:
-        raise ValueError(f"LoRA `rank` must be a positive integer; got {settings.rank!r}.")
+        raise UserError(f"LoRA `rank` must be a positive integer; got {settings.rank!r}.")
     targets = list(settings.target_modules) if settings.target_modules else list(default_targets)
     missing = unmatched_lora_targets(model, targets)
     if missing:
-        raise ValueError(
+        raise UserError(
             f"LoRA target(s) {missing} match no Linear/Conv module of {type(model).__name__}; "
             f"fix `target_modules` (default for this family: {list(default_targets)})."
         )
@@ -78,7 +79,7 @@ def add_lora(model: torch.nn.Module, config: Any) -> list[torch.nn.Parameter]:
     from diffusers.training_utils import cast_training_params
 
     if has_lora(model):
-        raise ValueError("the transformer already has a LoRA adapter: load a fresh pipeline to add another.")
+        raise UserError("the transformer already has a LoRA adapter: load a fresh pipeline to add another.")
     model.requires_grad_(False)
     model.add_adapter(config)
     params = [p for n, p in model.named_parameters() if "lora_" in n]
@@ -93,7 +94,7 @@ def save_lora(pipeline_class: type, model: torch.nn.Module, save_directory: str,
     from peft.utils import get_peft_model_state_dict
 
     if not has_lora(model):
-        raise ValueError("no LoRA adapter to save: call `add_lora` first.")
+        raise UserError("no LoRA adapter to save: call `add_lora` first.")
     config = model.peft_config["default"]
     pipeline_class.save_lora_weights(
         save_directory,

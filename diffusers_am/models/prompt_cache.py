@@ -19,6 +19,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..errors import UserError
+from ..checks import positive_int
 from ..filemode import match_umask
 
 
@@ -45,12 +47,11 @@ class PromptEmbeddingCache:
         tensors), ``chunk_size`` prompts per call."""
         unique = list(dict.fromkeys(prompts))
         if not unique:
-            raise ValueError("the prompt cache needs at least one prompt.")
-        if isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1:
-            raise ValueError(f"`chunk_size` must be a positive integer; got {chunk_size!r}.")
+            raise UserError("the prompt cache needs at least one prompt.")
+        positive_int(chunk_size, "chunk_size")
         single = encode(unique[:1])
         if not dataclasses.is_dataclass(single):
-            raise ValueError(f"cannot cache encoded prompts of type {type(single).__name__} (not a dataclass).")
+            raise UserError(f"cannot cache encoded prompts of type {type(single).__name__} (not a dataclass).")
         rows: dict[str, dict[str, torch.Tensor]] = {p: {} for p in unique}
         shared: dict[str, torch.Tensor | None] = {}
         for start in range(0, len(unique), chunk_size):

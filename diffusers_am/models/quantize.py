@@ -13,6 +13,11 @@ Two routes to the same bitsandbytes layers (``bnb.nn.Linear4bit`` with NF4 / ``b
 
 PEFT puts its LoRA on these layers (``peft.tuners.lora.bnb``); the LoRA weights stay fp32. bitsandbytes is
 imported only here and only when a quantized base is asked for.
+
+The trainer's side (:func:`check_engine`, :func:`load_options`, :func:`prepare_passed`): a pipeline passed from
+Python that is already quantized is used as it is, an unquantized one is quantized in place; sharding engines
+(FSDP, DeepSpeed) would shard the packed weights and their quantization state apart, so they are refused at
+set-up, as are families without a quantizable transformer and a missing bitsandbytes.
 """
 
 from __future__ import annotations
@@ -21,6 +26,10 @@ import sys
 from typing import Any, Iterable
 
 import torch
+
+from ..errors import UserError
+from ..checks import one_of
+from .base import FlowModelAdapter
 
 QUANTIZE_CHOICES = ("none", "nf4", "int8")
 """Values of ``--quantize_base``."""
@@ -37,7 +46,7 @@ def require_bitsandbytes(mode: str):
     try:
         return import_bitsandbytes(f"--quantize_base {mode}")
     except ValueError:
-        raise ValueError(
+        raise UserError(
             f"`--quantize_base {mode}` needs bitsandbytes: `pip install bitsandbytes` (or `pip install "
             "diffusers-am[bnb]`), or pass `--quantize_base none`."
         ) from None
@@ -45,9 +54,7 @@ def require_bitsandbytes(mode: str):
 
 def check_mode(mode: str) -> str:
     """``mode`` if it is one of :data:`QUANTIZE_CHOICES`, else ValueError in one line."""
-    if mode not in QUANTIZE_CHOICES:
-        raise ValueError(f"`--quantize_base` must be one of {', '.join(QUANTIZE_CHOICES)}; got {mode!r}.")
-    return mode
+    return one_of(mode, "--quantize_base", QUANTIZE_CHOICES)
 
 
 def bnb_config(mode: str, compute_dtype: torch.dtype, skip: Iterable[str] = ()):
@@ -63,7 +70,7 @@ def bnb_config(mode: str, compute_dtype: torch.dtype, skip: Iterable[str] = ()):
         )
     if mode == "int8":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
-    raise ValueError("`--quantize_base none` has no quantization config.")
+    raise UserError("`--quantize_base none` has no quantization config.")
 
 
 def pipeline_quantization_config(mode: str, compute_dtype: torch.dtype, components: Iterable[str]):
@@ -166,3 +173,64 @@ def describe(pipeline: Any) -> str:
             if kind != "none":
                 parts.append(f"{name} {kind}")
     return ", ".join(parts) if parts else "none"
+
+
+# -- the trainer's side: load options, a passed pipeline, the engines refused ---------------------------
+
+
+def check_engine(kind: str, accelerator, what: str | None = None) -> None:
+    """ValueError in one line when a quantized base (``kind`` != none; ``what`` names it, default the flag) meets
+    FSDP or DeepSpeed."""
+    from accelerate.utils import DistributedType
+
+    if kind == "none":
+        return
+    engine = {DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DeepSpeed"}.get(
+        getattr(accelerator, "distributed_type", None)
+    )
+    if engine is not None:
+        subject = what or f"`--quantize_base {kind}`"
+        fix = "pass `--quantize_base none`" if what is None else "pass an unquantized pipeline"
+        raise UserError(
+            f"{subject}: {engine} shards the base's weights, and bitsandbytes' packed {kind} weights cannot be "
+            f"sharded: run on one process or with DDP (`accelerate launch --multi_gpu`), or {fix}."
+        )
+
+
+def load_options(mode: str, cache_prompt_embeddings: bool, device: torch.device) -> dict[str, Any]:
+    """Keyword options of ``load_model_adapter`` for ``--quantize_base mode`` (none: no options). ValueError in
+    one line when bitsandbytes is missing."""
+    if mode == "none":
+        return {}
+
+    require_bitsandbytes(mode)
+    # cached prompt embeddings free the text encoders right after set-up: quantizing them would only cost time
+    return {"quantize_base": mode, "quantize_text_encoders": not cache_prompt_embeddings, "device": device}
+
+
+def prepare_passed(
+    adapter: FlowModelAdapter, mode: str, cache_prompt_embeddings: bool, accelerator, dtype: torch.dtype
+) -> FlowModelAdapter:
+    """A passed pipeline under ``--quantize_base mode``: used as it is when its transformer is already quantized
+    (any method: a line says so when ``mode`` asks for something else), else quantized in place (none: as is)."""
+    held = quantization_of(adapter.transformer)
+    check_engine(held, accelerator, what=f"the pipeline passed has a quantized transformer ({held})")
+    if held != "none":
+        if mode not in ("none", held):
+            accelerator.print(
+                f"--quantize_base {mode}: the pipeline passed is already quantized ({held}); used as it is."
+            )
+        return adapter
+    if mode == "none":
+        return adapter
+    if not adapter.quantizable:
+        raise UserError(
+            f"`--quantize_base {mode}` applies to the FLUX.2-klein, FLUX.1 and SD3 transformers; "
+            f"{type(adapter).__name__} cannot take a bitsandbytes-quantized base: pass `--quantize_base none`."
+        )
+    require_bitsandbytes(mode)
+    components = ["transformer"]
+    if not cache_prompt_embeddings:
+        components += [n for n in adapter.pipeline.components if n.startswith("text_encoder")]
+    quantize_pipeline(adapter.pipeline, mode, dtype, components)
+    return adapter

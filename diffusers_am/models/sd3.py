@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import UserError
 from .flowmatch import FlowMatchAdapter, unmatched_lora_targets
 
 
@@ -38,14 +39,8 @@ class SD3Adapter(FlowMatchAdapter):
         names = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"]
         return [n for n in names if not unmatched_lora_targets(self.transformer, [n])]
 
-    def check_resolution(self, resolution: int) -> int:
-        multiple = self.pipeline.vae_scale_factor * self.transformer.config.patch_size
-        if isinstance(resolution, bool) or int(resolution) != resolution or resolution < multiple or resolution % multiple:
-            raise ValueError(
-                f"`resolution` (height and width) must be a positive multiple of {multiple} for "
-                f"{type(self.pipeline).__name__}; got {resolution!r}."
-            )
-        return int(resolution)
+    def resolution_multiple(self) -> int:
+        return self.pipeline.vae_scale_factor * self.transformer.config.patch_size
 
     def _latent_hw(self, resolution: int) -> int:
         return self.check_resolution(resolution) // self.pipeline.vae_scale_factor
@@ -83,10 +78,10 @@ class SD3Adapter(FlowMatchAdapter):
 
     def _predict(self, module, x: torch.Tensor, sigma: torch.Tensor, encoded: SD3Prompts, guidance_scale: float | None) -> torch.Tensor:
         if not isinstance(encoded, SD3Prompts):
-            raise ValueError(f"`encoded` must come from SD3Adapter.encode_conditions; got {type(encoded).__name__}.")
+            raise UserError(f"`encoded` must come from SD3Adapter.encode_conditions; got {type(encoded).__name__}.")
         b = x.shape[0]
         if encoded.prompt_embeds.shape[0] != b:
-            raise ValueError(f"states have batch {b} but `encoded` holds {encoded.prompt_embeds.shape[0]} prompts.")
+            raise UserError(f"states have batch {b} but `encoded` holds {encoded.prompt_embeds.shape[0]} prompts.")
         g = self.resolve_guidance(guidance_scale)
         cfg = g > 1.0
         hidden = x.to(self.dtype)
@@ -106,7 +101,7 @@ class SD3Adapter(FlowMatchAdapter):
         """[B, C, h, w] -> images [B, 3, 8h, 8w] in [0, 1]: ``z / scaling_factor + shift_factor``,
         ``vae.decode``, ``* 0.5 + 0.5``, clamped as the stock postprocessing."""
         if x.dim() != 4:
-            raise ValueError(f"`x` must be latents [B, C, h, w]; got shape {tuple(x.shape)}.")
+            raise UserError(f"`x` must be latents [B, C, h, w]; got shape {tuple(x.shape)}.")
         vae = self.pipeline.vae
         z = x.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
         image = vae.decode(z, return_dict=False)[0]

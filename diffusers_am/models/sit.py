@@ -24,7 +24,9 @@ from typing import Any, Sequence
 
 import torch
 
+from ..errors import UserError
 from ..adjoint import vjp_velocity
+from ..checks import positive_int
 from ..flow import ConditionedFlow
 from ..pipelines.sit import SiTPipeline
 from ..deprecation import resolve_dtype
@@ -46,7 +48,7 @@ class SiTFlow:
 
     def _check(self, x: torch.Tensor) -> None:
         if x.shape[0] != self.labels.shape[0]:
-            raise ValueError(f"states have batch {x.shape[0]} but {self.labels.shape[0]} class labels were encoded.")
+            raise UserError(f"states have batch {x.shape[0]} but {self.labels.shape[0]} class labels were encoded.")
 
     def _base(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.adapter.pipeline.predict_velocity(x, t, self.labels, self.guidance_scale)
@@ -83,7 +85,7 @@ class SiTAdapter(FlowModelAdapter):
 
     def __init__(self, pipeline: SiTPipeline):
         if not isinstance(pipeline, SiTPipeline):
-            raise ValueError(f"`pipeline` must be a SiTPipeline; got {type(pipeline).__name__}.")
+            raise UserError(f"`pipeline` must be a SiTPipeline; got {type(pipeline).__name__}.")
         self.pipeline = pipeline
         self.default_resolution = pipeline.resolution
         self.default_num_inference_steps = int(pipeline.config.get("default_num_inference_steps", 50))
@@ -111,7 +113,7 @@ class SiTAdapter(FlowModelAdapter):
     # -- sampling geometry ----------------------------------------------------------------
     def _check_resolution(self, resolution: int) -> None:
         if resolution != self.pipeline.resolution:
-            raise ValueError(
+            raise UserError(
                 f"`--resolution` {resolution} does not match this SiT model, built for "
                 f"{self.pipeline.resolution}x{self.pipeline.resolution} images; pass --resolution "
                 f"{self.pipeline.resolution}."
@@ -125,8 +127,7 @@ class SiTAdapter(FlowModelAdapter):
     def initial_noise(self, batch_size: int, resolution: int, generator: torch.Generator | None) -> torch.Tensor:
         """[B, C, s, s] fp32 standard normal states on ``device``."""
         self._check_resolution(resolution)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive integer; got {batch_size!r}.")
+        positive_int(batch_size, "batch_size")
         return self.pipeline.prepare_latents(batch_size, generator, self.device)
 
     # -- conditioning ---------------------------------------------------------------------
@@ -139,7 +140,7 @@ class SiTAdapter(FlowModelAdapter):
             if isinstance(c, torch.Tensor) and c.dim() == 0 and not c.is_floating_point():
                 c = int(c)
             if isinstance(c, bool) or not isinstance(c, numbers.Integral):
-                raise ValueError(
+                raise UserError(
                     f"`class_labels` for a class-conditional SiT model must be integers in "
                     f"[0, {self.pipeline.num_classes}); got {c!r}."
                 )
@@ -151,7 +152,7 @@ class SiTAdapter(FlowModelAdapter):
         """The paper-time flow for labels ``encoded`` [B]; CFG when ``guidance_scale > 1``."""
         scale = 1.0 if guidance_scale is None else float(guidance_scale)
         if not scale >= 0 or scale == float("inf"):
-            raise ValueError(f"`guidance_scale` must be a finite number >= 0; got {guidance_scale!r}.")
+            raise UserError(f"`guidance_scale` must be a finite number >= 0; got {guidance_scale!r}.")
         return SiTFlow(self, encoded, scale, train_module)
 
     # -- pixels ---------------------------------------------------------------------------

@@ -34,8 +34,9 @@ from typing import Any
 
 import torch
 
+from ..errors import UserError
 from ..deprecation import resolve_dtype
-from .sit_transformer import SiTTransformer2DModel
+from ..pipelines.sit_transformer import SiTTransformer2DModel
 
 SIT_HEADS_BY_HIDDEN = {1152: 16, 1024: 16, 768: 12, 384: 6}
 """num_heads of the official SiT-{XL,L,B,S} models by hidden size."""
@@ -68,7 +69,7 @@ def load_sit_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a SiT ``.pt`` (raw state dict, or train.py's ``{"ema": ...}``) or ``.safetensors`` file."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"`checkpoint_path` {str(path)!r} is not a file; pass the SiT .pt checkpoint.")
+        raise UserError(f"`checkpoint_path` {str(path)!r} is not a file; pass the SiT .pt checkpoint.")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -76,14 +77,14 @@ def load_sit_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # unreadable, truncated, not a torch / safetensors file, pickled objects
-        raise ValueError(
+        raise UserError(
             f"`checkpoint_path` {str(path)!r} is not a readable SiT checkpoint ({_first_sentence(err)}); "
             "pass the .pt state dict of github.com/willisma/SiT (or a .safetensors of it)."
         ) from err
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("ema"), dict):
         checkpoint = checkpoint["ema"]  # SiT's train.py checkpoints: use the EMA weights, like find_model
     if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        raise ValueError(f"`checkpoint_path` {str(path)!r} does not hold a SiT state dict (name -> tensor).")
+        raise UserError(f"`checkpoint_path` {str(path)!r} does not hold a SiT state dict (name -> tensor).")
     return checkpoint
 
 
@@ -118,7 +119,7 @@ def check_sit_keys(state_dict: dict[str, torch.Tensor]) -> int:
             parts.append(f"missing keys: {_name_keys(missing)}")
         if unexpected:
             parts.append(f"unexpected keys: {_name_keys(unexpected)}")
-        raise ValueError(
+        raise UserError(
             "not an official SiT/DiT state dict (" + "; ".join(parts) + "). Expected the keys of "
             "github.com/willisma/SiT models.SiT (x_embedder, pos_embed, t_embedder, y_embedder, blocks.{i}, "
             "final_layer)."
@@ -136,19 +137,19 @@ def sit_config_from_state_dict(
     num_patches = state_dict["pos_embed"].shape[-2]
     grid = int(round(num_patches**0.5))
     if grid * grid != num_patches:
-        raise ValueError(f"`pos_embed` has {num_patches} positions, not a square grid.")
+        raise UserError(f"`pos_embed` has {num_patches} positions, not a square grid.")
     if num_attention_heads is None:
         if hidden not in SIT_HEADS_BY_HIDDEN:
-            raise ValueError(
+            raise UserError(
                 f"hidden size {hidden} is not an official SiT size {sorted(SIT_HEADS_BY_HIDDEN)}; "
                 "pass `num_attention_heads` (--num_attention_heads)."
             )
         num_attention_heads = SIT_HEADS_BY_HIDDEN[hidden]
     if hidden % num_attention_heads:
-        raise ValueError(f"`num_attention_heads` {num_attention_heads} does not divide the hidden size {hidden}.")
+        raise UserError(f"`num_attention_heads` {num_attention_heads} does not divide the hidden size {hidden}.")
     out_channels = state_dict["final_layer.linear.weight"].shape[0] // (patch * patch)
     if out_channels not in (in_channels, 2 * in_channels):
-        raise ValueError(
+        raise UserError(
             f"final_layer.linear gives {out_channels} output channels; expected {in_channels} or "
             f"{2 * in_channels} (learn_sigma) for {in_channels} input channels."
         )
@@ -210,7 +211,7 @@ def sit_transformer_from_state_dict(
     table = model.pos_embed.pos_embed
     given = state_dict["pos_embed"].float().reshape(table.shape)
     if not torch.allclose(given, table, atol=1e-4):
-        raise ValueError(
+        raise UserError(
             "the checkpoint's `pos_embed` is not SiT's fixed 2-D sin-cos table for a "
             f"{config['sample_size'] // config['patch_size']}^2 grid (max abs diff "
             f"{float((given - table).abs().max()):.3g}); this converter supports the fixed table only."
@@ -220,7 +221,7 @@ def sit_transformer_from_state_dict(
     try:
         result = model.load_state_dict(converted, strict=False)
     except RuntimeError as err:  # shapes that disagree with the ones the config was read from
-        raise ValueError(f"inconsistent SiT checkpoint shapes: {err}") from err
+        raise UserError(f"inconsistent SiT checkpoint shapes: {err}") from err
     if result.missing_keys or result.unexpected_keys:  # a bug in the key map, not bad input
         raise RuntimeError(
             f"SiT key map incomplete: missing {result.missing_keys}, unexpected {result.unexpected_keys}"
@@ -246,7 +247,7 @@ def resolve_guidance_channels(guidance_channels: int | str | None, in_channels: 
         return int(guidance_channels)
     if isinstance(guidance_channels, int) and not isinstance(guidance_channels, bool):
         return guidance_channels
-    raise ValueError(
+    raise UserError(
         f"`guidance_channels` must be 'official', 'all' or a channel count; got {guidance_channels!r}."
     )
 
@@ -278,13 +279,13 @@ def convert_sit_checkpoint(
     try:
         transformer = sit_transformer_from_state_dict(state_dict, num_attention_heads, dtype)
     except ValueError as err:
-        raise ValueError(f"`checkpoint_path` {str(checkpoint_path)!r}: {err}") from err
+        raise UserError(f"`checkpoint_path` {str(checkpoint_path)!r}: {err}") from err
     channels = resolve_guidance_channels(guidance_channels, transformer.config.in_channels)
     if isinstance(vae, (str, os.PathLike)):
         try:
             vae = AutoencoderKL.from_pretrained(str(vae), dtype=dtype)
         except Exception as err:  # missing folder, offline, unknown repo ... 
-            raise ValueError(
+            raise UserError(
                 f"`vae` {str(vae)!r} is neither a local AutoencoderKL folder nor reachable on the Hub "
                 f"({type(err).__name__}); offline, download it elsewhere and pass its folder."
             ) from err

@@ -17,18 +17,19 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from ..errors import UserError
 
 
 def check_control_window(control_window: int | str, num_steps: int | None = None) -> int | None:
     """``"all"`` -> None; an integer K in [1, N] -> K. ValueError otherwise."""
     if isinstance(control_window, str):
         if control_window != "all":
-            raise ValueError(f"`control_window` must be 'all' or an integer K (the last K steps); got {control_window!r}.")
+            raise UserError(f"`control_window` must be 'all' or an integer K (the last K steps); got {control_window!r}.")
         return None
     if isinstance(control_window, bool) or int(control_window) != control_window or control_window < 1:
-        raise ValueError(f"`control_window` must be 'all' or a positive integer K; got {control_window!r}.")
+        raise UserError(f"`control_window` must be 'all' or a positive integer K; got {control_window!r}.")
     if num_steps is not None and control_window > num_steps:
-        raise ValueError(
+        raise UserError(
             f"`control_window` K={control_window} is larger than num_inference_steps={num_steps}; use K <= {num_steps} or 'all'."
         )
     return int(control_window)
@@ -38,9 +39,9 @@ def check_record(record_last_k: int | None, num_steps: int | None = None) -> int
     if record_last_k is None:
         return None
     if isinstance(record_last_k, bool) or int(record_last_k) != record_last_k or record_last_k < 1:
-        raise ValueError(f"`record_last_k` must be None or a positive integer K; got {record_last_k!r}.")
+        raise UserError(f"`record_last_k` must be None or a positive integer K; got {record_last_k!r}.")
     if num_steps is not None and record_last_k > num_steps:
-        raise ValueError(
+        raise UserError(
             f"`record_last_k` K={record_last_k} is larger than num_inference_steps={num_steps}; use K <= {num_steps}."
         )
     return int(record_last_k)
@@ -77,7 +78,7 @@ class ControlledVelocityMixin:
     def _am_in_window(self, ctl: _ControlState) -> bool:
         n = len(self.scheduler.timesteps)
         if ctl.window is not None and ctl.window > n:
-            raise ValueError(f"`control_window` K={ctl.window} is larger than num_inference_steps={n}.")
+            raise UserError(f"`control_window` K={ctl.window} is larger than num_inference_steps={n}.")
         return ctl.window is None or ctl.step >= n - ctl.window
 
     def _am_pre_hook(self, module, args, kwargs):
@@ -130,7 +131,7 @@ class ControlledVelocityMixin:
         """
         scale = float(control_scale)
         if not scale == scale:
-            raise ValueError(f"`control_scale` must be a finite number; got {control_scale!r}.")
+            raise UserError(f"`control_scale` must be a finite number; got {control_scale!r}.")
         steps = kwargs.get("num_inference_steps")
         if kwargs.get("sigmas") is not None:
             steps = len(kwargs["sigmas"])

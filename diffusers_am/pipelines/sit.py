@@ -46,8 +46,10 @@ from diffusers.loaders.lora_pipeline import SanaLoraLoaderMixin
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..errors import UserError
+from ..checks import finite_float, one_of, positive_int
 from ..deprecation import warn_deprecated
-from ..models.sit_transformer import SiTTransformer2DModel
+from .sit_transformer import SiTTransformer2DModel
 from .controlled import check_control_window
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -90,27 +92,27 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
     ):
         super().__init__()
         if not isinstance(transformer, SiTTransformer2DModel):
-            raise ValueError(f"`transformer` must be a SiTTransformer2DModel; got {type(transformer).__name__}.")
+            raise UserError(f"`transformer` must be a SiTTransformer2DModel; got {type(transformer).__name__}.")
         if vae is not None and getattr(vae.config, "latent_channels", None) != transformer.config.in_channels:
-            raise ValueError(
+            raise UserError(
                 f"`vae` has latent_channels={getattr(vae.config, 'latent_channels', None)} but the transformer "
                 f"takes in_channels={transformer.config.in_channels}."
             )
         if scheduler is not None and (
             not isinstance(scheduler, FlowMatchEulerDiscreteScheduler) or scheduler.config.use_dynamic_shifting
         ):
-            raise ValueError(
+            raise UserError(
                 "`scheduler` must be None (uniform paper-time grid) or a FlowMatchEulerDiscreteScheduler with "
                 f"a fixed shift (use_dynamic_shifting=False); got {type(scheduler).__name__}."
             )
-        _check_steps(default_num_inference_steps, "default_num_inference_steps")
+        positive_int(default_num_inference_steps, "default_num_inference_steps")
         channels = transformer.config.in_channels
         if guidance_channels is not None and (
             isinstance(guidance_channels, bool)
             or not isinstance(guidance_channels, (int, np.integer))
             or not 1 <= int(guidance_channels) <= channels
         ):
-            raise ValueError(
+            raise UserError(
                 f"`guidance_channels` must be None (guide every channel) or an integer in [1, {channels}] "
                 f"(the transformer's in_channels); got {guidance_channels!r}."
             )
@@ -141,7 +143,7 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
         res = self.resolution
         for value in (height, width):
             if value is not None and int(value) != res:
-                raise ValueError(
+                raise UserError(
                     f"`{name}` = {value} but this model was built for {res}x{res} images "
                     f"(sample_size {self.transformer.config.sample_size} x VAE factor {self.vae_scale_factor}); "
                     f"pass {res} or leave it unset."
@@ -151,26 +153,26 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
     def check_class_labels(self, class_labels: int | Sequence[int] | torch.Tensor, device=None) -> torch.Tensor:
         """Labels as a LongTensor [B]; ValueError for non-integers or labels outside [0, num_classes)."""
         if isinstance(class_labels, bool):
-            raise ValueError(f"`class_labels` must be integers in [0, {self.num_classes}); got {class_labels!r}.")
+            raise UserError(f"`class_labels` must be integers in [0, {self.num_classes}); got {class_labels!r}.")
         if isinstance(class_labels, int):
             class_labels = [class_labels]
         labels = torch.as_tensor(class_labels)
         if labels.dim() != 1 or labels.numel() == 0:
-            raise ValueError(
+            raise UserError(
                 f"`class_labels` must be a non-empty 1-D list of integers; got shape {tuple(labels.shape)}."
             )
         if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
-            raise ValueError(f"`class_labels` must be integers in [0, {self.num_classes}); got dtype {labels.dtype}.")
+            raise UserError(f"`class_labels` must be integers in [0, {self.num_classes}); got dtype {labels.dtype}.")
         bad = [int(v) for v in labels.tolist() if not 0 <= int(v) < self.num_classes]
         if bad:
-            raise ValueError(
+            raise UserError(
                 f"`class_labels` must lie in [0, {self.num_classes}) for this model; got {bad}."
             )
         return labels.long().to(device if device is not None else self._execution_device)
 
     def time_grid(self, num_inference_steps: int, device=None) -> torch.Tensor:
         """[N+1] increasing paper times from 0 to 1 (fp32)."""
-        n = _check_steps(num_inference_steps, "num_inference_steps")
+        n = positive_int(num_inference_steps, "num_inference_steps")
         device = device if device is not None else self._execution_device
         scheduler = getattr(self, "scheduler", None)
         if scheduler is None:
@@ -303,28 +305,26 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
             control_start: deprecated (FutureWarning): the paper time the control starts at; on the
                 uniform grid ``control_start = (N - K) / N`` is ``control_window = K``.
         """
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}; got {output_type!r}.")
+        one_of(output_type, "output_type", OUTPUT_TYPES)
         if not isinstance(guidance_scale, (int, float)) or not np.isfinite(guidance_scale) or guidance_scale < 0:
-            raise ValueError(f"`guidance_scale` must be a finite number >= 0; got {guidance_scale!r}.")
+            raise UserError(f"`guidance_scale` must be a finite number >= 0; got {guidance_scale!r}.")
         self.check_resolution(height, width)
         if control_start is not None:
             warn_deprecated("control_start", "control_window")
             if control_window != "all":
-                raise ValueError("pass either `control_window` or `control_start` (deprecated), not both.")
+                raise UserError("pass either `control_window` or `control_start` (deprecated), not both.")
         for name, value in (("control_scale", control_scale), ("control_start", control_start or 0.0)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
-                raise ValueError(f"`{name}` must be a finite number; got {value!r}.")
+            finite_float(value, name)
         if control_start is not None and not 0.0 <= control_start <= 1.0:
-            raise ValueError(f"`control_start` is a paper time in [0, 1]; got {control_start}.")
+            raise UserError(f"`control_start` is a paper time in [0, 1]; got {control_start}.")
         tensor_inputs = self._check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         device = self._execution_device
         labels = self.check_class_labels(class_labels, device)
         if num_inference_steps is None:
             num_inference_steps = self.config.default_num_inference_steps
-        window = check_control_window(control_window, _check_steps(num_inference_steps, "num_inference_steps"))
+        window = check_control_window(control_window, positive_int(num_inference_steps, "num_inference_steps"))
         if (control_scale != 1.0 or (control_start or 0.0) > 0.0 or window is not None) and not self.has_lora:
-            raise ValueError(
+            raise UserError(
                 "`control_scale` / `control_window` / `control_start` need a LoRA: call `load_lora_weights` first."
             )
         times = self.time_grid(num_inference_steps, device)
@@ -334,7 +334,7 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
             cfg = self.transformer.config
             expected = (labels.shape[0], cfg.in_channels, cfg.sample_size, cfg.sample_size)
             if tuple(latents.shape) != tuple(expected):
-                raise ValueError(f"`latents` must have shape {tuple(expected)}; got {tuple(latents.shape)}.")
+                raise UserError(f"`latents` must have shape {tuple(expected)}; got {tuple(latents.shape)}.")
             x = latents.to(device=device, dtype=torch.float32)
 
         n = len(times) - 1
@@ -370,17 +370,12 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
         if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
             tensor_inputs = callback.tensor_inputs
         elif not callable(callback):
-            raise ValueError(f"`callback_on_step_end` must be callable; got {type(callback).__name__}.")
+            raise UserError(f"`callback_on_step_end` must be callable; got {type(callback).__name__}.")
         names = list(tensor_inputs) if tensor_inputs is not None else ["latents"]
         bad = [name for name in names if name not in self._callback_tensor_inputs]
         if bad:
-            raise ValueError(
+            raise UserError(
                 f"`callback_on_step_end_tensor_inputs` {bad} not among {self._callback_tensor_inputs}."
             )
         return names
 
-
-def _check_steps(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 1:
-        raise ValueError(f"`{name}` must be a positive integer; got {value!r}.")
-    return int(value)

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..errors import UserError
 from .base import RewardModel, WeightedReward, check_images, check_reward_output, probe_reward, user_code_error
 
 # name -> "module:factory", imported lazily
@@ -37,6 +38,18 @@ REWARDS: dict[str, str] = {
     "shapes-heldout": "diffusers_am.rewards.shapes:load_shapes_heldout_reward",
     "shapes-gold": "diffusers_am.rewards.shapes:load_shapes_gold_reward",
 }
+
+EVALUATION_REWARDS: dict[str, tuple[str, ...]] = {
+    "digits": ("digits", "digits-heldout"),  # the embedded digits base: its training reward and held-out judge
+    "text": ("hpsv2", "pickscore", "imagereward", "clipscore", "aesthetic"),  # text pipelines: the paper's five
+}
+"""The rewards ``diffusers_am.evaluate`` scores by default, per kind of base model, in report order."""
+
+
+def evaluation_rewards(kind: str) -> list[str]:
+    """The registered rewards scored by default when evaluating a ``kind`` base (a key of
+    :data:`EVALUATION_REWARDS`: ``"digits"`` or ``"text"``); empty for any other kind."""
+    return list(EVALUATION_REWARDS.get(kind, ()))
 
 
 def register_reward(name: str, target: str | Callable) -> None:
@@ -61,22 +74,22 @@ def _user_callable(spec: str) -> Callable:
     if module_part.endswith(".py") or os.sep in module_part:
         path = Path(module_part)
         if not path.is_file():
-            raise ValueError(f"`--reward` {spec!r}: file {str(path)!r} does not exist.")
+            raise UserError(f"`--reward` {spec!r}: file {str(path)!r} does not exist.")
         mod_spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(mod_spec)
         try:
             mod_spec.loader.exec_module(module)
         except Exception as err:  # the user's file: a syntax error, or an error running it
-            raise ValueError(f"`--reward` {spec!r}: {user_code_error(err)}") from err
+            raise UserError(f"`--reward` {spec!r}: {user_code_error(err)}") from err
     else:
         try:
             module = importlib.import_module(module_part)
         except ImportError as err:
-            raise ValueError(f"`--reward` {spec!r}: cannot import module {module_part!r} ({err}).") from err
+            raise UserError(f"`--reward` {spec!r}: cannot import module {module_part!r} ({err}).") from err
         except Exception as err:  # the user's module: a syntax error, or an error running it
-            raise ValueError(f"`--reward` {spec!r}: importing {module_part!r} failed: {user_code_error(err)}") from err
+            raise UserError(f"`--reward` {spec!r}: importing {module_part!r} failed: {user_code_error(err)}") from err
     if not hasattr(module, attr) or not callable(getattr(module, attr)):
-        raise ValueError(f"`--reward` {spec!r}: module {module_part!r} has no callable {attr!r}.")
+        raise UserError(f"`--reward` {spec!r}: module {module_part!r} has no callable {attr!r}.")
     return getattr(module, attr)
 
 
@@ -106,12 +119,12 @@ def _parse_weighted(spec: str) -> dict[str, float] | None:
         except ValueError:
             return None
         if name in out:
-            raise ValueError(
+            raise UserError(
                 f"`--reward` {spec!r} names {name!r} twice; give each reward once with its total weight "
                 f"(e.g. {name}:{out[name] + value:g})."
             )
         if not math.isfinite(value) or value == 0.0:
-            raise ValueError(
+            raise UserError(
                 f"`--reward` {spec!r}: the weight of {name!r} is {weight.strip()!r}; a weight must be a finite "
                 "non-zero number (negative pushes that reward down), e.g. hpsv2:1.0,pickscore:0.5."
             )
@@ -126,7 +139,7 @@ def check_reward_spec(spec: str) -> None:
     spec = spec.strip()
     if spec in REWARDS or _parse_weighted(spec) is not None or (":" in spec and "," not in spec):
         return
-    raise ValueError(_unknown(spec))
+    raise UserError(_unknown(spec))
 
 
 def _unknown(spec: str) -> str:
@@ -153,10 +166,10 @@ def load_reward(
         return WeightedReward(parts, weighted)
     if ":" in spec and "," not in spec:
         return _user_callable(spec)
-    raise ValueError(_unknown(spec))
+    raise UserError(_unknown(spec))
 
 
 __all__ = [
-    "REWARDS", "RewardModel", "WeightedReward", "available_rewards", "check_images", "check_reward_output",
-    "check_reward_spec", "is_user_reward", "load_reward", "probe_reward", "register_reward", "user_code_error",
+    "EVALUATION_REWARDS", "REWARDS", "RewardModel", "WeightedReward", "available_rewards", "check_images", "check_reward_output",
+    "check_reward_spec", "evaluation_rewards", "is_user_reward", "load_reward", "probe_reward", "register_reward", "user_code_error",
 ]

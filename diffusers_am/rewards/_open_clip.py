@@ -15,7 +15,8 @@ from typing import Any, Mapping
 
 import torch
 
-from ._checkpoints import check_keys
+from ..errors import UserError
+from .checkpoints import check_keys
 
 # open_clip's model config for ViT-H-14 (the HPSv2 backbone): open_clip/model_configs/ViT-H-14.json
 VIT_H_14: dict[str, Any] = {
@@ -40,7 +41,7 @@ def clip_config_from_open_clip(cfg: Mapping[str, Any]) -> Any:
     act = "quick_gelu" if cfg.get("quick_gelu", False) else "gelu"
     head_width = v.get("head_width", 64)
     if v["width"] % head_width:
-        raise ValueError(f"`model_config`: vision width {v['width']} is not a multiple of head_width {head_width}.")
+        raise UserError(f"`model_config`: vision width {v['width']} is not a multiple of head_width {head_width}.")
     vision = dict(
         hidden_size=v["width"], intermediate_size=int(v["width"] * v.get("mlp_ratio", 4.0)),
         num_hidden_layers=v["layers"], num_attention_heads=v["width"] // head_width,

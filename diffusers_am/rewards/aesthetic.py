@@ -16,8 +16,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ._checkpoints import check_prompts, load_strict, place, resolve_file, torch_load, unwrap_state_dict
-from ._clip import ClipEmbedder, build_clip_embedder
+from .checkpoints import check_prompts, load_strict, place, resolve_file, torch_load, unwrap_state_dict
+from .clip import ClipEmbedder, build_clip_embedder
 from .base import check_images
 
 AESTHETIC_REPO = "camenduru/improved-aesthetic-predictor"

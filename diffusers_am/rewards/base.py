@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
+from ..errors import UserError
 
 
 @runtime_checkable
@@ -25,28 +26,28 @@ class RewardModel(Protocol):
 def check_images(images: torch.Tensor, channels: Sequence[int] = (1, 3), name: str = "images") -> None:
     """Raise ValueError unless ``images`` is [B, C, H, W] with C in ``channels`` and values in [0, 1]."""
     if images.dim() != 4 or images.shape[1] not in tuple(channels):
-        raise ValueError(
+        raise UserError(
             f"`{name}` must be [B, C, H, W] with C in {tuple(channels)}; got shape {tuple(images.shape)}."
         )
     lo, hi = float(images.detach().min()), float(images.detach().max())
     if lo < -1e-3 or hi > 1 + 1e-3:
-        raise ValueError(f"`{name}` must be floats in [0, 1] (decode with x * 0.5 + 0.5); got range [{lo:.3f}, {hi:.3f}].")
+        raise UserError(f"`{name}` must be floats in [0, 1] (decode with x * 0.5 + 0.5); got range [{lo:.3f}, {hi:.3f}].")
 
 
 def check_reward_output(rewards: Any, batch: int, name: str) -> torch.Tensor:
     """``rewards`` if it is a float Tensor [batch] (one value per image); ValueError naming ``name`` else."""
     if not isinstance(rewards, torch.Tensor):
-        raise ValueError(
+        raise UserError(
             f"reward {name!r} must return a torch.Tensor of shape [{batch}] (one value per image); "
             f"it returned a {type(rewards).__name__}."
         )
     if tuple(rewards.shape) != (batch,):
-        raise ValueError(
+        raise UserError(
             f"reward {name!r} must return one value per image, shape [{batch}]; "
             f"it returned shape {list(rewards.shape)}."
         )
     if not rewards.is_floating_point():
-        raise ValueError(f"reward {name!r} must return floating-point values; it returned {rewards.dtype}.")
+        raise UserError(f"reward {name!r} must return floating-point values; it returned {rewards.dtype}.")
     return rewards
 
 
@@ -77,13 +78,13 @@ def probe_reward(
     with torch.enable_grad():
         out = _call_user(lambda: reward(x, list(prompts)), name, x.shape[0], user_code)
         if not torch.equal(x.detach(), before):
-            raise ValueError(
+            raise UserError(
                 f"reward {name!r} changes its input images in place: compute on a copy (images * 2, not "
                 "images.mul_(2) or images.data.mul_(2)); other rewards and the grids read the same images."
             )
         out = check_reward_output(out, x.shape[0], name)
         if out.device != x.device:
-            raise ValueError(
+            raise UserError(
                 f"reward {name!r} returned its values on {out.device} for images on {x.device}: return them on "
                 "the images' device (e.g. `.to(images.device)`)."
             )
@@ -93,7 +94,7 @@ def probe_reward(
                 lambda: torch.autograd.grad(out.float().sum(), x, allow_unused=True), name, x.shape[0], user_code
             )
     if grad is None:
-        raise ValueError(
+        raise UserError(
             f"reward {name!r} is not differentiable in the images (its output is detached from them, e.g. computed "
             "under no_grad, with numpy or .item()); the trained methods need grad r(x): compute it with torch ops."
         )
@@ -109,7 +110,7 @@ def _call_user(call: Callable, name: str, batch: int, user_code: bool) -> Any:
         hint = ""
         if "in-place" in str(err) or "inplace" in str(err):
             hint = " It changes its input images in place: compute on a copy (images * 2, not images.mul_(2))."
-        raise ValueError(
+        raise UserError(
             f"reward {name!r} failed on {batch} images [B, C, H, W] in [0, 1] before training: "
             f"{user_code_error(err)}.{hint}"
         ) from err

@@ -31,6 +31,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
+from ..checks import one_of
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 RESIZE_RULES = ("shortest", "longest")
@@ -40,7 +43,7 @@ CROP_ROUNDINGS = ("floor", "round")
 def to_rgb(images: torch.Tensor) -> torch.Tensor:
     """[B, 1 or 3, H, W] -> [B, 3, H, W] (grey repeated)."""
     if images.dim() != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"`images` must be [B, 1 or 3, H, W]; got shape {tuple(images.shape)}.")
+        raise UserError(f"`images` must be [B, 1 or 3, H, W]; got shape {tuple(images.shape)}.")
     return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
 
@@ -72,10 +75,10 @@ def center_crop(images: torch.Tensor, size: int, rounding: str = "floor") -> tor
     """Crop the central ``size`` x ``size`` window; offset ``(H - size) / 2`` rounded down
     (``"floor"``, transformers) or to nearest-even (``"round"``, torchvision's ``CenterCrop``)."""
     if rounding not in CROP_ROUNDINGS:
-        raise ValueError(f"center_crop: `rounding` must be one of {CROP_ROUNDINGS}; got {rounding!r}.")
+        raise UserError(f"center_crop: `rounding` must be one of {CROP_ROUNDINGS}; got {rounding!r}.")
     h, w = images.shape[-2:]
     if h < size or w < size:
-        raise ValueError(f"center_crop: image {h}x{w} is smaller than the crop size {size}; resize first.")
+        raise UserError(f"center_crop: image {h}x{w} is smaller than the crop size {size}; resize first.")
     offset = (lambda excess: excess // 2) if rounding == "floor" else (lambda excess: int(round(excess / 2.0)))
     top, left = offset(h - size), offset(w - size)
     return images[..., top : top + size, left : left + size]
@@ -86,7 +89,7 @@ def pad_to_square(images: torch.Tensor, size: int, fill: float = 0.0) -> torch.T
     h, w = images.shape[-2:]
     pad_h, pad_w = size - h, size - w
     if pad_h < 0 or pad_w < 0:
-        raise ValueError(f"pad_to_square: image {h}x{w} is larger than {size}; resize first.")
+        raise UserError(f"pad_to_square: image {h}x{w} is larger than {size}; resize first.")
     return F.pad(images, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=fill)
 
 
@@ -109,12 +112,10 @@ class ClipPreprocess:
     clamp: bool = True
 
     def __post_init__(self) -> None:
-        if self.rule not in RESIZE_RULES:
-            raise ValueError(f"`rule` must be one of {RESIZE_RULES}; got {self.rule!r}.")
-        if self.crop not in CROP_ROUNDINGS:
-            raise ValueError(f"`crop` must be one of {CROP_ROUNDINGS}; got {self.crop!r}.")
+        one_of(self.rule, "rule", RESIZE_RULES)
+        one_of(self.crop, "crop", CROP_ROUNDINGS)
         if self.size < 1:
-            raise ValueError(f"`size` must be a positive pixel count; got {self.size}.")
+            raise UserError(f"`size` must be a positive pixel count; got {self.size}.")
 
     def pixels(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 1|3, H, W] in [0, 1] -> [B, 3, size, size] resized and cropped / padded, before

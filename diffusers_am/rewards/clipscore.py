@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ._clip import ClipEmbedder, build_clip_embedder
+from .clip import ClipEmbedder, build_clip_embedder
 
 CLIPSCORE_REPO = "openai/clip-vit-large-patch14"
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError
 from ..toy.digits import IMAGE_SIZE, DigitsClassifier, as_class_labels
 from .base import check_images
 
@@ -78,7 +79,7 @@ class DigitsReward(nn.Module):
     def forward(self, images: torch.Tensor, prompts: Sequence[Any]) -> torch.Tensor:
         """log p(prompts[i] | images[i]) for each sample: [B] fp32, <= 0."""
         if len(prompts) != images.shape[0]:
-            raise ValueError(
+            raise UserError(
                 f"`prompts` has {len(prompts)} class labels but `images` has batch size {images.shape[0]}; "
                 "pass one label per image."
             )
@@ -89,7 +90,7 @@ class DigitsReward(nn.Module):
 def _load(path: str | Path | None, default: Path, name: str, device, dtype) -> DigitsReward:
     folder = Path(path) if path is not None else default
     if not folder.is_dir():
-        raise ValueError(
+        raise UserError(
             f"reward {name!r}: classifier folder {str(folder)!r} does not exist. It must hold model.safetensors "
             f"and config.json as written by `python scripts/train_digits_classifiers.py` (shipped default: "
             f"{str(default)!r})."

@@ -18,8 +18,10 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ._checkpoints import load_strict, place, resolve_file, skip_init, torch_load, unwrap_state_dict
-from ._clip import ClipEmbedder, load_clip_tokenizer
+from ..errors import UserError
+from ..checks import one_of
+from .checkpoints import load_strict, place, resolve_file, skip_init, torch_load, unwrap_state_dict
+from .clip import ClipEmbedder, load_clip_tokenizer
 from ._open_clip import VIT_H_14, clip_config_from_open_clip, convert_open_clip_state_dict
 from .clip_preprocess import ClipPreprocess
 
@@ -48,11 +50,11 @@ def _model_config(model_config: Mapping[str, Any] | str | os.PathLike | None) ->
     else:
         file = Path(model_config)
         if not file.is_file():
-            raise ValueError(f"`model_config` {str(file)!r} is not a file: pass an open_clip model config JSON or a dict.")
+            raise UserError(f"`model_config` {str(file)!r} is not a file: pass an open_clip model config JSON or a dict.")
         cfg = json.loads(file.read_text())
     missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in cfg]
     if missing:
-        raise ValueError(f"`model_config` lacks {missing}: use open_clip's JSON layout (embed_dim, vision_cfg, text_cfg).")
+        raise UserError(f"`model_config` lacks {missing}: use open_clip's JSON layout (embed_dim, vision_cfg, text_cfg).")
     return cfg
 
 
@@ -70,8 +72,7 @@ def load_hpsv2(
     ``tokenizer_path``: CLIP BPE tokenizer folder or Hub id (default: ``path`` when it is a folder
     with tokenizer files, else ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``).
     ``model_config``: open_clip model config (dict or JSON file); default ViT-H-14."""
-    if version not in HPS_FILES:
-        raise ValueError(f"`version` must be one of {sorted(HPS_FILES)}; got {version!r}.")
+    one_of(version, "version", sorted(HPS_FILES))
     cfg = _model_config(model_config)
     file = resolve_file(path, default_repo=HPS_REPO, filename=HPS_FILES[version])
     state = unwrap_state_dict(torch_load(file), file)

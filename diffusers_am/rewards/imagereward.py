@@ -25,7 +25,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from ._checkpoints import check_keys, check_prompts, load_strict, place, skip_init, resolve_file, torch_load, unwrap_state_dict
+from ..errors import UserError
+from .checkpoints import check_keys, check_prompts, load_strict, place, skip_init, resolve_file, torch_load, unwrap_state_dict
 from .aesthetic import AestheticMLP
 from .base import check_images
 from .clip_preprocess import ClipPreprocess
@@ -135,7 +136,7 @@ def text_config_from_med(med: Mapping[str, Any], encoder_width: int) -> Any:
     needed = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"]
     missing = [k for k in needed if k not in med]
     if missing:
-        raise ValueError(f"`med_config.json` lacks {missing}: is it ImageReward's BERT config?")
+        raise UserError(f"`med_config.json` lacks {missing}: is it ImageReward's BERT config?")
     return BlipTextConfig(
         vocab_size=med["vocab_size"], hidden_size=med["hidden_size"], encoder_hidden_size=encoder_width,
         intermediate_size=med["intermediate_size"], num_hidden_layers=med["num_hidden_layers"],
@@ -157,12 +158,12 @@ def vision_config_from_state(state: Mapping[str, torch.Tensor], num_heads: int |
         pos = state["blip.visual_encoder.pos_embed"]
         mlp = state["blip.visual_encoder.blocks.0.mlp.fc1.weight"]
     except KeyError as err:
-        raise ValueError(f"checkpoint {source} lacks the BLIP image encoder key {err.args[0]!r}: is it ImageReward.pt?") from err
+        raise UserError(f"checkpoint {source} lacks the BLIP image encoder key {err.args[0]!r}: is it ImageReward.pt?") from err
     width = cls.shape[-1]
     depth = len({k.split(".")[3] for k in state if k.startswith("blip.visual_encoder.blocks.")})
     heads = num_heads or {1024: 16, 768: 12}.get(width)
     if heads is None or width % heads:
-        raise ValueError(f"checkpoint {source}: cannot infer the ViT head count for width {width}; pass `vision_heads`.")
+        raise UserError(f"checkpoint {source}: cannot infer the ViT head count for width {width}; pass `vision_heads`.")
     grid = math.isqrt(pos.shape[1] - 1)
     return BlipVisionConfig(
         hidden_size=width, intermediate_size=mlp.shape[0], num_hidden_layers=depth, num_attention_heads=heads,
@@ -177,7 +178,7 @@ def load_blip_tokenizer(source: str) -> Any:
     try:
         tok = BertTokenizer.from_pretrained(source)
     except Exception as err:
-        raise ValueError(
+        raise UserError(
             f"`tokenizer_path` {source!r}: cannot load the BERT tokenizer ({type(err).__name__}: {err}). "
             "Pass a local folder with vocab.txt (bert-base-uncased's)."
         ) from err
@@ -219,7 +220,7 @@ def load_imagereward(
         tokenizer_path = file.parent if (file.parent / "vocab.txt").is_file() else BERT_TOKENIZER_REPO
     tokenizer = load_blip_tokenizer(str(tokenizer_path))
     if len(tokenizer) > text_cfg.vocab_size:
-        raise ValueError(f"tokenizer {str(tokenizer_path)!r} has {len(tokenizer)} tokens but the text encoder only {text_cfg.vocab_size}.")
+        raise UserError(f"tokenizer {str(tokenizer_path)!r} has {len(tokenizer)} tokens but the text encoder only {text_cfg.vocab_size}.")
     # BLIP's transform: torchvision Resize + CenterCrop on the PIL image (crop offset rounded to nearest)
     preprocess = ClipPreprocess(size=vision_cfg.image_size, rule="shortest", crop="round")
     return place(ImageReward(model, tokenizer, preprocess), device, dtype)

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ._clip import ClipEmbedder, build_clip_embedder
+from .clip import ClipEmbedder, build_clip_embedder
 
 PICKSCORE_REPO = "yuvalkirstain/PickScore_v1"
 PICKSCORE_PROCESSOR_REPO = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"

@@ -7,6 +7,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..errors import UserError
 from .base import WeightedReward, check_reward_output
 
 
@@ -19,7 +20,7 @@ def score_rewards(
     Returns ``{name: r [B]}``; for a :class:`WeightedReward` also ``{f"{name}/{component}": r_i [B]}``
     (unweighted), with ``r = sum_i w_i r_i`` (the value the reward itself returns)."""
     if len(conditions) != images.shape[0]:
-        raise ValueError(f"`conditions` has {len(conditions)} entries for {images.shape[0]} images: pass one per image.")
+        raise UserError(f"`conditions` has {len(conditions)} entries for {images.shape[0]} images: pass one per image.")
     parts: dict[str, list[torch.Tensor]] = {}
     for s in range(0, images.shape[0], batch_size):
         chunk, prompts = images[s : s + batch_size], list(conditions[s : s + batch_size])

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError
+from ..checks import one_of
 from ..toy.serialization import CONFIG_NAME, WEIGHTS_NAME, ClassifierFolderMixin
 from ..toy.shapes import COLOURS, RESOLUTION, SHAPES, gold_check, parse_caption
 from .base import check_images
@@ -52,11 +54,10 @@ class ShapesClassifierConfig:
     def __post_init__(self) -> None:
         self.channels = [int(c) for c in self.channels]
         if not 1 <= len(self.channels) <= 4 or any(c <= 0 for c in self.channels):
-            raise ValueError(f"`channels` must list 1 to 4 positive ints; got {self.channels}.")
+            raise UserError(f"`channels` must list 1 to 4 positive ints; got {self.channels}.")
         if self.kernel_size % 2 != 1:
-            raise ValueError(f"`kernel_size` must be odd; got {self.kernel_size}.")
-        if self.activation not in _ACTIVATIONS:
-            raise ValueError(f"`activation` must be one of {sorted(_ACTIVATIONS)}; got {self.activation!r}.")
+            raise UserError(f"`kernel_size` must be odd; got {self.kernel_size}.")
+        one_of(self.activation, "activation", sorted(_ACTIVATIONS))
 
 
 class ShapesClassifier(ClassifierFolderMixin, nn.Module):
@@ -111,7 +112,7 @@ class ShapesReward(nn.Module):
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         check_images(images)
         if images.shape[1] != 3:
-            raise ValueError(f"shapes rewards take RGB images [B, 3, H, W]; got {images.shape[1]} channels.")
+            raise UserError(f"shapes rewards take RGB images [B, 3, H, W]; got {images.shape[1]} channels.")
         param = next(self.classifier.parameters())
         x = images.to(device=param.device, dtype=param.dtype)
         if x.shape[-2:] != (RESOLUTION, RESOLUTION):
@@ -126,7 +127,7 @@ class ShapesReward(nn.Module):
     def attribute_log_probs(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """[B, 4] log p of each caption attribute (left colour, left shape, right colour, right shape)."""
         if len(prompts) != images.shape[0]:
-            raise ValueError(f"`prompts` has {len(prompts)} captions but `images` has batch size {images.shape[0]}.")
+            raise UserError(f"`prompts` has {len(prompts)} captions but `images` has batch size {images.shape[0]}.")
         targets = captions_to_targets(prompts).to(images.device)
         heads = self.classifier.head_log_probs(self.preprocess(images))
         return torch.stack([h.gather(1, targets[:, i : i + 1]).squeeze(1) for i, h in enumerate(heads)], dim=1)
@@ -146,7 +147,7 @@ class ShapesGoldReward(nn.Module):
 def _load(path, default: Path, name: str, device, dtype) -> ShapesReward:
     folder = Path(path) if path is not None else default
     if not folder.is_dir():
-        raise ValueError(
+        raise UserError(
             f"reward {name!r}: classifier folder {str(folder)!r} does not exist; it must hold {WEIGHTS_NAME} and "
             f"{CONFIG_NAME} as written by `python scripts/train_shapes_classifiers.py` (shipped: {str(default)!r})."
         )
@@ -166,7 +167,7 @@ def load_shapes_heldout_reward(path=None, device=None, dtype=None) -> ShapesRewa
 def load_shapes_gold_reward(path=None, device=None, dtype=None) -> ShapesGoldReward:
     """The ``"shapes-gold"`` judge (no checkpoint: ``path`` must be None)."""
     if path is not None:
-        raise ValueError("reward 'shapes-gold' is a pixel checker with no checkpoint; drop its --reward_model_paths entry.")
+        raise UserError("reward 'shapes-gold' is a pixel checker with no checkpoint; drop its --reward_model_paths entry.")
     return ShapesGoldReward()
 
 

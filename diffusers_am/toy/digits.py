@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError
+from ..checks import one_of
 from .serialization import ClassifierFolderMixin
 
 NUM_CLASSES = 10
@@ -52,7 +54,7 @@ def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
 def digits_split(seed: int = 0, test_fraction: float = 0.2) -> DigitsSplit:
     """Stratified train / test split of the digits, fixed by ``seed``."""
     if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"`test_fraction` must be in (0, 1); got {test_fraction}.")
+        raise UserError(f"`test_fraction` must be in (0, 1); got {test_fraction}.")
     from sklearn.model_selection import train_test_split
 
     images, labels = load_digits_tensors()
@@ -97,17 +99,15 @@ class DigitsClassifierConfig:
     def __post_init__(self) -> None:
         self.channels = [int(c) for c in self.channels]
         if not self.channels or any(c <= 0 for c in self.channels):
-            raise ValueError(f"`channels` must be a non-empty list of positive ints; got {self.channels}.")
+            raise UserError(f"`channels` must be a non-empty list of positive ints; got {self.channels}.")
         if len(self.channels) > 4:
-            raise ValueError(f"`channels` has {len(self.channels)} stages; an 8x8 input allows at most 4.")
+            raise UserError(f"`channels` has {len(self.channels)} stages; an 8x8 input allows at most 4.")
         if self.kernel_size % 2 != 1 or self.kernel_size < 1:
-            raise ValueError(f"`kernel_size` must be an odd positive int; got {self.kernel_size}.")
-        if self.activation not in _ACTIVATIONS:
-            raise ValueError(f"`activation` must be one of {sorted(_ACTIVATIONS)}; got {self.activation!r}.")
-        if self.downsample not in _DOWNSAMPLE:
-            raise ValueError(f"`downsample` must be one of {_DOWNSAMPLE}; got {self.downsample!r}.")
+            raise UserError(f"`kernel_size` must be an odd positive int; got {self.kernel_size}.")
+        one_of(self.activation, "activation", sorted(_ACTIVATIONS))
+        one_of(self.downsample, "downsample", _DOWNSAMPLE)
         if self.feature_dim <= 0 or self.num_classes < 2:
-            raise ValueError("`feature_dim` must be positive and `num_classes` at least 2.")
+            raise UserError("`feature_dim` must be positive and `num_classes` at least 2.")
 
 
 class DigitsClassifier(ClassifierFolderMixin, nn.Module):
@@ -156,7 +156,7 @@ class DigitsClassifier(ClassifierFolderMixin, nn.Module):
 def classifier_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> float:
     """Top-1 accuracy of ``model`` (images [N, 1, 8, 8] in [0, 1] -> logits) on labels [N]."""
     if len(images) != len(labels) or len(labels) == 0:
-        raise ValueError(f"`images` ({len(images)}) and `labels` ({len(labels)}) must be non-empty and equal in length.")
+        raise UserError(f"`images` ({len(images)}) and `labels` ({len(labels)}) must be non-empty and equal in length.")
     correct = 0
     for start in range(0, len(labels), batch_size):
         logits = model(images[start : start + batch_size])
@@ -177,8 +177,8 @@ def as_class_labels(prompts: Sequence, num_classes: int = NUM_CLASSES, name: str
         elif hasattr(p, "__index__") and not isinstance(p, bool):
             p = int(p.__index__())
         else:
-            raise ValueError(f"`{name}`[{i}] = {p!r} is not a class label; pass integers in [0, {num_classes}).")
+            raise UserError(f"`{name}`[{i}] = {p!r} is not a class label; pass integers in [0, {num_classes}).")
         if not 0 <= p < num_classes:
-            raise ValueError(f"`{name}`[{i}] = {p} is out of range; class labels must be in [0, {num_classes}).")
+            raise UserError(f"`{name}`[{i}] = {p} is out of range; class labels must be in [0, {num_classes}).")
         labels.append(p)
     return torch.tensor(labels, dtype=torch.int64)

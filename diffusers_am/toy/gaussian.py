@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import UserError
+from ..checks import finite_float, int_at_least
 from ..control import check_order, optimal_control
 from ..flow import PlainBaseVJP
 from ..schedules import MemorylessSchedule
@@ -45,7 +47,7 @@ def _time(t: torch.Tensor | float) -> torch.Tensor:
 def _check_unit_interval(value: float, name: str) -> float:
     v = float(value)
     if not 0.0 <= v < 1.0:
-        raise ValueError(f"`{name}` must be a paper time in [0, 1) (0 noise, 1 data); got {value!r}.")
+        raise UserError(f"`{name}` must be a paper time in [0, 1) (0 noise, 1 data); got {value!r}.")
     return v
 
 
@@ -61,13 +63,11 @@ class GaussianToy:
 
     def __post_init__(self) -> None:
         for name in ("mean", "std", "reward_slope", "reward_scale"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"`{name}` must be a finite number; got {value!r}.")
+            finite_float(getattr(self, name), name)
         if self.std <= 0:
-            raise ValueError(f"`std` (s, the data standard deviation) must be > 0; got {self.std!r}.")
+            raise UserError(f"`std` (s, the data standard deviation) must be > 0; got {self.std!r}.")
         if self.reward_slope * self.reward_scale == 0:
-            raise ValueError("`reward_slope` and `reward_scale` must both be non-zero (else the control is zero).")
+            raise UserError("`reward_slope` and `reward_scale` must both be non-zero (else the control is zero).")
 
     # ----- the base flow -------------------------------------------------------------------
     def variance(self, t: torch.Tensor | float) -> torch.Tensor:
@@ -98,7 +98,7 @@ class GaussianToy:
     def reward(self, x: torch.Tensor) -> torch.Tensor:
         """r(x) = c * sum of coordinates: [B, ...] -> [B] (differentiable)."""
         if x.dim() < 1:
-            raise ValueError("`x` must be batched, shape [B, ...].")
+            raise UserError("`x` must be batched, shape [B, ...].")
         return self.reward_slope * x.reshape(x.shape[0], -1).sum(1)
 
     # ----- the control problem -------------------------------------------------------------
@@ -150,15 +150,13 @@ class GaussianToy:
         """delta = int_{t_s}^1 s u(t) / sqrt(D(t)) dt (Gauss-Legendre): the change of E X_1 made by a
         time-only control u (default: u* of ``order``) active on [window_start, 1]."""
         t_s = _check_unit_interval(window_start, "window_start")
-        if int(quadrature_nodes) < 2:
-            raise ValueError(f"`quadrature_nodes` must be >= 2; got {quadrature_nodes!r}.")
-        nodes, weights = np.polynomial.legendre.leggauss(int(quadrature_nodes))
+        nodes, weights = np.polynomial.legendre.leggauss(int_at_least(quadrature_nodes, "quadrature_nodes", 2))
         half = (1.0 - t_s) / 2.0
         t = torch.as_tensor(t_s + half * (nodes + 1.0), dtype=torch.float64)
         w = torch.as_tensor(half * weights, dtype=torch.float64)
         u = self.optimal_control(t, order) if control is None else control(t).to(torch.float64)
         if u.shape != t.shape:
-            raise ValueError(f"`control` must map [T] times to [T] values; got shape {tuple(u.shape)}.")
+            raise UserError(f"`control` must map [T] times to [T] values; got shape {tuple(u.shape)}.")
         return float((w * self.propagator(t) * u).sum())
 
     # ----- stochastic adjoint matching (memoryless, quadratic) -----------------------------
@@ -189,7 +187,7 @@ class MLPControl(nn.Module):
     def __init__(self, hidden: int = 32, depth: int = 2, time_frequencies: int = 3) -> None:
         super().__init__()
         if int(hidden) < 1 or int(depth) < 1 or int(time_frequencies) < 0:
-            raise ValueError(
+            raise UserError(
                 f"MLPControl needs hidden >= 1, depth >= 1, time_frequencies >= 0; "
                 f"got hidden={hidden}, depth={depth}, time_frequencies={time_frequencies}."
             )

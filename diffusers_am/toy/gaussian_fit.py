@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import UserError
+from ..checks import positive_int
 from ..control import check_order, optimal_control
 from ..flow import check_time_grid, check_truncation, sample_euler
 from ..objectives import ode_am_step
@@ -52,10 +54,9 @@ def train_toy_control(
     times = uniform_grid(num_steps)
     k = check_truncation(num_steps if truncate_steps is None else truncate_steps, int(num_steps))
     for name, value in (("iterations", iterations), ("batch_size", batch_size), ("hidden", hidden)):
-        if isinstance(value, bool) or int(value) != value or value < 1:
-            raise ValueError(f"`{name}` must be a positive integer; got {value!r}.")
+        positive_int(value, name)
     if not lr > 0 or not grad_clip > 0:
-        raise ValueError(f"`lr` and `grad_clip` must be > 0; got lr={lr!r}, grad_clip={grad_clip!r}.")
+        raise UserError(f"`lr` and `grad_clip` must be > 0; got lr={lr!r}, grad_clip={grad_clip!r}.")
     generator = torch.Generator().manual_seed(int(seed))
     with torch.random.fork_rng(devices=[]):  # seed the MLP's initial weights, leave the global RNG alone
         torch.manual_seed(int(seed))
@@ -80,9 +81,7 @@ def train_toy_control(
 
 def uniform_grid(num_steps: int) -> torch.Tensor:
     """[N+1] fp32 paper times 0, 1/N, ..., 1."""
-    if isinstance(num_steps, bool) or int(num_steps) != num_steps or num_steps < 1:
-        raise ValueError(f"`num_steps` must be a positive integer; got {num_steps!r}.")
-    return torch.linspace(0.0, 1.0, int(num_steps) + 1)
+    return torch.linspace(0.0, 1.0, positive_int(num_steps, "num_steps") + 1)
 
 
 @torch.no_grad()

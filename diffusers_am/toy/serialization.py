@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..errors import UserError
 from ..jsonio import dumps
 
 WEIGHTS_NAME = "model.safetensors"
@@ -48,13 +49,13 @@ class ClassifierFolderMixin:
         folder = Path(directory)
         missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / n).is_file()]
         if missing:
-            raise ValueError(
+            raise UserError(
                 f"{cls.__name__} folder {str(folder)!r} lacks {', '.join(missing)}: it must hold {WEIGHTS_NAME} "
                 f"and {CONFIG_NAME} as written by `{cls.__name__}.save_pretrained` ({cls.trained_by})."
             )
         raw = json.loads((folder / CONFIG_NAME).read_text())
         if raw.get("architecture", cls.__name__) != cls.__name__:
-            raise ValueError(f"{str(folder / CONFIG_NAME)!r} describes a {raw['architecture']!r}, not a {cls.__name__}.")
+            raise UserError(f"{str(folder / CONFIG_NAME)!r} describes a {raw['architecture']!r}, not a {cls.__name__}.")
         known = cls.config_class.__dataclass_fields__
         model = cls(cls.config_class(**{k: v for k, v in raw.items() if k in known}))
         load_model(model, str(folder / WEIGHTS_NAME), strict=True, device=str(device or "cpu"))

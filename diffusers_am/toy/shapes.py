@@ -34,6 +34,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
+from ..checks import one_of
+
 RESOLUTION = 32
 COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow")
 PALETTE = torch.tensor([[1.0, 0.15, 0.1], [0.1, 0.85, 0.2], [0.15, 0.3, 1.0], [1.0, 0.9, 0.1]])
@@ -61,7 +64,7 @@ def parse_caption(text: str) -> Composition:
     match = _CAPTION.match(str(text).lower())
     words = match.groups() if match else ()
     if not match or words[0] not in COLOURS or words[2] not in COLOURS or words[1] not in SHAPES or words[3] not in SHAPES:
-        raise ValueError(
+        raise UserError(
             f"prompt {text!r} is not a shapes caption: expected 'a <colour> <shape> to the left of a <colour> <shape>' "
             f"with colour in {', '.join(COLOURS)} and shape in {', '.join(SHAPES)}."
         )
@@ -165,8 +168,7 @@ def make_dataset(per_composition: int, split: str = "train", seed: int = 0, reso
     in a fixed order, drawn from ``torch.Generator().manual_seed(seed)``: the same arguments give the
     same tensors on every machine."""
     comps = {"train": train_compositions, "heldout": heldout_compositions, "all": all_compositions}
-    if split not in comps:
-        raise ValueError(f"`split` must be one of {', '.join(comps)}; got {split!r}.")
+    one_of(split, "split", comps)
     generator = torch.Generator().manual_seed(seed)
     images, rows = [], []
     for comp in comps[split]():
@@ -233,7 +235,7 @@ def find_objects(image: torch.Tensor) -> list[FoundObject]:
     nearest in chroma (RGB divided by the brightest channel). Components are 4-connected and of one
     colour; those under :data:`MIN_AREA` pixels are ignored."""
     if image.dim() != 3 or image.shape[0] != 3:
-        raise ValueError(f"`image` must be [3, H, W]; got shape {tuple(image.shape)}.")
+        raise UserError(f"`image` must be [3, H, W]; got shape {tuple(image.shape)}.")
     img = image.detach().float().cpu().clamp(0, 1)
     peak = img.max(dim=0).values
     fg = peak >= 0.5
@@ -255,9 +257,9 @@ def gold_check(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
     """Exact match [B] bool of images [B, 3, H, W] in [0, 1] against their captions: exactly two
     objects, the left one of the caption's first colour and shape, the right one of its second."""
     if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"`images` must be [B, 3, H, W]; got shape {tuple(images.shape)}.")
+        raise UserError(f"`images` must be [B, 3, H, W]; got shape {tuple(images.shape)}.")
     if len(prompts) != images.shape[0]:
-        raise ValueError(f"`prompts` has {len(prompts)} captions but `images` has batch size {images.shape[0]}.")
+        raise UserError(f"`prompts` has {len(prompts)} captions but `images` has batch size {images.shape[0]}.")
     out = []
     for image, prompt in zip(images, prompts):
         lc, ls, rc, rs = parse_caption(prompt)

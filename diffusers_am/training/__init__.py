@@ -10,7 +10,7 @@ from typing import Any
 
 _EXPORTS = {
     "AdjointMatchingTrainer": ".trainer",
-    "TrainResult": ".result",
+    "TrainResult": ".outputs",
     "TrainingConfig": ".config",
     "build_parser": ".config",
     "parse_args": ".config",

@@ -1,4 +1,4 @@
-"""Resumable checkpoints: accelerate ``save_state`` with hooks that save the LoRA adapter, written atomically.
+"""Resumable checkpoints, written atomically and checked when read back, and what a resume may change.
 
 A checkpoint ``output_dir/checkpoint-<step>/`` holds
   * ``trainable_params.safetensors``: the exact trainable (LoRA) tensors, by parameter name;
@@ -16,35 +16,39 @@ to the newest intact one; a folder whose name does not match its step, e.g. a re
 warning and never pruned). Resuming from an earlier checkpoint of a folder moves the later ones of the
 replaced updates aside (``superseded-<run>-checkpoint-<step>``), so ``latest`` never picks them. The free
 space is checked before each save; a save that fails keeps the previous checkpoints and says so in one line.
+
+Checksums: a checkpoint records ``{relative path: {"sha256": ..., "bytes": ...}}`` of every file it holds; resuming
+verifies them, so damaged bytes (a disk error, a partial copy) are found before they are trained on.
+
+What a resume may change: a checkpoint also records the config it was trained with. On resume, an option that
+defines the run (the model, method, K, N, p, reward, LoRA, batch, seed, optimizer, schedule, precision ...) must be
+what it was: changing it mid-run would silently train something else, so it is refused with one line naming it. The
+options in :data:`CHANGEABLE_ON_RESUME` may change; the new values are used from the resumed update on, and
+``training_config.json`` and the model card record them (the learning rate with its history).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, ContextManager, Iterable
 
 import torch
 
+from ..errors import UserError
 from ..filemode import match_umask
 from ..jsonio import write_json
-from .checksums import folder_checksums, verify_checksums
-from .collectives import any_process
+from .config import TrainingConfig
+from .console import warn
 from .disk import bytes_to_save, checkpoint_bytes_estimate, folder_bytes, format_bytes, free_bytes, write_failure
-from .engines import assign_full, is_deepspeed, is_fsdp2
-from .notices import warn
+from .engines import any_process, assign_full, is_deepspeed, is_fsdp2
+from .layout import CHECKPOINT_PREFIX, PARAMS_FILE, STATE_FILE, SUPERSEDED_PREFIX, TMP_PREFIX, TRAINING_STATE
 from .safe_state import capture_rng, load_state_dict, pickle_files, restore_rng, save_rng, save_state_dict
 
-CHECKPOINT_PREFIX = "checkpoint-"
-TMP_PREFIX = ".tmp-checkpoint-"
-STATE_FILE = "trainer_state.json"
-PARAMS_FILE = "trainable_params.safetensors"
-TRAINING_STATE = "training_state"
-"""``training_state.safetensors`` / ``.json``: optimizer, LR schedule, EMA, gradient scaler (:mod:`.safe_state`)."""
-SUPERSEDED_PREFIX = "superseded-"
 _NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 
@@ -64,7 +68,7 @@ def _state_step(path: Path) -> int | None:
 def _checked_step(state: Any) -> int:
     step = state["step"]
     if isinstance(step, bool) or not isinstance(step, int) or step < 1:
-        raise ValueError(f'"step" is {step!r}, not an update number >= 1')
+        raise UserError(f'"step" is {step!r}, not an update number >= 1')
     return step
 
 
@@ -100,7 +104,7 @@ def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
     an update number >= 1 or not the one in the folder's name (``checkpoint-<N>`` holds update N)."""
     path = Path(checkpoint) / STATE_FILE
     if not path.is_file():
-        raise ValueError(
+        raise UserError(
             f"`--resume_from_checkpoint` {str(checkpoint)!r} is not a complete checkpoint (no {STATE_FILE}); "
             "it may have been interrupted while being written. Pass an earlier checkpoint-<step> folder or 'latest'."
         )
@@ -108,13 +112,13 @@ def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
         state = json.loads(path.read_text(encoding="utf-8"))
         step = _checked_step(state)
     except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(
+        raise UserError(
             f"`--resume_from_checkpoint` {str(checkpoint)!r}: {str(path)!r} is corrupt ({err}); pass another "
             "checkpoint-<step> folder."
         ) from None
     named = _folder_step(Path(checkpoint))
     if named is not None and named != step:
-        raise ValueError(
+        raise UserError(
             f"`--resume_from_checkpoint` {str(checkpoint)!r} is named for update {named}, but its {STATE_FILE} "
             f"holds update {step} (renamed or edited); pass the checkpoint under its own name, "
             f"{CHECKPOINT_PREFIX}{step}."
@@ -147,7 +151,7 @@ def checkpoint_problem(checkpoint: str | Path, allow_pickle: bool = False) -> st
     phrase; None when it is intact."""
     try:
         state = read_trainer_state(checkpoint)
-    except ValueError:
+    except UserError:
         return f"no readable {STATE_FILE}"
     recorded = state.get("files")
     problem = _files_problem(recorded)
@@ -189,7 +193,7 @@ def resolve_checkpoint(spec: str, output_dir: str | Path, holds_run: bool = Fals
                 if holds_run
                 else "drop the flag to start a new run"
             )
-            raise ValueError(
+            raise UserError(
                 f"`--resume_from_checkpoint latest`: no complete checkpoint in {str(output_dir)!r}; {advice} "
                 "(save checkpoints with `--checkpointing_steps`)."
             )
@@ -204,7 +208,7 @@ def resolve_checkpoint(spec: str, output_dir: str | Path, holds_run: bool = Fals
                     warn(f"checkpoint {str(bad)!r} is damaged ({why}); {then}.")
                 return path
             damaged.append((path, problem))
-        raise ValueError(
+        raise UserError(
             f"`--resume_from_checkpoint latest`: every checkpoint in {str(output_dir)!r} is damaged (newest: "
             f"{damaged[0][0].name}, {damaged[0][1]}); pass another `--output_dir` to start a new run."
         )
@@ -212,7 +216,7 @@ def resolve_checkpoint(spec: str, output_dir: str | Path, holds_run: bool = Fals
     if not path.is_dir() and not path.is_absolute() and (Path(output_dir) / spec).is_dir():
         path = Path(output_dir) / spec
     if not path.is_dir():
-        raise ValueError(
+        raise UserError(
             f"`--resume_from_checkpoint` {spec!r} does not exist; pass a checkpoint-<step> folder "
             f"(in {str(output_dir)!r}: {[p.name for _, p in list_checkpoints(output_dir)]}) or 'latest'."
         )
@@ -221,7 +225,7 @@ def resolve_checkpoint(spec: str, output_dir: str | Path, holds_run: bool = Fals
         _refuse_pickle(path)
     problem = checkpoint_problem(path, allow_pickle=allow_pickle)
     if problem is not None:
-        raise ValueError(
+        raise UserError(
             f"`--resume_from_checkpoint` {str(path)!r} is damaged ({problem}); pass an earlier checkpoint-<step> "
             "folder, or 'latest' (the newest intact one)."
         )
@@ -229,7 +233,7 @@ def resolve_checkpoint(spec: str, output_dir: str | Path, holds_run: bool = Fals
 
 
 def _refuse_pickle(path: Path) -> None:
-    raise ValueError(
+    raise UserError(
         f"`--resume_from_checkpoint` {str(path)!r} is refused: {pickle_problem(path)}. Resume from a checkpoint "
         "this version wrote, or start a new run in another `--output_dir`."
     )
@@ -326,19 +330,19 @@ class CheckpointManager:
         if set(tensors) != set(self.named_params):
             missing = sorted(set(self.named_params) - set(tensors))[:3]
             extra = sorted(set(tensors) - set(self.named_params))[:3]
-            raise ValueError(
+            raise UserError(
                 f"trainable parameters differ from this run's LoRA (missing {missing}, unexpected {extra}); "
                 "resume with the same --rank, --lora_target_modules and model."
             )
         with torch.no_grad():
             for name, param in self.named_params.items():
                 if tensors[name].shape != param.shape:
-                    raise ValueError(
+                    raise UserError(
                         f"parameter {name!r} has shape {tuple(tensors[name].shape)} in the checkpoint, "
                         f"{tuple(param.shape)} in this run; resume with the same LoRA settings."
                     )
                 if not torch.isfinite(tensors[name]).all():
-                    raise ValueError(
+                    raise UserError(
                         f"`--resume_from_checkpoint` {input_dir!r} is damaged: {PARAMS_FILE} holds non-finite "
                         f"values in {name!r}; pass an earlier checkpoint."
                     )
@@ -366,13 +370,13 @@ class CheckpointManager:
         acc = self.accelerator
         problem = pickle_problem(folder)
         if problem is not None:  # checked at set-up already; never read one
-            raise ValueError(f"`--resume_from_checkpoint` {str(folder)!r} is refused: {problem}.")
+            raise UserError(f"`--resume_from_checkpoint` {str(folder)!r} is refused: {problem}.")
         self._load_hook([], str(folder))
         try:
             state = load_state_dict(folder, TRAINING_STATE)
             expected = set(self.states) | ({"grad_scaler"} if acc.scaler is not None else set())
             if set(state) != expected:
-                raise ValueError(f"{TRAINING_STATE}.json holds {sorted(state)}, this run needs {sorted(expected)}")
+                raise UserError(f"{TRAINING_STATE}.json holds {sorted(state)}, this run needs {sorted(expected)}")
             for name, obj in self.states.items():
                 if name == "ema":  # EMAModel keeps the loaded shadow weights as they are: put them on its device
                     loaded = zip(state[name]["shadow_params"], obj.shadow_params)
@@ -382,7 +386,7 @@ class CheckpointManager:
                 acc.scaler.load_state_dict(state["grad_scaler"])
             restore_rng(folder, acc.process_index)
         except (ValueError, KeyError, TypeError, IndexError, RuntimeError, OSError) as err:
-            raise ValueError(
+            raise UserError(
                 f"`--resume_from_checkpoint` {str(folder)!r} is damaged or was written by a different setup "
                 f"({type(err).__name__}: {err}); resume with the same options (--use_ema, --mixed_precision, ...), "
                 "or pass another checkpoint."
@@ -483,11 +487,147 @@ class CheckpointManager:
                 self.accelerator.load_state(str(checkpoint))
             else:
                 self._read_state(Path(checkpoint))
-        except ValueError:
+        except UserError:
             raise
         except Exception as err:
-            raise ValueError(
+            raise UserError(
                 f"`--resume_from_checkpoint` {str(checkpoint)!r} is corrupt or was written by a different setup "
                 f"({type(err).__name__}: {err}); pass another checkpoint or start a new run."
             ) from err
         return state
+
+
+# -- checksums of the files a checkpoint holds ---------------------------------------------------------------
+
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(_CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def folder_checksums(folder: str | Path, exclude: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
+    """{path relative to ``folder`` (posix): {"sha256", "bytes"}} of every file under it, but ``exclude``."""
+    root = Path(folder)
+    skip = set(exclude)
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_file() and rel not in skip:
+            out[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    return out
+
+
+def verify_checksums(folder: str | Path, recorded: dict[str, dict[str, Any]]) -> str | None:
+    """The first problem of ``folder`` against ``recorded`` checksums (a missing file, another size or
+    other bytes), as a short phrase; None when every recorded file is intact."""
+    root = Path(folder)
+    for rel, info in sorted(recorded.items()):
+        path = root / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        size = path.stat().st_size
+        if size != info.get("bytes", size):
+            return f"{rel} has {size} bytes, {info['bytes']} were written"
+        if sha256_file(path) != info.get("sha256"):
+            return f"{rel} does not match its recorded sha256"
+    return None
+
+
+# -- what a resume may change --------------------------------------------------------------------------------
+
+CHANGEABLE_ON_RESUME = frozenset(
+    {
+        "learning_rate",
+        "max_train_steps",
+        "checkpointing_steps",
+        "checkpoints_total_limit",
+        "validation_steps",
+        "validation_prompts",
+        "num_validation_images",
+        "validation_reward",
+        "validation_features",
+        "validation_diversity",
+        "num_eval_samples",
+        "gradient_checkpointing",
+        "cpu_threads",
+        "report_to",
+        "logging_dir",
+        "tracker_project_name",
+        "output_dir",
+        "overwrite_output_dir",
+        "resume_from_checkpoint",
+        "push_to_hub",
+        "hub_model_id",
+        "hub_token",
+    }
+)
+"""Options a resumed run may change (everything else must match the checkpoint's config)."""
+
+
+def _plain(config: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(config, default=str))
+
+
+def check_resume_config(saved: dict[str, Any] | None, config: TrainingConfig, checkpoint: str, step: int) -> dict:
+    """Compare ``config`` with the ``saved`` config of ``checkpoint`` (at update ``step``).
+
+    Returns {option: (old, new)} of the changed options that may change; raises ValueError naming the
+    first option that may not. A checkpoint without a recorded config (older format) is not checked."""
+    if config.max_train_steps < step:
+        raise UserError(
+            f"`--max_train_steps` {config.max_train_steps} is below update {step} of {checkpoint}; "
+            f"pass `--max_train_steps` >= {step}."
+        )
+    if not saved:
+        return {}
+    now = _plain(config.to_dict())
+    saved = _plain(saved)
+    changed = {}
+    for name, value in now.items():
+        if name not in saved or saved[name] == value:
+            continue
+        if name not in CHANGEABLE_ON_RESUME:
+            raise UserError(
+                f"`--{name}` was {saved[name]!r} in {checkpoint} and is {value!r} now; it cannot change when "
+                f"resuming: pass `--{name} {_flag_value(saved[name])}`, or start a new run in another `--output_dir`."
+            )
+        changed[name] = (saved[name], value)
+    return changed
+
+
+def _flag_value(value: Any) -> str:
+    if isinstance(value, list):
+        return " ".join(str(v) for v in value)
+    return "none" if value is None else str(value)
+
+
+def apply_learning_rate(optimizer: torch.optim.Optimizer, lr_scheduler: Any, learning_rate: float) -> None:
+    """Make ``learning_rate`` the base LR of a restored optimizer and (diffusers / torch ``LambdaLR``) schedule,
+    keeping the schedule's position: the LR of the next update is ``learning_rate * lambda(step)``."""
+    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate's AcceleratedScheduler wraps it
+    scheduler.base_lrs = [float(learning_rate)] * len(optimizer.param_groups)
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    for group, base, factor in zip(
+        optimizer.param_groups, scheduler.base_lrs, lambdas or [lambda _: 1.0] * len(optimizer.param_groups)
+    ):
+        group["initial_lr"] = base
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def learning_rate_text(history: list[tuple[int, float]], steps: int) -> str:
+    """The learning rate of a run for its model card: ``3e-3``, or ``3e-3 (updates 1-4), 1e-3 (updates 5-10)``
+    when a resume changed it; ``history`` holds (first update, learning rate) pairs in order."""
+    if len(history) <= 1:
+        return f"{history[0][1]:.4g}" if history else "n/a"
+    parts = []
+    for i, (start, lr) in enumerate(history):
+        end = history[i + 1][0] - 1 if i + 1 < len(history) else steps
+        parts.append(f"{lr:.4g} (updates {start}-{end})")
+    return ", ".join(parts)

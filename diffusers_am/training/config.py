@@ -2,11 +2,18 @@
 
 The command line is built from this dataclass (one ``--flag`` per field, its help text is the
 field's ``help``), and a ``--config`` YAML or JSON file may set any field; flags given on the
-command line override the file. ``TrainingConfig`` validates itself on construction and raises
-ValueError naming the bad field and the fix.
+command line override the file. ``TrainingConfig`` validates itself on construction and raises a
+:class:`~diffusers_am.errors.UserError` naming the bad field and the fix.
 
 Building the parser (``--help``) imports no torch: the method registry (:mod:`.methods`) and the control
 math are imported when a config is validated.
+
+Objects from Python: what ``AdjointMatchingTrainer`` takes besides the config: a pipeline or model adapter, a reward
+callable, a prompt list, a ``peft.LoraConfig`` and callbacks; checked, and recorded honestly in the config.
+
+Objects win over the config's strings. The config the run writes (``training_config.json``, the tracker, the
+model card) names what was passed instead of the string it replaced, e.g. reward
+``"<callable my_module.my_reward>"`` or pretrained ``"<pipeline object: FluxPipeline>"``.
 """
 
 from __future__ import annotations
@@ -20,12 +27,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..checks import int_at_least, one_of, positive_float
+from ..errors import UserError
 from ..models import pipeline_defaults, resolve_pretrained, short_names_help
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear", "cosine_with_restarts", "polynomial")
+
+
 MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
 TRACKERS = ("tensorboard", "wandb", "all", "none")
+
+
 MATCH_STATISTICS = ("none", "velocity", "reward_gain")
+
+
 SECRET_FIELDS = ("hub_token",)
 """Fields never written to the tracker, the config dump or the model card."""
 
@@ -292,8 +309,8 @@ class TrainingConfig:
         for f in dataclasses.fields(self):
             choices = _choices(f)
             value = getattr(self, f.name)
-            if choices is not None and value is not None and value not in choices:
-                raise ValueError(f"`--{f.name}` must be one of {', '.join(choices)}; got {value!r}.")
+            if choices is not None and value is not None:
+                one_of(value, f"--{f.name}", choices)
         from ..control import check_order
 
         self.reg_order = check_order(self.reg_order, "reg_order")
@@ -311,47 +328,42 @@ class TrainingConfig:
         for name in ("lr_warmup_steps", "validation_steps", "checkpointing_steps", "num_eval_samples", "seed"):
             _check_int(self, name, minimum=0)
         if self.seed >= 2**32:
-            raise ValueError(f"`--seed` must be below 2**32 (numpy's limit); got {self.seed}.")
+            raise UserError(f"`--seed` must be below 2**32 (numpy's limit); got {self.seed}.")
         optional_counts = ("num_inference_steps", "resolution", "checkpoints_total_limit", "cpu_threads")
         for name in (*optional_counts, "max_sequence_length", "micro_batch_size"):
             if getattr(self, name) is not None:
                 _check_int(self, name, minimum=1)
-        if self.num_inference_steps is not None and self.truncate_steps != "auto" and (
-            self.truncate_steps > self.num_inference_steps
-        ):
-            raise ValueError(
-                f"`--truncate_steps` (K={self.truncate_steps}) must not exceed `--num_inference_steps` "
-                f"(N={self.num_inference_steps}): lower K, or raise N; K = N is full adjoint matching."
-            )
+        if self.num_inference_steps is not None and self.truncate_steps != "auto":
+            from ..flow import check_truncation  # imports torch: validation only, never for --help
+
+            check_truncation(self.truncate_steps, self.num_inference_steps, "--truncate_steps")
         for name in ("learning_rate", "reward_scale", "max_grad_norm", "adam_epsilon"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"`--{name}` must be a finite number > 0; got {value!r}.")
+            positive_float(getattr(self, name), f"--{name}")
         for name in ("adam_beta1", "adam_beta2", "ema_decay"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                raise ValueError(f"`--{name}` must be in [0, 1); got {value!r}.")
+                raise UserError(f"`--{name}` must be in [0, 1); got {value!r}.")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
-            raise ValueError(
+            raise UserError(
                 f"`--lora_alpha` must be > 0 (the LoRA update is scaled by alpha / rank); got {self.lora_alpha!r}."
             )
         if self.adam_weight_decay < 0:
-            raise ValueError(f"`--adam_weight_decay` must be >= 0; got {self.adam_weight_decay!r}.")
+            raise UserError(f"`--adam_weight_decay` must be >= 0; got {self.adam_weight_decay!r}.")
         if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"`--lora_dropout` must be in [0, 1); got {self.lora_dropout!r}.")
+            raise UserError(f"`--lora_dropout` must be in [0, 1); got {self.lora_dropout!r}.")
         if not 0.0 < self.sde_t_min < 1.0:
-            raise ValueError(f"`--sde_t_min` must be in (0, 1); got {self.sde_t_min!r}.")
+            raise UserError(f"`--sde_t_min` must be in (0, 1); got {self.sde_t_min!r}.")
         if self.prompt_cache_dir is not None and not self.cache_prompt_embeddings:
-            raise ValueError("`--prompt_cache_dir` needs `--cache_prompt_embeddings`: add it, or drop the folder.")
+            raise UserError("`--prompt_cache_dir` needs `--cache_prompt_embeddings`: add it, or drop the folder.")
         if self.micro_batch_size is not None and self.micro_batch_size > self.train_batch_size:
-            raise ValueError(
+            raise UserError(
                 f"`--micro_batch_size` ({self.micro_batch_size}) must not exceed `--train_batch_size` "
                 f"({self.train_batch_size}): lower it, or leave it unset for the whole batch."
             )
         if not isinstance(self.reward, str) or not self.reward.strip():
-            raise ValueError("`--reward` must be a non-empty reward spec, e.g. 'digits'.")
+            raise UserError("`--reward` must be a non-empty reward spec, e.g. 'digits'.")
         if self.output_dir is not None and not self.output_dir:
-            raise ValueError("`--output_dir` must be a folder path.")
+            raise UserError("`--output_dir` must be a folder path.")
         if self.pretrained_model_name_or_path is not None:  # short names -> Hub ids (recorded so in the card)
             self.pretrained_model_name_or_path = resolve_pretrained(self.pretrained_model_name_or_path)
         if self.output_dir is None:
@@ -368,20 +380,20 @@ class TrainingConfig:
         if self.truncate_max_steps is not None:
             _check_int(self, "truncate_max_steps", minimum=self.truncate_min_steps)
             if self.num_inference_steps is not None and self.truncate_max_steps > self.num_inference_steps:
-                raise ValueError(
+                raise UserError(
                     f"`--truncate_max_steps` ({self.truncate_max_steps}) must not exceed `--num_inference_steps` "
                     f"({self.num_inference_steps}); lower it or leave it unset (N)."
                 )
         if not 0.0 < self.truncate_share <= 1.0:
-            raise ValueError(f"`--truncate_share` must be in (0, 1] (e.g. 0.3); got {self.truncate_share!r}.")
+            raise UserError(f"`--truncate_share` must be in (0, 1] (e.g. 0.3); got {self.truncate_share!r}.")
         if not 0.0 <= self.truncate_smoothing < 1.0:
-            raise ValueError(f"`--truncate_smoothing` must be in [0, 1); got {self.truncate_smoothing!r}.")
+            raise UserError(f"`--truncate_smoothing` must be in [0, 1); got {self.truncate_smoothing!r}.")
         for name, active, fix in (
             ("--truncate_steps auto", self.truncate_steps == "auto", "pass an integer --truncate_steps"),
             (f"--match_reward_scale {self.match_reward_scale}", self.match_reward_scale != "none", "drop the flag"),
         ):
             if active and self.method not in methods_with_control():
-                raise ValueError(
+                raise UserError(
                     f"`{name}` needs a method with a control to measure ({', '.join(methods_with_control())}); "
                     f"--method {self.method} has none: {fix}."
                 )
@@ -398,7 +410,7 @@ class TrainingConfig:
         for item in self.reward_model_paths or []:
             name, sep, path = str(item).partition("=")
             if not sep or not name or not path:
-                raise ValueError(f"`--reward_model_paths` entries must be name=path; got {item!r}.")
+                raise UserError(f"`--reward_model_paths` entries must be name=path; got {item!r}.")
             out[name] = path
         return out
 
@@ -419,12 +431,12 @@ class TrainingConfig:
     def from_dict(cls, values: dict[str, Any]) -> "TrainingConfig":
         """Build from a dict of fields (any subset); ValueError naming unknown keys."""
         if not isinstance(values, dict):
-            raise ValueError(
+            raise UserError(
                 f"`config` must be a TrainingConfig or a dict of its fields; got {type(values).__name__}."
             )
         unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise ValueError(
+            raise UserError(
                 f"unknown config field(s) {', '.join(unknown)}: see `python -m diffusers_am.train --help` "
                 "for the names."
             )
@@ -460,7 +472,7 @@ def parse_bool(value: Any, name: str) -> bool:
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in BOOL_WORDS:
         return BOOL_WORDS[value.strip().lower()]
-    raise ValueError(f"`--{name}` must be true or false (also yes/no, 1/0); got {value!r}.")
+    raise UserError(f"`--{name}` must be true or false (also yes/no, 1/0); got {value!r}.")
 
 
 def _kind(f: dataclasses.Field) -> tuple[str, bool]:
@@ -484,7 +496,7 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
     if value is None:
         if optional:
             return None
-        raise ValueError(f"`--{name}` must be set (it has no 'none' value).")
+        raise UserError(f"`--{name}` must be set (it has no 'none' value).")
     if kind == "bool":
         return parse_bool(value, name)
     if kind == "int":
@@ -492,7 +504,7 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
             return int(value.strip())
         if isinstance(value, bool) or not isinstance(value, int):
             also = " or 'auto'" if f.metadata.get("auto") else ""
-            raise ValueError(f"`--{name}` must be an integer{also}; got {value!r}.")
+            raise UserError(f"`--{name}` must be an integer{also}; got {value!r}.")
         return value
     if kind == "float":
         number = value
@@ -500,28 +512,26 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
             try:
                 number = float(value.strip())
             except ValueError:
-                raise ValueError(f"`--{name}` must be a number; got {value!r}.") from None
+                raise UserError(f"`--{name}` must be a number; got {value!r}.") from None
         if isinstance(number, bool) or not isinstance(number, (int, float)):
-            raise ValueError(f"`--{name}` must be a number; got {value!r}.")
+            raise UserError(f"`--{name}` must be a number; got {value!r}.")
         if not math.isfinite(number):
-            raise ValueError(f"`--{name}` must be a finite number; got {value!r}.")
+            raise UserError(f"`--{name}` must be a finite number; got {value!r}.")
         return float(number)
     if kind == "list":
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)) or not all(isinstance(v, (str, int)) for v in items):
-            raise ValueError(f"`--{name}` must be a list of strings; got {value!r}.")
+            raise UserError(f"`--{name}` must be a list of strings; got {value!r}.")
         return list(items)
     if value is False and "no" in (_choices(f) or ()):
         return "no"  # YAML reads an unquoted `mixed_precision: no` as false
     if not isinstance(value, str):
-        raise ValueError(f"`--{name}` must be a string; got {value!r}.")
+        raise UserError(f"`--{name}` must be a string; got {value!r}.")
     return value
 
 
 def _check_int(cfg: TrainingConfig, name: str, minimum: int) -> None:
-    value = getattr(cfg, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`--{name}` must be an integer >= {minimum}; got {value!r}.")
+    int_at_least(getattr(cfg, name), f"--{name}", minimum)
 
 
 def _split_list(value: Sequence[str] | str | None) -> list[str] | None:
@@ -539,28 +549,28 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a ``--config`` file: a YAML (.yaml / .yml) or JSON mapping of field names to values."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"`--config` {str(path)!r} is not a file.")
+        raise UserError(f"`--config` {str(path)!r} is not a file.")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise ValueError(f"`--config` {str(path)!r} is not a UTF-8 text file (YAML or JSON).") from None
+        raise UserError(f"`--config` {str(path)!r} is not a UTF-8 text file (YAML or JSON).") from None
     try:
         if path.suffix.lower() == ".json":
             values = json.loads(text, object_pairs_hook=_json_mapping(path))
         else:
             values = _load_yaml(text, path)
     except _DuplicateKey as dup:
-        raise ValueError(str(dup)) from None
+        raise UserError(str(dup)) from None
     except Exception as err:  # yaml.YAMLError, json.JSONDecodeError
-        raise ValueError(f"`--config` {str(path)!r} is not valid YAML/JSON: {err}") from err
+        raise UserError(f"`--config` {str(path)!r} is not valid YAML/JSON: {err}") from err
     if values is None:
         values = {}
     if not isinstance(values, dict):
-        raise ValueError(f"`--config` {str(path)!r} must hold a mapping of option names to values.")
+        raise UserError(f"`--config` {str(path)!r} must hold a mapping of option names to values.")
     values = _option_names(values, path)
     unknown = sorted(set(values) - set(FIELD_NAMES))
     if unknown:
-        raise ValueError(
+        raise UserError(
             f"`--config` {str(path)!r} has unknown option(s) {', '.join(unknown)}; "
             f"run `train_adjoint_matching.py --help` for the list."
         )
@@ -619,7 +629,7 @@ def _option_names(values: dict[Any, Any], path: Path) -> dict[str, Any]:
     for key, value in values.items():
         name = str(key).lstrip("-").replace("-", "_")
         if name in out:
-            raise ValueError(
+            raise UserError(
                 f"`--config` {str(path)!r} sets option {name!r} twice ({spelled[name]!r} and {str(key)!r}); "
                 "keep one of them."
             )
@@ -650,7 +660,7 @@ class BoolFlag(argparse.Action):
             return
         try:
             setattr(namespace, self.dest, True if values is None else parse_bool(values, self.dest))
-        except ValueError as err:
+        except UserError as err:
             parser.error(str(err))
 
 
@@ -732,8 +742,114 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainingConfig:
 
         check_reward_spec(config.reward)  # the CLI's --reward, before any model is loaded
         return config
-    except ValueError as err:
+    except UserError as err:
         match = re.match(r"`--(\w+)`", str(err))
         if match and match.group(1) in from_file and given.get(match.group(1)) is _UNSET:
-            raise ValueError(f"{str(err).rstrip('.')} (in `--config` {pre.config!r}).") from None
+            raise UserError(f"{str(err).rstrip('.')} (in `--config` {pre.config!r}).") from None
         raise
+
+
+# -- objects passed from Python, recorded honestly -----------------------------------------------------------
+
+CALLBACK_METHODS = ("on_train_begin", "on_update_end", "on_save", "on_train_end")
+"""The optional methods of a callback object, called on every process (check
+``trainer.accelerator.is_main_process`` to act once):
+
+* ``on_train_begin(trainer, ctx)``: after set-up (and a resume), before the base model's evaluation;
+  ``ctx`` is the run's :class:`~.context.RunContext`.
+* ``on_update_end(trainer, step, record)``: after update ``step`` (1-based) was logged; ``record`` is its
+  ``train_log.jsonl`` record (a copy: changing it changes nothing).
+* ``on_save(trainer, step, path)``: after the checkpoint of update ``step`` was written (``path``: its
+  folder; not called when the save was abandoned), and after the final adapter was written (``path``: the
+  ``.safetensors`` file on the main process, None elsewhere).
+* ``on_train_end(trainer, result)``: after the run's outputs are written, with the returned ``TrainResult``.
+"""
+
+
+def describe_object(obj: Any) -> str:
+    """``"<callable module.qualname>"``, ``"<pipeline object: FluxPipeline>"``, ``"<model adapter object: ...>"``."""
+    from ..models.base import FlowModelAdapter
+
+    if isinstance(obj, FlowModelAdapter):
+        return f"<model adapter object: {type(obj).__name__}>"
+    if hasattr(obj, "components") and hasattr(obj, "transformer"):
+        return f"<pipeline object: {type(obj).__name__}>"
+    target = obj if hasattr(obj, "__qualname__") else type(obj)
+    return f"<callable {getattr(target, '__module__', '?')}.{target.__qualname__}>"
+
+
+def is_object_record(value: Any) -> bool:
+    """Whether a config string is one of :func:`describe_object`'s records (not a name or a path)."""
+    return isinstance(value, str) and value.startswith("<") and value.endswith(">")
+
+
+def check_prompts(prompts: Any) -> list:
+    """A non-empty list of prompts (str) or class labels (int); ValueError naming ``prompts`` otherwise."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not len(prompts):
+        raise UserError(
+            "`prompts` must be a non-empty list of prompts or class labels (for a prompts file use the config's "
+            f"`prompts` field); got {type(prompts).__name__}."
+        )
+    bad = [p for p in prompts if isinstance(p, bool) or not isinstance(p, (str, int))]
+    if bad:
+        raise UserError(f"`prompts` holds {bad[0]!r}: pass strings (text-to-image) or ints (class labels).")
+    return list(prompts)
+
+
+def check_lora_config(lora_config: Any) -> Any:
+    """A ``peft.LoraConfig``; ValueError otherwise."""
+    from peft import LoraConfig
+
+    if not isinstance(lora_config, LoraConfig):
+        raise UserError(f"`lora_config` must be a peft.LoraConfig; got {type(lora_config).__name__}.")
+    return lora_config
+
+
+def check_callbacks(callbacks: Any) -> list:
+    """A list of objects each with at least one of :data:`CALLBACK_METHODS`; ValueError otherwise."""
+    if callbacks is None:
+        return []
+    items = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+    for cb in items:
+        if not any(callable(getattr(cb, name, None)) for name in CALLBACK_METHODS):
+            raise UserError(
+                f"callback {cb!r} has none of the methods {', '.join(CALLBACK_METHODS)}: add one, or drop it."
+            )
+    return items
+
+
+def record_objects(
+    config: TrainingConfig, *, pipeline: Any = None, reward: Any = None, prompts: list | None = None,
+    lora_config: Any = None,
+) -> TrainingConfig:
+    """A copy of ``config`` whose fields name the objects that replace them (``config`` is not changed)."""
+    changes: dict[str, Any] = {}
+    if pipeline is not None:
+        changes["pretrained_model_name_or_path"] = describe_object(pipeline)
+    if reward is not None:
+        changes["reward"] = describe_object(reward)
+    if prompts is not None:
+        kind = "class labels" if all(isinstance(p, int) for p in prompts) else "prompts"
+        changes["prompts"] = f"<list of {len(prompts)} {kind}>"
+    if lora_config is not None:
+        targets = lora_config.target_modules
+        changes.update(
+            rank=int(lora_config.r),
+            lora_alpha=float(lora_config.lora_alpha),
+            lora_dropout=float(lora_config.lora_dropout),
+            lora_target_modules=None if targets is None else [targets] if isinstance(targets, str) else sorted(targets),
+        )
+    return dataclasses.replace(config, **changes) if changes else config
+
+
+class Callbacks:
+    """The trainer's callbacks, called in order; a missing method is skipped."""
+
+    def __init__(self, callbacks: list):
+        self.callbacks = list(callbacks)
+
+    def __call__(self, event: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            method = getattr(cb, event, None)
+            if callable(method):
+                method(*args)

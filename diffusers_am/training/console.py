@@ -1,13 +1,22 @@
-"""Lines printed while the progress bar runs: a callback's ``print``, a warning, the trainer's own notes.
+"""What the person running the trainer sees printed: one-line notices, and lines kept above the progress bar.
 
-tqdm redraws its bar in place (``\\r``), so a plain ``print`` during the updates lands on the bar's line.
+Lines printed while the progress bar runs: a callback's ``print``, a warning, the trainer's own notes.
+
+tqdm redraws its bar in place (``\r``), so a plain ``print`` during the updates lands on the bar's line.
 :func:`lines_above_the_bar` sends every complete line written to ``sys.stdout`` / ``sys.stderr`` through
 ``tqdm.write`` (the bar is cleared, the line printed, the bar redrawn): tqdm's documented way to print
-beside a bar, applied to code that does not know about the bar (callbacks)."""
+beside a bar, applied to code that does not know about the bar (callbacks).
+
+One-line notices on stderr for the person running the trainer (``warning: ...``).
+
+Python's ``warnings`` print the warning's source line too; these are single lines, printed by the calling
+process (the trainer calls them on the main process only).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from typing import Any, Iterator, TextIO
 
@@ -54,3 +63,16 @@ def lines_above_the_bar() -> Iterator[TextIO]:
         out.flush()
         err.flush()
         sys.stdout, sys.stderr = stdout, stderr
+
+
+# -- one-line notices ----------------------------------------------------------------------------------------
+
+def prints_here() -> bool:
+    """Whether this process prints notices: not under a launcher, or its local rank 0 (every rank of
+    ``accelerate launch`` meets the same signals and errors; one line is enough)."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def warn(message: str) -> None:
+    """Print ``warning: <message>`` as one line on stderr."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)

@@ -5,15 +5,13 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
 from ..models.base import FlowModelAdapter
 from .config import TrainingConfig
-
-if TYPE_CHECKING:  # validation.py reads a RunContext: no runtime import either way
-    from .validation import ValidationMetrics
+from .methods import Method
 
 
 @dataclass
@@ -23,15 +21,19 @@ class RunContext:
     ``adapter`` is the model adapter (the per-family wrapper; "adapter" alone means the LoRA elsewhere);
     ``train_module`` is its transformer as ``accelerator.prepare`` wrapped it (e.g. DDP);
     ``params`` are the trainable LoRA parameters and ``named_params`` the same by name;
-    ``times`` [N+1] is the sampling grid, ``k_steps`` the truncation K of the method's next step;
-    ``eval_set`` holds the fixed (conditions, noise) of the before / after reward, ``validation``
-    the held-out validation metrics."""
+    ``method`` is the configured method (looked up once) and ``method_options`` its step's keyword arguments
+    fixed for the run (built once); ``times`` [N+1] is the sampling grid; ``eval_set`` holds the fixed
+    (conditions, noise) of the before / after reward, ``validation`` the held-out validation metrics (a
+    :class:`~.validation.ValidationMetrics`). K and lambda as the run uses them belong to
+    :class:`~.probes.ControlProbes`."""
 
     config: TrainingConfig
     accelerator: Any  # accelerate.Accelerator
     adapter: FlowModelAdapter
     train_module: torch.nn.Module
     reward: Callable
+    method: Method
+    method_options: dict[str, Any]
     params: list[torch.nn.Parameter]
     named_params: dict[str, torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
@@ -40,25 +42,13 @@ class RunContext:
     times: torch.Tensor
     resolution: int
     n_steps: int
-    k_steps: int
     output_dir: Path
     prompts: list
     val_prompts: list
     eval_set: tuple[list, torch.Tensor]
-    validation: ValidationMetrics
+    validation: Any  # validation.ValidationMetrics (validation.py reads a RunContext, so no import here)
     lr_history: list[tuple[int, float]] = field(default_factory=list)
     """(first update, learning rate) pairs: one, or more when a resume changed ``--learning_rate``."""
-    reward_scale: float | None = None
-    """lambda the updates use: ``--reward_scale``, or the matched lambda under ``--match_reward_scale``."""
-    truncation: Any | None = None
-    """The run's :class:`~diffusers_am.truncation.AdaptiveTruncation` under ``--truncate_steps auto`` (it
-    sets ``k_steps`` before each update), else None."""
-    reward_scale_match: dict[str, Any] | None = None
-    """What ``--match_reward_scale`` measured at set-up (None when off)."""
-
-    def __post_init__(self) -> None:
-        if self.reward_scale is None:
-            self.reward_scale = self.config.reward_scale
 
     @contextlib.contextmanager
     def ema_weights(self) -> Iterator[None]:

@@ -17,6 +17,8 @@ from typing import Iterable
 
 import torch
 
+from ..errors import UserError
+
 WRITE_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG, errno.EROFS, errno.EACCES,
                 errno.EPERM, errno.EIO}
 """OSError numbers that mean "the output folder cannot take this write" (not a bug in the trainer)."""
@@ -68,13 +70,13 @@ def check_writable(folder: str | Path, what: str = "`--output_dir`") -> None:
     existing parent, where it would be created): read-only disks, permissions and quotas fail here."""
     target = existing_parent(folder)
     if not target.is_dir():
-        raise ValueError(f"{what} {str(folder)!r}: {str(target)!r} is a file, not a folder; pass a folder path.")
+        raise UserError(f"{what} {str(folder)!r}: {str(target)!r} is a file, not a folder; pass a folder path.")
     try:
         fd, probe = tempfile.mkstemp(dir=target, prefix=".diffusers-am-write-test-")
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
-        raise ValueError(
+        raise UserError(
             f"{what} {str(folder)!r} is not writable ({err.strerror or err}); pass a folder you can write to."
         ) from None
 
@@ -83,7 +85,7 @@ def check_free_space(folder: str | Path, needed: int, what: str) -> None:
     """ValueError when the disk holding ``folder`` has fewer than ``needed`` bytes free (``what``: for what)."""
     free = free_bytes(folder)
     if free < needed:
-        raise ValueError(
+        raise UserError(
             f"`--output_dir` {str(folder)!r} has {format_bytes(free)} free; {what} needs about "
             f"{format_bytes(needed)}: free some space or pass an `--output_dir` on another disk."
         )

@@ -1,4 +1,5 @@
-"""What the trainer does differently under accelerate's FSDP2 (``fully_shard``), in one place.
+"""What differs between processes and engines: FSDP2, DeepSpeed ZeRO-2, agreement between processes, and
+``--compile``.
 
 Under FSDP2 the transformer's parameters are sharded DTensors: backward reduce-scatters (averages) the
 gradients itself, so updates run without ``no_sync`` and without the manual all-reduce; the trainable
@@ -15,6 +16,15 @@ backward of an update goes through ``engine.backward`` with the engine's own acc
 ``--max_grad_norm`` and steps (:func:`backward`, :func:`deepspeed_step`). The parameters stay whole on every
 process, so everything else (saving, the EMA, the base model's VJP through the unwrapped transformer) is
 the one-process code.
+
+Agreement between processes (:func:`any_process`, :func:`max_over_processes`): every rank takes the same
+decision (no-ops on one process).
+
+``--compile``: regional compilation of the transformer's repeated blocks with ``torch.compile``.
+
+Each repeated block (the classes a diffusers model lists in ``_repeated_blocks``, else every module of a
+``transformer_blocks`` / ``single_transformer_blocks`` ModuleList) is compiled in place, after the LoRA
+is added; the rest of the model runs eagerly. Compilation happens lazily in the first update.
 """
 
 from __future__ import annotations
@@ -23,6 +33,8 @@ import contextlib
 from typing import Iterator
 
 import torch
+
+from ..errors import UserError
 
 
 def is_fsdp2(accelerator) -> bool:
@@ -47,7 +59,7 @@ def configure_deepspeed(accelerator, micro_batch: int, max_grad_norm: float) -> 
     if not hasattr(constants, "MANAGED_GRADIENT_ACCUMULATION"):
         import deepspeed
 
-        raise ValueError(
+        raise UserError(
             f"DeepSpeed {deepspeed.__version__} cannot leave the gradient accumulation boundary to the trainer "
             "(an adjoint-matching update calls backward once per fine-tuned step); upgrade with "
             "`pip install -U deepspeed` (0.19.8 works)."
@@ -161,3 +173,42 @@ def gathered_params(ctx) -> Iterator[dict[str, torch.Tensor]]:
     ``ctx.named_params`` itself without FSDP2). Every process must enter."""
     with full_params(ctx):
         yield ctx.named_params
+
+
+# -- agreement between processes -----------------------------------------------------------------------------
+
+def any_process(accelerator, flag: bool) -> bool:
+    """True on every process when ``flag`` is true on at least one (one small all-reduce)."""
+    if accelerator.num_processes == 1:
+        return bool(flag)
+    total = accelerator.reduce(torch.tensor([float(bool(flag))], device=accelerator.device), "sum")
+    return bool(total.item() > 0)
+
+
+def max_over_processes(accelerator, value: int) -> int:
+    """The largest ``value`` over the processes, on every process."""
+    if accelerator.num_processes == 1:
+        return int(value)
+    values = accelerator.gather(torch.tensor([int(value)], device=accelerator.device))
+    return int(values.max().item())
+
+
+# -- --compile: regional compilation -------------------------------------------------------------------------
+
+def compile_repeated_blocks(model: torch.nn.Module, **compile_kwargs) -> int:
+    """Compile each repeated block of ``model`` in place; returns how many. ValueError when it has none."""
+    names = set(getattr(model, "_repeated_blocks", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        for attr in ("transformer_blocks", "single_transformer_blocks", "blocks"):
+            container = getattr(model, attr, None)
+            if isinstance(container, torch.nn.ModuleList):
+                blocks.extend(container)
+    if not blocks:
+        raise UserError(
+            f"`--compile`: {type(model).__name__} declares no repeated blocks (`_repeated_blocks` or a "
+            "`transformer_blocks` list); drop the flag."
+        )
+    for block in blocks:
+        block.compile(**compile_kwargs)
+    return len(blocks)

@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
+from ..errors import UserError
 from ..jsonio import dumps
 
-LOG_NAME = "train_log.jsonl"
 REQUIRED_FIELDS = (
     "step",
     "reward_mean",
@@ -72,7 +72,7 @@ class JsonlLog:
         try:
             text = self.path.read_text(encoding="utf-8")
         except UnicodeDecodeError as err:
-            raise ValueError(f"{str(self.path)!r} is not UTF-8 text ({err.reason}); restore it or resume into "
+            raise UserError(f"{str(self.path)!r} is not UTF-8 text ({err.reason}); restore it or resume into "
                              "a new `--output_dir`.") from None
         lines = text.split("\n")
         tail = lines.pop()  # "" when the file ends with a newline
@@ -83,13 +83,13 @@ class JsonlLog:
             try:
                 record = json.loads(line)
                 if not isinstance(record, dict) or isinstance(record.get("step"), bool):
-                    raise ValueError("not a record")
+                    raise UserError("not a record")
                 int(record.get("step", 0))
             except (ValueError, TypeError):
                 if number > len(lines):  # the last line, without its newline
                     torn = line
                     continue
-                raise ValueError(
+                raise UserError(
                     f"{str(self.path)!r} line {number} is not a JSON record with an integer step; restore the file "
                     "or remove that line, or resume into a new `--output_dir`."
                 ) from None
@@ -103,12 +103,12 @@ class JsonlLog:
             return
         records, torn = self._read()
         if torn is not None and max((int(r.get("step", 0)) for r in records), default=0) < step:
-            raise ValueError(  # the torn line may be update ``step``'s own record: do not guess
+            raise UserError(  # the torn line may be update ``step``'s own record: do not guess
                 f"{str(self.path)!r} line {len(records) + 1} is cut short and the lines before it stop before "
                 f"update {step}; restore the file, or resume into a new `--output_dir`."
             )
         if torn is not None:
-            from .notices import warn
+            from .console import warn
 
             warn(f"dropped the torn last line of {str(self.path)!r} (cut short by a crash while it was written).")
         kept = [r for r in records if int(r.get("step", 0)) <= step]

@@ -20,6 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import UserError
+from .layout import rng_file
+
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".bin", ".pt", ".pth", ".ckpt")
 """File endings of pickled state (accelerate's and torch.save's)."""
 
@@ -58,7 +61,7 @@ def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
             return {_decode(k, tensors): _decode(v, tensors) for k, v in value["dict"]}
         if set(value) == {"float"} and value["float"] in ("nan", "inf", "-inf"):
             return float(value["float"])
-        raise ValueError(f"unknown entry {sorted(value)}")
+        raise UserError(f"unknown entry {sorted(value)}")
     return value
 
 
@@ -82,15 +85,10 @@ def load_state_dict(folder: str | Path, name: str) -> dict[str, Any]:
         structure = json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
         state = _decode(structure, tensors)
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{name}.json / {name}.safetensors cannot be read ({type(err).__name__}: {err})") from None
+        raise UserError(f"{name}.json / {name}.safetensors cannot be read ({type(err).__name__}: {err})") from None
     if not isinstance(state, dict):
-        raise ValueError(f"{name}.json does not hold a state dict")
+        raise UserError(f"{name}.json does not hold a state dict")
     return state
-
-
-def rng_file(process_index: int) -> str:
-    """The file of one process's RNG states in a checkpoint."""
-    return f"rng_state_{process_index}.safetensors"
 
 
 def capture_rng() -> dict[str, torch.Tensor]:

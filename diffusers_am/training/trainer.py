@@ -7,12 +7,14 @@ It reaches the model only through its model adapter (:func:`diffusers_am.models.
 (:mod:`.methods`, whose step functions live in :mod:`diffusers_am.objectives`).
 
 The main process first claims the output folder (:mod:`.run_folder`: an empty, new or own-run folder,
-locked against a second trainer), checks the resume checkpoint (:mod:`.resume_policy`) and the Hub repo.
-Set-up then builds a :class:`~.context.RunContext` once, checking every input (the reward's contract, the
-free space) before the first write. The loop runs one :func:`.update.run_update` per update (micro-batches,
-the NaN skip, the single gradient all-reduce, the optimizer step), logs it, checkpoints (:mod:`.checkpoints`)
-and validates (:mod:`.validation`); SIGINT / SIGTERM stop it after the current update with a checkpoint
-(:mod:`.interrupts`); :mod:`.outputs` writes the finished run.
+locked against a second trainer), checks the resume checkpoint (:mod:`.checkpoints`) and the Hub repo.
+Set-up then builds a :class:`~.context.RunContext` once (the method looked up and its options built once),
+and the :class:`~.probes.ControlProbes` that own K and lambda, checking every input (the reward's contract,
+the free space) before the first write. The loop runs one :func:`.update.run_update` per update
+(micro-batches, the NaN skip, the single gradient all-reduce, the optimizer step) with K and lambda passed
+by name, logs it, checkpoints (:mod:`.checkpoints`) and validates (:mod:`.validation`); SIGINT / SIGTERM
+stop it after the current update with a checkpoint (:mod:`.stopping`); :mod:`.outputs` writes the finished
+run.
 """
 
 from __future__ import annotations
@@ -28,36 +30,61 @@ from typing import Any
 import torch
 from accelerate.logging import get_logger
 
-from ..flow import check_truncation
+from ..errors import RunStopped, UserError
 from ..jsonio import write_json
-from ..models import EMBEDDED_DIGITS_BASE, FlowModelAdapter, LoraSettings, load_model_adapter, model_adapter_for
-from ..models import read_model_index
+from ..models import (
+    EMBEDDED_DIGITS_BASE,
+    FlowModelAdapter,
+    LoraSettings,
+    load_model_adapter,
+    model_adapter_for,
+    quantize,
+    read_model_index,
+)
+from ..prompts import PromptSampler, _as_condition, check_class_labels, derive_seed, load_prompts
 from ..rewards import check_reward_output, is_user_reward, load_reward, probe_reward
-from .checkpoints import CheckpointManager, list_checkpoints, read_trainer_state, supersede_later
-from .claim import claim_run, run_entries
-from .config import TrainingConfig
-from .console import lines_above_the_bar
+from .checkpoints import (
+    CheckpointManager,
+    apply_learning_rate,
+    check_resume_config,
+    list_checkpoints,
+    read_trainer_state,
+    supersede_later,
+)
+from .config import Callbacks, TrainingConfig, check_callbacks, check_lora_config, check_prompts, record_objects
+from .console import lines_above_the_bar, warn
 from .context import RunContext
-from . import quantized_base
-from .control_probe import adaptive_truncation, match_reward_scale, refresh_window
-from .data import PromptSampler, _as_condition, check_class_labels, derive_seed, load_prompts
-from .engines import configure_deepspeed, full_params, full_tensors, gathered_params, is_deepspeed, is_fsdp2
-from .engines import trainable
 from .disk import bytes_to_save, check_free_space, checkpoint_bytes_estimate, tensor_bytes, write_failure
-from .errors import NOTHING_TRAINED_EXIT, RunStopped, nothing_trained
-from .interrupts import Interrupted, StopSignals, agree_to_stop
-from .logs import LOG_NAME, JsonlLog, finite_scalars, peak_memory_bytes
-from .objects import Callbacks, check_callbacks, check_lora_config, check_prompts, record_objects
-from .outputs import ADAPTER_NAME, CARD_NAME, CONFIG_NAME, GRID_NAME, save_adapter, write_outputs
-from .progress import RESUME_HINT, RunProgress
-from .result import TrainResult
-from .resume_policy import apply_learning_rate, check_resume_config
-from .run_folder import RunFolder
-from .methods import get_method
-from .notices import warn
+from .engines import configure_deepspeed, full_params, full_tensors, gathered_params, is_deepspeed, is_fsdp2, trainable
+from .layout import (
+    ADAPTER_NAME,
+    BASE_GRID_NAME,
+    CARD_NAME,
+    CONFIG_NAME,
+    GRID_NAME,
+    LOG_NAME,
+    VALIDATION_DIR,
+    VALIDATION_LOG_NAME,
+    run_entries,
+    validation_grid_name,
+)
+from .logs import JsonlLog, finite_scalars, peak_memory_bytes
+from .methods import get_method, step_options
+from .outputs import TrainResult, save_adapter, write_outputs
+from .probes import ControlProbes
+from .run_folder import RunFolder, claim_run
 from .safe_state import capture_rng
+from .stopping import (
+    NOTHING_TRAINED_EXIT,
+    RESUME_HINT,
+    Interrupted,
+    RunProgress,
+    StopSignals,
+    agree_to_stop,
+    nothing_trained,
+)
 from .update import check_in_sync, run_update
-from .validation import VALIDATION_LOG_NAME, ValidationMetrics, eval_reward, eval_set, validation_grid
+from .validation import ValidationMetrics, eval_reward, eval_set, validation_grid
 
 logger = get_logger(__name__)  # main process only
 
@@ -69,7 +96,7 @@ def _check_tracker(report_to: str) -> None:
     needed = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": []}.get(report_to, [])
     for package in needed:
         if importlib.util.find_spec(package) is None:
-            raise ValueError(
+            raise UserError(
                 f"`--report_to {report_to}` needs {package}: `pip install {package}`, or pass `--report_to none`."
             )
 
@@ -110,9 +137,9 @@ class AdjointMatchingTrainer:
         if isinstance(config, dict):
             config = TrainingConfig.from_dict(config)
         if not isinstance(config, TrainingConfig):
-            raise ValueError(f"`config` must be a TrainingConfig or a dict of its fields; got {type(config).__name__}.")
+            raise UserError(f"`config` must be a TrainingConfig or a dict of its fields; got {type(config).__name__}.")
         if reward is not None and not callable(reward):
-            raise ValueError(f"`reward` must be a callable (images, prompts) -> [B]; got {type(reward).__name__}.")
+            raise UserError(f"`reward` must be a callable (images, prompts) -> [B]; got {type(reward).__name__}.")
         self.pipeline = pipeline
         self.reward = reward
         self.prompt_list = check_prompts(prompts) if prompts is not None else None
@@ -166,13 +193,13 @@ class AdjointMatchingTrainer:
         cfg, accelerator = self.config, self.accelerator
         if self.pipeline is not None:
             adapter = model_adapter_for(self.pipeline, **self._model_options())
-            return quantized_base.prepare_passed(
+            return quantize.prepare_passed(
                 adapter, cfg.quantize_base, cfg.cache_prompt_embeddings, accelerator, weight_dtype
             )
-        quantized_base.check_engine(cfg.quantize_base, accelerator)
-        quantize = quantized_base.load_options(cfg.quantize_base, cfg.cache_prompt_embeddings, accelerator.device)
+        quantize.check_engine(cfg.quantize_base, accelerator)
+        quantized = quantize.load_options(cfg.quantize_base, cfg.cache_prompt_embeddings, accelerator.device)
         path = cfg.pretrained_model_name_or_path or str(EMBEDDED_DIGITS_BASE)
-        return load_model_adapter(path, dtype=weight_dtype, **self._model_options(), **quantize)
+        return load_model_adapter(path, dtype=weight_dtype, **self._model_options(), **quantized)
 
     def _load_reward(self, accelerator) -> Any:
         """The training reward: the passed callable, else ``--reward`` from the registry."""
@@ -192,12 +219,12 @@ class AdjointMatchingTrainer:
             )
         elif model.conditioning == "class":
             if num_classes is None:
-                raise ValueError(
+                raise UserError(
                     "this class-conditional model does not report `num_classes`; pass `--prompts` with its labels."
                 )
             prompts = list(range(int(num_classes)))
         else:
-            raise ValueError("this text-to-image model needs training prompts: pass `--prompts <file or dataset>`.")
+            raise UserError("this text-to-image model needs training prompts: pass `--prompts <file or dataset>`.")
         if model.conditioning == "class":
             check_class_labels(prompts, num_classes)
         if cfg.validation_prompts:
@@ -228,7 +255,7 @@ class AdjointMatchingTrainer:
         is written."""
         if not accelerator.is_main_process:
             return
-        folder.start(run_entries(self.config), fresh=self.resume_path is None, run_id=self.run_id)
+        folder.start(run_entries(self.config.logging_dir), fresh=self.resume_path is None, run_id=self.run_id)
         if self.resume_path is not None and self.resume_path.resolve().parent == self.output_dir.resolve():
             moved = supersede_later(self.output_dir, self.progress.step, self.run_id, folder.record)
             if moved:
@@ -270,8 +297,8 @@ class AdjointMatchingTrainer:
         if self.pipeline is None or adapter.device != accelerator.device:  # a passed one stays where it is
             adapter = adapter.to(accelerator.device)
         n_steps = cfg.num_inference_steps or adapter.default_num_inference_steps
-        truncation = adaptive_truncation(cfg, n_steps)  # --truncate_steps auto: K comes from the probes
-        k_steps = check_truncation(cfg.truncate_steps, n_steps) if truncation is None else truncation.min_steps
+        method = get_method(cfg.method)
+        self.probes = ControlProbes(cfg, n_steps, method)  # K (checked against N, or adaptive) and lambda
         resolution = cfg.resolution or adapter.default_resolution
         reward = self._load_reward(accelerator)
         if isinstance(reward, torch.nn.Module):
@@ -285,7 +312,7 @@ class AdjointMatchingTrainer:
         self._check_rewards(adapter, reward, validation, prompts, resolution)
         params, named = self._add_lora(adapter)
         if cfg.compile:
-            from .compile import compile_repeated_blocks
+            from .engines import compile_repeated_blocks
 
             blocks = compile_repeated_blocks(adapter.transformer, backend=cfg.compile_backend)
             accelerator.print(
@@ -310,10 +337,10 @@ class AdjointMatchingTrainer:
             accelerator.register_for_checkpointing(ema)
         return RunContext(
             config=cfg, accelerator=accelerator, adapter=adapter, train_module=train_module, reward=reward,
-            params=params, named_params=named, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
-            times=times, resolution=resolution, n_steps=n_steps, k_steps=k_steps, output_dir=self.output_dir,
-            prompts=prompts, val_prompts=val_prompts, eval_set=evals, validation=validation,
-            lr_history=self.lr_history, truncation=truncation,
+            method=method, method_options=step_options(method, cfg), params=params, named_params=named,
+            optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema, times=times, resolution=resolution,
+            n_steps=n_steps, output_dir=self.output_dir, prompts=prompts, val_prompts=val_prompts, eval_set=evals,
+            validation=validation, lr_history=self.lr_history,
         )
 
     def _cache_prompts(self, accelerator, adapter: FlowModelAdapter, prompts: list) -> None:
@@ -341,12 +368,12 @@ class AdjointMatchingTrainer:
         params = model.add_lora(settings)
         params = [p for p in params if p.requires_grad]
         if not params:
-            raise ValueError("the LoRA adapter has no trainable parameters; check `--lora_target_modules`.")
+            raise UserError("the LoRA adapter has no trainable parameters; check `--lora_target_modules`.")
         ids = {id(p) for p in params}
         named = {n: p for n, p in model.transformer.named_parameters() if id(p) in ids}
         if cfg.gradient_checkpointing:
             if not getattr(model.transformer, "_supports_gradient_checkpointing", False):
-                raise ValueError(
+                raise UserError(
                     "`--gradient_checkpointing`: this transformer does not support gradient checkpointing."
                 )
             model.transformer.enable_gradient_checkpointing()
@@ -437,7 +464,10 @@ class AdjointMatchingTrainer:
             accelerator.init_trackers(cfg.tracker_project_name, config=cfg.tracker_config())
         self.callbacks("on_train_begin", self, ctx)
         reward_before = self._base_model_outputs(ctx)
-        self._probe_at_setup(ctx)
+        if self.probes.match_pending:  # --match_reward_scale: once (a resumed run has the checkpoint's)
+            self.progress.phase = "the control probe"
+            self.probes.match_reward_scale(ctx)
+            accelerator.print(self.probes.match_line())
         self.progress.phase = "training"
         try:
             with signals.deferred():
@@ -477,7 +507,7 @@ class AdjointMatchingTrainer:
             sum(durations) / len(durations) if durations else None,
         )
         with full_params(ctx):
-            result = write_outputs(ctx, result, last, self.hub_repo_id())
+            result = write_outputs(ctx, self.probes, result, last, self.hub_repo_id())
         self.callbacks("on_save", self, global_step, result.adapter_path if accelerator.is_main_process else None)
         self.callbacks("on_train_end", self, result)
         return result
@@ -496,7 +526,7 @@ class AdjointMatchingTrainer:
             apply_learning_rate(ctx.optimizer, ctx.lr_scheduler, cfg.learning_rate)
             history.append((global_step + 1, cfg.learning_rate))
         self.lr_history[:] = history
-        self._restore_probes(ctx, state)
+        self.probes.load_state_dict(state)
         if accelerator.is_main_process:  # the updates after the checkpoint are redone: drop their records
             log.truncate_after(global_step)
             redo = 1 if self._validation_due(global_step) else 0  # the checkpoint's own validation is redone too
@@ -513,15 +543,12 @@ class AdjointMatchingTrainer:
     def _state(self, nonfinite: int) -> dict[str, Any]:
         """What a checkpoint records besides the step: skipped updates, the config, the LR history, and the
         lambda and adaptive window the run uses (so that a resume continues with them, not a new probe)."""
-        ctx = self.ctx
         return {
             "run_id": self.run_id,
             "nonfinite_count": nonfinite,
             "config": self.config.to_dict(),
             "lr_history": self.lr_history,
-            "reward_scale": ctx.reward_scale,
-            "reward_scale_match": ctx.reward_scale_match,
-            "adaptive_truncation": None if ctx.truncation is None else ctx.truncation.state_dict(),
+            **self.probes.state_dict(),
         }
 
     def _validation_due(self, step: int) -> bool:
@@ -529,12 +556,9 @@ class AdjointMatchingTrainer:
         every = self.config.validation_steps
         return bool(every) and step % every == 0 and step < self.config.max_train_steps
 
-    def _grid_name(self, step: int) -> str:
-        return f"validation/step-{step:06d}.png"
-
     def _drop_grids_after(self, step: int) -> None:
         """Remove the mid-run grids of updates after ``step`` (a resumed run redoes them)."""
-        for path in (self.output_dir / "validation").glob("step-*.png"):
+        for path in (self.output_dir / VALIDATION_DIR).glob("step-*.png"):
             number = path.stem[len("step-"):]
             if number.isdigit() and int(number) > step:
                 path.unlink()
@@ -544,34 +568,8 @@ class AdjointMatchingTrainer:
         with full_params(ctx):
             if ctx.accelerator.is_main_process:
                 with ctx.ema_weights():
-                    validation_grid(ctx, self._grid_name(step), step=step)
+                    validation_grid(ctx, validation_grid_name(step), step=step)
         ctx.accelerator.wait_for_everyone()
-
-    def _restore_probes(self, ctx: RunContext, state: dict[str, Any]) -> None:
-        """A resumed run's lambda and adaptive window: the checkpoint's (a straight run would have them)."""
-        if ctx.reward_scale_match is None and state.get("reward_scale_match"):
-            ctx.reward_scale_match = dict(state["reward_scale_match"])
-            ctx.reward_scale = float(state["reward_scale"])
-        if ctx.truncation is not None and state.get("adaptive_truncation"):
-            ctx.truncation.load_state_dict(state["adaptive_truncation"])
-            if ctx.truncation.steps is not None:
-                ctx.k_steps = ctx.truncation.steps
-
-    def _probe_at_setup(self, ctx: RunContext) -> None:
-        """``--match_reward_scale``: measure the matched lambda once (not again on resume), and print it."""
-        cfg = self.config
-        if cfg.match_reward_scale == "none" or ctx.reward_scale_match is not None:
-            return
-        self.progress.phase = "the control probe"
-        ctx.reward_scale, ctx.reward_scale_match = match_reward_scale(ctx, ctx.truncation)
-        if ctx.truncation is not None:
-            ctx.k_steps = ctx.truncation.steps
-        ctx.accelerator.print(
-            f"--match_reward_scale {cfg.match_reward_scale}: lambda = {ctx.reward_scale:.4g} for {cfg.method}"
-            + (f" (order {cfg.reg_order:g})" if get_method(cfg.method).uses_reg_order else "")
-            + f" asks for the control 2nd-order ODE-AM asks for at lambda = {cfg.reward_scale:g} over the last "
-            f"{ctx.reward_scale_match['truncate_steps']} steps ({ctx.reward_scale_match['probe_samples']} samples)."
-        )
 
     def _base_model_outputs(self, ctx: RunContext) -> float | None:
         """The base model's reward on the eval set (printed; None when off) and its validation grid."""
@@ -587,7 +585,7 @@ class AdjointMatchingTrainer:
                 f"reward before fine-tuning (base model, {len(ctx.eval_set[0])} samples): {reward_before:.4f}"
             )
         if accelerator.is_main_process and (self.resume_path is None or ctx.validation.features is not None):
-            validation_grid(ctx, "validation/base.png", base=True, write=self.resume_path is None)
+            validation_grid(ctx, BASE_GRID_NAME, base=True, write=self.resume_path is None)
         accelerator.wait_for_everyone()
         return reward_before
 
@@ -614,7 +612,6 @@ class AdjointMatchingTrainer:
 
         cfg, accelerator, model = self.config, ctx.accelerator, ctx.adapter
         sampler = PromptSampler(ctx.prompts, cfg.seed)
-        step_fn = get_method(cfg.method).step
         progress = tqdm(
             total=cfg.max_train_steps,
             initial=global_step,
@@ -627,7 +624,7 @@ class AdjointMatchingTrainer:
         record: dict[str, Any] = {}
         self._completed = self._completion(ctx, global_step, nonfinite)
         if self.resume_path is not None and self._validation_due(global_step):
-            if not (self.output_dir / self._grid_name(global_step)).is_file():  # killed while validating: redo it
+            if not (self.output_dir / validation_grid_name(global_step)).is_file():  # killed while validating: redo it
                 self._validate(ctx, global_step)
         while True:
             stop = agree_to_stop(accelerator, signals.requested)
@@ -637,11 +634,12 @@ class AdjointMatchingTrainer:
             if global_step >= cfg.max_train_steps:
                 break
             start = time.perf_counter()  # an adaptive window's probe counts in the update's time
-            probe = refresh_window(ctx, ctx.truncation, global_step) if ctx.truncation is not None else None
-            if probe is not None:
-                ctx.k_steps = probe["truncate_steps"]
+            probe = self.probes.before_update(ctx, global_step)  # --truncate_steps auto: re-pick K when due
             model.transformer.train()
-            record = run_update(ctx, sampler, step_fn, global_step)
+            record = run_update(
+                ctx, sampler, global_step,
+                truncate_steps=self.probes.truncate_steps, reward_scale=self.probes.reward_scale,
+            )
             if probe is not None:
                 record["probe"] = probe
             global_step += 1
@@ -711,9 +709,9 @@ class AdjointMatchingTrainer:
         """A failure while training (the reward raising at update 5, a bug): keep the work of the completed
         updates. Unless the failure is a stop or a full disk (handled elsewhere), write the checkpoint of the
         last completed update when the state is still that update's (one process), then say what is on disk:
-        a ValueError (a user's input) becomes one line naming it; anything else keeps its traceback, after a
+        a UserError (a user's input) becomes one line naming it; anything else keeps its traceback, after a
         warning line."""
-        from .errors import RunStopped
+
 
         if getattr(self, "_bar", None) is not None:
             self._bar.close()  # before any line is printed
@@ -736,8 +734,8 @@ class AdjointMatchingTrainer:
         if disk is None:
             disk = self.progress.last_checkpoint_advice().rstrip(".")
         where = f"stopped after update {step} of {self.config.max_train_steps}; {disk}"
-        if isinstance(err, ValueError):
-            raise ValueError(f"{str(err).rstrip('.')} ({where}).") from None
+        if isinstance(err, UserError):
+            raise UserError(f"{str(err).rstrip('.')} ({where}).") from None
         if accelerator.is_main_process:
             warn(f"{type(err).__name__} during training: {where}.")
 

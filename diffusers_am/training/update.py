@@ -15,31 +15,31 @@ import math
 from typing import Any, Callable
 
 import torch
-
 from accelerate.logging import get_logger
 
 from ..objectives import NonFiniteRewardError
+from ..prompts import PromptSampler, derive_seed
 from ..rewards.base import WeightedReward
-from .collectives import any_process
-from .config import TrainingConfig
 from .context import RunContext
-from .data import PromptSampler, derive_seed
-from .methods import get_method
+from .engines import any_process, deepspeed_step, full_tensors, gradient_sync_deferred, is_deepspeed, is_fsdp2
 from .engines import backward as engine_backward
-from .engines import deepspeed_step, full_tensors, gradient_sync_deferred, is_deepspeed, is_fsdp2
 
 logger = get_logger(__name__)  # main process only
 
 
-def run_update(ctx: RunContext, sampler: PromptSampler, step_fn: Callable, step: int) -> dict[str, Any]:
-    """Update ``step + 1``: accumulate, agree on skipping, all-reduce, clip and step; returns its log record."""
+def run_update(
+    ctx: RunContext, sampler: PromptSampler, step: int, *, truncate_steps: int, reward_scale: float
+) -> dict[str, Any]:
+    """Update ``step + 1`` (0-based ``step``) with K = ``truncate_steps`` and lambda = ``reward_scale`` (as the run
+    uses them: adaptive / matched ones included): accumulate, agree on skipping, all-reduce, clip and step;
+    returns its log record."""
     with _recording(ctx.reward) as components:
-        rewards, losses, norms, skipped = _accumulate(ctx, sampler, step_fn, step)
+        rewards, losses, norms, skipped = _accumulate(ctx, sampler, step, truncate_steps, reward_scale)
     accelerator = ctx.accelerator
     # every process agrees on skipping, then one all-reduce of the gradients
     skipped = any_process(accelerator, skipped)
     skipped, grad_norm = _apply(ctx, skipped, step)
-    record = _record(ctx, rewards, losses, norms, skipped, grad_norm)
+    record = _record(ctx, rewards, losses, norms, skipped, grad_norm, truncate_steps)
     if components is not None:
         record.update(component_means(accelerator, ctx.reward.names, components))
     return record
@@ -68,12 +68,12 @@ def component_means(accelerator, names: list[str], calls: list[dict[str, torch.T
 
 
 def _accumulate(
-    ctx: RunContext, sampler: PromptSampler, step_fn: Callable, step: int
+    ctx: RunContext, sampler: PromptSampler, step: int, truncate_steps: int, reward_scale: float
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], bool]:
     """Run the method's step on each micro-batch (backward only, no optimizer step).
 
     Returns (rewards [G*B], NaN where not run; losses; control-norm profiles; skipped on this process)."""
-    cfg, accelerator, adapter = ctx.config, ctx.accelerator, ctx.adapter
+    cfg, accelerator, adapter, method = ctx.config, ctx.accelerator, ctx.adapter, ctx.method
     rank, accum, batch_size = accelerator.process_index, cfg.gradient_accumulation_steps, cfg.train_batch_size
     rewards = torch.full((accum * batch_size,), float("nan"))
     losses, norms, skipped = [], [], False
@@ -89,12 +89,15 @@ def _accumulate(
         flow = adapter.flow(
             adapter.encode_conditions(batch), guidance_scale=cfg.guidance_scale, train_module=ctx.train_module
         )
-        kwargs = _step_kwargs(cfg, ctx.k_steps, ctx.reward_scale, step, slot, adapter.device, backward)
+        draws = method.draws(cfg.seed, step, slot, adapter.device) if method.draws is not None else {}
         reward_fn = BatchReward(ctx.reward, adapter.decode, batch)
 
         try:
             with gradient_sync_deferred(accelerator, ctx.train_module), accelerator.autocast():
-                out = step_fn(flow, noise, ctx.times, reward_fn, **kwargs)
+                out = method.step(
+                    flow, noise, ctx.times, reward_fn, truncate_steps=truncate_steps, reward_scale=reward_scale,
+                    backward=backward, **ctx.method_options, **draws,
+                )
         except NonFiniteRewardError as err:
             logger.warning(f"update {step + 1}: {err}; skipping this update (nothing is applied).")
             skipped = True
@@ -118,23 +121,6 @@ class BatchReward:
 
     def rows(self, rows: slice) -> "BatchReward":
         return BatchReward(self.reward, self.decode, self.conditions[rows])
-
-
-def _step_kwargs(
-    cfg: TrainingConfig,
-    k_steps: int,
-    reward_scale: float,
-    step: int,
-    slot: int,
-    device: torch.device,
-    backward: Callable,
-) -> dict[str, Any]:
-    """Keyword arguments of the configured method's step function for one micro-batch (K and lambda as the
-    run uses them: adaptive / matched ones included); the method's own :attr:`Method.step_kwargs` builds them."""
-    kwargs = get_method(cfg.method).step_kwargs(cfg, k_steps, reward_scale, step, slot, device, backward)
-    if cfg.micro_batch_size is not None:
-        kwargs["micro_batch_size"] = cfg.micro_batch_size
-    return kwargs
 
 
 def _apply(ctx: RunContext, skipped: bool, step: int) -> tuple[bool, float | None]:
@@ -172,6 +158,7 @@ def _record(
     norms: list[torch.Tensor],
     skipped: bool,
     grad_norm: float | None,
+    truncate_steps: int,
 ) -> dict[str, Any]:
     """The update's log record: reward, loss and control-norm profile over all processes."""
     accelerator = ctx.accelerator
@@ -184,7 +171,7 @@ def _record(
     profile = (
         torch.stack(norms).mean(0)
         if norms and not skipped
-        else torch.full((get_method(ctx.config.method).profile_length(ctx.k_steps),), float("nan"))
+        else torch.full((ctx.method.profile_length(truncate_steps),), float("nan"))
     )
     profile = accelerator.reduce(profile.to(accelerator.device), "mean").cpu() if not skipped else profile
     return {
@@ -194,7 +181,7 @@ def _record(
         "grad_norm": grad_norm if grad_norm is not None and math.isfinite(grad_norm) else None,
         "control_norm_per_step": [float(v) if math.isfinite(v) else None for v in profile.tolist()],
         "skipped": skipped,
-        "truncate_steps": ctx.k_steps,
+        "truncate_steps": truncate_steps,
     }
 
 

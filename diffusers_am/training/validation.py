@@ -1,7 +1,9 @@
 """The trainer's validation: the grid of the validation prompts and its held-out metrics, and the
 before / after reward. Sampling (:mod:`diffusers_am.sampling`), the grid (:mod:`diffusers_am.metrics.grid`),
 diversity (:mod:`diffusers_am.metrics.diversity`) and reward scoring (:mod:`diffusers_am.rewards.scoring`)
-are the same functions ``python -m diffusers_am.evaluate`` uses."""
+are the same functions ``python -m diffusers_am.evaluate`` uses. The grids also go to the run's trackers
+(accelerate's ``GeneralTracker.log_images``: :func:`log_grid`).
+"""
 
 from __future__ import annotations
 
@@ -9,24 +11,21 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+import numpy as np
 import torch
 
-from ..metrics.grid import comparison_grid, image_grid, save_grid  # noqa: F401  (re-exported)
+from ..metrics.grid import comparison_grid, save_grid
 from ..models.base import FlowModelAdapter
+from ..prompts import derive_seed
 from ..rewards import load_reward
 from ..rewards.scoring import score_rewards
-from ..sampling import sample_images  # noqa: F401  (re-exported)
+from ..sampling import sample_images
 from .config import TrainingConfig
-from .data import derive_seed
+from .layout import COMPARISON_NAME, VALIDATION_DIR, VALIDATION_LOG_NAME
 from .logs import JsonlLog
-from .tracking import log_grid
 
 if TYPE_CHECKING:
     from .context import RunContext
-
-VALIDATION_LOG_NAME = "validation_log.jsonl"
-COMPARISON_NAME = "comparison.png"
-"""The base | fine-tuned side-by-side grid of a finished run (output_dir's top level)."""
 
 
 @torch.no_grad()
@@ -149,7 +148,32 @@ def write_comparison(ctx: RunContext, step: int) -> Path:
         ctx.config.num_validation_images, row_labels=ctx.val_prompts,
     )
     path = ctx.output_dir / COMPARISON_NAME
-    tmp = ctx.output_dir / "validation" / f".tmp-{path.name}"  # in the run's own folder: never a partial file
+    tmp = ctx.output_dir / VALIDATION_DIR / f".tmp-{path.name}"  # in the run's own folder: never a partial file
     image.save(tmp, format="PNG")
     os.replace(tmp, path)
     return path
+
+
+# -- grids to the trackers -----------------------------------------------------------------------------------
+
+def grid_pixels(path: str | Path) -> np.ndarray:
+    """The PNG at ``path`` as [H, W, 3] uint8 RGB (a grayscale grid is repeated over the channels)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def log_grid(accelerator: Any, tag: str, path: str | Path, step: int) -> list[str]:
+    """Log the grid image at ``path`` under ``tag`` at ``step`` to every tracker that takes images
+    (tensorboard: ``add_images``; wandb: ``wandb.Image``); returns the names of the trackers that got it."""
+    done = []
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({tag: grid_pixels(path)[None]}, step=step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            tracker.log_images({tag: [grid_pixels(path)]}, step=step)
+        else:
+            continue
+        done.append(tracker.name)
+    return done

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
+from ..errors import UserError
 
 
 def resolve_file(path: str | os.PathLike | None, *, default_repo: str, filename: str, argument: str = "path") -> Path:
@@ -23,16 +24,16 @@ def resolve_file(path: str | os.PathLike | None, *, default_repo: str, filename:
     if local.is_dir():
         candidate = local / filename
         if not candidate.is_file():
-            raise ValueError(f"`{argument}` {source!r} is a folder without {filename!r}: put the checkpoint file there or pass the file itself.")
+            raise UserError(f"`{argument}` {source!r} is a folder without {filename!r}: put the checkpoint file there or pass the file itself.")
         return candidate
     if not looks_like_repo_id(source):
-        raise ValueError(f"`{argument}` {source!r} does not exist: pass an existing local file or folder, or a Hub repo id like {default_repo!r}.")
+        raise UserError(f"`{argument}` {source!r} does not exist: pass an existing local file or folder, or a Hub repo id like {default_repo!r}.")
     from huggingface_hub import hf_hub_download
 
     try:
         return Path(hf_hub_download(source, filename))
     except Exception as err:  # offline, unknown repo, missing file
-        raise ValueError(
+        raise UserError(
             f"`{argument}` {source!r}: cannot get {filename!r} from the Hub ({type(err).__name__}: {err}). "
             f"Offline, download it elsewhere (`hf download {source} {filename} --local-dir <folder>`) "
             "and pass that folder or file."
@@ -51,7 +52,7 @@ def torch_load(file: str | os.PathLike) -> Any:
     try:
         return torch.load(str(file), map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"cannot read checkpoint {str(file)!r} as a torch state dict ({type(err).__name__}: {err}).") from err
+        raise UserError(f"cannot read checkpoint {str(file)!r} as a torch state dict ({type(err).__name__}: {err}).") from err
 
 
 def unwrap_state_dict(obj: Any, file: str | os.PathLike, wrappers: Sequence[str] = ("state_dict", "model")) -> dict[str, torch.Tensor]:
@@ -61,7 +62,7 @@ def unwrap_state_dict(obj: Any, file: str | os.PathLike, wrappers: Sequence[str]
             obj = obj[key]
             break
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"checkpoint {str(file)!r} is not a state dict of tensors.")
+        raise UserError(f"checkpoint {str(file)!r} is not a state dict of tensors.")
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
 
 
@@ -81,7 +82,7 @@ def check_keys(expected: Iterable[str], found: Iterable[str], *, source: str) ->
             parts.append(f"missing keys: {_short(missing)}")
         if unexpected:
             parts.append(f"unexpected keys: {_short(unexpected)}")
-        raise ValueError(f"checkpoint {source} does not match the model; " + "; ".join(parts) + ". Is it the right file for this reward?")
+        raise UserError(f"checkpoint {source} does not match the model; " + "; ".join(parts) + ". Is it the right file for this reward?")
 
 
 def load_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str) -> None:
@@ -90,7 +91,7 @@ def load_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
     own = module.state_dict()
     bad = [f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state_dict.items() if v.shape != own[k].shape]
     if bad:
-        raise ValueError(f"checkpoint {source} has tensors of the wrong shape: {_short(bad, 6)}.")
+        raise UserError(f"checkpoint {source} has tensors of the wrong shape: {_short(bad, 6)}.")
     module.load_state_dict(state_dict, strict=True)
 
 
@@ -109,9 +110,9 @@ def skip_init():
 def check_prompts(images: torch.Tensor, prompts: Sequence[Any]) -> list:
     """As many prompts as images (a str is refused: pass a list)."""
     if isinstance(prompts, str) or not isinstance(prompts, Sequence):
-        raise ValueError(f"`prompts` must be a list with one prompt per image; got {type(prompts).__name__}.")
+        raise UserError(f"`prompts` must be a list with one prompt per image; got {type(prompts).__name__}.")
     if len(prompts) != images.shape[0]:
-        raise ValueError(f"`prompts` has {len(prompts)} entries for {images.shape[0]} images: pass one prompt per image.")
+        raise UserError(f"`prompts` has {len(prompts)} entries for {images.shape[0]} images: pass one prompt per image.")
     return [str(p) for p in prompts]
 
 

@@ -13,8 +13,9 @@ from typing import Any, Sequence
 
 import torch
 
+from ..errors import UserError
 from .base import check_images
-from ._checkpoints import check_prompts, looks_like_repo_id, place
+from .checkpoints import check_prompts, looks_like_repo_id, place
 from .clip_preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ClipPreprocess
 
 
@@ -39,11 +40,11 @@ def load_clip_model(path: str, *, dtype: torch.dtype | None = None, argument: st
     from transformers import CLIPModel
 
     if not looks_like_repo_id(path) and not Path(path).expanduser().exists():
-        raise ValueError(f"`{argument}` {path!r} does not exist: pass a local CLIP folder or a Hub repo id.")
+        raise UserError(f"`{argument}` {path!r} does not exist: pass a local CLIP folder or a Hub repo id.")
     try:
         return CLIPModel.from_pretrained(path, dtype=dtype or torch.float32)
     except Exception as err:
-        raise ValueError(
+        raise UserError(
             f"`{argument}` {path!r}: cannot load a transformers CLIPModel ({type(err).__name__}: {err}). "
             "Pass a local folder written by `CLIPModel.save_pretrained` (or downloaded with "
             "`hf download <repo> --local-dir <folder>`)."
@@ -56,7 +57,7 @@ def load_clip_tokenizer(path: str, *, argument: str = "tokenizer_path") -> Any:
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as err:
-        raise ValueError(
+        raise UserError(
             f"`{argument}` {path!r}: cannot load the CLIP tokenizer ({type(err).__name__}: {err}). "
             "Pass a local folder with tokenizer.json (or vocab.json + merges.txt)."
         ) from err
