@@ -115,6 +115,9 @@ def _ode(k: int | str, p: int, lam: float, tier: int, family: str | None = None,
 K_SWEEP = (1, 2, 4, 8, 12, N_STEPS)
 LAMBDAS = {2: (2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0), 4: (5.0, 10.0, 20.0, 40.0, 80.0),
            6: (5.0, 10.0, 20.0, 40.0, 80.0)}
+LAMBDA_EXTENSION = {2: (320.0, 640.0), 4: (160.0, 320.0), 6: (160.0, 320.0)}
+"""Tier 5: each grid continued past its first end (on digits every p's best held-out reward was the grid's top
+lambda), so that the optimum of held-out reward is bracketed or shown not to be."""
 BUDGETS = (0.1, 0.25, 0.5, 1.0)
 """DRaFT / ReFL training budgets, as fractions of the run's updates (early stopping: the budget curve)."""
 SDE_LAMBDAS = {"memoryless": (10.0, 30.0, 100.0, 300.0, 1000.0), "constant": (1.0, 3.0, 10.0, 30.0, 100.0)}
@@ -123,7 +126,8 @@ REFL_K = 5  # the paper's ReFL-5 on FLUX.2-klein, also 20 steps (Appendix D.4)
 
 def all_runs(updates: int = 100) -> list[Run]:
     """Every configuration, tier 1 first: tier 1 decides C1 (AM-4 vs Full) and C4; tier 2 C3 and the p = 2
-    curve of C2; tier 3 the rest of the K sweep and p = 4, 6; tier 4 C5 and adaptive truncation."""
+    curve of C2; tier 3 the rest of the K sweep and p = 4, 6; tier 4 C5 and adaptive truncation; tier 5 the lambda
+    grids of C2 extended."""
     runs = [_ode(4, 2, 10.0, 1, control=True), _ode(N_STEPS, 2, 10.0, 1, control=True),
             _ode(N_STEPS, 6, 10.0, 1, family="ode-p6-full", control=True)]
     runs += [_ode(4, 2, lam, 2) for lam in LAMBDAS[2] if lam != 10.0]
@@ -141,6 +145,7 @@ def all_runs(updates: int = 100) -> list[Run]:
                       f"{lam:g}"), f"sde-{schedule}", 4, 4, lam) for lam in grid]
     runs.append(Run("ODE-AM-auto p=2 lambda=10", ("--method", "ode-am", "--truncate_steps", "auto"), "auto", 4,
                     "auto", 10.0))
+    runs += [_ode(4, p, lam, 5) for p, grid in LAMBDA_EXTENSION.items() for lam in grid]
     names = [r.name for r in runs]
     assert len(set(names)) == len(names) and len({r.slug for r in runs}) == len(runs)
     return runs
@@ -375,14 +380,16 @@ def timing_rounds(bed: Testbed, runs: list[Run], work: Path, rounds: int, update
                   flush=True)
 
 
-def read_timing(bed: Testbed, runs: list[Run], work: Path, updates: int) -> dict[str, list[float | None]]:
-    """{timed run name: s/update in round 0, 1, ... (None where that run of the round has not finished)}."""
+def read_timing(bed: Testbed, runs: list[Run], work: Path) -> dict[str, list[float | None]]:
+    """{timed run name: s/update in round 0, 1, ... (None where that run of the round has not finished)}; a
+    testbed's rounds may have their own length (``--timing_updates`` when they ran)."""
     folder = work / bed.name / "timing"
     rounds = sorted(int(p.name[5:]) for p in folder.glob("round*") if p.name[5:].isdigit()) if folder.is_dir() else []
     out: dict[str, list[float | None]] = {}
     for r in (r for r in runs if r.name in TIMED):
         dirs = [folder / f"round{rnd}" / r.slug for rnd in range(rounds[-1] + 1)] if rounds else []
-        out[r.name] = [run_numbers(d)["seconds_per_update_mean"] if finished(d, updates) else None for d in dirs]
+        out[r.name] = [run_numbers(d)["seconds_per_update_mean"] if (d / "train_summary.json").is_file() else None
+                       for d in dirs]
     return out
 
 
@@ -425,6 +432,16 @@ class Data:
     def seeds_with(self, names: Sequence[str], key: str) -> list[int]:
         seeds = sorted({int(k.split("|")[1]) for k in self.d["evals"]})
         return [s for s in seeds if all(self.m(n, key, s) is not None for n in names)]
+
+    def complete(self, names: Sequence[str], key: str) -> tuple[list[str], list[str]]:
+        """(kept, left out): a curve's configurations without those that miss a seed the best-covered ones have
+        (a grid point trained later, or not at all), so that one unfinished point does not empty the comparison."""
+        seeds = sorted({int(k.split("|")[1]) for k in self.d["evals"]})
+        has = {n: {s for s in seeds if self.m(n, key, s) is not None} for n in names}
+        most = max((len(v) for v in has.values()), default=0)
+        common = set.intersection(*[v for v in has.values() if len(v) == most]) if most else set()
+        kept = [n for n in names if most and common <= has[n]]
+        return kept, [n for n in names if n not in kept]
 
     def family(self, family: str, steps: bool = False) -> list[Run]:
         rs = [r for r in self.runs.values() if r.family == family]
@@ -545,7 +562,9 @@ def claim_c2(data: Data, tests: Tests) -> dict:
     p = 4 / 6 keep more diversity and recall (interpolated along their lambda curves)."""
     judge = data.bed.judge
     fams = {p: [r.name for r in data.family(f"ode-p{p}") if r.k == 4] for p in (2, 4, 6)}  # sorted by lambda
-    out: dict[str, Any] = {"bracket": {}, "choice": {}}
+    kept, dropped = data.complete(sum(fams.values(), []), judge)
+    fams = {p: [n for n in names if n in kept] for p, names in fams.items()}
+    out: dict[str, Any] = {"bracket": {}, "choice": {}, "not_finished_on_every_seed": dropped}
     for p, names in fams.items():
         seeds = data.seeds_with(names, judge)
         if len(seeds) >= 2:
@@ -582,8 +601,8 @@ def claim_c3(data: Data, tests: Tests) -> dict:
     ReFL-5 (each rival at several training budgets; AM interpolated along its lambda curve at K = 4, p = 2), and
     the rivals gain slightly more reward at the same budget (100 updates, AM at lambda = 10)."""
     judge = data.bed.judge
-    am = [r.name for r in data.family("ode-p2") if r.k == 4]  # the lambda curve, K = 4
-    out: dict[str, Any] = {}
+    am, dropped = data.complete([r.name for r in data.family("ode-p2") if r.k == 4], judge)  # lambda curve, K = 4
+    out: dict[str, Any] = {"not_finished_on_every_seed": dropped}
     for fam in ("draft", "refl"):
         rivals = data.family(fam, steps=True)
         for rv in rivals:
@@ -657,8 +676,12 @@ def claim_c5(data: Data, tests: Tests) -> dict:
     fams = {"ode": [r.name for r in data.family("ode-p2") if r.k == 4],
             "memoryless": [r.name for r in data.family("sde-memoryless")],
             "constant": [r.name for r in data.family("sde-constant")]}
+    kept, dropped = data.complete(sum(fams.values(), []), judge)
+    fams = {f: [n for n in names if n in kept] for f, names in fams.items()}
+    out: dict[str, Any] = {"bracket": {}, "not_finished_on_every_seed": dropped}
+    if not all(fams.values()):
+        return out
     seeds = data.seeds_with(sum(fams.values(), []), judge)
-    out: dict[str, Any] = {"bracket": {}}
     if len(seeds) < 2:
         return out
     choice = {f: _loo_best(data, names, seeds) for f, names in fams.items()}
@@ -748,17 +771,24 @@ def claim_configs(runs: list[Run]) -> dict[str, list[str]]:
 
 
 def project(runs: list[Run], seeds: Sequence[int], collected: dict, cost: dict[str, float],
-            updates: int) -> dict | None:
+            updates: int, timing: dict[str, list[float | None]] | None = None) -> dict | None:
     """Training seconds for the (run, seed)s of ``seeds`` not finished, per claim and in all: a configuration's
-    measured mean, else the mean per-update cost of measured runs with the same K times its updates (else of all
-    measured runs)."""
-    if not cost:
-        return None
+    measured mean, else the mean per-update cost of measured runs with the same K times its updates, else (a
+    testbed with no finished training run) the timing rounds' s/update of the same K (start-up not counted), else
+    the mean of all of these."""
     by = {r.name: r for r in runs}
     per_update: dict[Any, list[float]] = {}
     for name, c in cost.items():
         r = by[name]
         per_update.setdefault(r.k, []).append(c / (r.steps or updates))
+    basis = "measured runs of the same K scaled by their updates"
+    if not per_update:
+        basis = "the timing rounds' seconds per update of the same K times the updates (start-up not counted)"
+        for name, values in (timing or {}).items():
+            if any(v is not None for v in values):
+                per_update.setdefault(by[name].k, []).extend(v for v in values if v is not None)
+    if not per_update:
+        return None
     everything = [v for vs in per_update.values() for v in vs]
 
     def estimate(r: Run) -> float:
@@ -772,7 +802,7 @@ def project(runs: list[Run], seeds: Sequence[int], collected: dict, cost: dict[s
         todo = [(n, s) for n, s in missing if n in set(names)]
         per_claim[claim] = {"missing_runs": len(todo), "hours": sum(estimate(by[n]) for n, _ in todo) / 3600}
     return {"seeds": list(seeds), "missing_runs": len(missing),
-            "estimated_runs": sum(n not in cost for n, _ in missing),
+            "estimated_runs": sum(n not in cost for n, _ in missing), "basis": basis,
             "hours": sum(estimate(by[n]) for n, _ in missing) / 3600, "per_claim": per_claim}
 
 
@@ -967,8 +997,8 @@ def render(result: dict, pngs: dict[str, list[str]] | None = None) -> str:
         if bj.get("projection"):
             pj = bj["projection"]
             out += [f"Projected training for the runs still missing in seeds {pj['seeds']} (one worker's hours; "
-                    f"{pj['estimated_runs']} of them of configurations not measured yet, estimated from measured runs "
-                    "of the same K scaled by their updates):\n",
+                    f"{pj['estimated_runs']} of them of configurations not measured yet, estimated from "
+                    f"{pj.get('basis', 'measured runs of the same K scaled by their updates')}):\n",
                     "| claim | missing runs | hours |", "|---|---|---|"]
             out += [f"| {c} | {v['missing_runs']} | {v['hours']:.1f} |" for c, v in pj["per_claim"].items()]
             out += [f"| all | {pj['missing_runs']} | {pj['hours']:.1f} |", ""]
@@ -994,12 +1024,15 @@ def claim_extra(claim: str, c: dict, bj: dict) -> list[str]:
             lines.append("- time per update over interleaved timing rounds (mean ± std, s): " + "; ".join(
                 f"{n} {statistics.mean(v):.3f} ± {statistics.stdev(v) if len(v) > 1 else float('nan'):.3f} "
                 f"({len(v)} rounds)" for n, v in done.items() if v))
+    if c.get("not_finished_on_every_seed"):
+        lines.append("- left out (not finished on every seed the others have): "
+                     + ", ".join(c["not_finished_on_every_seed"]))
     if claim in ("C2", "C5"):
         for fam, br in c.get("bracket", {}).items():
-            b = br if "means" in br else next(iter(br.values()))
-            lines.append(f"- {fam}: best mean held-out reward at {b['best']} — "
-                         + ("bracketed (an interior grid point)" if b["bracketed"] else
-                            "NOT bracketed (a grid end: the grid must be extended)"))
+            for key, b in ({"held-out reward": br} if "means" in br else br).items():
+                lines.append(f"- {fam}: best mean {key} at {b['best']} — "
+                             + ("bracketed (an interior grid point)" if b["bracketed"] else
+                                "NOT bracketed (a grid end)"))
     if claim == "C4":
         for p, prof in c.get("profiles", {}).items():
             e = prof["mean_energy"]
@@ -1063,7 +1096,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--testbed", nargs="+", choices=sorted(TESTBEDS), default=["digits"])
     p.add_argument("--phase", choices=("train", "timing", "report", "all"), default="all")
     p.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
-    p.add_argument("--tiers", type=int, nargs="+", default=[1, 2, 3, 4], help="which tiers of runs to train")
+    p.add_argument("--tiers", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="which tiers of runs to train")
     p.add_argument("--only", nargs="+", default=None, metavar="NAME",
                    help="train only the configurations with these exact names (default: every one of --tiers)")
     p.add_argument("--max_train_steps", type=int, default=100, help="updates per run (the budget curve scales)")
@@ -1141,9 +1174,9 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         bed = Testbed(**{**TESTBEDS[bname].__dict__, "updates": args.max_train_steps})
         runs = all_runs(args.max_train_steps)
         collected = collect(bed, runs, args.seeds, work)
-        timing = read_timing(bed, runs, work, args.timing_updates)
+        timing = read_timing(bed, runs, work)
         analysis = analyse(bed, runs, collected, timing, args.alpha)
-        proj = project(runs, args.seeds, collected, analysis["run_cost_seconds"], bed.updates)
+        proj = project(runs, args.seeds, collected, analysis["run_cost_seconds"], bed.updates, timing)
         walls = [v["wall_seconds"] for v in collected["train"].values() if v["wall_seconds"] is not None]
         result["testbeds"][bname] = {"runs": [r.name for r in runs], "updates": args.max_train_steps,
                                      "workers": args.workers, "collected": collected, "analysis": analysis,
