@@ -115,7 +115,7 @@ def _ode(k: int | str, p: int, lam: float, tier: int, family: str | None = None,
 K_SWEEP = (1, 2, 4, 8, 12, N_STEPS)
 LAMBDAS = {2: (2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0), 4: (5.0, 10.0, 20.0, 40.0, 80.0),
            6: (5.0, 10.0, 20.0, 40.0, 80.0)}
-LAMBDA_EXTENSION = {2: (320.0, 640.0), 4: (160.0, 320.0), 6: (160.0, 320.0)}
+LAMBDA_EXTENSION = {2: (320.0, 640.0), 4: (160.0,), 6: (160.0,)}
 """Tier 5: each grid continued past its first end (on digits every p's best held-out reward was the grid's top
 lambda), so that the optimum of held-out reward is bracketed or shown not to be."""
 BUDGETS = (0.1, 0.25, 0.5, 1.0)
