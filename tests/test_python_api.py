@@ -197,4 +197,20 @@ def test_example_trains_from_python(tmp_path):
     recorded = json.loads((out / "training_config.json").read_text())
     assert recorded["reward"] == "<callable __main__.centre_brightness>"
     assert recorded["prompts"] == "<list of 3 class labels>"
-    assert torch.isfinite(torch.tensor(json.loads((out / "train_summary.json").read_text())["reward_after"]))
+    # reward_after is the centre brightness of the eval set (labels 3, 5, 8 cycled to 16, noise seeded by
+    # derive_seed(seed, "eval")) sampled by the stock SiTPipeline with the saved adapter loaded
+    from diffusers_am import SiTPipeline
+    from diffusers_am.models import EMBEDDED_DIGITS_BASE
+    from diffusers_am.prompts import derive_seed
+
+    summary = json.loads((out / "train_summary.json").read_text())
+    pipe = SiTPipeline.from_pretrained(EMBEDDED_DIGITS_BASE)
+    pipe.load_lora_weights(str(out))
+    generator = torch.Generator().manual_seed(derive_seed(recorded["seed"], "eval"))
+    images = pipe([3, 5, 8] * 5 + [3], num_inference_steps=recorded["num_inference_steps"], generator=generator,
+                  output_type="np").images  # [B, H, W, C]
+    h, w = images.shape[1:3]
+    want = float(images[:, h // 4 : h - h // 4, w // 4 : w - w // 4].astype("float64").mean())
+    assert summary["reward_after"] == pytest.approx(want, abs=1e-6)
+    assert abs(summary["reward_after"] - summary["reward_before"]) > 1e-4  # not the base model's reward
+    assert f"after {summary['reward_after']:.4f} (2 updates)" in done.stdout
