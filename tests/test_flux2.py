@@ -345,10 +345,23 @@ def test_benchmark_script_tiny_code_path(tmp_path, monkeypatch):
 
 
 def test_offloaded_text_encoder_gives_same_embeddings(klein_base_dir):
+    """The reference calls the saved tokenizer and Qwen3 text encoder directly, as FLUX.2-klein conditions on
+    them: each prompt as a user chat turn (generation prompt, thinking off), padded to the sequence length; per
+    token the hidden states of layers 9, 18 and 27 side by side."""
+    from transformers import AutoTokenizer, Qwen3ForCausalLM
+
     adapter = load_model_adapter(klein_base_dir, max_sequence_length=SEQ, offload_text_encoder=True)
     encoded = adapter.encode_conditions(PROMPTS)
     assert encoded.negative_prompt_embeds.shape[0] == 1 and adapter.pipeline.text_encoder.device.type == "cpu"
     again = adapter.encode_conditions(PROMPTS)
     assert again.negative_prompt_embeds is encoded.negative_prompt_embeds  # the empty prompt is cached
-    embeds, _ = adapter.pipeline.encode_prompt(prompt=PROMPTS, max_sequence_length=SEQ, device="cpu")
-    torch.testing.assert_close(encoded.prompt_embeds, embeds)
+    tokenizer = AutoTokenizer.from_pretrained(klein_base_dir / "tokenizer")
+    encoder = Qwen3ForCausalLM.from_pretrained(klein_base_dir / "text_encoder").eval()
+    chats = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True,
+                                           enable_thinking=False) for p in PROMPTS]
+    tokens = tokenizer(chats, return_tensors="pt", padding="max_length", truncation=True, max_length=SEQ)
+    with torch.no_grad():
+        hidden = encoder(**tokens, output_hidden_states=True, use_cache=False).hidden_states  # embeddings + 28 layers
+    expected = torch.cat([hidden[9], hidden[18], hidden[27]], dim=-1)  # [B, SEQ, 3 * 16]
+    assert expected.shape == (len(PROMPTS), SEQ, 48)
+    torch.testing.assert_close(encoded.prompt_embeds, expected)
