@@ -30,7 +30,7 @@ def check_order(order: float, name: str = "order") -> float:
 def per_sample_norm(x: torch.Tensor) -> torch.Tensor:
     """Euclidean norm over all non-batch dims: [B, ...] -> [B]."""
     if x.dim() < 1:
-        raise UserError(f"expected a batched tensor [B, ...], got a 0-dim tensor")
+        raise UserError("expected a batched tensor [B, ...], got a 0-dim tensor")
     return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1)
 
 

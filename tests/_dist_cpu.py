@@ -8,8 +8,11 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# --adam_epsilon 1 --learning_rate 1: Adam's first steps are lr * g / (|g| + eps), not about lr * sign(g) as at the
+# default epsilon, so the compared adapters differ where the gradients' values differ, not only their signs
 FLAGS = ["--num_inference_steps", "4", "--truncate_steps", "2", "--train_batch_size", "2", "--num_eval_samples", "2",
-         "--validation_steps", "0", "--report_to", "none", "--rank", "2"]
+         "--validation_steps", "0", "--report_to", "none", "--rank", "2",
+         "--adam_epsilon", "1.0", "--learning_rate", "1.0"]
 ADAPTER = "pytorch_lora_weights.safetensors"
 ENGINE_PREFIXES = ("ACCELERATE_USE_FSDP", "FSDP_", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_")
 

@@ -1,15 +1,62 @@
 """`python -m diffusers_am.evaluate` and `evaluate(...)` offline: a tiny SiT digits-shaped base with
 a LoRA (digits rewards + digits classifier features) and a tiny random FLUX.2-klein pipeline."""
 
+import itertools
 import json
 
+import numpy as np
 import pytest
 import torch
 from _tiny_pipelines import save_random_lora
 from _tiny_sit import save_tiny_base_and_lora
 
-from diffusers_am.evaluate import evaluate, main
+from diffusers_am.evaluate import AdapterSampler, PipelineSampler, evaluate, main
 from diffusers_am.models.sit import SiTAdapter
+
+
+# -- references that share no code with diffusers_am.metrics --------------------------------------------------------
+def record_samples(monkeypatch, sampler_cls) -> list[np.ndarray]:
+    """The images of each ``sampler_cls.sample`` call, as float64 arrays (the real call runs unchanged)."""
+    calls, real = [], sampler_cls.sample
+
+    def sample(self, *args, **kwargs):
+        images = real(self, *args, **kwargs)
+        calls.append(images.detach().double().numpy().copy())
+        return images
+
+    monkeypatch.setattr(sampler_cls, "sample", sample)
+    return calls
+
+
+def ssim_numpy(x: np.ndarray, y: np.ndarray) -> float:
+    """SSIM of two [C, H, W] images in [0, 1] (Wang et al. 2004): Gaussian window (sigma 1.5) of the largest odd
+    size <= 11 that fits, valid filtering, K1 = 0.01, K2 = 0.03, mean of the SSIM map over channels and pixels."""
+    win = min(x.shape[-2:] + (11,))
+    win -= 1 - win % 2
+    g = np.exp(-((np.arange(win) - win // 2) ** 2) / (2 * 1.5**2))
+    g /= g.sum()
+
+    def blur(a):
+        a = np.apply_along_axis(np.convolve, -1, a, g, mode="valid")
+        return np.apply_along_axis(np.convolve, -2, a, g, mode="valid")
+
+    c1, c2 = 0.01**2, 0.03**2
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    ssim_map = (2 * mx * my + c1) / (mx**2 + my**2 + c1) * (2 * cxy + c2) / (vx + vy + c2)
+    return float(ssim_map.mean())
+
+
+def within_prompt_mean(images: np.ndarray, per_prompt: int, distance) -> float:
+    """Mean over prompts (consecutive groups of ``per_prompt`` images) of the mean distance over their pairs."""
+    groups = images.reshape(-1, per_prompt, *images.shape[1:])
+    return float(np.mean([np.mean([distance(a, b) for a, b in itertools.combinations(g, 2)]) for g in groups]))
+
+
+def one_minus_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel(), b.ravel()
+    return max(0.0, 1.0 - float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)))
+
 
 
 @pytest.fixture(scope="module")
@@ -17,13 +64,26 @@ def sit_base_and_lora(tmp_path_factory):
     return save_tiny_base_and_lora(tmp_path_factory.mktemp("sit"), rank=4, seed=1, lora_name="run1")
 
 
-def test_evaluate_sit_with_lora(sit_base_and_lora, tmp_path):
+def half_means(images: torch.Tensor) -> torch.Tensor:
+    """Features [B, 2C]: the mean of each image's left and right half (the tiny SiT's samples are mostly noise, so
+    the LoRA moves these far more than single pixels, and Recall / Coverage are not all 1)."""
+    return torch.nn.functional.avg_pool2d(images, (images.shape[-2], images.shape[-1] // 2)).flatten(1)
+
+
+def test_evaluate_sit_with_lora(sit_base_and_lora, tmp_path, monkeypatch):
+    """The numbers are those of the sampled images: rewards' mean and SEM, 1 - SSIM and feature distance over each
+    label's pairs, and Recall / Coverage of the LoRA's features against the base's (the prdc package, k = 2)."""
+    from prdc import compute_prdc
+
+    from diffusers_am.rewards import load_reward
+
     base, lora = sit_base_and_lora
     out = tmp_path / "eval"
+    sampled = record_samples(monkeypatch, AdapterSampler)
     res = evaluate(
         str(base), adapters=[str(lora)], prompts=[1, 7], num_images_per_prompt=6,
-        rewards=["digits", "digits-heldout"], feature_extractor="digits-heldout", output_dir=out,
-        num_inference_steps=3, progress=False,
+        rewards=["digits", "digits-heldout"], feature_extractor=half_means, output_dir=out,
+        num_inference_steps=3, progress=False, k=2,
     )
     models = res["models"]
     assert list(models) == ["base", "run1"]
@@ -34,7 +94,24 @@ def test_evaluate_sit_with_lora(sit_base_and_lora, tmp_path):
     assert "recall" not in models["base"]
     assert all(v <= 0 for k, v in models["base"].items() if k.startswith("reward/") and not k.endswith("/sem"))
     assert models["base"]["reward/digits"] != models["run1"]["reward/digits"]  # the LoRA changed the samples
-    assert 0 <= models["run1"]["coverage"] <= 1 and 0 <= models["run1"]["recall"] <= 1
+    # each number recomputed from the images the sampler returned (one batch per model: base, then run1)
+    assert len(sampled) == 2
+    labels = [1] * 6 + [7] * 6
+    for name, images in zip(models, sampled):
+        for spec in ("digits", "digits-heldout"):
+            r = load_reward(spec)(torch.from_numpy(images).float(), labels).double().numpy()
+            assert models[name][f"reward/{spec}"] == pytest.approx(r.mean(), rel=1e-5, abs=1e-6)
+            assert models[name][f"reward/{spec}/sem"] == pytest.approx(r.std(ddof=1) / 12**0.5, rel=1e-4, abs=1e-7)
+        assert models[name]["diversity/ssim"] == pytest.approx(
+            within_prompt_mean(images, 6, lambda a, b: 1 - ssim_numpy(a, b)), abs=2e-5)
+    n, c, h, w = sampled[0].shape
+    feats = {name: x.reshape(n, c, h, 2, w // 2).mean(axis=(2, 4)).reshape(n, -1) for name, x in zip(models, sampled)}
+    for name in models:
+        assert models[name]["diversity/feature_distance"] == pytest.approx(
+            within_prompt_mean(feats[name], 6, one_minus_cosine), abs=1e-5)
+    want = compute_prdc(real_features=feats["base"], fake_features=feats["run1"], nearest_k=2)
+    recall_coverage = (models["run1"]["recall"], models["run1"]["coverage"])
+    assert recall_coverage == (want["recall"], want["coverage"]) == (5 / 6, 2 / 3)
     saved = json.loads((out / "metrics.json").read_text())
     for name in models:
         assert saved["models"][name] == pytest.approx(models[name])
@@ -111,13 +188,15 @@ def klein_folder(tmp_path_factory):
     return save_tiny_flux2_klein(tmp_path_factory.mktemp("klein") / "pipe")
 
 
-def test_evaluate_tiny_klein_with_lora(klein_folder, tmp_path):
+def test_evaluate_tiny_klein_with_lora(klein_folder, tmp_path, monkeypatch):
+    """Each row's reward is the mean brightness of its own model's samples (base first, then the LoRA's)."""
     from _tiny_pipelines import TINY_RESOLUTION
 
     from diffusers_am.models import load_model_adapter
 
     adapter = load_model_adapter(str(klein_folder), max_sequence_length=32)
     save_random_lora(adapter, tmp_path / "klein-lora", rank=2, seed=2, std=0.3)
+    sampled = record_samples(monkeypatch, AdapterSampler)
     res = evaluate(
         str(klein_folder), adapters=[str(tmp_path / "klein-lora")], prompts=["a red cat", "a dog"], num_images_per_prompt=3,
         rewards=["_tiny_pipelines:mean_brightness"], feature_extractor=lambda x: x.flatten(1), diversity="ssim",
@@ -127,13 +206,18 @@ def test_evaluate_tiny_klein_with_lora(klein_folder, tmp_path):
     base, tuned = res["models"]["base"], res["models"]["klein-lora"]
     assert base["reward/_tiny_pipelines:mean_brightness"] != tuned["reward/_tiny_pipelines:mean_brightness"]
     assert set(tuned) >= {"recall", "coverage", "diversity/ssim"}
+    assert len(sampled) == 2  # base, then the LoRA: one batch each
+    for row, images in zip((base, tuned), sampled):
+        assert row["reward/_tiny_pipelines:mean_brightness"] == pytest.approx(images.mean(), abs=1e-6)
 
 
 @pytest.mark.parametrize("sampler", ["adapter", "pipeline"])
-def test_evaluate_tiny_klein(klein_folder, tmp_path, sampler):
+def test_evaluate_tiny_klein(klein_folder, tmp_path, sampler, monkeypatch):
+    """Through either sampler, the reward, 1 - SSIM and feature distance are those of the sampled images."""
     from _tiny_pipelines import TINY_RESOLUTION
 
     folder = klein_folder
+    sampled = record_samples(monkeypatch, AdapterSampler if sampler == "adapter" else PipelineSampler)
     res = evaluate(
         str(folder), prompts=["a red cat", "a dog"], num_images_per_prompt=2,
         rewards=["_tiny_pipelines:mean_brightness"], feature_extractor=lambda x: x.flatten(1), diversity="ssim,feature_distance",
@@ -141,7 +225,13 @@ def test_evaluate_tiny_klein(klein_folder, tmp_path, sampler):
         pipeline_call_kwargs={"max_sequence_length": 32}, adapter_kwargs={"max_sequence_length": 32},
     )
     m = res["models"]["base"]
-    assert 0 <= m["reward/_tiny_pipelines:mean_brightness"] <= 1 and m["diversity/ssim"] > 0
+    (images,) = sampled  # one batch: 2 prompts x 2 images
+    brightness = images.mean(axis=(1, 2, 3))
+    assert m["reward/_tiny_pipelines:mean_brightness"] == pytest.approx(brightness.mean(), abs=1e-6)
+    assert m["reward/_tiny_pipelines:mean_brightness/sem"] == pytest.approx(brightness.std(ddof=1) / 2, abs=1e-6)
+    assert m["diversity/ssim"] == pytest.approx(within_prompt_mean(images, 2, lambda a, b: 1 - ssim_numpy(a, b)),
+                                                abs=2e-5)
+    assert m["diversity/feature_distance"] == pytest.approx(within_prompt_mean(images, 2, one_minus_cosine), abs=1e-5)
     assert (tmp_path / "eval" / "metrics.md").is_file()
     with pytest.raises(ValueError, match="prompts` is required"):
         evaluate(str(folder), rewards=[], output_dir=None, sampler=sampler)

@@ -269,35 +269,58 @@ def _trainer_main():
 
 @pytest.mark.parametrize("method", ["ode-am", "sde-am", "draft", "refl"])
 def test_trainer_runs_each_method_on_tiny_klein(method, klein_dir, stock, tmp_path):
-    """train_adjoint_matching.py end to end on the tiny klein folder: 2 updates, K=2 of N=3."""
+    """train_adjoint_matching.py end to end on the tiny klein folder: 2 updates, K=2 of N=3. At --adam_beta1 0 and
+    --adam_epsilon = --learning_rate = 1e6 each Adam step is minus the clipped gradient (to ~1e-6), so each
+    update's change of the adapter (checkpoint-1 minus the zero-B start, then the final minus checkpoint-1) has
+    the norm min(grad_norm, max_grad_norm) of its log record; ode-am's reward_before / reward_after are the eval
+    set's mean brightness from the stock Flux2KleinPipeline without / with the saved LoRA."""
     from pathlib import Path
 
     from safetensors.torch import load_file
+
+    from diffusers_am.prompts import derive_seed
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cat\na dog\n")
     out = tmp_path / "out"
     reward = f"{Path(__file__).resolve().parent / '_tiny_pipelines.py'}:mean_brightness"
+    clip = 0.2
     status = _trainer_main()([
         "--pretrained_model_name_or_path", str(klein_dir), "--method", method, "--truncate_steps", "2",
         "--num_inference_steps", "3", "--resolution", str(RES), "--reward", reward, "--prompts", str(prompts),
         "--train_batch_size", "2", "--max_train_steps", "2", "--validation_steps", "0", "--validation_prompts", "a dog",
-        "--num_eval_samples", "2" if method == "ode-am" else "0",
+        "--num_eval_samples", "2" if method == "ode-am" else "0", "--checkpointing_steps", "1",
+        "--learning_rate", "1e6", "--adam_epsilon", "1e6", "--adam_beta1", "0", "--max_grad_norm", str(clip),
         "--num_validation_images", "1", "--report_to", "none", "--rank", "2", "--output_dir", str(out),
+        "--max_sequence_length", str(SEQ), "--reward_scale", "1000",
     ])
     assert status == 0
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines() if line.strip()]
     updates = [r for r in log if "loss" in r]
     assert len(updates) == 2 and all(r["loss"] == r["loss"] and not r["skipped"] for r in updates)
+    first = load_file(str(out / "checkpoint-1" / "pytorch_lora_weights.safetensors"))
     weights = load_file(str(out / "pytorch_lora_weights.safetensors"))
-    assert weights and all(k.startswith("transformer.") for k in weights)
-    assert max(v.abs().max() for k, v in weights.items() if "lora_B" in k) > 0  # B starts at zero: it trained
+    assert weights and first.keys() == weights.keys() and all(k.startswith("transformer.") for k in weights)
+    changes = [
+        sum(float(v.double().pow(2).sum()) for k, v in first.items() if "lora_B" in k) ** 0.5,  # A: no gradient
+        sum(float((weights[k].double() - first[k].double()).pow(2).sum()) for k in weights) ** 0.5,
+    ]
+    for change, record in zip(changes, updates):
+        assert change == pytest.approx(min(record["grad_norm"], clip), rel=1e-5)
     if method == "ode-am":
+        summary = json.loads((out / "train_summary.json").read_text())
+
+        def eval_reward():
+            generator = gen(derive_seed(0, "eval"))
+            return float(stock(generator=generator, **stock_kwargs(num_inference_steps=3)).images.double().mean())
+
+        assert summary["reward_before"] == pytest.approx(eval_reward(), abs=1e-6)
         stock.load_lora_weights(str(out))
         try:
-            assert stock(generator=gen(), **stock_kwargs()).images.shape == (2, 3, RES, RES)
+            assert summary["reward_after"] == pytest.approx(eval_reward(), abs=1e-6)
         finally:
             stock.unload_lora_weights()
+        assert abs(summary["reward_after"] - summary["reward_before"]) > 1e-5  # 10x the tolerance: it trained
 
 
 def test_benchmark_script_tiny_code_path(tmp_path, monkeypatch):
@@ -322,10 +345,23 @@ def test_benchmark_script_tiny_code_path(tmp_path, monkeypatch):
 
 
 def test_offloaded_text_encoder_gives_same_embeddings(klein_base_dir):
+    """The reference calls the saved tokenizer and Qwen3 text encoder directly, as FLUX.2-klein conditions on
+    them: each prompt as a user chat turn (generation prompt, thinking off), padded to the sequence length; per
+    token the hidden states of layers 9, 18 and 27 side by side."""
+    from transformers import AutoTokenizer, Qwen3ForCausalLM
+
     adapter = load_model_adapter(klein_base_dir, max_sequence_length=SEQ, offload_text_encoder=True)
     encoded = adapter.encode_conditions(PROMPTS)
     assert encoded.negative_prompt_embeds.shape[0] == 1 and adapter.pipeline.text_encoder.device.type == "cpu"
     again = adapter.encode_conditions(PROMPTS)
     assert again.negative_prompt_embeds is encoded.negative_prompt_embeds  # the empty prompt is cached
-    embeds, _ = adapter.pipeline.encode_prompt(prompt=PROMPTS, max_sequence_length=SEQ, device="cpu")
-    torch.testing.assert_close(encoded.prompt_embeds, embeds)
+    tokenizer = AutoTokenizer.from_pretrained(klein_base_dir / "tokenizer")
+    encoder = Qwen3ForCausalLM.from_pretrained(klein_base_dir / "text_encoder").eval()
+    chats = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True,
+                                           enable_thinking=False) for p in PROMPTS]
+    tokens = tokenizer(chats, return_tensors="pt", padding="max_length", truncation=True, max_length=SEQ)
+    with torch.no_grad():
+        hidden = encoder(**tokens, output_hidden_states=True, use_cache=False).hidden_states  # embeddings + 28 layers
+    expected = torch.cat([hidden[9], hidden[18], hidden[27]], dim=-1)  # [B, SEQ, 3 * 16]
+    assert expected.shape == (len(PROMPTS), SEQ, 48)
+    torch.testing.assert_close(encoded.prompt_embeds, expected)

@@ -4,7 +4,6 @@ one-line error when the Hub is off or unreachable (nothing written, no retry loo
 ``pytest -s`` prints how long the unreachable-Hub error takes end to end."""
 
 import http.server
-import json
 import os
 import socket
 import subprocess

@@ -84,7 +84,22 @@ def test_objects_win_and_are_recorded(tmp_path):
     assert f"<callable {__name__}.brightness>" in card and "base_model:" not in card
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert all(isinstance(r["reward_mean"], float) for r in log)  # the callback's copy changed, not the log
-    assert result.reward_after is not None
+    # the rewards are those of the eval set (the unique prompts cycled to num_eval_samples, noise seeded by
+    # derive_seed(seed, "eval")) sampled by the stock SiTPipeline: without, then with the saved adapter loaded
+    from diffusers_am.prompts import derive_seed
+
+    pipe = tiny_pixel_pipeline()
+
+    def eval_reward():
+        generator = torch.Generator().manual_seed(derive_seed(recorded["seed"], "eval"))
+        images = pipe([2, 4, 2, 4], num_inference_steps=4, generator=generator, output_type="pt").images
+        return float(images.double().mean())
+
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert result.reward_before == summary["reward_before"] == pytest.approx(eval_reward(), abs=1e-6)
+    pipe.load_lora_weights(str(out))
+    assert result.reward_after == summary["reward_after"] == pytest.approx(eval_reward(), abs=1e-6)
+    assert abs(result.reward_after - result.reward_before) > 1e-4  # the adapter changed the samples
     with pytest.raises(dataclasses.FrozenInstanceError):
         result.reward_after = 0.0
 
@@ -182,4 +197,20 @@ def test_example_trains_from_python(tmp_path):
     recorded = json.loads((out / "training_config.json").read_text())
     assert recorded["reward"] == "<callable __main__.centre_brightness>"
     assert recorded["prompts"] == "<list of 3 class labels>"
-    assert torch.isfinite(torch.tensor(json.loads((out / "train_summary.json").read_text())["reward_after"]))
+    # reward_after is the centre brightness of the eval set (labels 3, 5, 8 cycled to 16, noise seeded by
+    # derive_seed(seed, "eval")) sampled by the stock SiTPipeline with the saved adapter loaded
+    from diffusers_am import SiTPipeline
+    from diffusers_am.models import EMBEDDED_DIGITS_BASE
+    from diffusers_am.prompts import derive_seed
+
+    summary = json.loads((out / "train_summary.json").read_text())
+    pipe = SiTPipeline.from_pretrained(EMBEDDED_DIGITS_BASE)
+    pipe.load_lora_weights(str(out))
+    generator = torch.Generator().manual_seed(derive_seed(recorded["seed"], "eval"))
+    images = pipe([3, 5, 8] * 5 + [3], num_inference_steps=recorded["num_inference_steps"], generator=generator,
+                  output_type="np").images  # [B, H, W, C]
+    h, w = images.shape[1:3]
+    want = float(images[:, h // 4 : h - h // 4, w // 4 : w - w // 4].astype("float64").mean())
+    assert summary["reward_after"] == pytest.approx(want, abs=1e-6)
+    assert abs(summary["reward_after"] - summary["reward_before"]) > 1e-4  # not the base model's reward
+    assert f"after {summary['reward_after']:.4f} (2 updates)" in done.stdout

@@ -85,7 +85,7 @@ def _stock_clip(clip_dir, images):
         image = model.get_image_features(pixel_values=pixels)
         text = model.get_text_features(**tokens)
     image, text = [e if isinstance(e, torch.Tensor) else e.pooler_output for e in (image, text)]
-    return F.cosine_similarity(image, text, dim=-1), float(model.logit_scale.exp())
+    return F.cosine_similarity(image, text, dim=-1), model.logit_scale.detach().exp().item()
 
 
 def test_clipscore_is_100_cos_of_the_stock_clip_model(clip_dir):

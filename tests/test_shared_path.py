@@ -7,13 +7,9 @@ from _tiny_sit import save_tiny_base_and_lora
 
 from diffusers_am import deprecation
 from diffusers_am.evaluate import evaluate, main, read_prompts
-from diffusers_am.models.sit import SiTAdapter
-from diffusers_am.rewards import load_reward
 from diffusers_am.rewards.base import WeightedReward
 from diffusers_am.rewards.scoring import score_rewards
 from diffusers_am.prompts import load_prompts
-from diffusers_am.sampling import sample_images
-from diffusers_am.training.validation import mean_reward
 
 DIGITS = __import__("pathlib").Path(deprecation.__file__).parent / "assets" / "digits-classifier"
 
@@ -41,22 +37,30 @@ def test_both_clis_read_the_same_prompts(tmp_path):
             call()
 
 
-def test_validation_and_evaluate_give_the_same_scores(base_and_lora):
+def test_evaluate_scores_the_stock_pipeline_samples_with_the_reward_classifier(base_and_lora):
+    """The reference shares nothing with evaluate / validation: the pipeline's own ``__call__`` (LoRA loaded by
+    diffusers' ``load_lora_weights``) from the noise ``torch.randn`` of the seed (one generator for all 12 images,
+    the rule evaluate documents), scored by the reward classifier itself, log p(label | image) per image."""
+    from diffusers_am.pipelines.sit import SiTPipeline
+    from diffusers_am.toy.digits import DigitsClassifier
+
     base, lora = base_and_lora
     res = evaluate(str(base), adapters=[str(lora)], prompts=[1, 7], num_images_per_prompt=6, rewards=["digits"],
                    feature_extractor="digits-heldout", output_dir=None, num_inference_steps=3, seed=5,
                    batch_size=4, progress=False)
     assert list(res["models"]) == ["base", "run.v1"]
-    adapter = SiTAdapter.from_pretrained(str(base))
-    adapter.pipeline.load_lora_weights(str(lora))
-    conditions = [1] * 6 + [7] * 6
-    noise = adapter.initial_noise(12, adapter.default_resolution, torch.Generator().manual_seed(5))
-    times = adapter.time_grid(3, adapter.default_resolution)
-    reward = load_reward("digits")
-    for name, is_base in (("base", True), ("run.v1", False)):
-        _, images = sample_images(adapter, conditions, noise, times, base=is_base, chunk_size=4)
-        expected = mean_reward(reward, images, conditions).mean().item()
-        assert res["models"][name]["reward/digits"] == pytest.approx(expected, abs=1e-6)
+    labels = torch.tensor([1] * 6 + [7] * 6)
+    noise = torch.randn(12, 1, 8, 8, generator=torch.Generator().manual_seed(5))  # 1 channel, 8 x 8 pixels
+    classifier = DigitsClassifier.from_pretrained(DIGITS).eval()
+    pipe = SiTPipeline.from_pretrained(str(base))
+    pipe.set_progress_bar_config(disable=True)
+    for name in ("base", "run.v1"):
+        if name == "run.v1":
+            pipe.load_lora_weights(str(lora))
+        with torch.no_grad():
+            images = pipe(labels.tolist(), num_inference_steps=3, latents=noise.clone(), output_type="pt").images
+            rewards = [torch.log_softmax(classifier(image[None]), -1)[0, label] for image, label in zip(images, labels)]
+        assert res["models"][name]["reward/digits"] == pytest.approx(float(torch.stack(rewards).mean()), abs=1e-6)
     assert res["models"]["base"]["reward/digits"] != res["models"]["run.v1"]["reward/digits"]
 
 

@@ -4,6 +4,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -256,14 +257,25 @@ def test_jsonl_log_append_truncate(tmp_path):
 
 
 def test_image_grid_layout(tmp_path):
-    images = torch.zeros(6, 1, 8, 8)
-    images[3] = 1.0
-    grid = image_grid(images, nrow=3, pad=2)
-    # 2 rows x 3 columns of 8 px tiles with 2 px padding, then upscaled by an integer factor
-    scale = grid.size[0] // 32
-    assert grid.size == (32 * scale, 22 * scale)
-    path = save_grid(torch.rand(4, 3, 8, 8), 2, tmp_path / "g" / "grid.png")
-    assert path.is_file()
+    """Each image lands in its row-major cell, pixel for pixel (upscaled by an integer factor, nearest), on a white
+    2 px frame; the saved PNG holds the same pixels."""
+    from PIL import Image
+
+    images = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    grid = np.asarray(image_grid(images, nrow=3, pad=2))
+    # 2 rows x 3 columns of 8 px tiles with 2 px padding: 32 x 22 px before the upscale
+    scale = grid.shape[1] // 32
+    assert scale >= 2 and grid.shape == (22 * scale, 32 * scale, 3)
+    small = grid[::scale, ::scale]  # nearest upscale: every scale-th pixel is the original one
+    assert (np.repeat(np.repeat(small, scale, 0), scale, 1) == grid).all()
+    expected = np.full((22, 32, 3), 255, dtype=np.uint8)
+    for i, image in enumerate(images):
+        row, col = divmod(i, 3)
+        y, x = 2 + row * 10, 2 + col * 10
+        expected[y:y + 8, x:x + 8] = np.rint(image.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    assert (small == expected).all()
+    path = save_grid(images, 3, tmp_path / "g" / "grid.png")
+    assert (np.asarray(Image.open(path).convert("RGB")) == grid).all()
     with pytest.raises(ValueError, match="images"):
         image_grid(torch.rand(2, 8, 8), 2)
 

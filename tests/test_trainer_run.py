@@ -18,6 +18,9 @@ from diffusers_am.training.checkpoints import CheckpointManager, list_checkpoint
 from diffusers_am.training.logs import REQUIRED_FIELDS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+VALUES = ["--adam_epsilon", "1.0", "--learning_rate", "1.0"]
+"""Adam's first steps are about lr * sign(g) at the default epsilon; with a large one the step is lr * g / (|g| +
+eps), so the compared adapters differ where the gradients' values differ, not only their signs."""
 
 
 # -- a tiny run writes everything ------------------------------------------------------------------
@@ -110,15 +113,23 @@ def test_tiny_run_writes_adapter_grids_card_log(tiny_base, tmp_path, monkeypatch
         ("refl", ["--mixed_precision", "bf16"]),
     ],
 )
-def test_all_methods_run(tiny_base, tmp_path, method, extra):
+def test_all_methods_run_and_log_the_norm_of_the_applied_update(tiny_base, tmp_path, method, extra):
+    """Each method's one update is the logged gradient, clipped: at --adam_epsilon = --learning_rate = 1e6 Adam's
+    first step is lr * g / (|g| + eps) = g to ~1e-6, and LoRA B starts at 0 (so A gets no gradient), hence the saved
+    lora_B tensors are minus the clipped gradient and their norm is min(grad_norm, max_grad_norm), grad_norm being
+    the norm before clipping. sde-am's gradient (about 7) is the one clipped at 5."""
     out = tmp_path / method
     threads = torch.get_num_threads()
-    assert run(tiny_base, out, "--method", method, "--max_train_steps", "1", "--cpu_threads", "1", *extra) == 0
+    clip = 5.0
+    flags = ["--learning_rate", "1e6", "--adam_epsilon", "1e6", "--max_grad_norm", str(clip)]
+    assert run(tiny_base, out, "--method", method, "--max_train_steps", "1", "--cpu_threads", "1", *flags, *extra) == 0
     assert torch.get_num_threads() == threads  # restored after the run
     (record,) = read_log(out)
-    assert record["loss"] is not None and record["grad_norm"] is not None and record["grad_norm"] > 0
-    assert len(record["control_norm_per_step"]) == (1 if method == "refl" else 2)
-    assert all(torch.isfinite(t).all() for t in load_file(out / "pytorch_lora_weights.safetensors").values())
+    assert record["loss"] is not None and len(record["control_norm_per_step"]) == (1 if method == "refl" else 2)
+    weights = load_file(out / "pytorch_lora_weights.safetensors")
+    update_norm = sum(float(v.double().pow(2).sum()) for k, v in weights.items() if "lora_B" in k) ** 0.5
+    assert update_norm == pytest.approx(min(record["grad_norm"], clip), rel=1e-5)
+    assert (record["grad_norm"] > clip) == (method == "sde-am")  # both the clipped and the unclipped case run
 
 
 # -- resume ------------------------------------------------------------------------------------------
@@ -407,7 +418,7 @@ def test_accelerate_launch_two_processes(tiny_base, tmp_path):
         "--dynamo_backend",
         "no",
         str(ROOT / "train_adjoint_matching.py"),
-        *tiny_args(base, out, "--checkpointing_steps", "2", "--method", "ode-am"),
+        *tiny_args(base, out, "--checkpointing_steps", "2", "--method", "ode-am", *VALUES),
     ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -419,9 +430,10 @@ def test_accelerate_launch_two_processes(tiny_base, tmp_path):
     ckpt = out / "checkpoint-2"
     assert (ckpt / "rng_state_0.safetensors").is_file() and (ckpt / "rng_state_1.safetensors").is_file()
     # (the trainer itself raises if the ranks' LoRA weights differ at the end)
-    # 2 processes x 1 micro-batch average the same gradients as 1 process x 2 accumulated micro-batches
+    # 2 processes x 1 micro-batch average the same gradients as 1 process x 2 accumulated micro-batches (VALUES:
+    # the adapters compare the gradients' values)
     single = tmp_path / "single"
-    assert script.main(tiny_args(base, single, "--gradient_accumulation_steps", "2")) == 0
+    assert script.main(tiny_args(base, single, "--gradient_accumulation_steps", "2", *VALUES)) == 0
     a, b = load_file(out / "pytorch_lora_weights.safetensors"), load_file(single / "pytorch_lora_weights.safetensors")
     assert a.keys() == b.keys()
     for key in a:

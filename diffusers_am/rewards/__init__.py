@@ -16,7 +16,7 @@ import importlib.util
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 

@@ -26,7 +26,6 @@ Images are float [B, 3, H, W] in [0, 1] (RGB).
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Sequence
