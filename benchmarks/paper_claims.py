@@ -567,10 +567,10 @@ def claim_c2(data: Data, tests: Tests) -> dict:
     out: dict[str, Any] = {"bracket": {}, "choice": {}, "not_finished_on_every_seed": dropped}
     for p, names in fams.items():
         seeds = data.seeds_with(names, judge)
-        if len(seeds) >= 2:
+        if names and len(seeds) >= 2:
             out["bracket"][f"p{p}"] = {k: _bracket(data, names, seeds, k) for k in (judge, "recall")}
     seeds = data.seeds_with(fams[2] + fams[4] + fams[6], judge)
-    if len(seeds) < 2:
+    if not all(fams.values()) or len(seeds) < 2:
         return out
     choice = {p: _loo_best(data, fams[p], seeds) for p in (2, 4, 6)}
     out["choice"] = {f"p{p}": {str(s): n for s, n in c.items()} for p, c in choice.items()}
