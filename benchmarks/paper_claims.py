@@ -892,6 +892,12 @@ def plots(result: dict, folder: Path, stem: str) -> dict[str, list[str]]:
         evals = bj["collected"]["evals"]
         runs = {r.name: r for r in all_runs(bj["updates"])}
 
+        def save(fig, kind: str, bname=bname, names=names) -> None:
+            fig.tight_layout()
+            names.append(f"{stem}_{bname}_{kind}.png")
+            fig.savefig(folder / names[-1], dpi=100)
+            plt.close(fig)
+
         def per_seed(name: str, key: str) -> list[float]:
             return [v[key] for k, v in evals.items() if k.split("|")[0] == name and v.get(key) is not None]
 
@@ -904,10 +910,7 @@ def plots(result: dict, folder: Path, stem: str) -> dict[str, list[str]]:
             ax.set_xlabel(f"K (of N = {N_STEPS})")
             ax.set_ylabel(f"{bed.judge} (mean ± std over seeds)")
             ax.set_title(f"{bname}: ODE-AM-K, p = 2, lambda = 10")
-            fig.tight_layout()
-            names.append(f"{stem}_{bname}_k.png")
-            fig.savefig(folder / names[-1], dpi=100)
-            plt.close(fig)
+            save(fig, "k")
         div = bed.diversity[0]
         fams = ("ode-p2", "ode-p4", "ode-p6", "draft", "refl", "sde-memoryless", "sde-constant")
         curves = {}
@@ -930,10 +933,7 @@ def plots(result: dict, folder: Path, stem: str) -> dict[str, list[str]]:
             ax.set_ylabel(bed.judge)
             ax.set_title(f"{bname}: lambda curves (AM, K = 4) and budget curves")
             ax.legend(fontsize=7)
-            fig.tight_layout()
-            names.append(f"{stem}_{bname}_frontier.png")
-            fig.savefig(folder / names[-1], dpi=100)
-            plt.close(fig)
+            save(fig, "frontier")
         profiles = bj["analysis"]["claims"]["C4"].get("profiles", {})
         if profiles:
             fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -945,10 +945,7 @@ def plots(result: dict, folder: Path, stem: str) -> dict[str, list[str]]:
             ax.set_ylabel("learned control energy / max (mean over seeds)")
             ax.set_title(f"{bname}: C4, the learned control per step")
             ax.legend(fontsize=8)
-            fig.tight_layout()
-            names.append(f"{stem}_{bname}_control.png")
-            fig.savefig(folder / names[-1], dpi=100)
-            plt.close(fig)
+            save(fig, "control")
         written[bname] = names
     return written
 
