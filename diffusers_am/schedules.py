@@ -105,7 +105,44 @@ class ConstantSchedule(NoiseSchedule):
         return torch.full_like(t, self.level**2)
 
 
-SCHEDULES = {"memoryless": MemorylessSchedule, "constant": ConstantSchedule}
+@dataclass(frozen=True)
+class LinearSchedule(NoiseSchedule):
+    """sigma(t)^2 = 2 (1 - t): SiT's diffusion coefficient w_t = sigma_t = 1 - t (its ``sigma`` and ``linear``
+    forms; SiT's SDE has noise sqrt(2 w_t)). Bounded at t = 0, zero at t = 1; the drift is b = (1 + t) v - x."""
+
+    def sigma2(self, t: torch.Tensor) -> torch.Tensor:
+        return 2.0 * (1.0 - self.clip(t))
+
+    # Closed forms (no division by 1 - t, exact at t = 1).
+    def velocity_gain(self, t: torch.Tensor) -> torch.Tensor:
+        return 1.0 + self.clip(t)
+
+    def state_coeff(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(t)
+
+
+@dataclass(frozen=True)
+class SineSchedule(NoiseSchedule):
+    """sigma(t)^2 = 2 sin^2(pi t): SiT's w_t = sin^2(pi t) (its ``increasing-decreasing`` form): zero at both
+    ends, largest at t = 1/2. sin^2(pi t) / (1 - t) -> 0 as t -> 1, so the drift is finite (taken as its limit,
+    b = v, at t = 1)."""
+
+    def sigma2(self, t: torch.Tensor) -> torch.Tensor:
+        return 2.0 * torch.sin(torch.pi * self.clip(t)) ** 2
+
+    def state_coeff(self, t: torch.Tensor) -> torch.Tensor:
+        t = self.clip(t)
+        gap = 1.0 - t
+        return torch.where(gap > 0, torch.sin(torch.pi * t) ** 2 / gap.clamp_min(1e-12), torch.zeros_like(t))
+
+    def velocity_gain(self, t: torch.Tensor) -> torch.Tensor:
+        return 1.0 + self.clip(t) * self.state_coeff(t)
+
+
+SCHEDULES = {"memoryless": MemorylessSchedule, "constant": ConstantSchedule, "linear": LinearSchedule,
+             "sine": SineSchedule}
+"""By ``--sde_schedule`` name. The paper's Appendix D.2 compares SiT's three diffusion coefficients (Ma et al. 2024):
+memoryless (SiT's ``SBDM``), ``linear`` (its ``sigma``) and ``sine`` (its ``increasing-decreasing``)."""
 
 
 def get_schedule(name: str, **kwargs) -> NoiseSchedule:

@@ -1,6 +1,8 @@
 """The four objectives: truncation reaches only the last K steps, costs stay linear in K,
 non-finite rewards stop an update before any backward, bad K is refused."""
 
+import math
+
 import pytest
 import torch
 
@@ -15,7 +17,7 @@ from diffusers_am.objectives import (
     refl_step,
     sde_am_step,
 )
-from diffusers_am.schedules import ConstantSchedule, MemorylessSchedule, get_schedule
+from diffusers_am.schedules import ConstantSchedule, LinearSchedule, MemorylessSchedule, SineSchedule, get_schedule
 
 N = 6
 
@@ -222,14 +224,24 @@ def test_schedules():
     assert torch.isfinite(mem.drift(x, v, torch.tensor(0.0))).all()
     const = ConstantSchedule(level=0.7)
     torch.testing.assert_close(const.sigma(t), torch.tensor(0.7))
+    # SiT's diffusion coefficients (sigma^2 = 2 w_t): w_t = 1 - t and w_t = sin^2(pi t); their closed-form drifts
+    # against the general formula b = v + sigma^2 / 2 * score, score = -(x - t v) / (1 - t), written out here.
+    for sched, w in ((LinearSchedule(), 0.75), (SineSchedule(), math.sin(math.pi * 0.25) ** 2)):
+        torch.testing.assert_close(sched.sigma(t) ** 2, torch.tensor(2 * w))
+        torch.testing.assert_close(sched.drift(x, v, t), v + w * -(x - 0.25 * v) / 0.75)
+    # sin^2(pi t) / (1 - t) -> 0 at t = 1: the sine drift is the velocity there, not NaN.
+    torch.testing.assert_close(SineSchedule().drift(x, v, torch.tensor(1.0)), v)
+    torch.testing.assert_close(LinearSchedule().drift(x, v, torch.tensor(1.0)), 2 * v - x)
     assert isinstance(get_schedule("memoryless", scale=0.5), MemorylessSchedule)
+    assert isinstance(get_schedule("linear"), LinearSchedule) and isinstance(get_schedule("sine"), SineSchedule)
     with pytest.raises(ValueError, match="unknown noise schedule"):
         get_schedule("cosine")
     with pytest.raises(ValueError, match="t_min"):
         MemorylessSchedule(t_min=0.0)
 
 
-@pytest.mark.parametrize("schedule", [MemorylessSchedule(), MemorylessSchedule(scale=0.5), ConstantSchedule(level=0.7)])
+@pytest.mark.parametrize("schedule", [MemorylessSchedule(), MemorylessSchedule(scale=0.5), ConstantSchedule(level=0.7),
+                                      LinearSchedule(), SineSchedule()])
 def test_drift_vjp_is_autograd_through_the_drift_of_one_velocity_vjp(schedule):
     flow, _, _ = make()
     assert isinstance(flow, ConditionedFlow)
@@ -297,10 +309,11 @@ def test_sde_grid_refinement_keeps_points_and_makes_steps_stable():
         refine_grid(times, sched, max_step=1.5)
 
 
-def test_sde_am_sampling_keeps_base_marginal_from_t0():
-    # 1-D Gaussian data N(1, 0.5^2): with a zero control the memoryless SDE from t = 0 must end
-    # in the data law. On a grid coarse near t = 0 (here t_1 = 0.22) plain Euler-Maruyama ends
-    # with std ~1.0 instead of 0.5; the refined grid fixes it.
+@pytest.mark.parametrize("name", ["memoryless", "linear", "sine"])
+def test_sde_am_sampling_keeps_base_marginal_from_t0(name):
+    # 1-D Gaussian data N(1, 0.5^2): with a zero control the SDE from t = 0 must end in the data law, whatever
+    # the schedule (each has the base's marginals). On a grid coarse near t = 0 (here t_1 = 0.22) plain
+    # Euler-Maruyama with the memoryless schedule ends with std ~1.0 instead of 0.5; the refined grid fixes it.
     m, s = 1.0, 0.5
 
     class Gaussian(PlainBaseVJP, torch.nn.Module):
@@ -319,7 +332,7 @@ def test_sde_am_sampling_keeps_base_marginal_from_t0():
     flow = Gaussian()
     noise = torch.randn(20000, 1, generator=torch.Generator().manual_seed(0))
     coarse_early = torch.linspace(0, 1, 21) ** 0.5
-    out = sde_am_step(flow, noise, coarse_early, lambda x: x[:, 0], truncate_steps=1,
+    out = sde_am_step(flow, noise, coarse_early, lambda x: x[:, 0], truncate_steps=1, schedule=get_schedule(name),
                       generator=torch.Generator().manual_seed(1))
     x1 = out.final_states[:, 0]
     assert abs(float(x1.mean()) - m) < 0.05

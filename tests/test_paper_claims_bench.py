@@ -47,7 +47,7 @@ SEEDS = range(6)
 JUDGE = "reward/digits-heldout"
 
 
-def _synthetic_work(bench, work: Path, with_auto: bool = False) -> dict:
+def _synthetic_work(bench, work: Path, with_auto: bool = False, with_sde: bool = False) -> dict:
     """AM-4 beats AM-Full by 0.01 (+- 0.002 by seed); the p = 2 lambda curve at K = 4 has reward
     -0.10 + 0.01 * i and 1-SSIM 0.40 - 0.02 * i at its i-th lambda; DRaFT-1 (100 updates) sits at reward
     -0.065 with 1-SSIM 0.20; learned control energies rise linearly (k + 1) for p = 2 and are flat for p = 6."""
@@ -69,6 +69,15 @@ def _synthetic_work(bench, work: Path, with_auto: bool = False) -> dict:
                 evals[f"ODE-AM-4 p={p} lambda~{lam}"] = {
                     JUDGE: -0.075 + 0.01 * i - (0.002 * (1 + s % 2) if p == 6 else 0.0),
                     "diversity/ssim": 0.43 - 0.02 * i, "recall": 1.0}
+        if with_sde:  # memoryless at its i-th lambda: reward -0.12 + 0.01 i + 0.001 (s % 2), recall 1 - 0.1 i;
+            # sine (seeds 0-3 only): reward -0.105 + 0.01 i + jitter, recall 1 - 0.05 i
+            for i, lam in enumerate(bench.SDE_LAMBDAS["memoryless"]):
+                evals[f"SDE-AM-4 memoryless lambda={lam:g}"] = {JUDGE: -0.12 + 0.01 * i + 0.001 * (s % 2),
+                                                               "recall": 1.0 - 0.1 * i}
+            for i, lam in enumerate(bench.SDE_LAMBDAS["sine"]):
+                if s < 4:
+                    evals[f"SDE-AM-4 sine lambda={lam:g}"] = {JUDGE: -0.105 + 0.01 * i + jitter,
+                                                             "recall": 1.0 - 0.05 * i}
         if with_auto:  # the rest of the K sweep and auto (reward -0.07 + 0.001 (s % 3 - 1))
             for k, r in ((1, -0.10), (2, -0.09), (8, -0.075), (12, -0.075)):
                 evals[f"ODE-AM-{k} p=2 lambda=10"] = {JUDGE: r}
@@ -175,6 +184,32 @@ def test_saturation_and_adaptive_truncation_on_a_synthetic_work_dir(tmp_path):
     assert auto["over_rounds"]["diffs"] == pytest.approx(per_round) and auto["over_rounds"]["df"] == 2
     per_seed = [sum(per_round) / 3 + 0.001 * (s % 3 - 1) for s in SEEDS]
     assert auto["over_seeds"]["diffs"] == pytest.approx(per_seed) and auto["over_seeds"]["verdict"] == "holds"
+
+
+def test_c5_compares_each_pair_of_curves_on_the_seeds_both_have(tmp_path):
+    bench = load_bench()
+    work = tmp_path / "work"
+    _synthetic_work(bench, work, with_sde=True)
+    out = bench.main(["--phase", "report", "--seeds", *map(str, SEEDS), "--work_dir", str(work), "--reuse",
+                      "--timing_rounds", "3"])
+    tests = {t["label"]: t for t in out["testbeds"]["digits"]["analysis"]["tests"] if t["claim"] == "C5"}
+    at = ", each at its leave-one-out lambda, reward/digits-heldout"
+    # every curve's best (leave-one-out) is its top lambda: ODE -0.10 + 0.06; memoryless -0.08 + 0.001 (s % 2);
+    # sine -0.075 + 0.002 (s % 3 - 1), on seeds 0-3 only
+    ode = tests["ODE-AM-4 minus SDE-AM-4 memoryless" + at]
+    assert ode["diffs"] == pytest.approx([0.04 - 0.001 * (s % 2) for s in SEEDS]) and ode["verdict"] == "holds"
+    sine = tests["SDE-AM-4 sine minus SDE-AM-4 memoryless" + at]
+    jitter = [0.002 * (s % 3 - 1) for s in range(4)]
+    assert sine["n"] == 4 and sine["diffs"] == pytest.approx([0.005 + j - 0.001 * (s % 2)
+                                                               for s, j in enumerate(jitter)])
+    # at memoryless's best reward sine's curve is at i = 2.5 + 0.1 (s % 2) - 100 j: recall 1 - 0.05 i, minus 0.6
+    front = tests["SDE-AM-4 sine minus SDE-AM-4 memoryless at memoryless's held-out reward (its leave-one-out "
+                  "lambda), recall"]
+    assert front["diffs"] == pytest.approx([0.275 - 0.005 * (s % 2) + 5 * j for s, j in enumerate(jitter)])
+    assert front["verdict"] == "holds"
+    c5 = out["testbeds"]["digits"]["analysis"]["claims"]["C5"]
+    assert c5["bracket"]["memoryless"]["best"] == "SDE-AM-4 memoryless lambda=1000"
+    assert not any(k.startswith("linear") or k.startswith("constant") for k in c5)  # not run: no test
 
 
 def test_train_phase_refuses_existing_runs_without_reuse(tmp_path):

@@ -161,7 +161,11 @@ class TrainingConfig:
         "sum", "AM matching loss over a sample's dims: 'sum' (the squared norm) or 'mean'.", choices=("sum", "mean")
     )
     sde_schedule: str = _f(
-        "memoryless", "Noise schedule of sde-am: memoryless or constant.", choices=("memoryless", "constant")
+        "memoryless",
+        "Noise schedule sigma(t) of sde-am: memoryless (sigma^2 = 2 (1 - t) / t, the reward-tilted law), constant "
+        "(sigma = 1), linear (sigma^2 = 2 (1 - t)) or sine (sigma^2 = 2 sin^2(pi t)); the last two are SiT's "
+        "'sigma' and 'increasing-decreasing' diffusion coefficients, biased, compared in the paper's Appendix D.2.",
+        choices=("memoryless", "constant", "linear", "sine"),
     )
     sde_t_min: float = _f(0.01, "sde-am clips paper time t to [sde_t_min, 1) (the memoryless SDE diverges at t = 0).")
     # -- optimization -------------------------------------------------------------------------
