@@ -121,11 +121,11 @@ lambda), so that the optimum of held-out reward is bracketed or shown not to be.
 BUDGETS = (0.1, 0.25, 0.5, 1.0)
 """DRaFT / ReFL training budgets, as fractions of the run's updates (early stopping: the budget curve)."""
 SDE_LAMBDAS = {"memoryless": (10.0, 30.0, 100.0, 300.0, 1000.0), "constant": (1.0, 3.0, 10.0, 30.0, 100.0),
-               "linear": (30.0, 100.0, 300.0, 1000.0), "sine": (30.0, 100.0, 300.0, 1000.0)}
+               "linear": (100.0, 300.0, 1000.0), "sine": (100.0, 300.0, 1000.0)}
 """SDE-AM's lambda grid per ``--sde_schedule``. The paper's Appendix D.2 compares SiT's three diffusion coefficients:
 memoryless (SiT's SBDM), ``linear`` (w_t = 1 - t) and ``sine`` (w_t = sin^2(pi t), the one it finds best);
 ``constant`` (sigma = 1) is ours. In the last K = 4 of 20 steps the first three have nearly the same sigma, so
-linear and sine share memoryless's grid without its bottom point."""
+linear and sine share the top three points of memoryless's grid."""
 PAPER_SCHEDULES = ("linear", "sine")
 REFL_K = 5  # the paper's ReFL-5 on FLUX.2-klein, also 20 steps (Appendix D.4)
 
@@ -440,13 +440,13 @@ class Data:
         return [s for s in seeds if all(self.m(n, key, s) is not None for n in names)]
 
     def complete(self, names: Sequence[str], key: str) -> tuple[list[str], list[str]]:
-        """(kept, left out): a curve's configurations without those that miss a seed the best-covered ones have
-        (a grid point trained later, or not at all), so that one unfinished point does not empty the comparison."""
+        """(kept, left out): a curve's configurations without those that miss one of the curve's seeds (a seed at
+        least half of its configurations have): a grid point trained later, or not at all, leaves the curve
+        instead of emptying it, and one point run on extra seeds does not shrink it."""
         seeds = sorted({int(k.split("|")[1]) for k in self.d["evals"]})
         has = {n: {s for s in seeds if self.m(n, key, s) is not None} for n in names}
-        most = max((len(v) for v in has.values()), default=0)
-        common = set.intersection(*[v for v in has.values() if len(v) == most]) if most else set()
-        kept = [n for n in names if most and common <= has[n]]
+        common = {s for s in seeds if 2 * sum(s in v for v in has.values()) >= len(names)}
+        kept = [n for n in names if common and common <= has[n]]
         return kept, [n for n in names if n not in kept]
 
     def family(self, family: str, steps: bool = False) -> list[Run]:
@@ -1116,7 +1116,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--testbed", nargs="+", choices=sorted(TESTBEDS), default=["digits"])
     p.add_argument("--phase", choices=("train", "timing", "report", "all"), default="all")
-    p.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
+    p.add_argument("--seeds", type=int, nargs="+", default=list(range(10)),
+                   help="the design's seeds: trained (train phase), and counted as missing where unfinished (report "
+                   "phase; the report also reads any other seed the work dir holds, e.g. extra seeds of one claim)")
     p.add_argument("--tiers", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="which tiers of runs to train")
     p.add_argument("--only", nargs="+", default=None, metavar="NAME",
                    help="train only the configurations with these exact names (default: every one of --tiers)")
@@ -1194,7 +1196,9 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     for bname in args.testbed:
         bed = Testbed(**{**TESTBEDS[bname].__dict__, "updates": args.max_train_steps})
         runs = all_runs(args.max_train_steps)
-        collected = collect(bed, runs, args.seeds, work)
+        extra = sorted(int(p.name[4:]) for p in (work / bed.name / "evals").glob("seed*") if p.name[4:].isdigit()
+                       and int(p.name[4:]) not in args.seeds) if (work / bed.name / "evals").is_dir() else []
+        collected = collect(bed, runs, [*args.seeds, *extra], work)  # seeds beyond --seeds: read, not asked for
         timing = read_timing(bed, runs, work)
         analysis = analyse(bed, runs, collected, timing, args.alpha)
         proj = project(runs, args.seeds, collected, analysis["run_cost_seconds"], bed.updates, timing)

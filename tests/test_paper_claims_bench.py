@@ -70,13 +70,13 @@ def _synthetic_work(bench, work: Path, with_auto: bool = False, with_sde: bool =
                     JUDGE: -0.075 + 0.01 * i - (0.002 * (1 + s % 2) if p == 6 else 0.0),
                     "diversity/ssim": 0.43 - 0.02 * i, "recall": 1.0}
         if with_sde:  # memoryless at its i-th lambda: reward -0.12 + 0.01 i + 0.001 (s % 2), recall 1 - 0.1 i;
-            # sine (seeds 0-3 only): reward -0.105 + 0.01 i + jitter, recall 1 - 0.05 i
+            # sine (seeds 0-3 only): reward -0.095 + 0.01 i + jitter, recall 1 - 0.05 i
             for i, lam in enumerate(bench.SDE_LAMBDAS["memoryless"]):
                 evals[f"SDE-AM-4 memoryless lambda={lam:g}"] = {JUDGE: -0.12 + 0.01 * i + 0.001 * (s % 2),
                                                                "recall": 1.0 - 0.1 * i}
             for i, lam in enumerate(bench.SDE_LAMBDAS["sine"]):
                 if s < 4:
-                    evals[f"SDE-AM-4 sine lambda={lam:g}"] = {JUDGE: -0.105 + 0.01 * i + jitter,
+                    evals[f"SDE-AM-4 sine lambda={lam:g}"] = {JUDGE: -0.095 + 0.01 * i + jitter,
                                                              "recall": 1.0 - 0.05 * i}
         if with_auto:  # the rest of the K sweep and auto (reward -0.07 + 0.001 (s % 3 - 1))
             for k, r in ((1, -0.10), (2, -0.09), (8, -0.075), (12, -0.075)):
@@ -190,22 +190,31 @@ def test_c5_compares_each_pair_of_curves_on_the_seeds_both_have(tmp_path):
     bench = load_bench()
     work = tmp_path / "work"
     _synthetic_work(bench, work, with_sde=True)
+    bed, runs = bench.TESTBEDS["digits"], {r.name: r for r in bench.all_runs(100)}
+    for s in (6, 7):  # extra seeds of C1's pair only (AM-4 0.01 above AM-Full): read, and they shrink no curve
+        for name, value in (("ODE-AM-4 p=2 lambda=10", -0.07), ("ODE-AM-Full p=2 lambda=10", -0.08)):
+            _write(bench.eval_file(work, bed, s, runs[name].slug), {JUDGE: value})
+            _fake_run(bench.run_dir(work, bed, runs[name], s), 100, 10.0, 0.5)
     out = bench.main(["--phase", "report", "--seeds", *map(str, SEEDS), "--work_dir", str(work), "--reuse",
                       "--timing_rounds", "3"])
+    c1 = [t for t in out["testbeds"]["digits"]["analysis"]["tests"] if t["label"].startswith("AM-4 minus AM-Full")]
+    assert c1[0]["n"] == 8 and c1[0]["diffs"][6:] == pytest.approx([0.01, 0.01])
+    p2 = out["testbeds"]["digits"]["analysis"]["claims"]["C2"]["choice"]["p2"]  # the whole curve is kept
+    assert p2.keys() == set(map(str, SEEDS)) and set(p2.values()) == {"ODE-AM-4 p=2 lambda=160"}
     tests = {t["label"]: t for t in out["testbeds"]["digits"]["analysis"]["tests"] if t["claim"] == "C5"}
     at = ", each at its leave-one-out lambda, reward/digits-heldout"
     # every curve's best (leave-one-out) is its top lambda: ODE -0.10 + 0.06; memoryless -0.08 + 0.001 (s % 2);
-    # sine -0.075 + 0.002 (s % 3 - 1), on seeds 0-3 only
+    # sine -0.075 + 0.002 (s % 3 - 1), on seeds 0-3 only; the extra seeds 6, 7 hold no curve point here
     ode = tests["ODE-AM-4 minus SDE-AM-4 memoryless" + at]
     assert ode["diffs"] == pytest.approx([0.04 - 0.001 * (s % 2) for s in SEEDS]) and ode["verdict"] == "holds"
     sine = tests["SDE-AM-4 sine minus SDE-AM-4 memoryless" + at]
     jitter = [0.002 * (s % 3 - 1) for s in range(4)]
     assert sine["n"] == 4 and sine["diffs"] == pytest.approx([0.005 + j - 0.001 * (s % 2)
                                                                for s, j in enumerate(jitter)])
-    # at memoryless's best reward sine's curve is at i = 2.5 + 0.1 (s % 2) - 100 j: recall 1 - 0.05 i, minus 0.6
+    # at memoryless's best reward sine's curve is at i = 1.5 + 0.1 (s % 2) - 100 j: recall 1 - 0.05 i, minus 0.6
     front = tests["SDE-AM-4 sine minus SDE-AM-4 memoryless at memoryless's held-out reward (its leave-one-out "
                   "lambda), recall"]
-    assert front["diffs"] == pytest.approx([0.275 - 0.005 * (s % 2) + 5 * j for s, j in enumerate(jitter)])
+    assert front["diffs"] == pytest.approx([0.325 - 0.005 * (s % 2) + 5 * j for s, j in enumerate(jitter)])
     assert front["verdict"] == "holds"
     c5 = out["testbeds"]["digits"]["analysis"]["claims"]["C5"]
     assert c5["bracket"]["memoryless"]["best"] == "SDE-AM-4 memoryless lambda=1000"
