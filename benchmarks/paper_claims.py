@@ -559,7 +559,11 @@ def _loo_best(data: Data, names: list[str], seeds: list[int]) -> dict[int, str]:
 def _bracket(data: Data, names: list[str], seeds: list[int], key: str) -> dict:
     means = [statistics.mean(data.m(n, key, s) for s in seeds) for n in names]
     best = max(range(len(names)), key=lambda i: means[i])
-    return {"means": dict(zip(names, means)), "best": names[best], "bracketed": 0 < best < len(names) - 1}
+    steps = [b - a for a, b in zip(means, means[1:])]
+    monotone = "rises" if steps and all(d > 0 for d in steps) else "falls" if steps and all(d < 0 for d in steps) \
+        else None
+    return {"means": dict(zip(names, means)), "best": names[best], "bracketed": 0 < best < len(names) - 1,
+            "monotone": monotone}
 
 
 def claim_c2(data: Data, tests: Tests) -> dict:
@@ -1049,7 +1053,9 @@ def claim_extra(claim: str, c: dict, bj: dict) -> list[str]:
             for key, b in ({"held-out reward": br} if "means" in br else br).items():
                 lines.append(f"- {fam}: best mean {key} at {b['best']} — "
                              + ("bracketed (an interior grid point)" if b["bracketed"] else
-                                "NOT bracketed (a grid end)"))
+                                "NOT bracketed (a grid end)")
+                             + (f"; the mean {b['monotone']} at every step of the grid ({len(b['means'])} points)"
+                                if b.get("monotone") else ""))
     if claim == "C4":
         for p, prof in c.get("profiles", {}).items():
             e = prof["mean_energy"]

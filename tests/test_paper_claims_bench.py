@@ -150,7 +150,9 @@ def test_report_verdicts_on_a_synthetic_work_dir(tmp_path):
     assert front["diffs"] == pytest.approx([0.08] * 6) and front["verdict"] == "holds"
     p6 = tests["best p=6 minus the best of p=2 and p=4 (leave-one-seed-out), reward/digits-heldout"]
     assert p6["diffs"] == pytest.approx([-0.002 * (1 + s % 2) for s in SEEDS]) and p6["verdict"] == "does not hold"
-    assert data["testbeds"]["digits"]["analysis"]["claims"]["C2"]["bracket"]["p2"][JUDGE]["bracketed"] is False
+    bracket = data["testbeds"]["digits"]["analysis"]["claims"]["C2"]["bracket"]["p2"]
+    assert bracket[JUDGE]["bracketed"] is False and bracket[JUDGE]["monotone"] == "rises"  # -0.10 + 0.01 i
+    assert bracket["recall"]["monotone"] is None  # recall 1.0 at every lambda: flat, neither
     # the grids' extensions (tier 5) have no finished run here: left out of C2, and said so
     assert data["testbeds"]["digits"]["analysis"]["claims"]["C2"]["not_finished_on_every_seed"] == [
         "ODE-AM-4 p=2 lambda=320", "ODE-AM-4 p=2 lambda=640", "ODE-AM-4 p=4 lambda~160", "ODE-AM-4 p=6 lambda~160"]
@@ -162,6 +164,8 @@ def test_report_verdicts_on_a_synthetic_work_dir(tmp_path):
 
     text = md.read_text()
     assert "### C1" in text and "**holds**" in text and "does not hold" in text
+    assert "- p2: best mean reward/digits-heldout at ODE-AM-4 p=2 lambda=160 — NOT bracketed (a grid end); the mean " \
+        "rises at every step of the grid (7 points)" in text
     assert f"{c1['mean']:.4f}" in text  # the report prints what the JSON holds
     part = readme.read_text()
     assert part.startswith("# x\n\nbefore\n") and part.endswith("after\n") and "STALE" not in part
