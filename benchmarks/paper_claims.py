@@ -714,6 +714,9 @@ def claim_c5(data: Data, tests: Tests) -> dict:
                 at = interpolate(data.curve(fams[a], s, judge, "recall"), data.m(cb[s], judge, s))
                 if at is not None:
                     diffs.append(at - data.m(cb[s], "recall", s))
+            if not diffs:  # no comparison at matched reward exists: said in the report, not tested
+                out.setdefault("never_reaches_memoryless", []).append(label[a])
+                continue
             out[f"{a}_vs_{b}_frontier_recall"] = tests.add(
                 "C5", f"{label[a]} minus {label[b]} at memoryless's held-out reward (its leave-one-out lambda), "
                 "recall", diffs, "greater", fams[a] + fams[b],
@@ -1046,8 +1049,11 @@ def claim_extra(claim: str, c: dict, bj: dict) -> list[str]:
                 f"{n} {statistics.mean(v):.3f} ± {statistics.stdev(v) if len(v) > 1 else float('nan'):.3f} "
                 f"({len(v)} rounds)" for n, v in done.items() if v))
     if c.get("not_finished_on_every_seed"):
-        lines.append("- left out (not finished on every seed the others have): "
+        lines.append("- left out (not run, or missing a seed that at least half of its curve has): "
                      + ", ".join(c["not_finished_on_every_seed"]))
+    for name in c.get("never_reaches_memoryless", []):
+        lines.append(f"- {name}: its lambda curve stays below memoryless's held-out reward on every seed, so no "
+                     "recall comparison at matched reward exists")
     if claim in ("C2", "C5"):
         for fam, br in c.get("bracket", {}).items():
             for key, b in ({"held-out reward": br} if "means" in br else br).items():

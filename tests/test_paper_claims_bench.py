@@ -74,6 +74,8 @@ def _synthetic_work(bench, work: Path, with_auto: bool = False, with_sde: bool =
             for i, lam in enumerate(bench.SDE_LAMBDAS["memoryless"]):
                 evals[f"SDE-AM-4 memoryless lambda={lam:g}"] = {JUDGE: -0.12 + 0.01 * i + 0.001 * (s % 2),
                                                                "recall": 1.0 - 0.1 * i}
+            for i, lam in enumerate(bench.SDE_LAMBDAS["constant"]):  # below memoryless everywhere
+                evals[f"SDE-AM-4 constant lambda={lam:g}"] = {JUDGE: -0.2 + 0.001 * i + jitter, "recall": 1.0}
             for i, lam in enumerate(bench.SDE_LAMBDAS["sine"]):
                 if s < 4:
                     evals[f"SDE-AM-4 sine lambda={lam:g}"] = {JUDGE: -0.095 + 0.01 * i + jitter,
@@ -222,7 +224,10 @@ def test_c5_compares_each_pair_of_curves_on_the_seeds_both_have(tmp_path):
     assert front["verdict"] == "holds"
     c5 = out["testbeds"]["digits"]["analysis"]["claims"]["C5"]
     assert c5["bracket"]["memoryless"]["best"] == "SDE-AM-4 memoryless lambda=1000"
-    assert not any(k.startswith("linear") or k.startswith("constant") for k in c5)  # not run: no test
+    assert not any(k.startswith("linear") for k in c5)  # not run: no test
+    # constant never reaches memoryless's reward: its reward test stays, no recall test at matched reward
+    assert tests["SDE-AM-4 constant minus SDE-AM-4 memoryless" + at]["verdict"] == "does not hold"
+    assert "constant_vs_memoryless_frontier_recall" not in c5 and c5["never_reaches_memoryless"] == ["SDE-AM-4 constant"]
 
 
 def test_train_phase_refuses_existing_runs_without_reuse(tmp_path):
