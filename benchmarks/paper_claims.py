@@ -546,6 +546,8 @@ def _saturation(data: Data, alpha: float) -> dict:
             pairs.append({"k": a, "k_larger": b, **paired_t(diffs, "two-sided")})
     for pair, adj in zip(pairs, holm([q["p"] for q in pairs])):
         pair["p_holm"] = adj
+    if len(ks) < 3:  # with AM-Full and one K there is no sweep to saturate
+        return {"k": None, "pairs": pairs, "why": f"only {len(ks)} K of the sweep ran"}
     k_sat = next((a for a in ks if not any(q["k"] == a and q["p_holm"] < alpha and q["mean"] > 0 for q in pairs)),
                  None)
     return {"k": k_sat, "pairs": pairs}
@@ -1036,7 +1038,8 @@ def claim_extra(claim: str, c: dict, bj: dict) -> list[str]:
         if sat.get("pairs"):
             lines.append(f"- where the gain saturates: the smallest K that no larger K is significantly better than "
                          f"(two-sided paired t, Holm over the {len(sat['pairs'])} pairs of the K sweep): "
-                         + (f"K = {sat['k']} of {N_STEPS}" if sat["k"] is not None else "none"))
+                         + (f"K = {sat['k']} of {N_STEPS}" if sat["k"] is not None else
+                            f"not decided ({sat['why']})" if sat.get("why") else "none"))
             lines += ["", "| AM-K' minus AM-K (held-out reward) | n | mean (SE) | d_z | p two-sided | Holm p |",
                       "|---|---|---|---|---|---|"]
             lines += [f"| AM-{q['k_larger']} minus AM-{q['k']} | {q['n']} | {fmt(q['mean'])} ({fmt(q['se'])}) | "

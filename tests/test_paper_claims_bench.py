@@ -160,7 +160,9 @@ def test_report_verdicts_on_a_synthetic_work_dir(tmp_path):
         "ODE-AM-4 p=2 lambda=320", "ODE-AM-4 p=2 lambda=640", "ODE-AM-4 p=4 lambda~160", "ODE-AM-4 p=6 lambda~160"]
 
     sat = data["testbeds"]["digits"]["analysis"]["claims"]["C1"]["saturation"]
-    assert sat["k"] == 4 and len(sat["pairs"]) == 1  # AM-Full is lower than AM-4: nothing beyond K = 4 differs upward
+    assert sat["k"] is None and len(sat["pairs"]) == 1  # only K = 4 and AM-Full ran: no sweep to saturate
+    assert "the smallest K that no larger K is significantly better than (two-sided paired t, Holm over the 1 pairs " \
+        "of the K sweep): not decided (only 2 K of the sweep ran)" in md.read_text()
     prov = data["provenance"]
     assert prov["commit"] and "CPU cores" in prov["machine"] and prov["wall_seconds"] >= 0
 
