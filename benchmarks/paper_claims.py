@@ -684,9 +684,11 @@ def claim_c4(data: Data, tests: Tests) -> dict:
 def claim_c5(data: Data, tests: Tests) -> dict:
     """C5 (Section 4.1, Appendix B.3, D.2): ODE-AM beats SDE-AM at the same budget (held-out reward, each tuned
     on its own lambda grid, leave-one-seed-out, K = 4), and a non-memoryless schedule beats memoryless in
-    practice: the paper's two (linear, sine) and our constant, each minus memoryless in held-out reward and, at
-    memoryless's held-out reward (interpolated along the schedule's lambda curve), in recall ("best reward value
-    with best sample diversity"). Each pair on the seeds both of its curves have."""
+    practice: the paper's two (linear, sine) and our constant, each minus memoryless in held-out reward and in
+    recall at equal held-out reward ("best reward value with best sample diversity"): per seed, the schedule's
+    recall interpolated along its lambda curve at each memoryless point's reward inside its range, minus that
+    point's recall, averaged (every curve's best lambda is its grid's top on digits, so the two curves' best points
+    rarely overlap). Each pair on the seeds both of its curves have."""
     judge = data.bed.judge
     fams: dict[str, list[str]] = {"ode": [r.name for r in data.family("ode-p2") if r.k == 4]}
     fams.update({sch: [r.name for r in data.family(f"sde-{sch}")] for sch in SDE_LAMBDAS})
@@ -712,17 +714,19 @@ def claim_c5(data: Data, tests: Tests) -> dict:
                                        diffs, "greater", fams[a] + fams[b])
         if b == "memoryless" and a != "ode":
             diffs = []
-            for s in seeds:
-                at = interpolate(data.curve(fams[a], s, judge, "recall"), data.m(cb[s], judge, s))
-                if at is not None:
-                    diffs.append(at - data.m(cb[s], "recall", s))
+            for s in seeds:  # the vertical gap between the two reward-recall curves where both exist
+                curve = data.curve(fams[a], s, judge, "recall")
+                gaps = [at - data.m(n, "recall", s) for n in fams[b]
+                        if (at := interpolate(curve, data.m(n, judge, s))) is not None]
+                if gaps:
+                    diffs.append(statistics.mean(gaps))
             if not diffs:  # no comparison at matched reward exists: said in the report, not tested
                 out.setdefault("never_reaches_memoryless", []).append(label[a])
                 continue
             out[f"{a}_vs_{b}_frontier_recall"] = tests.add(
-                "C5", f"{label[a]} minus {label[b]} at memoryless's held-out reward (its leave-one-out lambda), "
-                "recall", diffs, "greater", fams[a] + fams[b],
-                note=f"{len(seeds) - len(diffs)} seeds outside {a}'s reward range")
+                "C5", f"{label[a]} minus {label[b]} in recall at equal held-out reward (mean over memoryless's "
+                f"lambda points inside {a}'s reward range)", diffs, "greater", fams[a] + fams[b],
+                note=f"{len(seeds) - len(diffs)} seeds with no such point")
     return out
 
 
