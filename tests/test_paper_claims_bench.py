@@ -173,7 +173,7 @@ def test_report_verdicts_on_a_synthetic_work_dir(tmp_path):
     assert f"{c1['mean']:.4f}" in text  # the report prints what the JSON holds
     part = readme.read_text()
     assert part.startswith("# x\n\nbefore\n") and part.endswith("after\n") and "STALE" not in part
-    assert "| digits (seeds: 6) | C1:" in part
+    assert "| digits | C1: truncated AM-K" in part and "| **holds** | 2 / 0 / 0 | 6 |" in part  # time: n = rounds, not shown
 
 
 def test_saturation_and_adaptive_truncation_on_a_synthetic_work_dir(tmp_path):
