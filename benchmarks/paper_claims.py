@@ -1094,7 +1094,8 @@ def render_readme(result: dict) -> str:
             counts = [sum(i["verdict"] == v for i in items) for v in ("holds", "does not hold", "undecided")]
             todo = per_claim.get(claim)
             cost = f"{todo['missing_runs']} ({todo['hours']:.1f} h)" if todo else "–"
-            ns = sorted({i["n"] for i in items if "timing round" not in i["label"]})  # (time: n = rounds)
+            over_rounds = ("over interleaved timing rounds", "per timing round")  # their n counts rounds
+            ns = sorted({i["n"] for i in items if not any(w in i["label"] for w in over_rounds)})
             n_text = "–" if not ns else str(ns[0]) if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
             lines.append(f"| {bname} | {title} | **{claim_verdict(items)}** | {' / '.join(map(str, counts))} | "
                          f"{n_text} | {cost} |")
