@@ -126,7 +126,6 @@ SDE_LAMBDAS = {"memoryless": (10.0, 30.0, 100.0, 300.0, 1000.0), "constant": (1.
 memoryless (SiT's SBDM), ``linear`` (w_t = 1 - t) and ``sine`` (w_t = sin^2(pi t), the one it finds best);
 ``constant`` (sigma = 1) is ours. In the last K = 4 of 20 steps the first three have nearly the same sigma, so
 linear and sine share the top three points of memoryless's grid."""
-PAPER_SCHEDULES = ("linear", "sine")
 REFL_K = 5  # the paper's ReFL-5 on FLUX.2-klein, also 20 steps (Appendix D.4)
 
 
@@ -465,11 +464,13 @@ class Tests:
         self.alpha, self.items = alpha, []
 
     def add(self, claim: str, label: str, diffs: Sequence[float], direction: str = "greater",
-            names: Sequence[str] = (), note: str = "") -> dict:
-        """A comparison whose claim is "mean of ``diffs`` > 0" (``direction`` 'greater') or "< 0" ('less')."""
+            names: Sequence[str] = (), note: str = "", over: str = "seeds") -> dict:
+        """A comparison whose claim is "mean of ``diffs`` > 0" (``direction`` 'greater') or "< 0" ('less');
+        ``over``: what its n counts, 'seeds' or (time comparisons) 'rounds'."""
         other = "less" if direction == "greater" else "greater"
         t_for, t_against = paired_t(diffs, direction), paired_t(diffs, other)
         item = {"claim": claim, "label": label, "direction": direction, "names": list(names), "note": note,
+                "over": over,
                 **{k: t_for[k] for k in ("n", "df", "mean", "sd", "se", "t", "d", "diffs")},
                 "p_for": t_for["p"], "p_against": t_against["p"]}
         self.items.append(item)
@@ -527,7 +528,7 @@ def claim_c1(data: Data, tests: Tests) -> dict:
             if pairs:
                 r = [x / y for x, y in pairs]
                 ratios[str(k)] = tests.add("C1", f"AM-{k} time per update / AM-Full's, minus 1 (claim: < 0), "
-                                           "over interleaved timing rounds", [v - 1 for v in r], "less")
+                                           "over interleaved timing rounds", [v - 1 for v in r], "less", over="rounds")
                 ratios[str(k)]["ratio_mean"] = statistics.mean(r)
         out["time_ratio"] = ratios
     return out
@@ -698,7 +699,7 @@ def claim_c5(data: Data, tests: Tests) -> dict:
         fams[f] = kept
         out["not_finished_on_every_seed"] += dropped
     label = {"ode": "ODE-AM-4", **{sch: f"SDE-AM-4 {sch}" for sch in SDE_LAMBDAS}}
-    pairs = [("ode", sch) for sch in SDE_LAMBDAS] + [(sch, "memoryless") for sch in (*PAPER_SCHEDULES, "constant")]
+    pairs = [("ode", sch) for sch in SDE_LAMBDAS] + [(sch, "memoryless") for sch in SDE_LAMBDAS if sch != "memoryless"]
     for f, names in fams.items():
         seeds = data.seeds_with(names, judge)
         if names and len(seeds) >= 2:
@@ -753,7 +754,7 @@ def claim_auto(data: Data, tests: Tests) -> dict:
     return {"over_seeds": tests.add("auto", f"auto minus the fixed-K curve at auto's time per update, {judge}, "
                                     "per seed (mean over timing rounds)", by_seed, "greater", ks + [auto]),
             "over_rounds": tests.add("auto", "the same, per timing round (mean over seeds): the timing spread",
-                                     by_round, "greater", ks + [auto])}
+                                     by_round, "greater", ks + [auto], over="rounds")}
 
 
 # -- the report -------------------------------------------------------------------------------------------
@@ -1094,8 +1095,7 @@ def render_readme(result: dict) -> str:
             counts = [sum(i["verdict"] == v for i in items) for v in ("holds", "does not hold", "undecided")]
             todo = per_claim.get(claim)
             cost = f"{todo['missing_runs']} ({todo['hours']:.1f} h)" if todo else "–"
-            over_rounds = ("over interleaved timing rounds", "per timing round")  # their n counts rounds
-            ns = sorted({i["n"] for i in items if not any(w in i["label"] for w in over_rounds)})
+            ns = sorted({i["n"] for i in items if i.get("over", "seeds") == "seeds"})
             n_text = "–" if not ns else str(ns[0]) if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
             lines.append(f"| {bname} | {title} | **{claim_verdict(items)}** | {' / '.join(map(str, counts))} | "
                          f"{n_text} | {cost} |")

@@ -234,6 +234,13 @@ def test_schedules():
     torch.testing.assert_close(LinearSchedule().drift(x, v, torch.tensor(1.0)), 2 * v - x)
     assert isinstance(get_schedule("memoryless", scale=0.5), MemorylessSchedule)
     assert isinstance(get_schedule("linear"), LinearSchedule) and isinstance(get_schedule("sine"), SineSchedule)
+    from diffusers_am.schedules import SCHEDULES
+    from diffusers_am.training.config import parse_args
+
+    for name in SCHEDULES:  # the CLI accepts every schedule the library has
+        assert parse_args(["--method", "sde-am", "--sde_schedule", name]).sde_schedule == name
+    with pytest.raises(ValueError, match="sde_schedule"):
+        parse_args(["--method", "sde-am", "--sde_schedule", "cosine"])
     with pytest.raises(ValueError, match="unknown noise schedule"):
         get_schedule("cosine")
     with pytest.raises(ValueError, match="t_min"):

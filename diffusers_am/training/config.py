@@ -61,6 +61,13 @@ def quantize_choices() -> tuple[str, ...]:
     return QUANTIZE_CHOICES
 
 
+def sde_schedule_choices() -> tuple[str, ...]:
+    """The ``--sde_schedule`` values (:data:`..schedules.SCHEDULES`; that module imports torch)."""
+    from ..schedules import SCHEDULES
+
+    return tuple(SCHEDULES)
+
+
 def _choices(f: dataclasses.Field) -> tuple | None:
     """A field's allowed values: its ``choices`` (a tuple, or a function returning them: ``--method`` reads
     the method registry when validated, so a method registered later is accepted), or None."""
@@ -165,7 +172,7 @@ class TrainingConfig:
         "Noise schedule sigma(t) of sde-am: memoryless (sigma^2 = 2 (1 - t) / t, the reward-tilted law), constant "
         "(sigma = 1), linear (sigma^2 = 2 (1 - t)) or sine (sigma^2 = 2 sin^2(pi t)); the last two are SiT's "
         "'sigma' and 'increasing-decreasing' diffusion coefficients, biased, compared in the paper's Appendix D.2.",
-        choices=("memoryless", "constant", "linear", "sine"),
+        choices=sde_schedule_choices,
     )
     sde_t_min: float = _f(0.01, "sde-am clips paper time t to [sde_t_min, 1) (the memoryless SDE diverges at t = 0).")
     # -- optimization -------------------------------------------------------------------------
