@@ -176,6 +176,14 @@ def control_file(work: Path, bed: Testbed, seed: int, slug: str) -> Path:
     return work / bed.name / "control" / f"seed{seed}" / f"{slug}.json"
 
 
+def seeds_to_read(work: Path, bed: Testbed, asked: Sequence[int]) -> list[int]:
+    """``asked`` (``--seeds``) and then every other seed the work dir holds evaluations of (e.g. extra seeds
+    trained for one claim's pair): the report reads them all; only ``--seeds`` are trained and projected."""
+    folder = work / bed.name / "evals"
+    held = {int(p.name[4:]) for p in folder.glob("seed*") if p.name[4:].isdigit()} if folder.is_dir() else set()
+    return [*asked, *sorted(held - set(asked))]
+
+
 def _records(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines() if line.strip()]
 
@@ -193,9 +201,18 @@ def _write_json(path: Path, value: Any) -> None:
 
 
 # -- training ---------------------------------------------------------------------------------------------
-def train(bed: Testbed, run: Run, seed: int, out: Path, steps: int, reuse: bool) -> dict[str, Any]:
+def train(bed: Testbed, run: Run, seed: int, out: Path, steps: int, reuse: bool,
+          resumable: bool = True) -> dict[str, Any]:
     """Train one (run, seed) in a subprocess (one torch thread) unless ``reuse`` and ``out`` holds a finished
-    run of ``steps`` updates; returns its numbers (``wall_seconds`` of the training, stored beside it)."""
+    run of ``steps`` updates; returns its numbers (``wall_seconds`` of the training, stored beside it).
+
+    ``resumable``: the run checkpoints every quarter of its updates (the last checkpoint kept), and one killed
+    mid-way continues from its newest intact checkpoint (the trainer's resume gives the uninterrupted run's
+    adapter) or starts again when it has none; a continued run's wall time is not the whole run's, so it is
+    stored as unknown (``None``: left out of the cost estimates). Timing runs are not resumable: a killed one
+    starts again, so each measures one process from its first update."""
+    from diffusers_am.training.checkpoints import checkpoint_problem, list_checkpoints
+
     wall_file = out / "claims_wall_seconds.json"
     if reuse and finished(out, steps):
         wall = json.loads(wall_file.read_text())["wall_seconds"] if wall_file.is_file() else None
@@ -204,11 +221,16 @@ def train(bed: Testbed, run: Run, seed: int, out: Path, steps: int, reuse: bool)
             "--max_train_steps", str(steps), "--report_to", "none", "--num_eval_samples", "0",
             "--validation_steps", "0", "--num_validation_images", "1", "--cpu_threads", "1",
             "--output_dir", str(out)]
+    if resumable:
+        argv += ["--checkpointing_steps", str(max(1, steps // 4)), "--checkpoints_total_limit", "1"]
     if bed.name == "digits":
         argv += ["--num_inference_steps", str(N_STEPS)]
     if out.is_dir() and not any(out.iterdir()):  # killed before the trainer wrote anything
         out.rmdir()
-    if out.exists():  # an unfinished run of the trainer (killed): start it again
+    resumed = resumable and out.exists() and any(checkpoint_problem(path) is None for _, path in list_checkpoints(out))
+    if resumed:  # an unfinished run (killed) with an intact checkpoint: continue it
+        argv += ["--resume_from_checkpoint", "latest"]
+    elif out.exists():  # an unfinished run killed before its first checkpoint: start it again
         argv.append("--overwrite_output_dir")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": str(ROOT)}
@@ -216,7 +238,7 @@ def train(bed: Testbed, run: Run, seed: int, out: Path, steps: int, reuse: bool)
     proc = subprocess.run(argv, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{run.name} (seed {seed}) failed: {shlex.join(argv)}\n{proc.stderr[-3000:]}")
-    wall = time.perf_counter() - start
+    wall = None if resumed else time.perf_counter() - start
     _write_json(wall_file, {"wall_seconds": wall})
     return {**run_numbers(out), "wall_seconds": wall, "reused": False}
 
@@ -245,8 +267,8 @@ def train_many(bed: Testbed, jobs: list[tuple[Run, int]], work: Path, workers: i
                     on_done(run, seed, None)
                 continue
             wall = numbers["wall_seconds"]
-            print(f"[{bed.name} {i}/{len(jobs)}] {run.name} seed {seed}: "
-                  f"{'read back' if numbers['reused'] else f'{wall:.0f} s'}", flush=True)
+            how = "read back" if numbers["reused"] else "continued" if wall is None else f"{wall:.0f} s"
+            print(f"[{bed.name} {i}/{len(jobs)}] {run.name} seed {seed}: {how}", flush=True)
             if on_done is not None:
                 on_done(run, seed, numbers)
     return out
@@ -380,7 +402,8 @@ def timing_rounds(bed: Testbed, runs: list[Run], work: Path, rounds: int, update
     for rnd in range(rounds):
         order = timed[rnd % len(timed):] + timed[:rnd % len(timed)]
         for run in order:
-            numbers = train(bed, run, 0, work / bed.name / "timing" / f"round{rnd}" / run.slug, updates, reuse)
+            numbers = train(bed, run, 0, work / bed.name / "timing" / f"round{rnd}" / run.slug, updates, reuse,
+                            resumable=False)
             print(f"[timing {bed.name} round {rnd}] {run.name}: {numbers['seconds_per_update_mean']:.3f} s/update",
                   flush=True)
 
@@ -1218,9 +1241,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     for bname in args.testbed:
         bed = Testbed(**{**TESTBEDS[bname].__dict__, "updates": args.max_train_steps})
         runs = all_runs(args.max_train_steps)
-        extra = sorted(int(p.name[4:]) for p in (work / bed.name / "evals").glob("seed*") if p.name[4:].isdigit()
-                       and int(p.name[4:]) not in args.seeds) if (work / bed.name / "evals").is_dir() else []
-        collected = collect(bed, runs, [*args.seeds, *extra], work)  # seeds beyond --seeds: read, not asked for
+        collected = collect(bed, runs, seeds_to_read(work, bed, args.seeds), work)
         timing = read_timing(bed, runs, work)
         analysis = analyse(bed, runs, collected, timing, args.alpha)
         proj = project(runs, args.seeds, collected, analysis["run_cost_seconds"], bed.updates, timing)

@@ -277,3 +277,27 @@ def test_tiny_real_train_and_report(tmp_path):
     assert len(energy) == 20 and all(e >= 0 for e in energy)
     c1 = [t for t in bed["analysis"]["tests"] if t["claim"] == "C1"][0]
     assert c1["n"] == 2 and c1["verdict"] in ("holds", "does not hold", "undecided")
+
+
+def test_a_killed_run_continues_from_its_checkpoint(tmp_path):
+    """A run stopped after 2 of its 4 updates (its newest checkpoint: update 2) is continued, not started again:
+    its first two log records stay as they were, its wall time is unknown, and its adapter is the one of the
+    same run trained straight through."""
+    import safetensors.torch
+
+    bench = load_bench()
+    bed = bench.TESTBEDS["digits"]
+    run = next(r for r in bench.all_runs() if r.name == "ODE-AM-4 p=2 lambda=10")
+    out = tmp_path / "stopped"
+    bench.train(bed, run, 0, out, 2, reuse=False)
+    for name in ("claims_wall_seconds.json", "train_summary.json"):  # a killed run has written neither
+        (out / name).unlink()
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]
+    first = bench._records(out)
+    numbers = bench.train(bed, run, 0, out, 4, reuse=True)
+    assert numbers["wall_seconds"] is None and not numbers["reused"] and numbers["updates"] == 4
+    assert bench._records(out)[:2] == first
+    straight = tmp_path / "straight"
+    assert bench.train(bed, run, 0, straight, 4, reuse=False)["wall_seconds"] > 0
+    a, b = (safetensors.torch.load_file(d / "pytorch_lora_weights.safetensors") for d in (out, straight))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
