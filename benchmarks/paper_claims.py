@@ -532,17 +532,31 @@ def _gain(data: Data, name: str, seed: int) -> float:
     return data.m(name, data.bed.judge, seed) - data.m("base", data.bed.judge, seed)
 
 
+C1_MARGIN = 0.1
+"""C1's "as good as", read as non-inferiority: AM-K may fall short of AM-Full by at most this share of AM-Full's
+held-out gain over the base (per seed). Ours (the paper states no margin); the strict >= 0 test stands beside it."""
+
+
 def claim_c1(data: Data, tests: Tests) -> dict:
-    """C1 (Appendix D.3, D.4): truncated AM-K is as good as or better than AM-Full (held-out reward, paired), the
-    gain saturates after a few terminal steps (two-sided AM-K vs AM-K' tests), at a fraction of the time."""
+    """C1 (Appendix D.3, D.4): truncated AM-K is as good as or better than AM-Full (held-out reward, paired: the
+    strict test of >= 0, and non-inferiority at :data:`C1_MARGIN`), the gain saturates after a few terminal steps
+    (two-sided AM-K vs AM-K' tests), at a fraction of the time."""
     judge, full = data.bed.judge, k_name(N_STEPS)
-    out: dict[str, Any] = {"k_vs_full": {}}
+    out: dict[str, Any] = {"k_vs_full": {}, "k_within_margin": {}}
     for k in K_SWEEP[:-1]:
         diffs, seeds = _diffs(data, k_name(k), full, judge)
         if diffs:
             out["k_vs_full"][str(k)] = tests.add(
                 "C1", f"AM-{k} minus AM-Full, {judge} (claim: >= 0; 'holds' = better, 'does not hold' = worse)",
                 diffs, "greater", [k_name(k), full])
+        seeds = data.seeds_with([k_name(k), full, "base"], judge)
+        if seeds:
+            margin = [data.m(k_name(k), judge, s) - data.m(full, judge, s) + C1_MARGIN * _gain(data, full, s)
+                      for s in seeds]
+            out["k_within_margin"][str(k)] = tests.add(
+                "C1", f"AM-{k} minus AM-Full plus {C1_MARGIN:.0%} of AM-Full's {judge} gain over the base (claim: > 0, "
+                f"non-inferior at that margin; 'does not hold' = short of AM-Full by more)",
+                margin, "greater", [k_name(k), full])
     if data.timing.get(full):
         ratios = {}
         for k in K_SWEEP[:-1]:

@@ -119,6 +119,11 @@ def test_report_verdicts_on_a_synthetic_work_dir(tmp_path):
     diffs = [0.01 - 0.002 * (s % 3 - 1) for s in SEEDS]
     assert c1["diffs"] == pytest.approx(diffs) and c1["n"] == 6 and c1["df"] == 5
     assert c1["verdict"] == "holds" and c1["p_for_holm"] <= len(tests) * c1["p_for"] + 1e-12
+    # non-inferiority: AM-4 - AM-Full + 10% of AM-Full's gain over the base (-0.2): AM-Full is -0.09 + jitter
+    margin = tests["AM-4 minus AM-Full plus 10% of AM-Full's reward/digits-heldout gain over the base (claim: > 0, "
+                   "non-inferior at that margin; 'does not hold' = short of AM-Full by more)"]
+    assert margin["diffs"] == pytest.approx([d + 0.1 * (0.11 + 0.002 * (s % 3 - 1)) for d, s in zip(diffs, SEEDS)])
+    assert margin["verdict"] == "holds"
 
     time = next(t for k, t in tests.items() if k.startswith("AM-4 time per update"))
     ratios = [0.4 / (1.0 + 0.1 * (r - 1)) for r in range(3)]
@@ -173,7 +178,7 @@ def test_report_verdicts_on_a_synthetic_work_dir(tmp_path):
     assert f"{c1['mean']:.4f}" in text  # the report prints what the JSON holds
     part = readme.read_text()
     assert part.startswith("# x\n\nbefore\n") and part.endswith("after\n") and "STALE" not in part
-    assert "| digits | C1: truncated AM-K" in part and "| **holds** | 2 / 0 / 0 | 6 |" in part  # time: n = rounds, not shown
+    assert "| digits | C1: truncated AM-K" in part and "| **holds** | 3 / 0 / 0 | 6 |" in part  # time: n = rounds, not shown
 
 
 def test_saturation_and_adaptive_truncation_on_a_synthetic_work_dir(tmp_path):
