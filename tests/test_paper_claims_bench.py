@@ -49,8 +49,9 @@ JUDGE = "reward/digits-heldout"
 
 def _synthetic_work(bench, work: Path, with_auto: bool = False, with_sde: bool = False) -> dict:
     """AM-4 beats AM-Full by 0.01 (+- 0.002 by seed); the p = 2 lambda curve at K = 4 has reward
-    -0.10 + 0.01 * i and 1-SSIM 0.40 - 0.02 * i at its i-th lambda; DRaFT-1 (100 updates) sits at reward
-    -0.065 with 1-SSIM 0.20; learned control energies rise linearly (k + 1) for p = 2 and are flat for p = 6."""
+    -0.10 + 0.01 * i and 1-SSIM 0.40 - 0.02 * i at its i-th lambda (i = 0 at lambda 2.5, -2 at 0.625); DRaFT-1
+    (100 updates) sits at reward -0.065 with 1-SSIM 0.20; learned control energies rise linearly (k + 1) for
+    p = 2 and are flat for p = 6."""
     bed = bench.TESTBEDS["digits"]
     runs = {r.name: r for r in bench.all_runs(100)}
     grid = [n for n in runs if n.startswith("ODE-AM-4 p=2 lambda=") and runs[n].tier != 5]  # no extension run
@@ -58,12 +59,14 @@ def _synthetic_work(bench, work: Path, with_auto: bool = False, with_sde: bool =
     for s in SEEDS:
         jitter = 0.002 * (s % 3 - 1)
         evals = {"base": {JUDGE: -0.2}}
-        for i, name in enumerate(grid):
+        for i, name in enumerate(grid, start=-grid.index("ODE-AM-4 p=2 lambda=2.5")):
             evals[name] = {JUDGE: -0.10 + 0.01 * i, "diversity/ssim": 0.40 - 0.02 * i, "recall": 1.0}
         lam10 = evals["ODE-AM-4 p=2 lambda=10"][JUDGE]
         evals["ODE-AM-Full p=2 lambda=10"] = {JUDGE: lam10 - 0.01 + jitter}
         evals["ODE-AM-Full p=6 lambda~10"] = {JUDGE: lam10}
         evals["DRaFT-1 100 updates"] = {JUDGE: -0.065, "diversity/ssim": 0.20, "recall": 0.5}
+        evals["ODE-AM-4 p=2 lambda=10"]["reward/digits"] = 0.1  # the trained reward: DRaFT-1 above it by 0.02 + jitter
+        evals["DRaFT-1 100 updates"]["reward/digits"] = 0.12 + jitter
         for p in (4, 6):  # 5 lambdas each: reward -0.075 + 0.01 i, 1-SSIM 0.43 - 0.02 i (p = 6 a little lower)
             for i, lam in enumerate((5, 10, 20, 40, 80)):
                 evals[f"ODE-AM-4 p={p} lambda~{lam}"] = {
@@ -136,7 +139,14 @@ def test_report_verdicts_on_a_synthetic_work_dir(tmp_path):
     assert c3["diffs"] == pytest.approx([0.13] * 6) and c3["verdict"] == "holds"
     assert tests["AM-4 at DRaFT-1 100 updates's held-out reward minus DRaFT-1 100 updates, recall"]["mean"] == \
         pytest.approx(0.5)
-    assert len(info["grid"]) == 7
+    assert len(info["grid"]) == 9
+    # "the rivals gain more reward" at the same 100 updates: on the held-out judge DRaFT's -0.065 vs AM-4 lambda
+    # 10's -0.08; on the trained reward 0.12 + jitter vs 0.1
+    same_budget = "DRaFT-1 100 updates minus AM-4 lambda=10 (same budget), {} (claim: rival higher)"
+    assert tests[same_budget.format(JUDGE)]["diffs"] == pytest.approx([0.015] * 6)
+    trained = tests[same_budget.format("reward/digits")]
+    assert trained["diffs"] == pytest.approx([0.02 + 0.002 * (s % 3 - 1) for s in SEEDS])
+    assert trained["verdict"] == "holds"
 
     # C4: energy k + 1: the last 4 of 20 steps hold (17+18+19+20) / 210; its peak is the last step
     late = tests["p=2 AM-Full: share of control energy in the last 4 of 20 steps minus the uniform 0.2"]
@@ -174,7 +184,7 @@ def test_report_verdicts_on_a_synthetic_work_dir(tmp_path):
     text = md.read_text()
     assert "### C1" in text and "**holds**" in text and "does not hold" in text
     assert "- p2: best mean reward/digits-heldout at ODE-AM-4 p=2 lambda=160 — NOT bracketed (a grid end); the mean " \
-        "rises at every step of the grid (7 points)" in text
+        "rises at every step of the grid (9 points)" in text
     assert f"{c1['mean']:.4f}" in text  # the report prints what the JSON holds
     part = readme.read_text()
     assert part.startswith("# x\n\nbefore\n") and part.endswith("after\n") and "STALE" not in part
