@@ -8,6 +8,10 @@
     # verdicts, report and README part, from what the work dir holds
     python benchmarks/paper_claims.py --phase report --work_dir /work/claims-work --reuse \
         --json benchmarks/paper_claims.json --output benchmarks/PAPER_CLAIMS.md --readme README.md
+    # ... or on top of the committed report's numbers (its work dir gone): the work dir adds runs, and wins where
+    # both hold one
+    python benchmarks/paper_claims.py --phase report --work_dir /work/claims-work --reuse \
+        --continue_from benchmarks/paper_claims.json --json benchmarks/paper_claims.json ...
 
 Testbeds: ``digits`` (the embedded 8 x 8 class-conditional base, N = 20; judge: the held-out classifier's
 log-probability ``digits-heldout``) and ``shapes`` (the ``shapes-klein`` FLUX.2-klein miniature, 32 px, N = 20;
@@ -444,6 +448,77 @@ def collect(bed: Testbed, runs: list[Run], seeds: Sequence[int], work: Path) -> 
             if cf.is_file():
                 controls[f"{r.name}|{s}"] = json.loads(cf.read_text())
     return {"train": train_n, "evals": evals, "controls": controls, "base": base}
+
+
+def read_previous(path: Path) -> dict[str, Any]:
+    """An earlier report's paper_claims.json (``--continue_from``; e.g. the committed one when the work dir that
+    made it is gone), read as data with ``json``; an unreadable file or one with no testbeds is a one-line error."""
+    where = f"--continue_from {path}"
+    try:
+        top = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SystemExit(f"error: {where}: no such file; give the paper_claims.json of an earlier report.") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SystemExit(f"error: {where}: not a readable JSON file ({err}).") from None
+    if not isinstance(top, dict) or not isinstance(top.get("testbeds"), dict):
+        raise SystemExit(f"error: {where}: no 'testbeds' table; give the paper_claims.json of an earlier report.")
+    return top
+
+
+def previous_numbers(top: dict[str, Any], where: str, bed: Testbed,
+                     runs: list[Run]) -> tuple[dict[str, Any], dict[str, list]] | None:
+    """(collected, timing) of ``bed`` in an earlier report's JSON ``top`` (from ``where``), or None when it has
+    no such testbed. The file may have been edited: a run name outside the current design, a seed that is not an
+    integer, a value that is not a number or a different ``--max_train_steps`` is an error naming the file, never
+    silently counted."""
+    where = f"--continue_from {where}"
+    beds = top["testbeds"]
+    if bed.name not in beds:
+        return None
+    bj = beds[bed.name]
+    if not isinstance(bj, dict) or bj.get("updates") != bed.updates:
+        raise SystemExit(f"error: {where}: its {bed.name} runs have {bj.get('updates') if isinstance(bj, dict) else '?'}"
+                         f" updates, this report {bed.updates}; pass the same --max_train_steps.")
+    collected, timing = bj.get("collected"), (bj.get("analysis") or {}).get("timing", {})
+    parts = ("train", "evals", "controls", "base")
+    if not isinstance(collected, dict) or any(not isinstance(collected.get(k), dict) for k in parts) \
+            or not isinstance(timing, dict):
+        raise SystemExit(f"error: {where}: its {bed.name} entry has no collected train / evals / controls / base "
+                         "tables or timing; give the paper_claims.json of an earlier report.")
+    names = {r.name for r in runs}
+
+    def number(x: Any) -> bool:
+        return x is None or (isinstance(x, (int, float)) and not isinstance(x, bool))
+
+    def bad(what: str) -> SystemExit:
+        return SystemExit(f"error: {where}: {bed.name} {what}; regenerate it from its work dir or remove the entry.")
+
+    for part in parts:
+        for key, value in collected[part].items():
+            name, _, seed = key.rpartition("|") if part != "base" else ("base", "|", key)
+            if name not in names and part != "base":
+                raise bad(f"{part} entry {key!r} names no configuration of this design")
+            if not seed.isdigit() or not isinstance(value, dict):
+                raise bad(f"{part} entry {key!r} is not '<configuration>|<seed>' with a table of numbers")
+            flat = [v for x in value.values() for v in (x if isinstance(x, list) else [x])]
+            if not all(number(v) for v in flat):
+                raise bad(f"{part} entry {key!r} holds a value that is not a number")
+    for name, values in timing.items():
+        if name not in names or not isinstance(values, list) or not all(number(v) for v in values):
+            raise bad(f"timing entry {name!r} is not a configuration's list of seconds per update")
+    return {k: dict(collected[k]) for k in parts}, timing
+
+
+def merge_numbers(previous: dict[str, Any], current: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """``previous`` (an earlier JSON's collected numbers) overlaid by ``current`` (the work dir's: it wins where both
+    hold a run, e.g. a run trained again); returns the merge and how many runs (configuration and seed) the work
+    dir replaced."""
+    merged, replaced = {}, set()
+    for part in ("train", "evals", "controls", "base"):
+        if part != "base":
+            replaced |= previous[part].keys() & current[part].keys()
+        merged[part] = {**previous[part], **current[part]}
+    return merged, len(replaced)
 
 
 # -- claims -----------------------------------------------------------------------------------------------
@@ -1032,9 +1107,10 @@ def render(result: dict, pngs: dict[str, list[str]] | None = None) -> str:
            "Generated by `benchmarks/paper_claims.py` from `paper_claims.json`; every number below is in that file.\n",
            "```bash", prov["command"], "```\n",
            f"- commit {prov['commit']}, {prov['machine']}, {prov['date']}; report wall time "
-           f"{prov['wall_seconds']:.0f} s; compute in the work dir: "
+           f"{prov['wall_seconds']:.0f} s; compute behind these numbers: "
            + ", ".join(f"{b}: {v['collected_train_hours']:.2f} h of training in {v['runs_finished']} runs"
                        for b, v in result["testbeds"].items()),
+           *continued_line(prov.get("continued_from")),
            f"- tests: one-sided paired t, df = n - 1, level alpha = {result['alpha']}; Holm's correction over all "
            "comparisons of a testbed (the 'for' and the 'against' tails as two families); 'holds': the claimed "
            "direction rejects after Holm; 'does not hold': the opposite direction does; else 'undecided', with the "
@@ -1075,6 +1151,17 @@ def render(result: dict, pngs: dict[str, list[str]] | None = None) -> str:
             out += [f"| {c} | {v['missing_runs']} | {v['hours']:.1f} |" for c, v in pj["per_claim"].items()]
             out += [f"| all | {pj['missing_runs']} | {pj['hours']:.1f} |", ""]
     return "\n".join(out) + "\n"
+
+
+def continued_line(cont: dict | None) -> list[str]:
+    """The report's line on an earlier JSON the numbers continue from (``--continue_from``), if any."""
+    if not cont:
+        return []
+    beds = "; ".join(f"{b}: {v['runs']} runs from it ({v['replaced_by_work_dir']} of them replaced by the work dir's"
+                     f" own), timing rounds {'from it' if v['timing'] == 'continued' else 'of the work dir'}"
+                     for b, v in cont["testbeds"].items())
+    return [f"- continued from `{cont['file']}` (its report: commit {cont['commit']}, {cont['date']}); {beds}; the "
+            "rest was trained and evaluated in this work dir"]
 
 
 def claim_extra(claim: str, c: dict, bj: dict) -> list[str]:
@@ -1198,6 +1285,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--output", default=None, help="PAPER_CLAIMS.md to write (report phase)")
     p.add_argument("--json", default=None, help="paper_claims.json to write (report phase)")
     p.add_argument("--readme", default=None, help="README.md whose generated part to replace (report phase)")
+    p.add_argument("--continue_from", default=None, metavar="JSON",
+                   help="report phase: start from the numbers of an earlier report's paper_claims.json (its runs, "
+                   "evaluations, controls and timing rounds; e.g. when the work dir that made it is gone) and add "
+                   "what --work_dir holds (a run in both: the work dir's; timing: the work dir's rounds if it has "
+                   "any, else the earlier ones)")
     args = p.parse_args(argv)
     from diffusers_am.checks import positive_int
 
@@ -1256,11 +1348,21 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     if args.phase not in ("report", "all"):
         return None
     result: dict[str, Any] = {"alpha": args.alpha, "testbeds": {}}
+    continued: dict[str, dict] = {}
+    earlier = read_previous(Path(args.continue_from)) if args.continue_from else None  # read before --json writes
     for bname in args.testbed:
         bed = Testbed(**{**TESTBEDS[bname].__dict__, "updates": args.max_train_steps})
         runs = all_runs(args.max_train_steps)
         collected = collect(bed, runs, seeds_to_read(work, bed, args.seeds), work)
         timing = read_timing(bed, runs, work)
+        if earlier is not None:
+            previous = previous_numbers(earlier, args.continue_from, bed, runs)
+            if previous is not None:
+                numbers, replaced = merge_numbers(previous[0], collected)
+                own_timing = any(v is not None for values in timing.values() for v in values)
+                continued[bname] = {"runs": len(previous[0]["train"]), "replaced_by_work_dir": replaced,
+                                    "timing": "work dir" if own_timing else "continued"}
+                collected, timing = numbers, (timing if own_timing else previous[1])
         analysis = analyse(bed, runs, collected, timing, args.alpha)
         proj = project(runs, args.seeds, collected, analysis["run_cost_seconds"], bed.updates, timing)
         walls = [v["wall_seconds"] for v in collected["train"].values() if v["wall_seconds"] is not None]
@@ -1269,6 +1371,11 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
                                      "projection": proj, "runs_finished": len(collected["train"]),
                                      "collected_train_hours": sum(walls) / 3600}
     result["provenance"] = provenance(argv, time.perf_counter() - start)
+    if earlier is not None:
+        was = earlier.get("provenance") if isinstance(earlier.get("provenance"), dict) else {}
+        result["provenance"]["continued_from"] = {
+            "file": args.continue_from, "commit": str(was.get("commit", "?")), "date": str(was.get("date", "?")),
+            "testbeds": continued}
     text = json.dumps(result, indent=1, allow_nan=True)
     for path in (args.json, args.output):
         if path:

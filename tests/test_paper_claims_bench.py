@@ -316,3 +316,55 @@ def test_a_killed_run_continues_from_its_checkpoint(tmp_path):
     assert bench.train(bed, run, 0, straight, 4, reuse=False)["wall_seconds"] > 0
     a, b = (safetensors.torch.load_file(d / "pytorch_lora_weights.safetensors") for d in (out, straight))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_report_continues_from_an_earlier_json(tmp_path):
+    """--continue_from: an earlier report's JSON alone (its work dir gone) gives the same verdicts; a work dir
+    beside it adds its runs and wins where both hold one; an edited or foreign JSON is a one-line error."""
+    bench = load_bench()
+    _synthetic_work(bench, tmp_path / "work")
+    first = tmp_path / "first.json"
+    common = ["--phase", "report", "--seeds", *map(str, SEEDS), "--reuse", "--timing_rounds", "3"]
+    before = bench.main([*common, "--work_dir", str(tmp_path / "work"), "--json", str(first)])["testbeds"]["digits"]
+
+    md = tmp_path / "again.md"
+    alone = bench.main([*common, "--work_dir", str(tmp_path / "empty"), "--continue_from", str(first),
+                        "--output", str(md)])
+    again = alone["testbeds"]["digits"]
+    assert [(t["label"], t["diffs"], t["verdict"]) for t in again["analysis"]["tests"]] == \
+        [(t["label"], t["diffs"], t["verdict"]) for t in before["analysis"]["tests"]]
+    assert again["analysis"]["timing"] == before["analysis"]["timing"]  # the timing rounds came along
+    cont = alone["provenance"]["continued_from"]
+    assert cont["testbeds"]["digits"] == {"runs": before["runs_finished"], "replaced_by_work_dir": 0,
+                                          "timing": "continued"}
+    assert f"- continued from `{first}`" in md.read_text()
+
+    # a new work dir: AM-Full trained again on seed 0 (now 0.03 below AM-4 instead of 0.01 - jitter) and a seed 6
+    bed, runs = bench.TESTBEDS["digits"], {r.name: r for r in bench.all_runs(100)}
+    new = tmp_path / "new"
+    for s, name, value in ((0, "ODE-AM-Full p=2 lambda=10", -0.08 - 0.03), (6, "ODE-AM-4 p=2 lambda=10", -0.05),
+                           (6, "ODE-AM-Full p=2 lambda=10", -0.07)):
+        _write(bench.eval_file(new, bed, s, runs[name].slug), {JUDGE: value})
+        _fake_run(bench.run_dir(new, bed, runs[name], s), 100, 10.0, 0.5)
+    merged = bench.main([*common, "--work_dir", str(new), "--continue_from", str(first)])
+    c1 = next(t for t in merged["testbeds"]["digits"]["analysis"]["tests"] if t["label"].startswith("AM-4 minus AM-"))
+    assert c1["n"] == 7 and c1["diffs"] == pytest.approx([0.03] + [0.01 - 0.002 * (s % 3 - 1) for s in SEEDS][1:]
+                                                         + [0.02])
+    assert merged["provenance"]["continued_from"]["testbeds"]["digits"]["replaced_by_work_dir"] == 1
+    bench.main([*common, "--work_dir", str(new), "--continue_from", str(first), "--json", str(first)])  # in place
+    assert json.loads(first.read_text())["testbeds"]["digits"]["runs_finished"] == before["runs_finished"] + 2
+
+    with pytest.raises(SystemExit, match="no such file"):
+        bench.main([*common, "--work_dir", str(new), "--continue_from", str(tmp_path / "none.json")])
+    with pytest.raises(SystemExit, match="pass the same --max_train_steps"):
+        bench.main([*common, "--work_dir", str(new), "--continue_from", str(first), "--max_train_steps", "50"])
+    edited = json.loads(first.read_text())
+    edited["testbeds"]["digits"]["collected"]["evals"]["ODE-AM-4 p=2 lambda=7|0"] = {JUDGE: 1.0}
+    (tmp_path / "edited.json").write_text(json.dumps(edited))
+    with pytest.raises(SystemExit, match="names no configuration of this design"):
+        bench.main([*common, "--work_dir", str(new), "--continue_from", str(tmp_path / "edited.json")])
+    edited = json.loads(first.read_text())
+    edited["testbeds"]["digits"]["collected"]["evals"]["ODE-AM-4 p=2 lambda=10|0"][JUDGE] = "high"
+    (tmp_path / "edited.json").write_text(json.dumps(edited))
+    with pytest.raises(SystemExit, match="not a number"):
+        bench.main([*common, "--work_dir", str(new), "--continue_from", str(tmp_path / "edited.json")])
