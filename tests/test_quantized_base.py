@@ -27,6 +27,9 @@ from diffusers_am.models import LoraSettings, load_model_adapter
 from diffusers_am.train import main
 
 bnb = pytest.importorskip("bitsandbytes")
+import bitsandbytes.nn.modules  # noqa: E402, F401  (used as bnb.nn.modules)
+
+bnb.nn.modules.has_avx512bf16 = lambda: False  # its CPU repacking fails on 32-wide layers: tests/_bnb_cpu/sitecustomize.py
 
 TINY_REWARD = f"{Path(__file__).resolve().parent / '_tiny_pipelines.py'}:mean_brightness"
 PROMPTS = ["a red cat", "a dog"]
@@ -280,7 +283,8 @@ def test_nf4_base_under_ddp_on_two_processes(klein, tmp_path):
     import subprocess
 
     root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(root / "tests" / "_bnb_cpu"), str(root)]),
+           "OMP_NUM_THREADS": "1",
            "ACCELERATE_USE_CPU": "1", "TQDM_DISABLE": "1"}
     flags = _args(klein["base"], klein["prompts"], "--quantize_base", "nf4")
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
