@@ -450,6 +450,10 @@ def collect(bed: Testbed, runs: list[Run], seeds: Sequence[int], work: Path) -> 
     return {"train": train_n, "evals": evals, "controls": controls, "base": base}
 
 
+COLLECTED_PARTS = ("train", "evals", "controls", "base")
+"""The tables :func:`collect` returns (and an earlier report's JSON holds under ``collected``)."""
+
+
 def read_previous(path: Path) -> dict[str, Any]:
     """An earlier report's paper_claims.json (``--continue_from``; e.g. the committed one when the work dir that
     made it is gone), read as data with ``json``; an unreadable file or one with no testbeds is a one-line error."""
@@ -480,7 +484,7 @@ def previous_numbers(top: dict[str, Any], where: str, bed: Testbed,
         raise SystemExit(f"error: {where}: its {bed.name} runs have {bj.get('updates') if isinstance(bj, dict) else '?'}"
                          f" updates, this report {bed.updates}; pass the same --max_train_steps.")
     collected, timing = bj.get("collected"), (bj.get("analysis") or {}).get("timing", {})
-    parts = ("train", "evals", "controls", "base")
+    parts = COLLECTED_PARTS
     if not isinstance(collected, dict) or any(not isinstance(collected.get(k), dict) for k in parts) \
             or not isinstance(timing, dict):
         raise SystemExit(f"error: {where}: its {bed.name} entry has no collected train / evals / controls / base "
@@ -514,7 +518,7 @@ def merge_numbers(previous: dict[str, Any], current: dict[str, Any]) -> tuple[di
     hold a run, e.g. a run trained again); returns the merge and how many runs (configuration and seed) the work
     dir replaced."""
     merged, replaced = {}, set()
-    for part in ("train", "evals", "controls", "base"):
+    for part in COLLECTED_PARTS:
         if part != "base":
             replaced |= previous[part].keys() & current[part].keys()
         merged[part] = {**previous[part], **current[part]}
